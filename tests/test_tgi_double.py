@@ -1,0 +1,587 @@
+"""The TGI test double (tests/fakes/tgi.py), driven over a real socket with httpx / httpx-sse."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+import time
+
+import httpx
+import pytest
+from httpx_sse import aconnect_sse, connect_sse
+
+from tests.fakes.tgi import (
+    EOT,
+    FakeTGI,
+    Fail,
+    Gate,
+    Incomplete,
+    Pause,
+    Token,
+    count_tokens,
+    special,
+    tokenize_input,
+    tokenize_text,
+    tokens,
+)
+
+HELLO = tokens("Hello", " world", "<|eot_id|>")
+
+
+@pytest.fixture
+def tgi():
+    with FakeTGI(script=HELLO) as server:
+        yield server
+
+
+@pytest.fixture
+def client(tgi):
+    with httpx.Client(base_url=tgi.url, timeout=5) as c:
+        yield c
+
+
+def events_of(raw: bytes) -> list[dict]:
+    """Split a raw SSE body into JSON payloads; asserts TGI's exact framing on the way."""
+    assert raw.endswith(b"\n\n")
+    out = []
+    for block in raw[:-2].split(b"\n\n"):
+        if block == b":":
+            continue
+        assert block.startswith(b"data: ") and b"\n" not in block, block
+        out.append(json.loads(block[6:]))
+    return out
+
+
+def stream(client: httpx.Client, inputs: str = "Hi there", **parameters) -> tuple[httpx.Response, bytes]:
+    with client.stream("POST", "/generate_stream", json={"inputs": inputs, "parameters": parameters}) as r:
+        raw = b"".join(r.iter_raw())
+    return r, raw
+
+
+def compact(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+# ------------------------------------------------------------------------------------------ stream
+
+
+def test_stream_bytes_are_exactly_tgi_framing(client):
+    r, raw = stream(client, "Hi there", details=True)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "text/event-stream"
+    assert r.headers["cache-control"] == "no-cache"
+    assert r.headers["x-accel-buffering"] == "no"
+    assert r.headers["x-compute-characters"] == "8"
+    assert r.headers["x-compute-type"] == "gpu+optimized"
+    assert r.headers["transfer-encoding"] == "chunked"
+    assert "x-prompt-tokens" not in r.headers and "x-generated-tokens" not in r.headers
+    toks = [t.as_dict() for t in HELLO]
+    expected = [
+        {"index": 1, "token": toks[0], "generated_text": None, "details": None},
+        {"index": 2, "token": toks[1], "generated_text": None, "details": None},
+        {
+            "index": 3,
+            "token": toks[2],
+            "generated_text": "Hello world",
+            "details": {
+                "finish_reason": "eos_token",
+                "generated_tokens": 3,
+                "seed": None,
+                "input_length": count_tokens("Hi there"),
+            },
+        },
+    ]
+    assert raw == b"".join(b"data: " + compact(e) + b"\n\n" for e in expected)
+    assert toks[2] == {"id": 128009, "text": "<|eot_id|>", "logprob": toks[2]["logprob"], "special": True}
+    assert b"[DONE]" not in raw
+
+
+def test_details_stay_null_unless_requested_and_httpx_sse_parses(tgi):
+    with httpx.Client(base_url=tgi.url) as c:
+        with connect_sse(c, "POST", "/generate_stream", json={"inputs": "Hi"}) as source:
+            events = [json.loads(e.data) for e in source.iter_sse()]
+    assert [e["index"] for e in events] == [1, 2, 3]
+    assert events[-1]["generated_text"] == "Hello world"
+    assert all(e["details"] is None for e in events)
+    assert all(e["generated_text"] is None for e in events[:-1])
+
+
+def test_special_tokens_are_sent_but_skipped_from_generated_text(tgi, client):
+    tgi.script = tokenize_text('<|reserved_special_token_249|>get_weather\n{"city": "Hanoi"}<|eot_id|>')
+    _, raw = stream(client, details=True)
+    events = events_of(raw)
+    first, last = events[0]["token"], events[-1]["token"]
+    # Llama-3 default: reserved tokens are not in all_special_ids, yet skip_special_tokens drops them.
+    assert first == {"id": 128254, "text": "<|reserved_special_token_249|>", "logprob": first["logprob"],
+                     "special": False}
+    assert last["text"] == "<|eot_id|>" and last["special"] is True
+    assert events[-1]["generated_text"] == 'get_weather\n{"city": "Hanoi"}'
+    assert "".join(e["token"]["text"] for e in events) == (
+        '<|reserved_special_token_249|>get_weather\n{"city": "Hanoi"}<|eot_id|>'
+    )
+    # the other flavour, built by hand
+    tgi.script = [special("<|reserved_special_token_249|>"), "f", Token("</s>", special=True)]
+    events = events_of(stream(client, details=True)[1])
+    assert [e["token"]["special"] for e in events] == [True, False, True]
+    assert events[-1]["generated_text"] == "f"
+    assert events[-1]["details"]["finish_reason"] == "eos_token"
+
+
+def test_max_new_tokens_finishes_with_length_checked_before_eos(tgi, client):
+    tgi.script = tokens("a", "b", "c", "d")
+    events = events_of(stream(client, max_new_tokens=2, details=True)[1])
+    assert [e["token"]["text"] for e in events] == ["a", "b"]
+    assert events[-1]["generated_text"] == "ab"
+    assert events[-1]["details"]["finish_reason"] == "length"
+    tgi.script = HELLO  # EOS is the 3rd token and max_new_tokens == 3: TGI reports length
+    events = events_of(stream(client, max_new_tokens=3, details=True)[1])
+    assert events[-1]["details"]["finish_reason"] == "length"
+    assert events[-1]["generated_text"] == "Hello world"
+
+
+def test_script_without_eos_gets_one_appended(tgi, client):
+    tgi.script = "one two"
+    events = events_of(stream(client, details=True)[1])
+    assert [e["token"]["text"] for e in events] == ["one", " two", "<|eot_id|>"]
+    assert events[-1]["details"]["finish_reason"] == "eos_token"
+
+
+def test_stop_sequences_match_decoded_text_and_stay_in_generated_text(tgi, client):
+    tgi.script = tokens("The", " answer", " is", ":", " 42", " more")
+    events = events_of(stream(client, stop=["is:"], details=True)[1])  # spans two tokens
+    assert events[-1]["generated_text"] == "The answer is:"
+    assert events[-1]["details"]["finish_reason"] == "stop_sequence"
+    assert events[-1]["details"]["generated_tokens"] == 4
+    # a stop that ends inside a token does not match (regex anchored at the end of the text)
+    events = events_of(stream(client, stop=["ans"], details=True)[1])
+    assert events[-1]["details"]["finish_reason"] == "eos_token"
+    # Python's `$` also matches before one trailing newline
+    tgi.script = tokens("x", "<|stop|>\n", "y")
+    events = events_of(stream(client, stop=["<|stop|>"], details=True)[1])
+    assert events[-1]["generated_text"] == "x<|stop|>\n"
+    assert events[-1]["details"]["finish_reason"] == "stop_sequence"
+
+
+def test_seed_is_echoed_only_when_sampling(client):
+    def seed(**parameters):
+        return events_of(stream(client, details=True, **parameters)[1])[-1]["details"]["seed"]
+
+    assert seed(seed=42) is None
+    assert seed(seed=42, do_sample=True) == 42
+    assert seed(seed=7, temperature=0.5) == 7
+    assert seed(top_k=10, seed=3) == 3
+    random_seed = seed(do_sample=True)
+    assert isinstance(random_seed, int) and 0 <= random_seed < 2**64
+
+
+def test_return_full_text_and_script_sees_inputs_and_parameters(tgi, client):
+    seen = []
+
+    def script(inputs, parameters):
+        seen.append((inputs, parameters))
+        return ["ok"]
+
+    tgi.script = script
+    events = events_of(stream(client, "Q: ", return_full_text=True, max_new_tokens=5)[1])
+    assert events[-1]["generated_text"] == "Q: ok"
+    assert seen == [("Q: ", {"return_full_text": True, "max_new_tokens": 5})]
+    req = tgi.requests[-1]
+    assert (req.method, req.path) == ("POST", "/generate_stream")
+    assert req.json == {"inputs": "Q: ", "parameters": {"return_full_text": True, "max_new_tokens": 5}}
+    assert req.headers["content-type"] == "application/json"
+    gen = tgi.last_generation
+    assert (gen.outcome, gen.finish_reason, gen.input_length) == ("completed", "eos_token", count_tokens("Q: "))
+    assert [t.text for t in gen.tokens] == ["ok", "<|eot_id|>"]
+
+
+def test_default_script_echoes_the_prompt_tail():
+    with FakeTGI() as tgi, httpx.Client(base_url=tgi.url) as c:
+        body = c.post("/generate", json={"inputs": "<|begin_of_text|>say hi<|eot_id|>"}).json()
+    assert body == {"generated_text": "echo: say hi"}
+
+
+def test_top_n_tokens_adds_top_tokens(client):
+    events = events_of(stream(client, top_n_tokens=2)[1])
+    assert [list(e) for e in events[:1]] == [["index", "token", "top_tokens", "generated_text", "details"]]
+    assert all(len(e["top_tokens"]) == 2 and e["top_tokens"][0] == e["token"] for e in events)
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+LIMITS = dict(max_input_tokens=10, max_total_tokens=16, max_stop_sequences=2)
+VALIDATION_CASES = [
+    ({"temperature": 0}, "`temperature` must be strictly positive"),
+    ({"temperature": -1.0}, "`temperature` must be strictly positive"),
+    ({"top_p": 1.0}, "`top_p` must be > 0.0 and < 1.0"),
+    ({"top_p": 0}, "`top_p` must be > 0.0 and < 1.0"),
+    ({"top_k": 0}, "`top_k` must be strictly positive"),
+    ({"typical_p": 1.0}, "`typical_p` must be > 0.0 and < 1.0"),
+    ({"repetition_penalty": 0}, "`repetition_penalty` must be strictly positive"),
+    ({"frequency_penalty": 2.5}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+    ({"max_new_tokens": 0}, "`max_new_tokens` must be strictly positive"),
+    ({"stop": ["a", "b", "c"]}, "`stop` supports up to 2 stop sequences. Given: 3"),
+    ({"top_n_tokens": 6}, "`top_n_tokens` must be >= 0 and <= 5. Given: 6"),
+    ({"truncate": 0}, "`truncate` must be strictly positive and less than 10. Given: 0"),
+    ({"truncate": 11}, "`truncate` must be strictly positive and less than 10. Given: 11"),
+    ({"max_new_tokens": 14}, "`inputs` tokens + `max_new_tokens` must be <= 16. Given: 3 `inputs` tokens and 14 "
+                             "`max_new_tokens`"),
+    ({"grammar": {"type": "json", "value": {"type": "object"}}},
+     "grammar is not valid: Grammar must have a 'properties' field"),
+]
+
+
+@pytest.fixture(scope="module")
+def limited():
+    with FakeTGI(script=HELLO, **LIMITS) as server, httpx.Client(base_url=server.url) as c:
+        yield server, c
+
+
+@pytest.mark.parametrize(("parameters", "message"), VALIDATION_CASES)
+def test_validation_errors_on_both_routes(limited, parameters, message):
+    _, c = limited
+    full = f"Input validation error: {message}"
+    r, raw = stream(c, "Hi there", **parameters)  # 3 input tokens
+    assert r.status_code == 200
+    assert raw == b"data: " + compact({"error": full, "error_type": "validation"}) + b"\n\n"
+    r = c.post("/generate", json={"inputs": "Hi there", "parameters": parameters})
+    assert r.status_code == 422
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == {"error": full, "error_type": "validation"}
+    assert not any(h.startswith("x-") for h in r.headers)
+
+
+def test_input_length_rules(limited):
+    tgi, c = limited
+    long_input = "x" * 40  # BOS + 10 tokens = 11 > max_input_tokens
+    assert count_tokens(long_input) == 11
+    r = c.post("/generate", json={"inputs": long_input, "parameters": {"max_new_tokens": 1}})
+    assert r.json()["error"] == "Input validation error: `inputs` must have less than 10 tokens. Given: 11"
+    r = c.post("/generate", json={"inputs": long_input, "parameters": {"max_new_tokens": 6}})
+    assert r.json()["error"] == ("Input validation error: `inputs` tokens + `max_new_tokens` must be <= 16. "
+                                 "Given: 11 `inputs` tokens and 6 `max_new_tokens`")
+    # truncate keeps the last tokens, and then the input fits
+    r = c.post("/generate", json={"inputs": long_input, "parameters": {"max_new_tokens": 6, "truncate": 10}})
+    assert r.status_code == 200 and r.headers["x-prompt-tokens"] == "10"
+    # no max_new_tokens: defaults to what is left (16 - 3) and passes
+    r = c.post("/generate", json={"inputs": "Hi there", "parameters": {}})
+    assert r.status_code == 200
+    r, raw = stream(c, "")
+    assert events_of(raw) == [{"error": "Input validation error: `inputs` cannot be empty", "error_type": "validation"}]
+    assert tgi.generations[-1].outcome == "validation"
+
+
+def test_stream_only_rules_and_best_of(limited):
+    _, c = limited
+    for parameters, message in [
+        ({"best_of": 2, "do_sample": True}, "`best_of` != 1 is not supported when streaming tokens"),
+        ({"decoder_input_details": True}, "`decoder_input_details` == true is not supported when streaming tokens"),
+    ]:
+        assert events_of(stream(c, **parameters)[1]) == [
+            {"error": f"Input validation error: {message}", "error_type": "validation"}
+        ]
+
+    def generate(**parameters):
+        return c.post("/generate", json={"inputs": "Hi", "parameters": parameters})
+
+    assert generate(best_of=3, do_sample=True).json()["error"].endswith("`best_of` must be > 0 and <= 2. Given: 3")
+    assert generate(best_of=2).json()["error"].endswith("you must use sampling when `best_of` is > 1")
+    assert generate(best_of=2, do_sample=True, seed=1).json()["error"].endswith(
+        "`seed` must not be set when `best_of` > 1")
+    body = generate(best_of=2, do_sample=True, details=True).json()
+    assert len(body["details"]["best_of_sequences"]) == 1
+    assert list(body["details"]["best_of_sequences"][0]) == [
+        "generated_text", "finish_reason", "generated_tokens", "seed", "prefill", "tokens"]
+    assert "best_of_sequences" not in generate(details=True).json()["details"]
+
+
+def test_extractor_rejections_are_plain_text(client, tgi):
+    r = client.post("/generate_stream", content=b'{"inputs": "x"}')
+    assert (r.status_code, r.text) == (415, "Expected request with `Content-Type: application/json`")
+    r = client.post("/generate", content=b'{"inputs": ', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.headers["content-type"].startswith("text/plain")
+    assert r.text.startswith("Failed to parse the request body as JSON: ")
+    for body, detail in [
+        ({"parameters": {}}, "missing field `inputs`"),
+        ({"inputs": 5}, "inputs: invalid type: integer `5`, expected a string"),
+        ({"inputs": "x", "parameters": {"stop": None}}, "parameters.stop: invalid type: null, expected a sequence"),
+        ({"inputs": "x", "parameters": {"max_new_tokens": 5.0}},
+         "parameters.max_new_tokens: invalid type: floating point `5.0`, expected u32"),
+        ({"inputs": "x", "parameters": {"max_new_tokens": -1}},
+         "parameters.max_new_tokens: invalid value: integer `-1`, expected u32"),
+        ({"inputs": "x", "parameters": {"details": None}}, "parameters.details: invalid type: null, expected a boolean"),
+    ]:
+        for path in ("/generate", "/generate_stream"):
+            r = client.post(path, json=body)
+            assert r.status_code == 422, (path, body)
+            assert r.headers["content-type"].startswith("text/plain")
+            assert r.text == f"Failed to deserialize the JSON body into the target type: {detail}"
+    # unknown fields are ignored
+    assert client.post("/generate", json={"inputs": "x", "parameters": {"bogus": 1}, "extra": 2}).status_code == 200
+    assert all(g.route == "generate" for g in tgi.generations)  # rejections never reached generation
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_overload_counts_streams_and_generate_alike():
+    gate = Gate()
+    with FakeTGI(script=["a", gate, "b"], max_concurrent_requests=2) as tgi, \
+            httpx.Client(base_url=tgi.url, timeout=5) as c:
+        held = [c.stream("POST", "/generate_stream", json={"inputs": "x"}) for _ in range(2)]
+        responses = [h.__enter__() for h in held]
+        assert tgi.wait_until(lambda: tgi.in_flight == 2)
+        assert tgi.streams_open == 2
+        _, raw = stream(c)
+        assert raw == b'data: {"error":"Model is overloaded","error_type":"overloaded"}\n\n'
+        r = c.post("/generate", json={"inputs": "x"})
+        assert (r.status_code, r.json()) == (429, {"error": "Model is overloaded", "error_type": "overloaded"})
+        gate.open()
+        for h, resp in zip(held, responses):
+            assert events_of(resp.read())[-1]["generated_text"] == "ab"
+            h.__exit__(None, None, None)
+        assert tgi.wait_until(lambda: tgi.in_flight == 0)
+        assert [g.outcome for g in tgi.generations] == ["completed", "completed", "overloaded", "overloaded"]
+        assert tgi.peak_in_flight == 2
+
+
+def test_injected_generation_error_mid_stream(tgi, client):
+    tgi.fail_next(after_tokens=2, message="CUDA out of memory")
+    _, raw = stream(client)
+    events = events_of(raw)
+    assert [e.get("index") for e in events] == [1, 2, None]
+    assert events[-1] == {"error": "Request failed during generation: CUDA out of memory", "error_type": "generation"}
+    assert tgi.last_generation.outcome == "generation"
+    # only the next generation fails
+    assert events_of(stream(client)[1])[-1]["generated_text"] == "Hello world"
+    tgi.fail_next(after_tokens=1, message="boom")
+    r = client.post("/generate", json={"inputs": "x"})
+    assert (r.status_code, r.json()) == (424, {"error": "Request failed during generation: boom",
+                                               "error_type": "generation"})
+    # the same from inside a script
+    tgi.script = ["a", Fail("shard died")]
+    events = events_of(stream(client)[1])
+    assert events[-1]["error"] == "Request failed during generation: shard died" and len(events) == 2
+
+
+def test_incomplete_generation(tgi, client):
+    tgi.script = ["a", Incomplete()]
+    events = events_of(stream(client)[1])
+    assert events[-1] == {"error": "Incomplete generation stream", "error_type": "incomplete_generation_stream"}
+    r = client.post("/generate", json={"inputs": "x"})
+    assert (r.status_code, r.json()) == (500, {"error": "Incomplete generation", "error_type": "incomplete_generation"})
+    tgi.script = HELLO
+    tgi.incomplete_next(after_tokens=1)
+    assert [e.get("error_type") for e in events_of(stream(client)[1])] == [None, "incomplete_generation_stream"]
+
+
+def test_script_exceptions_become_generation_errors_and_are_kept(tgi, client):
+    def broken(inputs, parameters):
+        raise ValueError("oops")
+
+    tgi.script = broken
+    events = events_of(stream(client)[1])
+    assert events[0]["error_type"] == "generation" and "oops" in events[0]["error"]
+    assert isinstance(tgi.errors[0], ValueError)
+
+
+# ------------------------------------------------------------------------------------------ /generate etc.
+
+
+def test_generate_json_details_and_headers(tgi, client):
+    r = client.post("/generate", json={"inputs": "Hi there", "parameters": {"details": True}})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert list(body) == ["generated_text", "details"]
+    assert body["generated_text"] == "Hello world"
+    assert list(body["details"]) == ["finish_reason", "generated_tokens", "seed", "prefill", "tokens"]
+    assert body["details"]["tokens"] == [t.as_dict() for t in HELLO]
+    assert (body["details"]["finish_reason"], body["details"]["prefill"]) == ("eos_token", [])
+    h = r.headers
+    assert h["x-prompt-tokens"] == str(count_tokens("Hi there"))
+    assert h["x-generated-tokens"] == "3"
+    assert h["x-compute-characters"] == "8"
+    for name in ("x-compute-type", "x-compute-time", "x-total-time", "x-validation-time", "x-queue-time",
+                 "x-inference-time", "x-time-per-token"):
+        assert name in h
+    float(h["x-compute-time"])
+    r = client.post("/generate", json={"inputs": "Hi there"})
+    assert r.json() == {"generated_text": "Hello world"}  # details omitted, not null
+    r = client.post("/", json={"inputs": "Hi", "stream": False})  # compat route: a JSON array
+    assert r.json() == [{"generated_text": "Hello world"}]
+    with client.stream("POST", "/", json={"inputs": "Hi", "stream": True}) as r:
+        assert events_of(r.read())[-1]["generated_text"] == "Hello world"
+
+
+def test_health_info_tokenize_and_api_key():
+    with FakeTGI(max_input_tokens=4095, max_total_tokens=4096, max_concurrent_requests=9,
+                 model_id="meetkai/functionary-small-v2.5", api_key="sekret") as tgi, \
+            httpx.Client(base_url=tgi.url) as c:
+        r = c.get("/health")
+        assert (r.status_code, r.content) == (200, b"")
+        tgi.config.healthy = False
+        r = c.get("/health")
+        assert (r.status_code, r.json()) == (503, {"error": "unhealthy", "error_type": "healthcheck"})
+        info = c.get("/info").json()
+        assert list(info) == ["model_id", "model_sha", "model_pipeline_tag", "max_concurrent_requests", "max_best_of",
+                              "max_stop_sequences", "max_input_tokens", "max_total_tokens", "validation_workers",
+                              "max_client_batch_size", "router", "version", "sha", "docker_label"]
+        assert (info["model_id"], info["max_input_tokens"], info["max_total_tokens"],
+                info["max_concurrent_requests"], info["router"]) == (
+            "meetkai/functionary-small-v2.5", 4095, 4096, 9, "text-generation-router")
+        r = c.post("/generate", json={"inputs": "x"})
+        assert (r.status_code, r.content) == (401, b"")
+        auth = {"authorization": "BEARER SEKRET"}  # compared case-insensitively
+        toks = c.post("/tokenize", json={"inputs": "Hello world!"}, headers=auth).json()
+        assert toks == [
+            {"id": 128000, "text": "<|begin_of_text|>", "start": 0, "stop": 0},
+            {"id": toks[1]["id"], "text": "Hell", "start": 0, "stop": 4},
+            {"id": toks[2]["id"], "text": "o wo", "start": 4, "stop": 8},
+            {"id": toks[3]["id"], "text": "rld!", "start": 8, "stop": 12},
+        ]
+        assert len(toks) == count_tokens("Hello world!") == len(tokenize_input("Hello world!"))
+        r = c.post("/tokenize", json={"inputs": "Hello world!", "parameters": {"truncate": 2}}, headers=auth)
+        assert [t["text"] for t in r.json()] == ["o wo", "rld!"]
+        r = c.post("/generate", json={"inputs": "a<|eot_id|>b"}, headers=auth)
+        assert r.headers["x-prompt-tokens"] == "4"  # BOS, "a", <|eot_id|>, "b"
+        assert c.get("/nope").status_code == 404 and c.get("/generate").status_code == 405
+
+
+def test_load_delay_refuses_connections_until_ready():
+    tgi = FakeTGI(load_delay=0.3)
+    t0 = time.monotonic()
+    tgi.start()
+    try:
+        assert not tgi.ready
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{tgi.url}/health")
+        tgi.wait_ready()
+        assert time.monotonic() - t0 >= 0.3
+        assert httpx.get(f"{tgi.url}/health").status_code == 200
+    finally:
+        tgi.stop()
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+
+def test_token_delay_and_time_to_first_token_are_honoured():
+    with FakeTGI(script=tokens("a", "b", "c", "d"), first_token_delay=0.15, token_delay=0.05) as tgi, \
+            httpx.Client(base_url=tgi.url) as c:
+        arrivals = []
+        t0 = time.monotonic()
+        with connect_sse(c, "POST", "/generate_stream", json={"inputs": "x"}) as source:
+            for _ in source.iter_sse():
+                arrivals.append(time.monotonic() - t0)
+    assert len(arrivals) == 5
+    assert 0.14 <= arrivals[0] < 0.4
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert all(0.035 <= g < 0.2 for g in gaps), gaps
+    assert 0.33 <= arrivals[-1] < 0.8
+
+
+def test_keepalive_comments_during_long_waits(tgi, client):
+    tgi.config.keepalive_interval = 0.05
+    tgi.script = ["a", Pause(0.18), "b"]
+    _, raw = stream(client)
+    assert raw.count(b":\n\n") >= 2
+    assert raw.startswith(b"data: ") and b'"text":"a"' in raw.split(b":\n\n")[0]
+    events = events_of(raw)
+    assert events[-1]["generated_text"] == "ab"
+    with connect_sse(client, "POST", "/generate_stream", json={"inputs": "x"}) as source:
+        assert [json.loads(e.data)["index"] for e in source.iter_sse()] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------------ disconnects
+
+
+def test_client_disconnect_is_noticed_promptly_and_generation_stops():
+    with FakeTGI(script=["t"] * 500, token_delay=0.02) as tgi, httpx.Client(base_url=tgi.url) as c:
+        with c.stream("POST", "/generate_stream", json={"inputs": "x"}) as r:
+            lines = r.iter_lines()
+            seen = [line for line, _ in zip(lines, range(5)) if line.startswith("data:")]
+            assert len(seen) == 3
+            closed_at = time.monotonic()
+        gen = tgi.last_generation
+        assert tgi.wait_until(lambda: gen.disconnected, timeout=1.0)
+        assert gen.disconnected_at - closed_at < 0.1
+        assert gen.outcome == "disconnected"
+        assert tgi.wait_until(lambda: tgi.in_flight == 0 and tgi.streams_open == 0, timeout=0.5)
+        sent = len(gen.tokens)
+        time.sleep(0.1)
+        assert len(gen.tokens) == sent < 10  # no more tokens after the disconnect
+
+
+def test_disconnect_while_paused_or_gated_and_on_generate():
+    gate = Gate()
+    with FakeTGI(script=["a", gate, "b"]) as tgi, httpx.Client(base_url=tgi.url) as c:
+        with c.stream("POST", "/generate_stream", json={"inputs": "x"}) as r:
+            next(r.iter_raw())
+            closed_at = time.monotonic()
+        gen = tgi.last_generation
+        assert tgi.wait_until(lambda: gen.disconnected, timeout=1.0)
+        assert gen.disconnected_at - closed_at < 0.1
+        tgi.script = ["a", Pause(math.inf)]
+        with pytest.raises(httpx.ReadTimeout):
+            c.post("/generate", json={"inputs": "x"}, timeout=0.2)
+        gen = tgi.last_generation
+        assert tgi.wait_until(lambda: gen.disconnected, timeout=1.0)
+        assert gen.outcome == "disconnected" and tgi.in_flight == 0
+
+
+def test_stop_is_bounded_even_with_streams_hanging():
+    tgi = FakeTGI(script=["a", Gate()]).start()
+    c = httpx.Client(base_url=tgi.url)
+    r = c.send(c.build_request("POST", "/generate_stream", json={"inputs": "x"}), stream=True)
+    next(r.iter_raw())
+    t0 = time.monotonic()
+    tgi.stop()
+    assert time.monotonic() - t0 < 1.5
+    assert tgi.last_generation.outcome == "aborted"
+    r.close()
+    c.close()
+    with socket.socket() as s:  # the port is closed again
+        assert s.connect_ex(("127.0.0.1", tgi.port)) != 0
+
+
+# ------------------------------------------------------------------------------------------ load
+
+
+def test_200_concurrent_streams_complete():
+    n = 200
+    script = tokenize_text("one two three four five six seven eight")
+
+    async def run(url: str) -> list[str]:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10) as c:
+            async def one(i: int) -> str:
+                async with aconnect_sse(c, "POST", "/generate_stream",
+                                        json={"inputs": f"prompt {i}", "parameters": {"details": True}}) as source:
+                    events = [json.loads(e.data) async for e in source.aiter_sse()]
+                assert [e["index"] for e in events] == list(range(1, 10))
+                return events[-1]["generated_text"]
+
+            return await asyncio.gather(*(one(i) for i in range(n)))
+
+    with FakeTGI(script=script, token_delay=0.01, max_concurrent_requests=256) as tgi:
+        t0 = time.monotonic()
+        texts = asyncio.run(run(tgi.url))
+        elapsed = time.monotonic() - t0
+        assert texts == ["one two three four five six seven eight"] * n
+        assert all(g.outcome == "completed" for g in tgi.generations) and len(tgi.generations) == n
+        assert tgi.peak_in_flight >= n // 2
+        assert tgi.in_flight == 0
+    assert elapsed < 8
+
+
+def test_async_mode_runs_on_the_callers_loop():
+    async def main():
+        async with FakeTGI(script=["x"]) as tgi:
+            async with httpx.AsyncClient(base_url=tgi.url) as c:
+                r = await c.post("/generate", json={"inputs": "q"})
+            assert r.json() == {"generated_text": "x"}
+            assert await tgi.wait_until_async(lambda: tgi.in_flight == 0)
+
+    asyncio.run(main())
+    assert EOT.text == "<|eot_id|>"

@@ -1,0 +1,400 @@
+"""Functionary's raw output → :data:`Event`s, incrementally, one parser per template family.
+
+Theory of operation
+-------------------
+TGI streams the model's answer as token texts. A parser is fed them in order
+(``feed(text, special)``) and returns the events that text makes certain; ``finish()`` flushes
+what was held back. The parser is told the tool-choice generation prefix that ended the prompt and
+parses ``prefix + output``, as functionary's ``parse_assistant_response`` does. The non-stream path
+is ``feed(whole) + finish()``: the same code, so for **any** split of the output into pieces the
+events are the same once adjacent text / argument fragments are merged.
+
+Every family is a small state machine over five kinds of state, each with a fixed job for plain text:
+
+=========  ===================================================================================
+``TEXT``   assistant text, streamed to :class:`TextDelta`
+``NAME``   a recipient / function name, collected until its terminator (a marker)
+``ARGS``   a call's arguments, streamed to :class:`ToolCallArgs`
+``CODE``   raw code after v3-llama3.1's ``<|python_tag|>`` (not lstripped), streamed the same way
+``ROLE``   v2's role header between ``<|from|>`` and ``<|recipient|>``, ignored
+=========  ===================================================================================
+
+A family is one table ``state → {marker: next state}`` plus its stop markers, which are live in every
+state and end the output. Leaving ``NAME`` through its terminator (the pseudo-target ``OPEN``) opens a
+text segment if the name is the family's text recipient (``all``) and a call otherwise; leaving it
+any other way means the name was cut short: a call with empty arguments, unless the name is blank
+(or ``all``). A whitespace terminator (``"\\n"``) met while the name is still blank is just leading
+whitespace. The grammars, with ``T = prefix + output`` cut at the first stop marker:
+
+=============  ==================================================================================
+v1             ``content [<|START_OF_FUNCTION_CALL|> name ":" arguments]``
+v2             ``recipient <|content|> content (<|from|> role <|recipient|> recipient <|content|> …)*``
+v2.llama3      ``content (<|reserved_special_token_249|> name "\\n" arguments)*``
+v3.llama3      ``name "\\n" body (">>>" name "\\n" body)*`` (name ``all`` = text)
+v3-llama3.1    ``(text | <function= name ">" arguments </function> )* [<|python_tag|> code]``
+=============  ==================================================================================
+
+Functionary strips each field; stripping is streamed: a field drops its leading whitespace and holds
+trailing whitespace until something non-blank follows (then it is released) or the field ends (then it
+is dropped). Several text segments are joined with ``"\\n"``. v3-llama3.1 text is not stripped per
+segment, only at the ends of the whole output (see :class:`V31Parser`).
+
+Only an ambiguous suffix is ever held back: the longest tail of the buffer that is a proper prefix of
+a marker live in the current state, so the buffer never holds more than 29 characters (the longest
+marker, ``<|reserved_special_token_249|>``, has 30). Names are collected whole; only the model's
+token limit bounds them.
+
+Worked example: v3.llama3 with tool choice auto (the prompt ended with ``>>>``), fed token by token::
+
+    feed("all")         → []                                 NAME "all"
+    feed("\\n")          → []                                 the name "all" opens a text segment
+    feed("It")          → [TextDelta("It")]
+    feed(" is")         → [TextDelta(" is")]
+    feed(">>")          → []                                 held: it may become ">>>"
+    feed(">get")        → []                                 ">>>" ends the text; NAME "get"
+    feed("_weather")    → []
+    feed("\\n")          → [ToolCallStart(0, "get_weather")]
+    feed('{"city"')     → [ToolCallArgs(0, '{"city"')]
+    feed(": 1}")        → [ToolCallArgs(0, ": 1}")]
+    feed("<|eot_id|>")  → [ToolCallEnd(0)]                   stop marker: stopped is True
+    finish()            → []
+"""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar, Protocol
+
+from .types import Event, TextDelta, ToolCallArgs, ToolCallEnd, ToolCallStart, Version
+
+__all__ = [
+    "PARSERS",
+    "STOP_TOKENS",
+    "Parser",
+    "V1Parser",
+    "V2Parser",
+    "V2Llama3Parser",
+    "V3Llama3Parser",
+    "V31Parser",
+]
+
+# States (see the module docstring) and the pseudo-target "the name is complete".
+TEXT, NAME, ARGS, CODE, ROLE, OPEN = "text", "name", "args", "code", "role", "open"
+
+LLAMA3_STOPS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
+# Tokenizer end-of-sequence texts: they end the output only when TGI flags the token as special.
+EOS_TEXTS = frozenset({"</s>", "<|endoftext|>"})
+
+
+class Parser(Protocol):
+    """What every family's parser offers."""
+
+    stopped: bool  # a stop marker (or a special EOS token) was seen; later input is ignored
+
+    def __init__(self, prefix: str = "") -> None: ...
+    def feed(self, text: str, special: bool = False) -> list[Event]: ...
+    def finish(self) -> list[Event]: ...
+
+
+class _Scanner:
+    """Finds the markers of one state in a buffer and knows which tail of it to hold back."""
+
+    __slots__ = ("search", "_first", "_prefixes", "_span")
+
+    def __init__(self, markers: tuple[str, ...]) -> None:
+        prefixes = {m[:i] for m in markers for i in range(1, len(m))}
+        for p in prefixes:  # else the leftmost complete marker would not be the right one to act on
+            if any(m in p for m in markers):
+                raise ValueError(f"a proper prefix of a marker contains a marker: {p!r}")
+        longest_first = sorted(set(markers), key=len, reverse=True)
+        self.search = re.compile("|".join(map(re.escape, longest_first))).search
+        firsts = sorted({p[0] for p in prefixes})
+        self._first = re.compile(f"[{''.join(map(re.escape, firsts))}]").search if firsts else None
+        self._prefixes = frozenset(prefixes)
+        self._span = max(map(len, markers)) - 1
+
+    def hold(self, buf: str) -> int:
+        """Where the held-back tail of `buf` (which holds no complete marker) starts; len(buf) if none."""
+        n = len(buf)
+        if self._first is None:
+            return n
+        m = self._first(buf, max(0, n - self._span))
+        while m is not None:  # earliest candidate first: the longest ambiguous suffix wins
+            i = m.start()
+            if buf[i:] in self._prefixes:
+                return i
+            m = self._first(buf, i + 1)
+        return n
+
+
+class _Field:
+    """A streamed, stripped field: assistant text (`index` None) or one call's arguments."""
+
+    __slots__ = ("index", "lead", "pending", "emitted")
+
+    def __init__(self, index: int | None, lead: bool = True) -> None:
+        self.index = index
+        self.lead = lead  # still dropping leading whitespace
+        self.pending = ""  # trailing whitespace, released only if something non-blank follows
+        self.emitted = False
+
+
+class _Parser:
+    """The machine shared by every family; a subclass is its tables (see the module docstring)."""
+
+    STOPS: ClassVar[tuple[str, ...]] = ()
+    START: ClassVar[str] = TEXT
+    TABLE: ClassVar[dict[str, dict[str, str]]] = {}
+    TEXT_NAME: ClassVar[str | None] = None  # the recipient that means "text" (v2, v3.llama3: "all")
+    CODE_NAME: ClassVar[str] = "python"  # the call a CODE state is
+    WHOLE_TEXT: ClassVar[bool] = False  # text stripped at the ends of the output, not per segment
+    _scanners: ClassVar[dict[str, _Scanner]]
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        for state, moves in cls.TABLE.items():
+            for target in moves.values():
+                if target not in cls.TABLE and not (target == OPEN and state == NAME):
+                    raise TypeError(f"{cls.__name__}: {state} → {target} leads nowhere")
+        cls._scanners = {state: _Scanner(cls.STOPS + tuple(moves)) for state, moves in cls.TABLE.items()}
+
+    def __init__(self, prefix: str = "") -> None:
+        self.stopped = False
+        self._finished = False
+        self._out: list[Event] = []
+        self._calls = 0
+        self._spoke = False  # some TextDelta was emitted (the next text segment starts with "\n")
+        self._whole = _Field(None) if self.WHOLE_TEXT else None
+        self._field: _Field | None = None  # where plain text goes (None: NAME collects, ROLE drops)
+        self._name = ""
+        self._enter(self.START)
+        self._buf = prefix
+        self._scan(final=False)  # its events are returned by the first feed() / finish()
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def feed(self, text: str, special: bool = False) -> list[Event]:
+        """Parse the next piece of output; `special` is TGI's ``token.special``."""
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        if not self.stopped:
+            if special and text.strip() in EOS_TEXTS:
+                self._scan(final=True)
+                self._leave(end=True)
+                self.stopped = True
+            else:
+                self._buf += text
+                self._scan(final=False)
+        out, self._out = self._out, []
+        return out
+
+    def finish(self) -> list[Event]:
+        """The output is complete: release held text, end the open segment (and call)."""
+        if self._finished:
+            raise RuntimeError("finish() called twice")
+        self._finished = True
+        if not self.stopped:
+            self._scan(final=True)
+            self._leave(end=True)
+        out, self._out = self._out, []
+        return out
+
+    # -- scanning -----------------------------------------------------------------------------
+
+    def _scan(self, final: bool) -> None:
+        buf = self._buf
+        while buf:
+            m = self._scanner.search(buf)
+            if m is None:
+                cut = len(buf) if final else self._scanner.hold(buf)
+                if cut:
+                    self._text(buf[:cut])
+                self._buf = buf[cut:]
+                return
+            start, end = m.span()
+            if start:
+                self._text(buf[:start])
+            buf = buf[end:]
+            marker = m.group()
+            if marker in self.STOPS:
+                self._leave(end=True)
+                self.stopped = True
+                buf = ""
+            else:
+                self._move(marker)
+        self._buf = ""
+
+    def _text(self, s: str) -> None:
+        """Plain text (no marker in it) in the current state."""
+        f = self._field
+        if f is not None:
+            self._push(f, s)
+        elif self._state == NAME:
+            self._name += s
+        # ROLE: ignored
+
+    def _push(self, f: _Field, s: str) -> None:
+        if f.lead:
+            s = s.lstrip()
+            if not s:
+                return
+            f.lead = False
+        body = s.rstrip()
+        if not body:
+            f.pending += s
+            return
+        out = f.pending + body
+        f.pending = s[len(body) :]
+        if not f.emitted:
+            f.emitted = True
+            if f.index is None:
+                if self._spoke:
+                    out = "\n" + out  # text segments are joined with "\n"
+                self._spoke = True
+        self._emit(f.index, out)
+
+    def _emit(self, index: int | None, s: str) -> None:
+        out = self._out
+        last = out[-1] if out else None
+        if index is None:
+            if type(last) is TextDelta:
+                out[-1] = TextDelta(last.text + s)
+            else:
+                out.append(TextDelta(s))
+        elif type(last) is ToolCallArgs and last.index == index:
+            out[-1] = ToolCallArgs(index, last.text + s)
+        else:
+            out.append(ToolCallArgs(index, s))
+
+    # -- transitions --------------------------------------------------------------------------
+
+    def _enter(self, state: str, name: str = "") -> None:
+        self._state = state
+        self._scanner = self._scanners[state]
+        if state == TEXT:
+            self._field = self._whole if self._whole is not None else _Field(None)
+        elif state == ARGS or state == CODE:
+            self._field = _Field(self._start_call(name), lead=state == ARGS)
+        else:
+            self._field = None
+            self._name = ""
+
+    def _move(self, marker: str) -> None:
+        target = self.TABLE[self._state][marker]
+        if target == OPEN:
+            name = self._name.strip()
+            if not name and marker.isspace():  # still in the whitespace before the name
+                self._name += marker
+            elif name == self.TEXT_NAME:
+                self._enter(TEXT)
+            else:
+                self._enter(ARGS, name)
+            return
+        self._leave(end=False)
+        self._enter(target, self.CODE_NAME if target == CODE else "")
+
+    def _leave(self, end: bool) -> None:
+        """The current segment ends: at a marker, or at the end of the output (`end`)."""
+        state, f = self._state, self._field
+        if state == NAME:
+            name = self._name.strip()
+            if name and name != self.TEXT_NAME:  # cut short before its terminator: no arguments
+                index = self._start_call(name)
+                self._out.append(ToolCallEnd(index))
+        elif state == ARGS or state == CODE:
+            self._out.append(ToolCallEnd(f.index))
+        elif f is not None and f is self._whole and not end:
+            f.lead = False  # the output has started: later whitespace is content
+            if f.emitted and f.pending:
+                self._emit(None, f.pending)
+                f.pending = ""
+        # Otherwise a text segment ends: its trailing whitespace is dropped.
+
+    def _start_call(self, name: str) -> int:
+        index = self._calls
+        self._calls += 1
+        self._out.append(ToolCallStart(index, name))
+        return index
+
+
+class V1Parser(_Parser):
+    """v1: ``content [<|START_OF_FUNCTION_CALL|> name ":" arguments]``, one call at most.
+
+    Everything after the ``:`` is the arguments, further START markers included.
+    """
+
+    STOPS = ("<|END_OF_ASSISTANT|>", "<|END_OF_FUNCTION_CALL|>")
+    START = TEXT
+    TABLE = {TEXT: {"<|START_OF_FUNCTION_CALL|>": NAME}, NAME: {":": OPEN}, ARGS: {}}
+
+
+class V2Parser(_Parser):
+    """v2: segments ``<|from|> role <|recipient|> R <|content|> C``; the prompt ended with ``<|recipient|>``.
+
+    R ``all`` makes C text, anything else a call named R with arguments C. In the content only
+    ``<|from|>`` is a marker; the role text is ignored.
+    """
+
+    STOPS = ("<|stop|>",)
+    START = NAME
+    TEXT_NAME = "all"
+    TABLE = {
+        ROLE: {"<|recipient|>": NAME},
+        NAME: {"<|content|>": OPEN, "<|from|>": ROLE},
+        TEXT: {"<|from|>": ROLE},
+        ARGS: {"<|from|>": ROLE},
+    }
+
+
+class V2Llama3Parser(_Parser):
+    """v2.llama3: ``content (<|reserved_special_token_249|> name "\\n" arguments)*``."""
+
+    STOPS = LLAMA3_STOPS
+    START = TEXT
+    _SEP = "<|reserved_special_token_249|>"
+    TABLE = {TEXT: {_SEP: NAME}, NAME: {"\n": OPEN, _SEP: NAME}, ARGS: {_SEP: NAME}}
+
+
+class V3Llama3Parser(_Parser):
+    """v3.llama3: ``name "\\n" body (">>>" name "\\n" body)*``; the prompt ended with ``>>>``.
+
+    Name ``all`` makes the body text. ``>>>`` inside arguments splits them, as in functionary.
+    """
+
+    STOPS = LLAMA3_STOPS
+    START = NAME
+    TEXT_NAME = "all"
+    TABLE = {NAME: {"\n": OPEN, ">>>": NAME}, TEXT: {">>>": NAME}, ARGS: {">>>": NAME}}
+
+
+class V31Parser(_Parser):
+    """v3-llama3.1: text, ``<function=name>arguments</function>`` calls, ``<|python_tag|>`` code to the end.
+
+    The text is the whole output's text with only its two ends stripped (functionary strips the output,
+    not the text): whitespace before the first non-blank character of the output is dropped, other
+    whitespace is held until non-blank text follows, released at a marker only once some text was
+    emitted (so blank text between calls is no content), and dropped at the end. An unclosed call is
+    kept (functionary turns it into text). The code after ``<|python_tag|>`` keeps its leading
+    whitespace.
+    """
+
+    STOPS = LLAMA3_STOPS
+    START = TEXT
+    WHOLE_TEXT = True
+    TABLE = {
+        TEXT: {"<function=": NAME, "<|python_tag|>": CODE},
+        NAME: {">": OPEN, "</function>": TEXT},
+        ARGS: {"</function>": TEXT},
+        CODE: {},
+    }
+
+
+PARSERS: dict[Version, type[_Parser]] = {
+    Version.V1: V1Parser,
+    Version.V2: V2Parser,
+    Version.V2_LLAMA3: V2Llama3Parser,
+    Version.V3_LLAMA3: V3Llama3Parser,
+    Version.V3_LLAMA31: V31Parser,
+}
+
+STOP_TOKENS: dict[Version, tuple[str, ...]] = {version: cls.STOPS for version, cls in PARSERS.items()}

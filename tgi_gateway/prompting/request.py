@@ -1,0 +1,362 @@
+"""OpenAI chat request → :class:`ChatPrompt`, with every client error raised here.
+
+Theory of operation
+-------------------
+The server decodes the JSON body and hands the dict to :func:`normalize`. This module is the only
+place that interprets `messages`, `tools`/`functions` and `tool_choice`/`function_call`; it returns
+a :class:`ChatPrompt` that every renderer can print without further checks, or raises
+:class:`InvalidRequestError` whose `param` points at the offending field in OpenAI's notation
+(``messages[3].tool_call_id``, ``tools[0].function.name``).
+
+What it does, in order (FORMATS.md §2.1–2.4):
+
+1. `tools` (or legacy `functions`) → :class:`Tool`/:class:`Function`, unknown keys dropped, local
+   ``$ref`` resolved inside each function's parameters.
+2. `tool_choice` (or `function_call`) → ``"none" | "auto" | "required" | NamedChoice``; the tool list
+   is then filtered the way functionary does: ``"none"`` shows no tools at all (not even the code
+   interpreter), a named choice shows only that function. No tools → choice ``"none"``.
+3. `messages` → :class:`Message`: text content flattened (a list of text parts is joined), the
+   ``developer`` role read as ``system``, assistant calls collected, each tool result matched to
+   the call it answers (its `name` filled from the call, which v1/v2 print), and the tool results
+   that follow an assistant turn put in the order of that turn's calls.
+
+Example::
+
+    normalize({"messages": [{"role": "user", "content": "Weather in Hanoi?"}],
+               "tools": [{"type": "function", "function": {"name": "get_weather"}}],
+               "tool_choice": "required"})
+    == ChatPrompt(messages=(Message("user", "Weather in Hanoi?"),),
+                  tools=(Tool("function", Function("get_weather")),), choice="required")
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import InvalidRequestError
+from .schema import SchemaError, resolve_refs
+from .types import ChatPrompt, Function, Message, NamedChoice, Tool, ToolCall, ToolChoice
+
+__all__ = ["normalize"]
+
+# OpenAI's own rule for function names. Names end up inside the prompt and are what the parsers
+# read back, so characters like whitespace, ":" or ">" would make the model's answer ambiguous.
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ROLES = {"system", "user", "assistant", "tool", "function", "developer"}
+_CHOICE_STRINGS = ("none", "auto", "required")
+
+
+def normalize(body: Mapping[str, Any]) -> ChatPrompt:
+    """Validate and normalise the prompt-relevant part of a chat completion request."""
+    tools_raw, functions_raw = body.get("tools"), body.get("functions")
+    if tools_raw is not None and functions_raw is not None:
+        raise InvalidRequestError(
+            "'functions' and 'tools' cannot both be provided. 'functions' are deprecated; "
+            "use the 'tools' parameter instead.",
+            param="functions",
+        )
+    legacy = functions_raw is not None
+    if legacy:
+        tools = _functions(functions_raw)
+        choice = _function_call(body.get("function_call"), tools)
+        if body.get("tool_choice") is not None:
+            raise _choice_without_tools("tool_choice", "tools")
+    else:
+        tools = _tools(tools_raw)
+        choice = _tool_choice(body.get("tool_choice"), tools)
+        if body.get("function_call") is not None:
+            raise _choice_without_tools("function_call", "functions")
+
+    if choice == "none":
+        tools = ()
+    elif isinstance(choice, NamedChoice):
+        tools = tuple(t for t in tools if t.function is not None and t.function.name == choice.name)
+
+    messages = _messages(body.get("messages"))
+    return ChatPrompt(messages=messages, tools=tools, choice=choice, legacy_functions=legacy)
+
+
+# ------------------------------------------------------------------------------------------------
+# tools and functions
+# ------------------------------------------------------------------------------------------------
+
+
+def _tools(raw: Any) -> tuple[Tool, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise InvalidRequestError("'tools' must be an array of tool objects.", param="tools")
+    tools = []
+    for i, item in enumerate(raw):
+        param = f"tools[{i}]"
+        if not isinstance(item, Mapping):
+            raise InvalidRequestError(f"'{param}' must be an object.", param=param)
+        kind = item.get("type", "function")
+        if kind == "code_interpreter":
+            tools.append(Tool("code_interpreter"))
+        elif kind == "function":
+            tools.append(Tool("function", _function(item.get("function"), f"{param}.function")))
+        else:
+            raise InvalidRequestError(
+                f"Invalid value for '{param}.type': {kind!r}. Supported values are: 'function' and "
+                "'code_interpreter'.",
+                param=f"{param}.type",
+            )
+    return tuple(tools)
+
+
+def _functions(raw: Any) -> tuple[Tool, ...]:
+    if not isinstance(raw, list):
+        raise InvalidRequestError("'functions' must be an array of function objects.", param="functions")
+    return tuple(Tool("function", _function(item, f"functions[{i}]")) for i, item in enumerate(raw))
+
+
+def _function(raw: Any, param: str) -> Function:
+    if not isinstance(raw, Mapping):
+        raise InvalidRequestError(f"'{param}' must be an object with a 'name'.", param=param)
+    name = raw.get("name")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise InvalidRequestError(
+            f"Invalid '{param}.name': {name!r}. Function names must be 1 to 64 characters from a-z, A-Z, "
+            "0-9, underscores and dashes.",
+            param=f"{param}.name",
+        )
+    description = raw.get("description")
+    if description is None:
+        description = ""
+    elif not isinstance(description, str):
+        raise InvalidRequestError(f"'{param}.description' must be a string.", param=f"{param}.description")
+    parameters = raw.get("parameters")
+    if parameters is not None:
+        if not isinstance(parameters, Mapping):
+            raise InvalidRequestError(
+                f"'{param}.parameters' must be a JSON Schema object.", param=f"{param}.parameters"
+            )
+        try:
+            parameters = resolve_refs(dict(parameters))
+        except SchemaError as exc:
+            raise InvalidRequestError(
+                f"Invalid schema in '{param}.parameters': {exc}", param=f"{param}.parameters"
+            ) from None
+    return Function(name=name, description=description, parameters=parameters)
+
+
+def _function_names(tools: Sequence[Tool]) -> set[str]:
+    return {t.function.name for t in tools if t.function is not None}
+
+
+def _choice_without_tools(field: str, tools_field: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"Invalid value for '{field}': '{field}' is only allowed when '{tools_field}' are specified.",
+        param=field,
+    )
+
+
+def _tool_choice(raw: Any, tools: Sequence[Tool]) -> ToolChoice:
+    if raw is None:
+        return "auto" if tools else "none"
+    if not tools:
+        raise _choice_without_tools("tool_choice", "tools")
+    if isinstance(raw, str):
+        if raw in _CHOICE_STRINGS:
+            return raw  # type: ignore[return-value]
+        raise InvalidRequestError(
+            f"Invalid value: {raw!r}. Supported values are: 'none', 'auto', and 'required'.", param="tool_choice"
+        )
+    if isinstance(raw, Mapping) and raw.get("type", "function") == "function":
+        function = raw.get("function")
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if not isinstance(name, str):
+            raise InvalidRequestError(
+                "Invalid value for 'tool_choice': expected {\"type\": \"function\", \"function\": {\"name\": ...}}.",
+                param="tool_choice",
+            )
+        if name not in _function_names(tools):
+            raise InvalidRequestError(
+                f"Invalid value for 'tool_choice': no function named {name!r} was specified in the 'tools' "
+                "parameter.",
+                param="tool_choice",
+            )
+        return NamedChoice(name)
+    raise InvalidRequestError(
+        "Invalid value for 'tool_choice': supported values are 'none', 'auto', 'required' and "
+        "{\"type\": \"function\", \"function\": {\"name\": ...}}.",
+        param="tool_choice",
+    )
+
+
+def _function_call(raw: Any, functions: Sequence[Tool]) -> ToolChoice:
+    if raw is None:
+        return "auto" if functions else "none"
+    if not functions:
+        raise _choice_without_tools("function_call", "functions")
+    if isinstance(raw, str):
+        if raw in ("none", "auto"):
+            return raw  # type: ignore[return-value]
+        raise InvalidRequestError(
+            f"Invalid value: {raw!r}. Supported values are: 'none' and 'auto'.", param="function_call"
+        )
+    name = raw.get("name") if isinstance(raw, Mapping) else None
+    if not isinstance(name, str):
+        raise InvalidRequestError(
+            "Invalid value for 'function_call': expected 'none', 'auto' or {\"name\": ...}.", param="function_call"
+        )
+    if name not in _function_names(functions):
+        raise InvalidRequestError(
+            f"Invalid value for 'function_call': no function named {name!r} was specified in the 'functions' "
+            "parameter.",
+            param="function_call",
+        )
+    return NamedChoice(name)
+
+
+# ------------------------------------------------------------------------------------------------
+# messages
+# ------------------------------------------------------------------------------------------------
+
+
+def _messages(raw: Any) -> tuple[Message, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise InvalidRequestError("'messages' must be a non-empty array of messages.", param="messages")
+    messages: list[Message] = []
+    calls_by_id: dict[str, ToolCall] = {}
+    for i, item in enumerate(raw):
+        param = f"messages[{i}]"
+        if not isinstance(item, Mapping):
+            raise InvalidRequestError(f"'{param}' must be an object.", param=param)
+        role = item.get("role")
+        if role not in _ROLES:
+            raise InvalidRequestError(
+                f"Invalid value for '{param}.role': {role!r}. Supported values are: 'system', 'developer', "
+                "'user', 'assistant', 'tool' and 'function'.",
+                param=f"{param}.role",
+            )
+        if role == "developer":
+            role = "system"
+        if role == "assistant":
+            message = _assistant(item, param)
+            for call in message.tool_calls:
+                if call.id is not None:
+                    calls_by_id[call.id] = call
+        elif role == "tool":
+            message = _tool_result(item, param, calls_by_id)
+        elif role == "function":
+            name = item.get("name")
+            if not isinstance(name, str) or not name:
+                raise InvalidRequestError(
+                    f"'{param}.name' is required for messages with role 'function'.", param=f"{param}.name"
+                )
+            message = Message("function", _content(item, param, required=True), name=name)
+        else:
+            message = Message(role, _content(item, param, required=True))
+        messages.append(message)
+    return tuple(_reorder_tool_results(messages))
+
+
+def _content(item: Mapping[str, Any], param: str, *, required: bool) -> str | None:
+    content = item.get("content")
+    if isinstance(content, str):
+        return content
+    if content is None:
+        if required:
+            raise InvalidRequestError(f"'{param}.content' is required.", param=f"{param}.content")
+        return None
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+                continue
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            raise InvalidRequestError(
+                f"Invalid content part '{param}.content[{j}]' of type {kind!r}: Functionary models accept "
+                "text only (a string, or an array of {\"type\": \"text\", \"text\": ...} parts).",
+                param=f"{param}.content[{j}]",
+            )
+        return "".join(texts)
+    raise InvalidRequestError(
+        f"'{param}.content' must be a string or an array of text parts.", param=f"{param}.content"
+    )
+
+
+def _assistant(item: Mapping[str, Any], param: str) -> Message:
+    content = _content(item, param, required=False)
+    raw_calls, legacy_call = item.get("tool_calls"), item.get("function_call")
+    if raw_calls and legacy_call:
+        raise InvalidRequestError(
+            f"'{param}' has both 'tool_calls' and 'function_call'; send one of them.", param=f"{param}.function_call"
+        )
+    calls: list[ToolCall] = []
+    if legacy_call is not None:
+        calls.append(_call(legacy_call, f"{param}.function_call", None))
+    elif raw_calls is not None:
+        if not isinstance(raw_calls, list):
+            raise InvalidRequestError(f"'{param}.tool_calls' must be an array.", param=f"{param}.tool_calls")
+        for j, raw in enumerate(raw_calls):
+            call_param = f"{param}.tool_calls[{j}]"
+            if not isinstance(raw, Mapping):
+                raise InvalidRequestError(f"'{call_param}' must be an object.", param=call_param)
+            call_id = raw.get("id")
+            if call_id is not None and not isinstance(call_id, str):
+                raise InvalidRequestError(f"'{call_param}.id' must be a string.", param=f"{call_param}.id")
+            calls.append(_call(raw.get("function"), f"{call_param}.function", call_id))
+    return Message("assistant", content, tool_calls=tuple(calls))
+
+
+def _call(raw: Any, param: str, call_id: str | None) -> ToolCall:
+    if not isinstance(raw, Mapping):
+        raise InvalidRequestError(f"'{param}' must be an object with 'name' and 'arguments'.", param=param)
+    name, arguments = raw.get("name"), raw.get("arguments")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError(f"'{param}.name' must be a non-empty string.", param=f"{param}.name")
+    if arguments is None:
+        arguments = ""
+    if not isinstance(arguments, str):
+        raise InvalidRequestError(
+            f"'{param}.arguments' must be a string (JSON text, or code for python).", param=f"{param}.arguments"
+        )
+    return ToolCall(name=name, arguments=arguments, id=call_id)
+
+
+def _tool_result(item: Mapping[str, Any], param: str, calls_by_id: Mapping[str, ToolCall]) -> Message:
+    content = _content(item, param, required=True)
+    call_id, name = item.get("tool_call_id"), item.get("name")
+    if call_id is not None:
+        call = calls_by_id.get(call_id) if isinstance(call_id, str) else None
+        if call is None:
+            raise InvalidRequestError(
+                f"Invalid '{param}.tool_call_id': {call_id!r} does not answer any tool call of an earlier "
+                "assistant message.",
+                param=f"{param}.tool_call_id",
+            )
+        return Message("tool", content, name=call.name, tool_call_id=call_id)
+    if isinstance(name, str) and name:
+        return Message("tool", content, name=name)
+    raise InvalidRequestError(
+        f"'{param}.tool_call_id' is required: a tool message must answer a tool call of an earlier assistant "
+        "message.",
+        param=f"{param}.tool_call_id",
+    )
+
+
+def _reorder_tool_results(messages: list[Message]) -> list[Message]:
+    """Put the tool results right after an assistant turn in the order of that turn's calls."""
+    out: list[Message] = []
+    i = 0
+    while i < len(messages):
+        message = messages[i]
+        out.append(message)
+        i += 1
+        order = {c.id: k for k, c in enumerate(message.tool_calls) if c.id is not None}
+        if message.role != "assistant" or not order:
+            continue
+        j = i
+        while j < len(messages) and messages[j].role == "tool":
+            j += 1
+        results = messages[i:j]
+        # Results for calls of this turn first, in call order; any other result keeps its place after them.
+        out.extend(sorted(results, key=lambda m: order.get(m.tool_call_id, len(order))))
+        i = j
+    return out
