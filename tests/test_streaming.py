@@ -17,8 +17,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from openai.lib.streaming.chat import ChatCompletionStreamState
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.chat import ChatCompletion
+from sdk_judge import as_expected, final_completion
+from sdk_judge import sdk_rebuild as _sdk_rebuild
 
 from tgi_gateway.prompting.types import (
     ChatPrompt,
@@ -526,48 +527,10 @@ def test_chunks_are_fresh_dicts() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def final_completion(state: Any) -> Any:
-    """`get_final_completion()`; on `length` the SDK (3.x) raises, carrying the completion it rebuilt."""
-    try:
-        return state.get_final_completion()
-    except openai.LengthFinishReasonError as exc:
-        assert exc.completion.choices[0].finish_reason == "length"
-        return exc.completion
-
-
 def sdk_rebuild(chunks: list[dict[str, Any]]) -> Any:
-    """Accumulate chunks exactly as `client.chat.completions.stream()` does; return the final choice."""
-    state: ChatCompletionStreamState[Any] = ChatCompletionStreamState()
-    for c in chunks:
-        ChatCompletionChunk.model_validate(c)  # the declared types accept every chunk
-        state.handle_chunk(ChatCompletionChunk.construct(**c))  # the SDK builds chunks without validation
-    completion = final_completion(state)
+    completion, choice = _sdk_rebuild(chunks)
     assert completion.id == ID and completion.model == MODEL and completion.created == CREATED
-    [choice] = completion.choices
     return completion, choice
-
-
-def as_expected(choice: Any) -> dict[str, Any]:
-    """The SDK's choice in collect()'s shape (stream tool calls also carry `index`, dropped here)."""
-    msg = choice.message
-    out: dict[str, Any] = {"role": msg.role, "content": msg.content}
-    if msg.tool_calls is not None:
-        out["tool_calls"] = [
-            {
-                "id": tc.id,
-                "type": tc.type,
-                "function": {"name": tc.function.name, "arguments": tc.function.arguments},
-            }
-            for tc in msg.tool_calls
-        ]
-    if msg.function_call is not None:
-        out["function_call"] = {"name": msg.function_call.name, "arguments": msg.function_call.arguments}
-    return {
-        "index": choice.index,
-        "message": out,
-        "logprobs": choice.logprobs,
-        "finish_reason": choice.finish_reason,
-    }
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

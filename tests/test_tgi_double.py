@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import socket
@@ -14,8 +15,9 @@ from httpx_sse import aconnect_sse, connect_sse
 
 from tests.fakes.tgi import (
     EOT,
-    FakeTGI,
+    Drop,
     Fail,
+    FakeTGI,
     Gate,
     Incomplete,
     Pause,
@@ -99,9 +101,11 @@ def test_stream_bytes_are_exactly_tgi_framing(client):
 
 
 def test_details_stay_null_unless_requested_and_httpx_sse_parses(tgi):
-    with httpx.Client(base_url=tgi.url) as c:
-        with connect_sse(c, "POST", "/generate_stream", json={"inputs": "Hi"}) as source:
-            events = [json.loads(e.data) for e in source.iter_sse()]
+    with (
+        httpx.Client(base_url=tgi.url) as c,
+        connect_sse(c, "POST", "/generate_stream", json={"inputs": "Hi"}) as source,
+    ):
+        events = [json.loads(e.data) for e in source.iter_sse()]
     assert [e["index"] for e in events] == [1, 2, 3]
     assert events[-1]["generated_text"] == "Hello world"
     assert all(e["details"] is None for e in events)
@@ -114,8 +118,12 @@ def test_special_tokens_are_sent_but_skipped_from_generated_text(tgi, client):
     events = events_of(raw)
     first, last = events[0]["token"], events[-1]["token"]
     # Llama-3 default: reserved tokens are not in all_special_ids, yet skip_special_tokens drops them.
-    assert first == {"id": 128254, "text": "<|reserved_special_token_249|>", "logprob": first["logprob"],
-                     "special": False}
+    assert first == {
+        "id": 128254,
+        "text": "<|reserved_special_token_249|>",
+        "logprob": first["logprob"],
+        "special": False,
+    }
     assert last["text"] == "<|eot_id|>" and last["special"] is True
     assert events[-1]["generated_text"] == 'get_weather\n{"city": "Hanoi"}'
     assert "".join(e["token"]["text"] for e in events) == (
@@ -192,7 +200,11 @@ def test_return_full_text_and_script_sees_inputs_and_parameters(tgi, client):
     assert req.json == {"inputs": "Q: ", "parameters": {"return_full_text": True, "max_new_tokens": 5}}
     assert req.headers["content-type"] == "application/json"
     gen = tgi.last_generation
-    assert (gen.outcome, gen.finish_reason, gen.input_length) == ("completed", "eos_token", count_tokens("Q: "))
+    assert (gen.outcome, gen.finish_reason, gen.input_length) == (
+        "completed",
+        "eos_token",
+        count_tokens("Q: "),
+    )
     assert [t.text for t in gen.tokens] == ["ok", "<|eot_id|>"]
 
 
@@ -210,7 +222,7 @@ def test_top_n_tokens_adds_top_tokens(client):
 
 # ------------------------------------------------------------------------------------------ validation
 
-LIMITS = dict(max_input_tokens=10, max_total_tokens=16, max_stop_sequences=2)
+LIMITS = {"max_input_tokens": 10, "max_total_tokens": 16, "max_stop_sequences": 2}
 VALIDATION_CASES = [
     ({"temperature": 0}, "`temperature` must be strictly positive"),
     ({"temperature": -1.0}, "`temperature` must be strictly positive"),
@@ -225,10 +237,14 @@ VALIDATION_CASES = [
     ({"top_n_tokens": 6}, "`top_n_tokens` must be >= 0 and <= 5. Given: 6"),
     ({"truncate": 0}, "`truncate` must be strictly positive and less than 10. Given: 0"),
     ({"truncate": 11}, "`truncate` must be strictly positive and less than 10. Given: 11"),
-    ({"max_new_tokens": 14}, "`inputs` tokens + `max_new_tokens` must be <= 16. Given: 3 `inputs` tokens and 14 "
-                             "`max_new_tokens`"),
-    ({"grammar": {"type": "json", "value": {"type": "object"}}},
-     "grammar is not valid: Grammar must have a 'properties' field"),
+    (
+        {"max_new_tokens": 14},
+        "`inputs` tokens + `max_new_tokens` must be <= 16. Given: 3 `inputs` tokens and 14 `max_new_tokens`",
+    ),
+    (
+        {"grammar": {"type": "json", "value": {"type": "object"}}},
+        "grammar is not valid: Grammar must have a 'properties' field",
+    ),
 ]
 
 
@@ -259,8 +275,10 @@ def test_input_length_rules(limited):
     r = c.post("/generate", json={"inputs": long_input, "parameters": {"max_new_tokens": 1}})
     assert r.json()["error"] == "Input validation error: `inputs` must have less than 10 tokens. Given: 11"
     r = c.post("/generate", json={"inputs": long_input, "parameters": {"max_new_tokens": 6}})
-    assert r.json()["error"] == ("Input validation error: `inputs` tokens + `max_new_tokens` must be <= 16. "
-                                 "Given: 11 `inputs` tokens and 6 `max_new_tokens`")
+    assert r.json()["error"] == (
+        "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 16. "
+        "Given: 11 `inputs` tokens and 6 `max_new_tokens`"
+    )
     # truncate keeps the last tokens, and then the input fits
     r = c.post("/generate", json={"inputs": long_input, "parameters": {"max_new_tokens": 6, "truncate": 10}})
     assert r.status_code == 200 and r.headers["x-prompt-tokens"] == "10"
@@ -268,7 +286,9 @@ def test_input_length_rules(limited):
     r = c.post("/generate", json={"inputs": "Hi there", "parameters": {}})
     assert r.status_code == 200
     r, raw = stream(c, "")
-    assert events_of(raw) == [{"error": "Input validation error: `inputs` cannot be empty", "error_type": "validation"}]
+    assert events_of(raw) == [
+        {"error": "Input validation error: `inputs` cannot be empty", "error_type": "validation"}
+    ]
     assert tgi.generations[-1].outcome == "validation"
 
 
@@ -276,7 +296,10 @@ def test_stream_only_rules_and_best_of(limited):
     _, c = limited
     for parameters, message in [
         ({"best_of": 2, "do_sample": True}, "`best_of` != 1 is not supported when streaming tokens"),
-        ({"decoder_input_details": True}, "`decoder_input_details` == true is not supported when streaming tokens"),
+        (
+            {"decoder_input_details": True},
+            "`decoder_input_details` == true is not supported when streaming tokens",
+        ),
     ]:
         assert events_of(stream(c, **parameters)[1]) == [
             {"error": f"Input validation error: {message}", "error_type": "validation"}
@@ -285,14 +308,27 @@ def test_stream_only_rules_and_best_of(limited):
     def generate(**parameters):
         return c.post("/generate", json={"inputs": "Hi", "parameters": parameters})
 
-    assert generate(best_of=3, do_sample=True).json()["error"].endswith("`best_of` must be > 0 and <= 2. Given: 3")
+    assert (
+        generate(best_of=3, do_sample=True)
+        .json()["error"]
+        .endswith("`best_of` must be > 0 and <= 2. Given: 3")
+    )
     assert generate(best_of=2).json()["error"].endswith("you must use sampling when `best_of` is > 1")
-    assert generate(best_of=2, do_sample=True, seed=1).json()["error"].endswith(
-        "`seed` must not be set when `best_of` > 1")
+    assert (
+        generate(best_of=2, do_sample=True, seed=1)
+        .json()["error"]
+        .endswith("`seed` must not be set when `best_of` > 1")
+    )
     body = generate(best_of=2, do_sample=True, details=True).json()
     assert len(body["details"]["best_of_sequences"]) == 1
     assert list(body["details"]["best_of_sequences"][0]) == [
-        "generated_text", "finish_reason", "generated_tokens", "seed", "prefill", "tokens"]
+        "generated_text",
+        "finish_reason",
+        "generated_tokens",
+        "seed",
+        "prefill",
+        "tokens",
+    ]
     assert "best_of_sequences" not in generate(details=True).json()["details"]
 
 
@@ -305,12 +341,22 @@ def test_extractor_rejections_are_plain_text(client, tgi):
     for body, detail in [
         ({"parameters": {}}, "missing field `inputs`"),
         ({"inputs": 5}, "inputs: invalid type: integer `5`, expected a string"),
-        ({"inputs": "x", "parameters": {"stop": None}}, "parameters.stop: invalid type: null, expected a sequence"),
-        ({"inputs": "x", "parameters": {"max_new_tokens": 5.0}},
-         "parameters.max_new_tokens: invalid type: floating point `5.0`, expected u32"),
-        ({"inputs": "x", "parameters": {"max_new_tokens": -1}},
-         "parameters.max_new_tokens: invalid value: integer `-1`, expected u32"),
-        ({"inputs": "x", "parameters": {"details": None}}, "parameters.details: invalid type: null, expected a boolean"),
+        (
+            {"inputs": "x", "parameters": {"stop": None}},
+            "parameters.stop: invalid type: null, expected a sequence",
+        ),
+        (
+            {"inputs": "x", "parameters": {"max_new_tokens": 5.0}},
+            "parameters.max_new_tokens: invalid type: floating point `5.0`, expected u32",
+        ),
+        (
+            {"inputs": "x", "parameters": {"max_new_tokens": -1}},
+            "parameters.max_new_tokens: invalid value: integer `-1`, expected u32",
+        ),
+        (
+            {"inputs": "x", "parameters": {"details": None}},
+            "parameters.details: invalid type: null, expected a boolean",
+        ),
     ]:
         for path in ("/generate", "/generate_stream"):
             r = client.post(path, json=body)
@@ -318,7 +364,10 @@ def test_extractor_rejections_are_plain_text(client, tgi):
             assert r.headers["content-type"].startswith("text/plain")
             assert r.text == f"Failed to deserialize the JSON body into the target type: {detail}"
     # unknown fields are ignored
-    assert client.post("/generate", json={"inputs": "x", "parameters": {"bogus": 1}, "extra": 2}).status_code == 200
+    assert (
+        client.post("/generate", json={"inputs": "x", "parameters": {"bogus": 1}, "extra": 2}).status_code
+        == 200
+    )
     assert all(g.route == "generate" for g in tgi.generations)  # rejections never reached generation
 
 
@@ -327,8 +376,10 @@ def test_extractor_rejections_are_plain_text(client, tgi):
 
 def test_overload_counts_streams_and_generate_alike():
     gate = Gate()
-    with FakeTGI(script=["a", gate, "b"], max_concurrent_requests=2) as tgi, \
-            httpx.Client(base_url=tgi.url, timeout=5) as c:
+    with (
+        FakeTGI(script=["a", gate, "b"], max_concurrent_requests=2) as tgi,
+        httpx.Client(base_url=tgi.url, timeout=5) as c,
+    ):
         held = [c.stream("POST", "/generate_stream", json={"inputs": "x"}) for _ in range(2)]
         responses = [h.__enter__() for h in held]
         assert tgi.wait_until(lambda: tgi.in_flight == 2)
@@ -336,7 +387,10 @@ def test_overload_counts_streams_and_generate_alike():
         _, raw = stream(c)
         assert raw == b'data: {"error":"Model is overloaded","error_type":"overloaded"}\n\n'
         r = c.post("/generate", json={"inputs": "x"})
-        assert (r.status_code, r.json()) == (429, {"error": "Model is overloaded", "error_type": "overloaded"})
+        assert (r.status_code, r.json()) == (
+            429,
+            {"error": "Model is overloaded", "error_type": "overloaded"},
+        )
         gate.open()
         for h, resp in zip(held, responses):
             assert events_of(resp.read())[-1]["generated_text"] == "ab"
@@ -351,14 +405,19 @@ def test_injected_generation_error_mid_stream(tgi, client):
     _, raw = stream(client)
     events = events_of(raw)
     assert [e.get("index") for e in events] == [1, 2, None]
-    assert events[-1] == {"error": "Request failed during generation: CUDA out of memory", "error_type": "generation"}
+    assert events[-1] == {
+        "error": "Request failed during generation: CUDA out of memory",
+        "error_type": "generation",
+    }
     assert tgi.last_generation.outcome == "generation"
     # only the next generation fails
     assert events_of(stream(client)[1])[-1]["generated_text"] == "Hello world"
     tgi.fail_next(after_tokens=1, message="boom")
     r = client.post("/generate", json={"inputs": "x"})
-    assert (r.status_code, r.json()) == (424, {"error": "Request failed during generation: boom",
-                                               "error_type": "generation"})
+    assert (r.status_code, r.json()) == (
+        424,
+        {"error": "Request failed during generation: boom", "error_type": "generation"},
+    )
     # the same from inside a script
     tgi.script = ["a", Fail("shard died")]
     events = events_of(stream(client)[1])
@@ -368,12 +427,36 @@ def test_injected_generation_error_mid_stream(tgi, client):
 def test_incomplete_generation(tgi, client):
     tgi.script = ["a", Incomplete()]
     events = events_of(stream(client)[1])
-    assert events[-1] == {"error": "Incomplete generation stream", "error_type": "incomplete_generation_stream"}
+    assert events[-1] == {
+        "error": "Incomplete generation stream",
+        "error_type": "incomplete_generation_stream",
+    }
     r = client.post("/generate", json={"inputs": "x"})
-    assert (r.status_code, r.json()) == (500, {"error": "Incomplete generation", "error_type": "incomplete_generation"})
+    assert (r.status_code, r.json()) == (
+        500,
+        {"error": "Incomplete generation", "error_type": "incomplete_generation"},
+    )
     tgi.script = HELLO
     tgi.incomplete_next(after_tokens=1)
-    assert [e.get("error_type") for e in events_of(stream(client)[1])] == [None, "incomplete_generation_stream"]
+    assert [e.get("error_type") for e in events_of(stream(client)[1])] == [
+        None,
+        "incomplete_generation_stream",
+    ]
+
+
+def test_drop_resets_the_connection_like_a_dying_tgi(tgi, client):
+    tgi.script = ["a", Drop()]
+    with client.stream("POST", "/generate_stream", json={"inputs": "x"}) as r:
+        assert r.status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):  # chunked body never terminated
+            r.read()
+    assert len(tgi.last_generation.events) == 1
+    with pytest.raises(httpx.RemoteProtocolError):
+        client.post("/generate", json={"inputs": "x"})
+    assert [g.outcome for g in tgi.generations] == ["dropped", "dropped"]
+    tgi.script = HELLO
+    assert client.post("/generate", json={"inputs": "x"}).status_code == 200  # the double itself is fine
+    assert not tgi.errors
 
 
 def test_script_exceptions_become_generation_errors_and_are_kept(tgi, client):
@@ -402,12 +485,21 @@ def test_generate_json_details_and_headers(tgi, client):
     assert h["x-prompt-tokens"] == str(count_tokens("Hi there"))
     assert h["x-generated-tokens"] == "3"
     assert h["x-compute-characters"] == "8"
-    for name in ("x-compute-type", "x-compute-time", "x-total-time", "x-validation-time", "x-queue-time",
-                 "x-inference-time", "x-time-per-token"):
+    for name in (
+        "x-compute-type",
+        "x-compute-time",
+        "x-total-time",
+        "x-validation-time",
+        "x-queue-time",
+        "x-inference-time",
+        "x-time-per-token",
+    ):
         assert name in h
     float(h["x-compute-time"])
     r = client.post("/generate", json={"inputs": "Hi there"})
     assert r.json() == {"generated_text": "Hello world"}  # details omitted, not null
+    first, second = tgi.requests
+    assert first.client == second.client and tgi.connections_open == 1  # one kept-alive connection
     r = client.post("/", json={"inputs": "Hi", "stream": False})  # compat route: a JSON array
     assert r.json() == [{"generated_text": "Hello world"}]
     with client.stream("POST", "/", json={"inputs": "Hi", "stream": True}) as r:
@@ -415,21 +507,45 @@ def test_generate_json_details_and_headers(tgi, client):
 
 
 def test_health_info_tokenize_and_api_key():
-    with FakeTGI(max_input_tokens=4095, max_total_tokens=4096, max_concurrent_requests=9,
-                 model_id="meetkai/functionary-small-v2.5", api_key="sekret") as tgi, \
-            httpx.Client(base_url=tgi.url) as c:
+    with (
+        FakeTGI(
+            max_input_tokens=4095,
+            max_total_tokens=4096,
+            max_concurrent_requests=9,
+            model_id="meetkai/functionary-small-v2.5",
+            api_key="sekret",
+        ) as tgi,
+        httpx.Client(base_url=tgi.url) as c,
+    ):
         r = c.get("/health")
         assert (r.status_code, r.content) == (200, b"")
         tgi.config.healthy = False
         r = c.get("/health")
         assert (r.status_code, r.json()) == (503, {"error": "unhealthy", "error_type": "healthcheck"})
         info = c.get("/info").json()
-        assert list(info) == ["model_id", "model_sha", "model_pipeline_tag", "max_concurrent_requests", "max_best_of",
-                              "max_stop_sequences", "max_input_tokens", "max_total_tokens", "validation_workers",
-                              "max_client_batch_size", "router", "version", "sha", "docker_label"]
-        assert (info["model_id"], info["max_input_tokens"], info["max_total_tokens"],
-                info["max_concurrent_requests"], info["router"]) == (
-            "meetkai/functionary-small-v2.5", 4095, 4096, 9, "text-generation-router")
+        assert list(info) == [
+            "model_id",
+            "model_sha",
+            "model_pipeline_tag",
+            "max_concurrent_requests",
+            "max_best_of",
+            "max_stop_sequences",
+            "max_input_tokens",
+            "max_total_tokens",
+            "validation_workers",
+            "max_client_batch_size",
+            "router",
+            "version",
+            "sha",
+            "docker_label",
+        ]
+        assert (
+            info["model_id"],
+            info["max_input_tokens"],
+            info["max_total_tokens"],
+            info["max_concurrent_requests"],
+            info["router"],
+        ) == ("meetkai/functionary-small-v2.5", 4095, 4096, 9, "text-generation-router")
         r = c.post("/generate", json={"inputs": "x"})
         assert (r.status_code, r.content) == (401, b"")
         auth = {"authorization": "BEARER SEKRET"}  # compared case-insensitively
@@ -457,6 +573,7 @@ def test_load_delay_refuses_connections_until_ready():
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{tgi.url}/health")
         tgi.wait_ready()
+        assert tgi.ready
         assert time.monotonic() - t0 >= 0.3
         assert httpx.get(f"{tgi.url}/health").status_code == 200
     finally:
@@ -467,8 +584,10 @@ def test_load_delay_refuses_connections_until_ready():
 
 
 def test_token_delay_and_time_to_first_token_are_honoured():
-    with FakeTGI(script=tokens("a", "b", "c", "d"), first_token_delay=0.15, token_delay=0.05) as tgi, \
-            httpx.Client(base_url=tgi.url) as c:
+    with (
+        FakeTGI(script=tokens("a", "b", "c", "d"), first_token_delay=0.15, token_delay=0.05) as tgi,
+        httpx.Client(base_url=tgi.url) as c,
+    ):
         arrivals = []
         t0 = time.monotonic()
         with connect_sse(c, "POST", "/generate_stream", json={"inputs": "x"}) as source:
@@ -476,7 +595,7 @@ def test_token_delay_and_time_to_first_token_are_honoured():
                 arrivals.append(time.monotonic() - t0)
     assert len(arrivals) == 5
     assert 0.14 <= arrivals[0] < 0.4
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert all(0.035 <= g < 0.2 for g in gaps), gaps
     assert 0.33 <= arrivals[-1] < 0.8
 
@@ -534,10 +653,12 @@ def test_stop_is_bounded_even_with_streams_hanging():
     tgi = FakeTGI(script=["a", Gate()]).start()
     c = httpx.Client(base_url=tgi.url)
     r = c.send(c.build_request("POST", "/generate_stream", json={"inputs": "x"}), stream=True)
-    next(r.iter_raw())
+    chunks = r.iter_raw()  # keep a reference: a discarded iterator closes the response
+    next(chunks)
     t0 = time.monotonic()
     tgi.stop()
     assert time.monotonic() - t0 < 1.5
+    assert not tgi.ready
     assert tgi.last_generation.outcome == "aborted"
     r.close()
     c.close()
@@ -555,9 +676,14 @@ def test_200_concurrent_streams_complete():
     async def run(url: str) -> list[str]:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10) as c:
+
             async def one(i: int) -> str:
-                async with aconnect_sse(c, "POST", "/generate_stream",
-                                        json={"inputs": f"prompt {i}", "parameters": {"details": True}}) as source:
+                async with aconnect_sse(
+                    c,
+                    "POST",
+                    "/generate_stream",
+                    json={"inputs": f"prompt {i}", "parameters": {"details": True}},
+                ) as source:
                     events = [json.loads(e.data) async for e in source.aiter_sse()]
                 assert [e["index"] for e in events] == list(range(1, 10))
                 return events[-1]["generated_text"]

@@ -9,7 +9,21 @@ envelope ``{"error": {"message", "type", "param", "code"}}``.
     ├── InvalidRequestError           (400, "invalid_request_error")  bad request; `param` names the field
     │   └── ContextLengthExceededError (400, code "context_length_exceeded")
     ├── ModelNotFoundError            (404, "invalid_request_error", code "model_not_found")
-    └── ...                           upstream (TGI) errors are added by the server layer
+    └── UpstreamError                 (502, "server_error")  TGI, or the way to it, failed
+        ├── TGIValidationError        (400, "invalid_request_error")  TGI refused a value
+        │   └── TGIContextLengthError (400, code "context_length_exceeded")
+        ├── TGIOverloadedError        (429, "requests", code "rate_limit_exceeded")  Retry-After
+        ├── TGIGenerationError        (502, "server_error")  TGI failed while generating
+        ├── TGIUnavailableError       (503, "server_error")  TGI unreachable, or unhealthy
+        ├── TGIProtocolError          (502, "server_error")  a cut stream, a non-SSE body
+        └── TGIRejectedError          (502, "server_error")  TGI refused the gateway (key, URL)
+
+Upstream errors are raised by :mod:`tgi_gateway.tgi_client` (``map_tgi_error`` maps TGI's
+``{"error", "error_type"}`` bodies and stream events, and HTTP statuses, to these classes). Their
+:attr:`UpstreamError.headers` are the extra HTTP headers the response should carry: ``Retry-After``
+on TGIOverloadedError, ``x-should-retry: false`` on TGIValidationError and TGIRejectedError (the
+OpenAI SDK honours both). TGIValidationError is also an InvalidRequestError, and TGIContextLengthError
+also a ContextLengthExceededError, so code that handles the gateway's own 400s handles TGI's too.
 
 Errors that stop the gateway from starting at all (a model that is not a
 Functionary model, unreadable tokenizer files) are :class:`ConfigurationError`;
@@ -18,7 +32,8 @@ they are not HTTP errors and never reach a client.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 
 class GatewayError(Exception):
@@ -32,6 +47,11 @@ class GatewayError(Exception):
         self.param = param
         if code is not None:
             self.code = code
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Extra HTTP headers for the error response (e.g. ``Retry-After``); none by default."""
+        return {}
 
     def to_dict(self) -> dict[str, Any]:
         """The OpenAI error envelope."""
@@ -54,6 +74,93 @@ class ModelNotFoundError(GatewayError):
     status_code = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class UpstreamError(GatewayError):
+    """TGI failed, or the way to it did: the client's request may well have been fine.
+
+    ``headers`` are extra HTTP headers for the error response: the class's ``default_headers``
+    updated with the ``headers`` given to the constructor.
+    """
+
+    status_code = 502
+    type = "server_error"
+    default_headers: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self._headers = dict(headers or {})
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {**self.default_headers, **self._headers}
+
+
+class TGIValidationError(UpstreamError, InvalidRequestError):
+    """TGI refused a value of the request (its message is kept verbatim): the client's fault."""
+
+    status_code = 400
+    type = "invalid_request_error"
+    default_headers: ClassVar[Mapping[str, str]] = {"x-should-retry": "false"}
+
+
+class TGIContextLengthError(TGIValidationError, ContextLengthExceededError):
+    """The prompt, or the prompt plus ``max_tokens``, does not fit TGI's token limits."""
+
+    code = "context_length_exceeded"
+
+
+class TGIOverloadedError(UpstreamError):
+    """TGI has ``max_concurrent_requests`` in flight (or the gateway's pool to it is exhausted).
+
+    Rendered like OpenAI's own request rate limit (429, type ``requests``, code
+    ``rate_limit_exceeded``) with ``Retry-After: <retry_after>`` seconds.
+    """
+
+    status_code = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: int = 1,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        headers = {"Retry-After": str(retry_after), **(headers or {})}
+        super().__init__(message, param=param, code=code, headers=headers)
+        self.retry_after = retry_after
+
+
+class TGIGenerationError(UpstreamError):
+    """TGI failed while generating (a shard error such as CUDA out of memory, an incomplete generation)."""
+
+
+class TGIUnavailableError(UpstreamError):
+    """TGI cannot be reached (refused, reset, timed out before answering), or says it is unhealthy."""
+
+    status_code = 503
+
+
+class TGIProtocolError(UpstreamError):
+    """TGI's answer does not follow its protocol: a stream cut before its end, a non-SSE body, bad JSON."""
+
+
+class TGIRejectedError(UpstreamError):
+    """TGI refused the gateway itself: a missing or wrong API key, a wrong URL (404), or a request body
+    TGI could not read (a gateway bug). Retrying does not help."""
+
+    default_headers: ClassVar[Mapping[str, str]] = {"x-should-retry": "false"}
 
 
 class ConfigurationError(Exception):

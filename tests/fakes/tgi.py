@@ -85,18 +85,42 @@ Simplified / not modelled
 * Unknown routes are an empty 404, wrong methods an empty 405; the chat/completions routes,
   ``/invocations``, ``/vertex``, ``/chat_tokenize`` and the docs are not served.
 
+Usage
+-----
+
+::
+
+    with FakeTGI(script=tokens("Hel", "lo", "<|eot_id|>"), token_delay=0.02, max_total_tokens=4096) as tgi:
+        gateway = start_gateway(tgi_url=tgi.url)          # whatever the gateway needs
+        ...
+        tgi.script = lambda inputs, parameters: tokenize_text("It is sunny.<|eot_id|>")
+        tgi.config.max_concurrent_requests = 1            # any TGIConfig field, at any time
+        tgi.fail_next(after_tokens=3, message="CUDA out of memory")
+        tgi.script = ["a", Gate(), "b"]                   # hold the stream until gate.open()
+        assert tgi.last_generation.parameters["stop"] == ["<|eot_id|>"]
+
+Faults: ``fail_next``/``incomplete_next`` (next generations), or the script markers ``Fail``,
+``Incomplete``, ``Drop`` (connection reset, like a dying TGI), ``Pause(seconds)`` and ``Gate``;
+``config.healthy = False`` for a 503 ``/health``; ``config.max_concurrent_requests`` for
+overload; ``load_delay`` for a server still warming up.
+
 Observations (for tests)
 ------------------------
 
-Every request lands in :attr:`FakeTGI.requests` (:class:`RecordedRequest`); every request that
-reached generation logic (i.e. passed the extractor) also in :attr:`FakeTGI.generations`
-(:class:`GenerationRecord`: outcome, tokens sent, raw SSE bytes, ``disconnected_at`` ...).
-Times are ``time.monotonic()`` values, comparable with the test's own. :attr:`FakeTGI.in_flight`
-counts held permits (TGI's semaphore), :attr:`FakeTGI.streams_open` open SSE responses.
-:meth:`FakeTGI.wait_until` polls a predicate. Records are appended by the server thread; read
-them from the test freely (lists are copied on access).
+Every request lands in :attr:`FakeTGI.requests` (:class:`RecordedRequest`, with the peer
+address: the same port means a reused connection); every request that reached generation logic
+(i.e. passed the extractor) also in :attr:`FakeTGI.generations` (:class:`GenerationRecord`:
+outcome, tokens sent, raw SSE bytes, ``disconnected_at`` ...). Times are ``time.monotonic()``
+values, comparable with the test's own. :attr:`FakeTGI.in_flight` counts held permits (TGI's
+semaphore; :attr:`FakeTGI.peak_in_flight` its maximum), :attr:`FakeTGI.streams_open` open SSE
+responses, :attr:`FakeTGI.connections_open` TCP connections. :meth:`FakeTGI.wait_until` polls a
+predicate. Exceptions raised by scripts (answered as generation errors) or by the double itself
+collect in :attr:`FakeTGI.errors`. Records are appended by the server thread; read them from the
+test freely (lists are copied on access).
 
-Scripts run on the server's event loop: they must not block.
+Scripts run on the server's event loop: they must not block. Defaults are TGI's launcher
+defaults (``max_concurrent_requests=128``!) except ``max_input_tokens``/``max_total_tokens``
+(8191/8192).
 """
 
 from __future__ import annotations
@@ -104,7 +128,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import inspect
 import json
 import math
 import random
@@ -113,8 +136,9 @@ import socket
 import threading
 import time
 import zlib
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Union
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -127,8 +151,9 @@ __all__ = [
     "BOS",
     "EOS",
     "EOT",
-    "FakeTGI",
+    "Drop",
     "Fail",
+    "FakeTGI",
     "Gate",
     "GenerationRecord",
     "Incomplete",
@@ -381,6 +406,12 @@ class Incomplete:
     """End the backend stream here without an end message (``Incomplete generation [stream]``)."""
 
 
+@dataclass(frozen=True)
+class Drop:
+    """Reset the TCP connection here, as when TGI dies mid-response: no error event, no end of
+    the chunked body (on ``/generate``: no response at all)."""
+
+
 class Gate:
     """Holds the stream at this point until :meth:`open` is called (from any thread)."""
 
@@ -400,13 +431,13 @@ class Gate:
         return self._event.is_set()
 
 
-ScriptItem = Union[Token, str, "tuple[str, bool]", Pause, Fail, Incomplete, Gate]
+ScriptItem = Token | str | tuple[str, bool] | Pause | Fail | Incomplete | Drop | Gate
 #: What the model generates: a string (cut by :func:`tokenize_text`), a list of items, or a
 #: callable ``(inputs, parameters) -> str | Iterable[ScriptItem]`` called once per generation
 #: (``parameters`` is the request's raw ``parameters`` object, ``{}`` when absent). Items are
 #: tokens (``Token``, ``str`` = one token, ``(text, special)``) or the markers ``Pause``, ``Gate``,
-#: ``Fail``, ``Incomplete``. Generators are consumed lazily, one item per token.
-Script = Union[str, Iterable[ScriptItem], Callable[[str, dict], Union[str, Iterable[ScriptItem]]]]
+#: ``Fail``, ``Incomplete``, ``Drop``. Generators are consumed lazily, one item per token.
+Script = str | Iterable[ScriptItem] | Callable[[str, dict], str | Iterable[ScriptItem]]
 
 
 def echo_script(inputs: str, parameters: dict) -> list[Token]:
@@ -450,7 +481,9 @@ class TGIConfig:
     # tokenizer model
     bos_token: str | None = "<|begin_of_text|>"
     eos_token: Token = EOT
-    eos_texts: frozenset[str] = frozenset({"<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "</s>", "<|endoftext|>"})
+    eos_texts: frozenset[str] = frozenset(
+        {"<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "</s>", "<|endoftext|>"}
+    )
     auto_eos: bool = True
     # timing
     first_token_delay: float = 0.0  # after validation, before the first token
@@ -467,6 +500,7 @@ class RecordedRequest:
     body: bytes
     json: Any  # parsed body, or None when it is not JSON
     at: float  # time.monotonic() when the body was read
+    client: tuple[str, int] | None = None  # peer address: same port = same (reused) connection
 
 
 @dataclass
@@ -480,12 +514,13 @@ class GenerationRecord:
     parameters: dict
     started_at: float
     outcome: str = "running"  # running | completed | validation | overloaded | generation |
-    # incomplete | disconnected | aborted (double stopped)
+    # incomplete | dropped (Drop marker) | disconnected | aborted (double stopped)
     error: str | None = None
     input_length: int | None = None
     finish_reason: str | None = None
     generated_text: str | None = None
-    tokens: list[Token] = field(default_factory=list)  # tokens generated (sent, for a stream)
+    tokens: list[Token] = field(default_factory=list)  # tokens generated (sent, for a stream;
+    # every sequence's, interleaved, for best_of > 1)
     events: list[bytes] = field(default_factory=list)  # raw SSE bytes written, keep-alives included
     ended_at: float | None = None
     disconnected_at: float | None = None  # when the double noticed the client had gone
@@ -532,6 +567,22 @@ def _validation(msg: str) -> _InferError:
 
 class _IncompleteSignal(Exception):
     pass
+
+
+class _DropSignal(Exception):
+    pass
+
+
+def _abort_connection(server: uvicorn.Server | None, scope: dict) -> bool:
+    """Reset the TCP connection that carries ``scope`` (uvicorn h11 internals)."""
+    if server is None:
+        return False
+    for connection in list(server.server_state.connections):
+        cycle = getattr(connection, "cycle", None)
+        if cycle is not None and cycle.scope is scope:
+            connection.transport.abort()
+            return True
+    return False
 
 
 _KEEPALIVE = object()
@@ -695,7 +746,9 @@ def _extract(request_headers: dict[str, str], body: bytes, *, compat: bool = Fal
     if "parameters" in obj:
         params = obj["parameters"]
         if not isinstance(params, dict):
-            return shape(f"parameters: invalid type: {_unexpected(params)}, expected struct GenerateParameters")
+            return shape(
+                f"parameters: invalid type: {_unexpected(params)}, expected struct GenerateParameters"
+            )
         for name, kind in _PARAM_KINDS.items():
             if name in params:
                 err = _type_error(kind, params[name])
@@ -732,13 +785,12 @@ class _Permit:
     def __enter__(self) -> _Permit:
         fake = self.fake
         if fake._in_flight >= fake.config.max_concurrent_requests:
-            fake._count("failure", "overloaded")
             raise _InferError("overloaded", "Model is overloaded")
         fake._in_flight += 1
         fake._peak_in_flight = max(fake._peak_in_flight, fake._in_flight)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.fake._in_flight -= 1
 
 
@@ -835,6 +887,7 @@ class FakeTGI:
         self._thread: threading.Thread | None = None
         self._task: asyncio.Task | None = None
         self._ready = threading.Event()
+        self._listening = False
         self._stop_requested: asyncio.Event | None = None
         self._error: BaseException | None = None
         self._app = self._build_app()
@@ -847,12 +900,16 @@ class FakeTGI:
 
     @property
     def ready(self) -> bool:
-        """True once the port accepts connections."""
-        return self._ready.is_set() and self._error is None
+        """True while the port accepts connections."""
+        return self._listening
 
     def _bind(self) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit this on Linux: uvicorn writes the status line/headers and the
+        # body separately, and with Nagle on each small response would wait for a delayed ACK
+        # (~40 ms), a latency TGI does not have and the gateway's tests must not see.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((self.host, self.port))  # bound, not listening: connections are refused
         self.port = sock.getsockname()[1]
         self._sock = sock
@@ -899,13 +956,14 @@ class FakeTGI:
                 lifespan="off",
                 http="h11",
                 ws="none",
-                log_level="warning",
-                access_log=False,
+                log_config=None,  # leave the process's logging (and any other uvicorn) alone
+                log_level=None,
                 server_header=False,
                 timeout_graceful_shutdown=1,
+                timeout_keep_alive=3600,  # hyper keeps idle keep-alive connections open
                 backlog=4096,
             )
-            self._server = _Server(config, on_started=self._ready.set)
+            self._server = _Server(config, on_started=self._on_started)
             if self._stop_requested.is_set():
                 return
             assert self._sock is not None
@@ -915,11 +973,16 @@ class FakeTGI:
                 self._error = e
             raise
         finally:
+            self._listening = False
             if not self._ready.is_set() and self._error is None:
                 self._error = RuntimeError("stopped before it was ready")
             self._ready.set()
             if self._sock is not None:
                 self._sock.close()
+
+    def _on_started(self) -> None:
+        self._listening = True
+        self._ready.set()
 
     def _request_stop(self) -> None:
         """On the server loop: cancel generations, then let uvicorn exit."""
@@ -954,7 +1017,7 @@ class FakeTGI:
     def __enter__(self) -> FakeTGI:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     async def astart(self) -> FakeTGI:
@@ -992,19 +1055,21 @@ class FakeTGI:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-        except BaseException:  # noqa: BLE001 - startup errors were reported already
+        except BaseException:  # noqa: BLE001, S110 - startup errors were reported already
             pass
         self._task = None
 
     async def __aenter__(self) -> FakeTGI:
         return await self.astart()
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.astop()
 
     # ---------------------------------------------------------------- test controls
 
-    def fail_next(self, after_tokens: int = 0, message: str = "CUDA out of memory", *, times: int = 1) -> None:
+    def fail_next(
+        self, after_tokens: int = 0, message: str = "CUDA out of memory", *, times: int = 1
+    ) -> None:
         """The next ``times`` generations fail after ``after_tokens`` tokens with
         ``Request failed during generation: <message>``."""
         for _ in range(times):
@@ -1057,6 +1122,12 @@ class FakeTGI:
     @property
     def peak_in_flight(self) -> int:
         return self._peak_in_flight
+
+    @property
+    def connections_open(self) -> int:
+        """TCP connections currently open to the double."""
+        server = self._server
+        return len(server.server_state.connections) if server is not None else 0
 
     @property
     def streams_open(self) -> int:
@@ -1116,7 +1187,8 @@ class FakeTGI:
         headers: dict[str, str] = {}
         for k, v in request.headers.items():
             headers[k] = f"{headers[k]}, {v}" if k in headers else v
-        rec = RecordedRequest(request.method, request.url.path, headers, body, parsed, time.monotonic())
+        peer = (request.client.host, request.client.port) if request.client else None
+        rec = RecordedRequest(request.method, request.url.path, headers, body, parsed, time.monotonic(), peer)
         with self._lock:
             self._requests.append(rec)
         return rec
@@ -1129,7 +1201,9 @@ class FakeTGI:
             return None
         return Response(status_code=401)
 
-    async def _prepare(self, request: Request, compat: bool = False) -> tuple[RecordedRequest, dict | Response]:
+    async def _prepare(
+        self, request: Request, compat: bool = False
+    ) -> tuple[RecordedRequest, dict | Response]:
         rec = await self._record(request)
         denied = self._unauthorized(rec)
         if denied is not None:
@@ -1181,7 +1255,7 @@ class FakeTGI:
         return await self._generate_json(request, gen, obj, as_list=True)
 
     async def _ep_tokenize(self, request: Request) -> Response:
-        rec, obj = await self._prepare(request)
+        _, obj = await self._prepare(request)
         if isinstance(obj, Response):
             return obj
         toks = tokenize_input(obj["inputs"], self.config.bos_token)
@@ -1243,7 +1317,9 @@ class FakeTGI:
         do_sample = bool(p.get("do_sample", False)) if params is not None else True
         best_of = p.get("best_of")
         best_of = 1 if best_of is None else best_of
-        temperature, top_k, top_p, typical_p = (p.get(k) for k in ("temperature", "top_k", "top_p", "typical_p"))
+        temperature, top_k, top_p, typical_p = (
+            p.get(k) for k in ("temperature", "top_k", "top_p", "typical_p")
+        )
         flagged = do_sample or any(v is not None for v in (temperature, top_k, top_p, typical_p))
         if best_of > 1 and not flagged:
             raise _validation("you must use sampling when `best_of` is > 1")
@@ -1267,7 +1343,9 @@ class FakeTGI:
             raise _validation("`max_new_tokens` must be strictly positive")
         stop = list(p.get("stop") or [])
         if len(stop) > c.max_stop_sequences:
-            raise _validation(f"`stop` supports up to {c.max_stop_sequences} stop sequences. Given: {len(stop)}")
+            raise _validation(
+                f"`stop` supports up to {c.max_stop_sequences} stop sequences. Given: {len(stop)}"
+            )
         seed = p.get("seed")
         if seed is None:
             seed = random.getrandbits(64)
@@ -1297,7 +1375,9 @@ class FakeTGI:
                 f"Given: {input_length} `inputs` tokens and {checked} `max_new_tokens`"
             )
         if input_length > c.max_input_tokens:
-            raise _validation(f"`inputs` must have less than {c.max_input_tokens} tokens. Given: {input_length}")
+            raise _validation(
+                f"`inputs` must have less than {c.max_input_tokens} tokens. Given: {input_length}"
+            )
         grammar = p.get("grammar")
         if grammar is not None:
             self._validate_grammar(grammar)
@@ -1349,7 +1429,7 @@ class FakeTGI:
             if isinstance(produced, str):
                 produced = tokenize_text(produced)
             items = iter(produced)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             self.errors.append(e)
             raise _InferError("generation", f"Request failed during generation: script raised {e!r}") from e
         while True:
@@ -1357,16 +1437,19 @@ class FakeTGI:
                 item = next(items)
             except StopIteration:
                 break
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 self.errors.append(e)
-                raise _InferError("generation", f"Request failed during generation: script raised {e!r}") from e
+                raise _InferError(
+                    "generation", f"Request failed during generation: script raised {e!r}"
+                ) from e
             yield item
         if self.config.auto_eos:
             yield self.config.eos_token
         raise _IncompleteSignal
 
-    async def _wait(self, seconds: float, state: list[float], keepalive: float | None, gate: Gate | None = None
-                    ) -> AsyncIterator[Any]:
+    async def _wait(
+        self, seconds: float, state: list[float], keepalive: float | None, gate: Gate | None = None
+    ) -> AsyncIterator[Any]:
         """Sleep ``seconds`` (or until ``gate`` opens), yielding keep-alive markers on time."""
         start = time.monotonic()
         deadline = start + seconds if seconds < math.inf else math.inf
@@ -1390,8 +1473,9 @@ class FakeTGI:
                 state[0] = now
                 yield _KEEPALIVE
 
-    async def _run(self, valid: _Valid, gen: GenerationRecord, keepalive: float | None, state: list[float]
-                   ) -> AsyncIterator[Any]:
+    async def _run(
+        self, valid: _Valid, gen: GenerationRecord, keepalive: float | None, state: list[float]
+    ) -> AsyncIterator[Any]:
         """Yields ``_KEEPALIVE``, ``("token", Token)`` and finally ``("end", Token, finish, text)``;
         raises ``_InferError`` for generation errors and incomplete streams."""
         c = self.config
@@ -1415,6 +1499,8 @@ class FakeTGI:
                     raise _InferError("generation", f"Request failed during generation: {item.message}")
                 if isinstance(item, Incomplete):
                     raise _IncompleteSignal
+                if isinstance(item, Drop):
+                    raise _DropSignal
                 tok = _as_token(item)
                 delay = c.first_token_delay if not generated else c.token_delay
                 async for ka in self._wait(delay, state, keepalive):
@@ -1450,7 +1536,12 @@ class FakeTGI:
             return []
         first = tok.as_dict()
         alts = [
-            {"id": _text_id(f"alt{i}:{tok.text}"), "text": f"alt{i}", "logprob": first["logprob"] - i, "special": False}
+            {
+                "id": _text_id(f"alt{i}:{tok.text}"),
+                "text": f"alt{i}",
+                "logprob": first["logprob"] - i,
+                "special": False,
+            }
             for i in range(1, n)
         ]
         return [first, *alts]
@@ -1480,8 +1571,9 @@ class FakeTGI:
                         }
         raise AssertionError("unreachable")
 
-    async def _generate_json(self, request: Request, gen: GenerationRecord, obj: dict, as_list: bool = False
-                             ) -> Response:
+    async def _generate_json(
+        self, request: Request, gen: GenerationRecord, obj: dict, as_list: bool = False
+    ) -> Response:
         work = asyncio.ensure_future(self._generate_result(gen, obj))
         self._active.add(work)
         watcher = asyncio.ensure_future(_watch_disconnect(request.receive, gen))
@@ -1489,6 +1581,12 @@ class FakeTGI:
             await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._active.discard(work)
+        if work.done() and not work.cancelled() and isinstance(work.exception(), _DropSignal):
+            watcher.cancel()
+            self._finish(gen, "dropped")
+            if not _abort_connection(self._server, request.scope):
+                raise RuntimeError("fake TGI could not find the connection to drop")
+            return Response(status_code=500)
         if not work.done():
             work.cancel()
             with contextlib.suppress(BaseException):
@@ -1505,7 +1603,7 @@ class FakeTGI:
             self._finish(gen, e.outcome, e.message)
             self._count("failure", e.outcome)
             return JSONResponse(e.body(), status_code=_STATUS[e.error_type])
-        except Exception as e:  # a bug in the double: make it visible
+        except Exception as e:  # noqa: BLE001 - a bug in the double: make it visible
             self.errors.append(e)
             self._finish(gen, "aborted", repr(e))
             return PlainTextResponse(f"fake TGI internal error: {e!r}", status_code=500)
@@ -1641,6 +1739,11 @@ class _SSEResponse:
             await asyncio.wait({producer, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if producer.done():
                 watcher.cancel()
+                if not producer.cancelled() and isinstance(producer.exception(), _DropSignal):
+                    fake._finish(gen, "dropped")
+                    if _abort_connection(fake._server, scope):
+                        return  # uvicorn sees a disconnected client and stays quiet
+                    raise RuntimeError("fake TGI could not find the connection to drop")
                 if not producer.cancelled() and producer.exception() is not None:
                     fake.errors.append(producer.exception())
                     fake._finish(gen, "aborted", repr(producer.exception()))

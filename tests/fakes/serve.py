@@ -1,0 +1,67 @@
+"""Serve an ASGI app (the gateway) on a real loopback socket, in a background thread, for tests.
+
+``with serve(app) as url:`` binds 127.0.0.1 on an ephemeral port, runs uvicorn (lifespan on, httptools,
+the event loop the gateway uses in production: uvloop) on its own loop in a daemon thread, and returns
+once the app's lifespan has started; leaving the block shuts it down within a few seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:  # the test process keeps its own signal handlers
+        yield
+
+
+@contextlib.contextmanager
+def serve(app: Any, *, start_timeout: float = 10.0, loop: str = "uvloop") -> Iterator[str]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        lifespan="on",
+        http="httptools",
+        loop=loop,
+        log_config=None,
+        log_level=None,
+        access_log=False,
+        timeout_graceful_shutdown=2,
+        backlog=4096,
+    )
+    server = _Server(config)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            server.run(sockets=[sock])
+        except BaseException as exc:  # noqa: BLE001 - reported to the test below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name=f"gateway-{port}", daemon=True)
+    thread.start()
+    deadline = start_timeout
+    while not server.started and thread.is_alive() and deadline > 0:
+        threading.Event().wait(0.01)
+        deadline -= 0.01
+    if not server.started:
+        server.should_exit = True
+        thread.join(5)
+        raise RuntimeError(f"the gateway did not start: {failure[0] if failure else 'timeout'}")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -1,0 +1,417 @@
+"""The gateway end to end: the official openai SDK → the gateway on a real socket → the TGI double.
+
+Every template version is served once (module-scoped), the double scripted with what that model
+would generate; the SDK (sync and async, streaming and not) must see proper OpenAI answers, and the
+double must have received the exact prompt and TGI-valid parameters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.fakes.serve import serve
+from tests.fakes.tgi import EOS, EOT, FakeTGI, Fail, Gate, special, tokens
+from tgi_gateway.app import create_app
+from tgi_gateway.prompting import Template, Version, normalize
+from tgi_gateway.settings import Settings
+
+MODEL = "functionary-test"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+TOOLS = [WEATHER, TIME]
+ASK = [{"role": "user", "content": "What is the weather in Hanoi, and the time?"}]
+ARGS = '{"city": "Hanoi"}'
+
+EOM = special("<|eom_id|>", skip=True)
+SEP = "<|reserved_special_token_249|>"
+
+# What each model generates for each scenario, token by token.
+SCRIPTS: dict[Version, dict[str, list[Any]]] = {
+    Version.V1: {
+        "text": tokens("It", " is", " sunny", ".", "<|END_OF_ASSISTANT|>", EOS),
+        "call": tokens("<|START_OF_FUNCTION_CALL|>", "get", "_weather", ":\n", '{"city":', ' "Hanoi"}',
+                       "<|END_OF_FUNCTION_CALL|>", EOS),
+    },
+    Version.V2: {
+        "text": tokens("all", "\n", "<|content|>", "It", " is", " sunny", ".", "<|stop|>", EOS),
+        "call": tokens("get_weather", "\n", "<|content|>", '{"city":', ' "Hanoi"}', "<|stop|>", EOS),
+        "parallel": tokens("get_weather", "\n", "<|content|>", ARGS, "\n", "<|from|>", "assistant", "\n",
+                           "<|recipient|>", "get_time", "\n", "<|content|>", "{}", "<|stop|>", EOS),
+    },
+    Version.V2_LLAMA3: {
+        "text": tokens("It", " is", " sunny", ".", EOT),
+        "call": tokens(SEP, "get_weather", "\n", '{"city":', ' "Hanoi"}', EOT),
+        "parallel": tokens(SEP, "get_weather\n", ARGS, SEP, "get_time\n", "{}", EOT),
+    },
+    Version.V3_LLAMA3: {
+        "text": tokens("all", "\n", "It", " is", " sunny", ".", EOT),
+        "call": tokens("get", "_weather", "\n", '{"city":', ' "Hanoi"}', EOT),
+        "parallel": tokens("get_weather\n", ARGS, ">>>", "get_time", "\n{}", EOT),
+    },
+    Version.V3_LLAMA31: {
+        "text": tokens("It", " is", " sunny", ".", EOT),
+        "call": tokens("<function=", "get_weather", ">", '{"city":', ' "Hanoi"}', "</function>", EOM),
+        "parallel": tokens("<function=get_weather>", ARGS, "</function>", "<function=get_time>{}</function>", EOM),
+    },
+}
+VERSIONS = list(SCRIPTS)
+
+
+@contextmanager
+def gateway(tgi: FakeTGI, version: Version, **settings: Any) -> Iterator[str]:
+    app = create_app(Settings(model=MODEL, endpoint=tgi.url, **settings), Template(version))
+    with serve(app) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def tgi() -> Iterator[FakeTGI]:
+    with FakeTGI() as double:
+        yield double
+
+
+@pytest.fixture(scope="module", params=VERSIONS, ids=str)
+def served(request: pytest.FixtureRequest, tgi: FakeTGI) -> Iterator[tuple[Version, str]]:
+    with gateway(tgi, request.param) as url:
+        yield request.param, url
+
+
+@pytest.fixture
+def client(served: tuple[Version, str]) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=served[1] + "/v1", api_key="unused", max_retries=0, timeout=20) as c:
+        yield c
+
+
+def script(tgi: FakeTGI, version: Version, scenario: str) -> None:
+    tgi.script = SCRIPTS[version][scenario]
+
+
+def body(version: Version, scenario: str) -> dict[str, Any]:
+    if version is Version.V1 or scenario == "legacy":
+        return {"messages": ASK, "functions": [WEATHER["function"], TIME["function"]]}
+    return {"messages": ASK, "tools": TOOLS}
+
+
+# ------------------------------------------------------------------------------------------------
+# Every version: text and calls, stream and non-stream, the prompt TGI received
+# ------------------------------------------------------------------------------------------------
+
+
+def test_plain_text(tgi, served, client):
+    version, _ = served
+    script(tgi, version, "text")
+    r = client.chat.completions.create(model=MODEL, **body(version, "text"))
+    assert r.choices[0].message.content == "It is sunny."
+    assert r.choices[0].message.tool_calls is None
+    assert r.choices[0].finish_reason == "stop"
+    gen = tgi.last_generation
+    assert gen.inputs == Template(version).render(normalize(body(version, "text")))
+    assert r.usage.prompt_tokens == gen.input_length and r.usage.completion_tokens == len(gen.tokens)
+    params = gen.parameters
+    assert params["details"] is True and params["stop"] == list(Template(version).stop_sequences)[:4]
+
+
+def test_plain_text_stream(tgi, served, client):
+    version, _ = served
+    script(tgi, version, "text")
+    with client.chat.completions.stream(model=MODEL, **body(version, "text")) as s:
+        deltas = [e.delta for e in s if e.type == "content.delta"]
+        final = s.get_final_completion()
+    assert "".join(deltas) == "It is sunny." and len(deltas) >= 2, "text is streamed token by token"
+    assert final.choices[0].message.content == "It is sunny."
+    assert final.choices[0].finish_reason == "stop"
+
+
+def test_one_call(tgi, served, client):
+    version, _ = served
+    script(tgi, version, "call")
+    r = client.chat.completions.create(model=MODEL, **body(version, "call"))
+    choice = r.choices[0]
+    if version is Version.V1:  # v1 serves legacy functions
+        assert choice.message.function_call.name == "get_weather"
+        assert json.loads(choice.message.function_call.arguments) == {"city": "Hanoi"}
+        assert choice.finish_reason == "function_call"
+        return
+    [call] = choice.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Hanoi"})
+    assert call.id.startswith("call_") and len(call.id) == 29
+    assert choice.message.content is None and choice.finish_reason == "tool_calls"
+
+
+def test_one_call_stream_arguments_arrive_incrementally(tgi, served, client):
+    version, _ = served
+    script(tgi, version, "call")
+    with client.chat.completions.stream(model=MODEL, **body(version, "call")) as s:
+        events = list(s)
+        final = s.get_final_completion()
+    kinds = [e.type for e in events]
+    if version is Version.V1:
+        assert final.choices[0].message.function_call.arguments == ARGS
+        return
+    assert kinds.count("tool_calls.function.arguments.delta") >= 2
+    [call] = final.choices[0].message.tool_calls
+    assert call.function.arguments == ARGS and final.choices[0].finish_reason == "tool_calls"
+
+
+def test_parallel_calls_stream_and_not(tgi, served, client):
+    version, _ = served
+    if version is Version.V1:
+        pytest.skip("v1 makes one call per turn (FORMATS.md §4)")
+    script(tgi, version, "parallel")
+    r = client.chat.completions.create(model=MODEL, **body(version, "parallel"))
+    got = [(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls]
+    assert got == [("get_weather", ARGS), ("get_time", "{}")]
+    with client.chat.completions.stream(model=MODEL, **body(version, "parallel")) as s:
+        final = s.get_final_completion()
+    assert [(c.function.name, c.function.arguments) for c in final.choices[0].message.tool_calls] == got
+    one = client.chat.completions.create(model=MODEL, parallel_tool_calls=False, **body(version, "parallel"))
+    assert [c.function.name for c in one.choices[0].message.tool_calls] == ["get_weather"]
+
+
+def test_legacy_functions(tgi, served, client):
+    version, _ = served
+    script(tgi, version, "call")
+    with client.chat.completions.stream(model=MODEL, **body(version, "legacy")) as s:
+        final = s.get_final_completion()
+    fc = final.choices[0].message.function_call
+    assert (fc.name, fc.arguments) == ("get_weather", ARGS)
+    assert final.choices[0].message.tool_calls is None and final.choices[0].finish_reason == "function_call"
+
+
+# ------------------------------------------------------------------------------------------------
+# One version in depth (v3-llama3.1, the newest)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def v31(tgi) -> Iterator[str]:
+    with gateway(tgi, Version.V3_LLAMA31) as url:
+        yield url
+
+
+@pytest.fixture
+def c31(v31) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=v31 + "/v1", api_key="unused", max_retries=0, timeout=20) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    "choice,prefix",
+    [
+        ("auto", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+        ("required", "<function="),
+        ({"type": "function", "function": {"name": "get_time"}}, "<function=get_time>"),
+        ("none", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    ],
+)
+def test_tool_choice_prefix_reaches_tgi(tgi, c31, choice, prefix):
+    tgi.script = tokens("{}", "</function>", EOM) if isinstance(choice, dict) else SCRIPTS[Version.V3_LLAMA31]["text"]
+    r = c31.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice)
+    assert tgi.last_generation.inputs.endswith(prefix)
+    if choice == "none":
+        assert "get_weather" not in tgi.last_generation.inputs
+    if isinstance(choice, dict):
+        [call] = r.choices[0].message.tool_calls
+        assert (call.function.name, call.function.arguments) == ("get_time", "{}")
+        assert r.choices[0].finish_reason == "stop", "a named choice finishes with stop, as OpenAI does"
+
+
+def test_code_interpreter(tgi, c31):
+    tgi.script = tokens("<|python_tag|>", "import math\n", "print(math.pi)", EOM)
+    r = c31.chat.completions.create(model=MODEL, messages=ASK, tools=[{"type": "code_interpreter"}])  # type: ignore[list-item]
+    [call] = r.choices[0].message.tool_calls
+    assert (call.function.name, call.function.arguments) == ("python", "import math\nprint(math.pi)")
+    assert "Environment: ipython" in tgi.last_generation.inputs
+
+
+def test_include_usage_and_sampling_parameters(tgi, c31):
+    tgi.script = SCRIPTS[Version.V3_LLAMA31]["text"]
+    chunks = list(
+        c31.chat.completions.create(
+            model=MODEL, messages=ASK, stream=True, stream_options={"include_usage": True},
+            temperature=0, max_completion_tokens=50, seed=7, top_p=0.5, stop=["STOP"],
+        )
+    )  # fmt: skip
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    assert chunks[-1].usage.prompt_tokens == tgi.last_generation.input_length > 0
+    assert all(c.usage is None for c in chunks[:-1])
+    p = tgi.last_generation.parameters
+    assert p["do_sample"] is False and "temperature" not in p and "top_p" not in p, "temperature 0 is greedy"
+    assert (p["max_new_tokens"], p["seed"]) == (50, 7)
+    assert p["stop"] == ["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "STOP"]
+
+
+def test_stop_sequence_is_cut_out_even_inside_a_token(tgi, c31):
+    tgi.script = tokens("Count", ": 1", ", 2, ST", "OP", "PED 3", EOT)
+    r = c31.chat.completions.create(model=MODEL, messages=ASK, stop="STOP", temperature=0.7)
+    assert r.choices[0].message.content == "Count: 1, 2,"  # the output is stripped, as functionary does
+    assert r.choices[0].finish_reason == "stop"
+    assert tgi.last_generation.parameters["temperature"] == 0.7
+
+
+def test_async_client_stream(tgi, v31):
+    tgi.script = SCRIPTS[Version.V3_LLAMA31]["parallel"]
+
+    async def go() -> tuple[Any, Any]:
+        async with openai.AsyncOpenAI(base_url=v31 + "/v1", api_key="x", max_retries=0) as ac:
+            async with ac.chat.completions.stream(model=MODEL, messages=ASK, tools=TOOLS) as s:
+                final = await s.get_final_completion()
+            return final, await ac.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS)
+
+    final, r = asyncio.run(go())
+    assert [c.function.name for c in final.choices[0].message.tool_calls] == ["get_weather", "get_time"]
+    assert r.choices[0].message.tool_calls[1].function.arguments == "{}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors: every kind, always the OpenAI envelope
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bad_requests_are_400_and_never_reach_tgi(tgi, c31, v31):
+    before = len(tgi.generations)
+    with pytest.raises(openai.BadRequestError) as e:
+        c31.chat.completions.create(model=MODEL, messages=ASK, tool_choice="required")
+    assert e.value.param == "tool_choice"
+    with pytest.raises(openai.BadRequestError) as e:
+        c31.chat.completions.create(model=MODEL, messages=[])
+    assert e.value.param == "messages"
+    with pytest.raises(openai.BadRequestError) as e:
+        c31.chat.completions.create(model=MODEL, messages=ASK, n=2)
+    assert e.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as e:
+        c31.chat.completions.create(model=MODEL, messages=ASK, temperature=3)
+    assert e.value.param == "temperature"
+    for raw in (b"{not json", b'{"model": "functionary-test"}', b'{"model": 1, "messages": "x"}', b"\xff\xfe"):
+        r = httpx.post(v31 + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400, raw
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.NotFoundError) as e:
+        c31.chat.completions.create(model="gpt-4o", messages=ASK)
+    assert e.value.code == "model_not_found"
+    assert len(tgi.generations) == before
+
+
+def test_tgi_validation_errors_are_400_with_tgis_message(tgi, c31):
+    tgi.script = SCRIPTS[Version.V3_LLAMA31]["text"]
+    with pytest.raises(openai.BadRequestError) as e:
+        c31.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10_000)
+    assert e.value.code == "context_length_exceeded"
+    assert "max_new_tokens" in e.value.message
+
+
+def test_overload_is_429_with_retry_after(tgi, c31):
+    tgi.script = SCRIPTS[Version.V3_LLAMA31]["text"]
+    tgi.config.max_concurrent_requests = 0
+    try:
+        with pytest.raises(openai.RateLimitError) as e:
+            c31.chat.completions.create(model=MODEL, messages=ASK, stream=True)
+    finally:
+        tgi.config.max_concurrent_requests = 128
+    assert e.value.response.headers["retry-after"] == "1"
+
+
+def test_generation_error_mid_stream_is_an_error_event(tgi, c31):
+    tgi.script = ["It", " is", Fail("CUDA out of memory"), " sunny"]
+    got: list[str] = []
+    with pytest.raises(openai.APIError) as e:
+        for chunk in c31.chat.completions.create(model=MODEL, messages=ASK, stream=True):
+            got += [c.delta.content or "" for c in chunk.choices]
+    assert "".join(got) == "It is"
+    assert "CUDA out of memory" in e.value.message
+    # Non-stream: the same failure is a 502.
+    tgi.script = ["It", Fail("CUDA out of memory")]
+    with pytest.raises(openai.InternalServerError) as e2:
+        c31.chat.completions.create(model=MODEL, messages=ASK)
+    assert e2.value.status_code == 502
+
+
+def test_tgi_unreachable_is_a_quick_503(tgi):
+    with FakeTGI() as gone:
+        url = gone.url
+    app = create_app(Settings(model=MODEL, endpoint=url), Template(Version.V3_LLAMA31))
+    with serve(app) as gw:
+        with openai.OpenAI(base_url=gw + "/v1", api_key="x", max_retries=0) as c:
+            start = time.monotonic()
+            with pytest.raises(openai.InternalServerError) as e:
+                c.chat.completions.create(model=MODEL, messages=ASK)
+            assert time.monotonic() - start < 2
+        assert e.value.status_code == 503 and "not reachable" in e.value.message
+        assert httpx.get(gw + "/health").status_code == 503
+
+
+def test_client_disconnect_closes_the_upstream_request(tgi, v31):
+    gate = Gate()
+    tgi.script = ["It", " is", gate, " sunny", EOT]
+    with httpx.Client(base_url=v31) as h:
+        with h.stream("POST", "/v1/chat/completions", json={"model": MODEL, "messages": ASK, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert any("It" in line for line in lines)
+            assert tgi.wait_until(lambda: tgi.last_generation.tokens and len(tgi.last_generation.tokens) >= 2, 5)
+            left = time.monotonic()
+    assert tgi.wait_until(lambda: tgi.last_generation.disconnected, 5)
+    assert tgi.last_generation.disconnected_at - left < 0.5
+    gate.open()
+
+
+def test_client_disconnect_non_stream(tgi, v31):
+    gate = Gate()
+    tgi.script = ["It", gate, " sunny", EOT]
+
+    async def go() -> float:
+        async with httpx.AsyncClient(base_url=v31) as h:
+            task = asyncio.create_task(h.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK}))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            left = time.monotonic()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return left
+
+    left = asyncio.run(go())
+    assert tgi.wait_until(lambda: tgi.last_generation.disconnected, 5)
+    assert tgi.last_generation.disconnected_at - left < 0.5
+    gate.open()
+
+
+# ------------------------------------------------------------------------------------------------
+# Models, health, docs
+# ------------------------------------------------------------------------------------------------
+
+
+def test_models_health_and_docs(tgi, c31, v31):
+    assert [m.id for m in c31.models.list()] == [MODEL]
+    assert c31.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        c31.models.retrieve("other")
+    assert httpx.get(v31 + "/health").status_code == 200
+    tgi.config.healthy = False
+    try:
+        assert httpx.get(v31 + "/health").status_code == 503
+    finally:
+        tgi.config.healthy = True
+    spec = httpx.get(v31 + "/openapi.json").json()
+    assert "/v1/chat/completions" in spec["paths"]
+    assert httpx.get(v31 + "/docs").status_code == 200
+
+
+def test_served_model_name(tgi):
+    app = create_app(Settings(model="/models/x", served_model_name="fn", endpoint=tgi.url), Template(Version.V2))
+    with serve(app) as gw, openai.OpenAI(base_url=gw + "/v1", api_key="x", max_retries=0) as c:
+        assert [m.id for m in c.models.list()] == ["fn"]

@@ -1,0 +1,1143 @@
+"""tgi_gateway.tgi_client: SSE framing, token/end parsing, error mapping, retries, health/info.
+
+Unit tests replace the network with ``httpx.MockTransport`` (or a respx router behind one); the tests
+at the end run against the TGI double (``tests/fakes/tgi.py``) over a real loopback socket, where
+streaming, disconnects and connection pooling are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+
+import anyio
+import httpx
+import pytest
+import respx
+
+from tests.fakes.tgi import Drop, FakeTGI, Gate, Incomplete, Pause, count_tokens, tokens
+from tgi_gateway.errors import (
+    ContextLengthExceededError,
+    GatewayError,
+    InvalidRequestError,
+    TGIContextLengthError,
+    TGIGenerationError,
+    TGIOverloadedError,
+    TGIProtocolError,
+    TGIRejectedError,
+    TGIUnavailableError,
+    TGIValidationError,
+    UpstreamError,
+)
+from tgi_gateway.tgi_client import StreamEnd, TGIClient, TGIInfo, Token, map_tgi_error
+
+pytestmark = pytest.mark.anyio
+
+BASE = "http://tgi.test"
+CLOSED_EARLY = "TGI closed the stream before the end of the generation"
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+class Body(httpx.AsyncByteStream):
+    """A response body sent in the given chunks; then optionally raises; records being closed."""
+
+    def __init__(self, chunks: list[bytes], *, then: Exception | None = None) -> None:
+        self.chunks = chunks
+        self.then = then
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+        if self.then is not None:
+            raise self.then
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def sse(
+    chunks: bytes | list[bytes],
+    *,
+    status: int = 200,
+    content_type: str = "text/event-stream",
+    then: Exception | None = None,
+) -> httpx.Response:
+    body = Body([chunks] if isinstance(chunks, bytes) else chunks, then=then)
+    return httpx.Response(status, headers={"content-type": content_type}, stream=body)
+
+
+def data(obj: object) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+def tok(index: int, text: str, *, special: bool = False, id: int | None = None) -> dict:
+    return {
+        "index": index,
+        "token": {
+            "id": 1000 + index if id is None else id,
+            "text": text,
+            "logprob": -0.5,
+            "special": special,
+        },
+        "generated_text": None,
+        "details": None,
+    }
+
+
+def final(
+    index: int,
+    text: str,
+    generated_text: str,
+    *,
+    finish_reason: str = "eos_token",
+    details: bool = True,
+    input_length: int = 7,
+    special: bool = True,
+) -> dict:
+    event = tok(index, text, special=special, id=2)
+    event["generated_text"] = generated_text
+    if details:
+        event["details"] = {
+            "finish_reason": finish_reason,
+            "generated_tokens": index,
+            "seed": None,
+            "input_length": input_length,
+        }
+    return event
+
+
+HELLO = [tok(1, "Hél"), tok(2, "lo 🌍"), final(3, "</s>", "Héllo 🌍")]
+HELLO_ITEMS = [
+    Token("Hél", False, 1001),
+    Token("lo 🌍", False, 1002),
+    Token("</s>", True, 2),
+    StreamEnd("eos_token", 3, 7, "Héllo 🌍"),
+]
+
+
+def mock(handler: Callable[[httpx.Request], httpx.Response], **kwargs) -> TGIClient:
+    return TGIClient(BASE, transport=httpx.MockTransport(handler), **kwargs)
+
+
+async def collect(client: TGIClient, inputs: str = "Hi", parameters: dict | None = None) -> list:
+    async with client.generate_stream(
+        inputs, {"details": True} if parameters is None else parameters
+    ) as events:
+        return [item async for item in events]
+
+
+async def collect_until_error(client: TGIClient, inputs: str = "Hi", parameters: dict | None = None):
+    items: list = []
+    with pytest.raises(GatewayError) as info:
+        async with client.generate_stream(
+            inputs, {"details": True} if parameters is None else parameters
+        ) as events:
+            async for item in events:
+                items.append(item)
+    return items, info.value
+
+
+def assert_error(
+    exc: BaseException, cls: type, status: int, type_: str, code: str | None = None, param: str | None = None
+) -> None:
+    assert type(exc) is cls, repr(exc)
+    assert (exc.status_code, exc.type, exc.code, exc.param) == (status, type_, code, param)
+    assert exc.to_dict() == {"error": {"message": exc.message, "type": type_, "param": param, "code": code}}
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+
+async def test_tokens_then_end_and_the_request_sent():
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return sse(b"".join(data(e) for e in HELLO))
+
+    params = {
+        "details": True,
+        "max_new_tokens": 20,
+        "stop": ["<|eot_id|>"],
+        "temperature": 0.7,
+        "x_unknown": 1,
+    }
+    async with mock(handler) as client:
+        assert await collect(client, "Hello <|eot_id|>", params) == HELLO_ITEMS
+    (request,) = seen
+    assert request.method == "POST" and request.url == f"{BASE}/generate_stream"
+    assert request.headers["content-type"] == "application/json"
+    assert request.headers["accept"] == "text/event-stream"
+    assert "authorization" not in request.headers
+    assert json.loads(request.content) == {"inputs": "Hello <|eot_id|>", "parameters": params}
+
+
+async def test_api_key_is_sent_as_bearer_token():
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return sse(b"".join(data(e) for e in HELLO))
+
+    async with mock(handler, api_key="s3cret") as client:
+        await collect(client)
+    assert seen[0].headers["authorization"] == "Bearer s3cret"
+
+
+def framings() -> list[tuple[str, bytes]]:
+    """The same stream with TGI's framing, keep-alives, CRLF / CR line ends, extra SSE fields, [DONE]."""
+    lf = b":\n\n" + data(HELLO[0]) + b": keep-alive\n\n" + data(HELLO[1]) + b":\n\n" + data(HELLO[2])
+    crlf = lf.replace(b"\n", b"\r\n")
+    cr = lf.replace(b"\n", b"\r")
+    fields = (
+        b"retry: 100\nid: 7\n\n"
+        + b"event: message\n"
+        + data(HELLO[0])
+        + b"data:"
+        + data(HELLO[1])[5:]
+        + data(HELLO[2])
+    )
+    done = lf + b"data: [DONE]\n\n"
+    return [("lf", lf), ("crlf", crlf), ("cr", cr), ("fields", fields), ("done", done)]
+
+
+@pytest.mark.parametrize("name,body", framings(), ids=[n for n, _ in framings()])
+async def test_framing_is_split_invariant(name, body):
+    """Whole, one byte at a time, every 2-way split (inside UTF-8 sequences and CRLFs too) and random
+    splits all give the same items."""
+    splits = [[body], [body[i : i + 1] for i in range(len(body))]]
+    splits += [[body[:i], body[i:]] for i in range(1, len(body))]
+    rng = random.Random(name)
+    for _ in range(30):
+        cuts = sorted(rng.sample(range(1, len(body)), 6))
+        splits.append([body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])])
+    current: list[list[bytes]] = []
+    async with mock(lambda request: sse(current[0])) as client:
+        for chunks in splits:
+            current[:] = [chunks]
+            assert await collect(client) == HELLO_ITEMS, chunks
+
+
+async def test_details_null_gives_an_end_with_unknown_finish_reason():
+    body = data(tok(1, "Hi")) + data(final(2, "<|eot_id|>", "Hi", details=False))
+    async with mock(lambda request: sse(body)) as client:
+        items = await collect(client, parameters={})
+    assert items == [Token("Hi", False, 1001), Token("<|eot_id|>", True, 2), StreamEnd(None, 2, None, "Hi")]
+
+
+async def test_end_on_details_alone_and_on_length():
+    """A final event is one with generated_text *or* details; the last token may be a normal one."""
+    last = final(2, " there", "Hi there", finish_reason="length", special=False)
+    last["generated_text"] = None
+    body = data(tok(1, "Hi")) + data(last)
+    async with mock(lambda request: sse(body)) as client:
+        items = await collect(client)
+    assert items[-2:] == [Token(" there", False, 2), StreamEnd("length", 2, 7, None)]
+
+
+async def test_nothing_is_read_after_the_end():
+    """Events after the final one are ignored (TGI sends none)."""
+    body = b"".join(data(e) for e in HELLO) + data(tok(9, "junk"))
+    async with mock(lambda request: sse(body)) as client:
+        assert await collect(client) == HELLO_ITEMS
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b":\n\n",
+        data(HELLO[0]) + data(HELLO[1]),
+        data(HELLO[0]) + data(HELLO[1]) + b"data: [DONE]\n\n",
+        data(HELLO[0]) + data(HELLO[1]) + data(HELLO[2])[:-1],  # final event cut before its blank line
+        data(HELLO[0]) + data(HELLO[1])[:30],
+    ],
+    ids=["empty", "keepalive-only", "no-final", "done-no-final", "final-unterminated", "cut-mid-event"],
+)
+async def test_stream_without_final_event_is_a_protocol_error(body):
+    async with mock(lambda request: sse(body)) as client:
+        items, error = await collect_until_error(client)
+    assert all(isinstance(i, Token) for i in items)
+    assert_error(error, TGIProtocolError, 502, "server_error")
+    assert error.message == CLOSED_EARLY
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"data: {not json\n\n",
+        b"data: [1,2]\n\n",
+        b'data: {"index":1}\n\n',
+        b'data: {"token":{"text":1,"id":3}}\n\n',
+    ],
+    ids=["not-json", "not-object", "no-token", "bad-token"],
+)
+async def test_malformed_events_are_protocol_errors(line):
+    async with mock(lambda request: sse(data(HELLO[0]) + line)) as client:
+        items, error = await collect_until_error(client)
+    assert items == [HELLO_ITEMS[0]]
+    assert_error(error, TGIProtocolError, 502, "server_error")
+
+
+# ------------------------------------------------------------------------------------------ error events
+
+V = "Input validation error: "
+ERROR_EVENTS = [
+    # error_type, TGI's text, class, status, OpenAI type, code, param
+    (
+        "validation",
+        V + "`temperature` must be strictly positive",
+        TGIValidationError,
+        400,
+        "invalid_request_error",
+        None,
+        "temperature",
+    ),
+    (
+        "validation",
+        V + "`top_p` must be > 0.0 and < 1.0",
+        TGIValidationError,
+        400,
+        "invalid_request_error",
+        None,
+        "top_p",
+    ),
+    (
+        "validation",
+        V + "`top_k` must be strictly positive",
+        TGIValidationError,
+        400,
+        "invalid_request_error",
+        None,
+        None,
+    ),
+    (
+        "validation",
+        V + "`max_new_tokens` must be strictly positive",
+        TGIValidationError,
+        400,
+        "invalid_request_error",
+        None,
+        "max_tokens",
+    ),
+    (
+        "validation",
+        V + "`stop` supports up to 4 stop sequences. Given: 5",
+        TGIValidationError,
+        400,
+        "invalid_request_error",
+        None,
+        "stop",
+    ),
+    (
+        "validation",
+        V + "`frequency_penalty` must be >= -2.0 and <= 2.0",
+        TGIValidationError,
+        400,
+        "invalid_request_error",
+        None,
+        "frequency_penalty",
+    ),
+    (
+        "validation",
+        V + "`top_n_tokens` must be >= 0 and <= 5. Given: 9",
+        TGIValidationError,
+        400,
+        "invalid_request_error",
+        None,
+        "top_logprobs",
+    ),
+    (
+        "validation",
+        V + "`inputs` cannot be empty",
+        TGIValidationError,
+        400,
+        "invalid_request_error",
+        None,
+        "messages",
+    ),
+    (
+        "validation",
+        V + "`inputs` must have less than 4095 tokens. Given: 5000",
+        TGIContextLengthError,
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        "messages",
+    ),
+    (
+        "validation",
+        V + "`inputs` tokens + `max_new_tokens` must be <= 4096. Given: 4000 `inputs` tokens and "
+        "200 `max_new_tokens`",
+        TGIContextLengthError,
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        "messages",
+    ),
+    (
+        "validation",
+        V + "`best_of` != 1 is not supported when streaming tokens",
+        TGIValidationError,
+        400,
+        "invalid_request_error",
+        None,
+        None,
+    ),
+    (
+        "validation",
+        V + "grammar is not valid: Grammar must have a 'properties' field",
+        TGIValidationError,
+        400,
+        "invalid_request_error",
+        None,
+        None,
+    ),
+    ("overloaded", "Model is overloaded", TGIOverloadedError, 429, "requests", "rate_limit_exceeded", None),
+    (
+        "generation",
+        "Request failed during generation: CUDA out of memory",
+        TGIGenerationError,
+        502,
+        "server_error",
+        None,
+        None,
+    ),
+    (
+        "incomplete_generation_stream",
+        "Incomplete generation stream",
+        TGIGenerationError,
+        502,
+        "server_error",
+        None,
+        None,
+    ),
+    (
+        "stream_serialization_error",
+        "Stream event serialization error",
+        UpstreamError,
+        502,
+        "server_error",
+        None,
+        None,
+    ),
+    ("something_new", "A new kind of failure", UpstreamError, 502, "server_error", None, None),
+]
+
+
+@pytest.mark.parametrize(
+    "error_type,text,cls,status,type_,code,param",
+    ERROR_EVENTS,
+    ids=[f"{e[0]}-{i}" for i, e in enumerate(ERROR_EVENTS)],
+)
+async def test_error_event_after_tokens(error_type, text, cls, status, type_, code, param):
+    body = data(HELLO[0]) + data(HELLO[1]) + data({"error": text, "error_type": error_type})
+    async with mock(lambda request: sse(body)) as client:
+        items, error = await collect_until_error(client)
+    assert items == HELLO_ITEMS[:2]
+    assert_error(error, cls, status, type_, code, param)
+    assert map_tgi_error(error_type, text).to_dict() == error.to_dict()
+    if cls in (TGIValidationError, TGIContextLengthError):
+        assert error.message == text  # verbatim
+        assert isinstance(error, InvalidRequestError)
+        assert error.headers == {"x-should-retry": "false"}
+    elif cls is UpstreamError:
+        assert text in error.message
+
+
+def test_messages_headers_and_the_tree():
+    generation = map_tgi_error("generation", "Request failed during generation: CUDA out of memory")
+    assert generation.message == "TGI failed during generation: CUDA out of memory"
+    assert generation.headers == {}
+    overloaded = map_tgi_error("overloaded", "Model is overloaded")
+    assert overloaded.headers == {"Retry-After": "1"} and overloaded.retry_after == 1
+    assert TGIOverloadedError("x", retry_after=3).headers == {"Retry-After": "3"}
+    context = map_tgi_error("validation", V + "`inputs` must have less than 10 tokens. Given: 12")
+    assert isinstance(context, ContextLengthExceededError) and isinstance(context, TGIValidationError)
+    unhealthy = map_tgi_error("healthcheck", "unhealthy", 503)
+    assert_error(unhealthy, TGIUnavailableError, 503, "server_error")
+    assert UpstreamError("x", headers={"a": "b"}).headers == {"a": "b"}
+    for cls in (
+        TGIValidationError,
+        TGIOverloadedError,
+        TGIGenerationError,
+        TGIUnavailableError,
+        TGIProtocolError,
+        TGIRejectedError,
+    ):
+        assert issubclass(cls, UpstreamError) and issubclass(cls, GatewayError)
+
+
+async def test_openai_shaped_error_event_is_tolerated():
+    body = data(
+        {
+            "error": {
+                "message": "Input validation error: `top_p` must be > 0.0 and < 1.0",
+                "http_status_code": 422,
+            },
+            "error_type": "validation",
+        }
+    )
+    async with mock(lambda request: sse(body)) as client:
+        _, error = await collect_until_error(client)
+    assert_error(error, TGIValidationError, 400, "invalid_request_error", None, "top_p")
+
+
+# ------------------------------------------------------------------------------------------ HTTP statuses
+
+JSON, TEXT = "application/json", "text/plain; charset=utf-8"
+STATUSES = [
+    # status, content-type, body, class, status, type, code, param
+    (
+        422,
+        TEXT,
+        (
+            "Failed to deserialize the JSON body into the target type: parameters.temperature: invalid type: "
+            'string "hot", expected f32'
+        ),
+        TGIValidationError,
+        400,
+        "invalid_request_error",
+        None,
+        "temperature",
+    ),
+    (
+        422,
+        TEXT,
+        (
+            "Failed to deserialize the JSON body into the target type: parameters.seed: invalid value: "
+            "integer `-1`, expected u64"
+        ),
+        TGIValidationError,
+        400,
+        "invalid_request_error",
+        None,
+        "seed",
+    ),
+    (
+        422,
+        TEXT,
+        "Failed to deserialize the JSON body into the target type: missing field `inputs`",
+        TGIRejectedError,
+        502,
+        "server_error",
+        None,
+        None,
+    ),
+    (
+        422,
+        JSON,
+        json.dumps({"error": V + "`top_p` must be > 0.0 and < 1.0", "error_type": "validation"}),
+        TGIValidationError,
+        400,
+        "invalid_request_error",
+        None,
+        "top_p",
+    ),
+    (
+        422,
+        JSON,
+        json.dumps(
+            {"error": V + "`inputs` must have less than 8 tokens. Given: 9", "error_type": "validation"}
+        ),
+        TGIContextLengthError,
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        "messages",
+    ),
+    (
+        424,
+        JSON,
+        json.dumps(
+            {
+                "error": "Request failed during generation: Server error: CUDA out of memory",
+                "error_type": "generation",
+            }
+        ),
+        TGIGenerationError,
+        502,
+        "server_error",
+        None,
+        None,
+    ),
+    (
+        429,
+        JSON,
+        json.dumps({"error": "Model is overloaded", "error_type": "overloaded"}),
+        TGIOverloadedError,
+        429,
+        "requests",
+        "rate_limit_exceeded",
+        None,
+    ),
+    (
+        500,
+        JSON,
+        json.dumps({"error": "Incomplete generation", "error_type": "incomplete_generation"}),
+        TGIGenerationError,
+        502,
+        "server_error",
+        None,
+        None,
+    ),
+    (500, TEXT, "Internal Server Error", UpstreamError, 502, "server_error", None, None),
+    (
+        503,
+        JSON,
+        json.dumps({"error": "unhealthy", "error_type": "healthcheck"}),
+        TGIUnavailableError,
+        503,
+        "server_error",
+        None,
+        None,
+    ),
+    (401, TEXT, "", TGIRejectedError, 502, "server_error", None, None),
+    (403, TEXT, "", TGIRejectedError, 502, "server_error", None, None),
+    (404, TEXT, "", TGIRejectedError, 502, "server_error", None, None),
+    (405, TEXT, "", TGIRejectedError, 502, "server_error", None, None),
+    (
+        415,
+        TEXT,
+        "Expected request with `Content-Type: application/json`",
+        TGIRejectedError,
+        502,
+        "server_error",
+        None,
+        None,
+    ),
+    (
+        400,
+        TEXT,
+        "Failed to parse the request body as JSON: EOF while parsing a value at line 1 column 0",
+        TGIRejectedError,
+        502,
+        "server_error",
+        None,
+        None,
+    ),
+    (
+        413,
+        TEXT,
+        "Failed to buffer the request body: length limit exceeded",
+        TGIContextLengthError,
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+        "messages",
+    ),
+    (
+        502,
+        "text/html",
+        "<html><body>502 Bad Gateway</body></html>",
+        TGIUnavailableError,
+        503,
+        "server_error",
+        None,
+        None,
+    ),
+    (504, "text/html", "<html>Gateway Time-out</html>", TGIUnavailableError, 503, "server_error", None, None),
+    (418, TEXT, "I'm a teapot", UpstreamError, 502, "server_error", None, None),
+    (200, JSON, json.dumps({"generated_text": "Hi"}), TGIProtocolError, 502, "server_error", None, None),
+    (200, "text/html", "<html>login</html>", TGIProtocolError, 502, "server_error", None, None),
+]
+
+
+@pytest.mark.parametrize(
+    "status,content_type,body,cls,http,type_,code,param",
+    STATUSES,
+    ids=[f"{s[0]}-{i}" for i, s in enumerate(STATUSES)],
+)
+async def test_non_sse_responses_map_by_status(status, content_type, body, cls, http, type_, code, param):
+    bodies: list[Body] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(Body([body.encode()]))
+        return httpx.Response(status, headers={"content-type": content_type}, stream=bodies[-1])
+
+    async with mock(handler) as client:
+        with pytest.raises(UpstreamError) as info:
+            async with client.generate_stream("Hi", {}):
+                pytest.fail("the context must not be entered")
+    assert_error(info.value, cls, http, type_, code, param)
+    assert len(bodies) == 1, "a response arrived: never retried"
+    assert bodies[0].closed
+    if cls is TGIRejectedError or status == 200:
+        assert info.value.headers["x-should-retry"] == "false"
+    if cls is TGIOverloadedError:
+        assert info.value.headers == {"Retry-After": "1"}
+    if status == 401:
+        assert "API key" in info.value.message
+
+
+# ------------------------------------------------------------------------------------------ retries
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        httpx.ConnectError("[Errno 111] Connection refused"),
+        httpx.ConnectTimeout("timed out"),
+        httpx.RemoteProtocolError("Server disconnected without sending a response."),
+        httpx.ReadError("[Errno 104] Connection reset by peer"),
+        httpx.WriteError("[Errno 32] Broken pipe"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+async def test_connection_failures_are_retried_then_unavailable(exc):
+    attempts = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal attempts
+        attempts += 1
+        raise exc
+
+    async with mock(handler) as client:
+        start = time.monotonic()
+        with pytest.raises(TGIUnavailableError) as info:
+            async with client.generate_stream("Hi", {}):
+                pass
+        elapsed = time.monotonic() - start
+    assert attempts == 3
+    assert elapsed < 0.5
+    assert_error(info.value, TGIUnavailableError, 503, "server_error")
+    assert info.value.message.startswith(f"TGI is not reachable at {BASE}: ")
+    assert isinstance(info.value.__cause__, type(exc))
+
+
+@pytest.mark.parametrize("connect_retries,expected", [(0, 1), (1, 1), (5, 5)])
+async def test_connect_retries_is_the_number_of_attempts(connect_retries, expected):
+    attempts = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal attempts
+        attempts += 1
+        raise httpx.ConnectError("refused")
+
+    async with mock(handler, connect_retries=connect_retries) as client:
+        start = time.monotonic()
+        with pytest.raises(TGIUnavailableError):
+            await client.info()
+        assert time.monotonic() - start < 1.0
+    assert attempts == expected
+
+
+async def test_a_retry_that_connects_streams_normally():
+    attempts = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal attempts
+        attempts += 1
+        if attempts < 3:
+            raise httpx.ConnectError("refused")
+        return sse(b"".join(data(e) for e in HELLO))
+
+    async with mock(handler) as client:
+        assert await collect(client) == HELLO_ITEMS
+    assert attempts == 3
+
+
+@pytest.mark.parametrize(
+    "exc,cls",
+    [
+        (httpx.ReadTimeout("timed out"), TGIUnavailableError),
+        (httpx.WriteTimeout("timed out"), TGIUnavailableError),
+        (httpx.PoolTimeout("timed out"), TGIOverloadedError),
+        (httpx.UnsupportedProtocol("no"), TGIUnavailableError),
+    ],
+    ids=lambda v: getattr(v, "__name__", type(v).__name__),
+)
+async def test_timeouts_waiting_for_a_response_are_not_retried(exc, cls):
+    attempts = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal attempts
+        attempts += 1
+        raise exc
+
+    async with mock(handler) as client:
+        with pytest.raises(cls):
+            async with client.generate_stream("Hi", {}):
+                pass
+    assert attempts == 1
+
+
+@pytest.mark.parametrize(
+    "exc,fragment",
+    [
+        (httpx.ReadError("[Errno 104] Connection reset by peer"), CLOSED_EARLY),
+        (
+            httpx.RemoteProtocolError("peer closed connection without sending complete message body"),
+            CLOSED_EARLY,
+        ),
+        (httpx.ReadTimeout("timed out"), "TGI stopped sending in the middle of the generation"),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, Exception) else "",
+)
+async def test_no_retry_once_the_response_started(exc, fragment):
+    attempts = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal attempts
+        attempts += 1
+        return sse([data(HELLO[0]), data(HELLO[1])], then=exc)
+
+    async with mock(handler) as client:
+        items, error = await collect_until_error(client)
+    assert attempts == 1
+    assert items == HELLO_ITEMS[:2]
+    assert_error(error, TGIProtocolError, 502, "server_error")
+    assert error.message.startswith(fragment)
+    assert isinstance(error.__cause__, type(exc))
+
+
+# ------------------------------------------------------------------------------------------ lifecycle
+
+
+async def test_leaving_the_context_closes_the_response_at_once():
+    bodies: list[Body] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(Body([data(tok(i, "x")) for i in range(1, 50)]))
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=bodies[-1])
+
+    async with mock(handler) as client:
+        async with client.generate_stream("Hi", {}) as events:
+            async for _ in events:
+                break
+            assert not bodies[0].closed
+        assert bodies[0].closed
+
+        with pytest.raises(KeyError):
+            async with client.generate_stream("Hi", {}) as events:
+                await events.__anext__()
+                raise KeyError("the caller's own error passes through")
+        assert bodies[1].closed
+
+        with pytest.raises(RuntimeError, match="after its generate_stream"):
+            await events.__anext__()
+
+
+async def test_an_unencodable_parameter_sends_nothing():
+    def handler(request: httpx.Request) -> httpx.Response:
+        pytest.fail("nothing must be sent")
+
+    async with mock(handler) as client:
+        with pytest.raises(InvalidRequestError):
+            async with client.generate_stream("Hi", {"temperature": float("nan")}):
+                pass
+
+
+# ------------------------------------------------------------------------------------------ health, info
+
+
+@pytest.fixture
+def router():
+    return respx.Router(base_url=BASE, assert_all_called=False)
+
+
+@pytest.fixture
+async def routed(router):
+    async with TGIClient(BASE, transport=httpx.MockTransport(router.async_handler)) as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    "reply,healthy",
+    [
+        (httpx.Response(200), True),
+        (httpx.Response(503, json={"error": "unhealthy", "error_type": "healthcheck"}), False),
+        (httpx.Response(404), False),
+        (httpx.ConnectError("refused"), False),
+        (httpx.ReadTimeout("slow"), False),
+    ],
+    ids=["200", "503", "404", "unreachable", "timeout"],
+)
+async def test_health(router, routed, reply, healthy):
+    route = router.get("/health")
+    route.side_effect = reply if isinstance(reply, Exception) else None
+    if not isinstance(reply, Exception):
+        route.return_value = reply
+    assert await routed.health() is healthy
+    assert route.call_count == 1  # no retries: it is a probe
+
+
+TGI_INFO = {
+    "model_id": "meetkai/functionary-small-v3.2",
+    "model_sha": "abc",
+    "model_pipeline_tag": "text-generation",
+    "max_concurrent_requests": 64,
+    "max_best_of": 1,
+    "max_stop_sequences": 6,
+    "max_input_tokens": 8191,
+    "max_total_tokens": 8192,
+    "validation_workers": 2,
+    "max_client_batch_size": 4,
+    "router": "text-generation-router",
+    "version": "3.3.6-dev0",
+    "sha": None,
+    "docker_label": None,
+}
+
+
+async def test_info(router, routed):
+    router.get("/info").return_value = httpx.Response(200, json=TGI_INFO)
+    info = await routed.info()
+    assert info == TGIInfo("meetkai/functionary-small-v3.2", 8191, 8192, 6, 64, 1, "3.3.6-dev0", TGI_INFO)
+    assert info.raw == TGI_INFO
+
+
+async def test_info_defaults_for_missing_fields(router, routed):
+    router.get("/info").return_value = httpx.Response(200, json={"model_id": "m", "max_input_length": 1024})
+    info = await routed.info()
+    assert (
+        info.model_id,
+        info.max_input_tokens,
+        info.max_total_tokens,
+        info.max_stop_sequences,
+        info.max_concurrent_requests,
+        info.max_best_of,
+        info.version,
+    ) == ("m", 1024, 4096, 4, 128, 2, None)
+    router.get("/info").return_value = httpx.Response(200, json={})
+    assert (await routed.info()).max_input_tokens == 4095
+
+
+@pytest.mark.parametrize(
+    "reply,cls",
+    [
+        (httpx.Response(200, text="<html>hi</html>"), TGIProtocolError),
+        (httpx.Response(200, json=[1, 2]), TGIProtocolError),
+        (httpx.Response(404), TGIRejectedError),
+        (httpx.Response(500, text="boom"), UpstreamError),
+        (httpx.ConnectError("refused"), TGIUnavailableError),
+    ],
+    ids=["html", "list", "404", "500", "unreachable"],
+)
+async def test_info_errors(router, routed, reply, cls):
+    route = router.get("/info")
+    if isinstance(reply, Exception):
+        route.side_effect = reply
+    else:
+        route.return_value = reply
+    with pytest.raises(UpstreamError) as info:
+        await routed.info()
+    assert type(info.value) is cls
+    assert route.call_count == (3 if cls is TGIUnavailableError else 1)
+
+
+# ------------------------------------------------------------------------------------------ the TGI double
+
+
+@pytest.fixture
+def tgi():
+    with FakeTGI(script=tokens("Hel", "lo", " world", "<|eot_id|>")) as server:
+        yield server
+
+
+@pytest.fixture
+async def client(tgi):
+    async with TGIClient(tgi.url, timeout=httpx.Timeout(5.0)) as c:
+        yield c
+
+
+async def test_double_stream_end_to_end(tgi, client):
+    inputs = "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+    params = {"details": True, "max_new_tokens": 50, "stop": ["<|eot_id|>"]}
+    items = await collect(client, inputs, params)
+    assert [i.text for i in items[:-1]] == ["Hel", "lo", " world", "<|eot_id|>"]
+    assert items[-2].special and not items[0].special
+    assert items[-1] == StreamEnd("eos_token", 4, count_tokens(inputs), "Hello world")
+    assert tgi.last_generation.parameters == params
+    assert tgi.last_generation.outcome == "completed"
+
+    items = await collect(client, inputs, {"max_new_tokens": 2})  # no details
+    assert items[-1] == StreamEnd(None, 2, None, "Hello")
+
+
+async def test_double_keepalives_are_ignored(tgi, client):
+    tgi.config.keepalive_interval = 0.005
+    tgi.script = ["Hi", Pause(0.03), " there"]
+    items = await collect(client)
+    assert any(e == b":\n\n" for e in tgi.last_generation.events)
+    assert items[-1] == StreamEnd("eos_token", 3, count_tokens("Hi"), "Hi there")
+
+
+async def test_double_validation_errors(tgi, client):
+    _, error = await collect_until_error(client, "Hi", {"temperature": 0})
+    assert_error(error, TGIValidationError, 400, "invalid_request_error", None, "temperature")
+    assert error.message == "Input validation error: `temperature` must be strictly positive"
+
+    tgi.config.max_total_tokens = 20
+    _, error = await collect_until_error(client, "Hi", {"max_new_tokens": 50})
+    assert_error(
+        error, TGIContextLengthError, 400, "invalid_request_error", "context_length_exceeded", "messages"
+    )
+
+    _, error = await collect_until_error(client, "Hi", {"temperature": "hot"})  # axum's 422 text
+    assert_error(error, TGIValidationError, 400, "invalid_request_error", None, "temperature")
+
+
+async def test_double_generation_error_after_tokens(tgi, client):
+    tgi.fail_next(after_tokens=2, message="CUDA out of memory")
+    items, error = await collect_until_error(client)
+    assert [i.text for i in items] == ["Hel", "lo"]
+    assert_error(error, TGIGenerationError, 502, "server_error")
+    assert error.message == "TGI failed during generation: CUDA out of memory"
+
+
+async def test_double_incomplete_drop_and_overload(tgi, client):
+    tgi.script = ["a", "b", Incomplete()]
+    items, error = await collect_until_error(client)
+    assert len(items) == 2 and type(error) is TGIGenerationError
+
+    tgi.script = ["a", "b", Drop()]  # TGI dies mid-response: connection reset, no error event
+    items, error = await collect_until_error(client)
+    assert len(items) == 2 and type(error) is TGIProtocolError
+    assert error.message.startswith(CLOSED_EARLY)
+
+    tgi.config.max_concurrent_requests = 0
+    _, error = await collect_until_error(client)
+    assert_error(error, TGIOverloadedError, 429, "requests", "rate_limit_exceeded")
+
+
+async def consume(client: TGIClient, got: list) -> None:
+    async with client.generate_stream("Hi", {}) as events:
+        async for item in events:
+            got.append(item)
+
+
+async def test_double_sees_the_disconnect_when_the_consumer_breaks(tgi, client):
+    gate = Gate()
+    tgi.script = ["a", "b", gate, "c"]
+    async with client.generate_stream("Hi", {}) as events:
+        async for item in events:
+            if item.text == "b":
+                break
+        left_at = time.monotonic()
+    assert await tgi.wait_until_async(lambda: tgi.last_generation.disconnected, timeout=1.0)
+    assert tgi.last_generation.disconnected_at - left_at < 0.1
+    assert tgi.last_generation.outcome == "disconnected"
+    gate.open()
+
+
+async def test_double_sees_the_disconnect_on_task_cancellation(tgi, client):
+    tgi.script = ["a", "b", Gate(), "c"]
+    got: list = []
+    task = asyncio.ensure_future(consume(client, got))
+    assert await tgi.wait_until_async(lambda: len(got) == 2, timeout=2.0)
+    await asyncio.sleep(0.02)  # the consumer is now waiting for the next event
+    cancelled_at = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await tgi.wait_until_async(lambda: tgi.last_generation.disconnected, timeout=1.0)
+    assert tgi.last_generation.disconnected_at - cancelled_at < 0.1
+
+
+async def test_double_sees_the_disconnect_on_cancel_scope_cancellation(tgi, client):
+    """Level-triggered cancellation, as Starlette cancels a streaming response on client disconnect."""
+    tgi.script = ["a", "b", Gate(), "c"]
+    got: list = []
+    async with anyio.create_task_group() as group:
+        group.start_soon(consume, client, got)
+        assert await tgi.wait_until_async(lambda: len(got) == 2, timeout=2.0)
+        await anyio.sleep(0.02)
+        cancelled_at = time.monotonic()
+        group.cancel_scope.cancel()
+    assert await tgi.wait_until_async(lambda: tgi.last_generation.disconnected, timeout=1.0)
+    assert tgi.last_generation.disconnected_at - cancelled_at < 0.1
+
+
+async def test_double_100_concurrent_streams_over_one_pool(tgi, client):
+    gate = Gate()
+    tgi.script = lambda inputs, parameters: [inputs, gate, "!"]
+    results: dict[int, list] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await collect(client, f"n{i}", {"details": True})
+
+    async def batch() -> None:
+        async with anyio.create_task_group() as group:
+            for i in range(100):
+                group.start_soon(one, i)
+            assert await tgi.wait_until_async(lambda: tgi.in_flight == 100, timeout=5.0)
+            gate.open()
+
+    await batch()
+    assert tgi.peak_in_flight == 100
+    for i in range(100):
+        assert [t.text for t in results[i][:-1]] == [f"n{i}", "!", "<|eot_id|>"]
+        assert results[i][-1].finish_reason == "eos_token"
+    first_ports = {r.client for r in tgi.requests}
+    assert len(first_ports) == 100
+
+    # The streams were read to their end, so connections went back to the pool (16 are kept) and
+    # are reused; a burst on a warm pool is as quick as on a cold one (httpcore's idle-connection
+    # contention grows with the number kept: DEFAULT_LIMITS).
+    tgi.reset()
+    gate.close()
+    results.clear()
+    start = time.monotonic()
+    await batch()
+    assert time.monotonic() - start < 1.5
+    assert len(results) == 100
+    assert 0 < len({r.client for r in tgi.requests} & first_ports) <= 16
+
+
+async def test_double_reuses_the_connection_between_streams(tgi, client):
+    await collect(client)
+    await collect(client)
+    assert await client.health()
+    info = await client.info()
+    assert len({r.client for r in tgi.requests}) == 1
+    assert (
+        info.model_id,
+        info.max_input_tokens,
+        info.max_total_tokens,
+        info.max_stop_sequences,
+        info.max_concurrent_requests,
+        info.version,
+    ) == ("meetkai/functionary-small-v3.2", 8191, 8192, 4, 128, "3.3.6-dev0")
+
+
+async def test_double_health_and_api_key():
+    with FakeTGI(api_key="s3cret") as tgi:
+        async with TGIClient(tgi.url) as client:
+            assert await client.health()  # /health is never protected
+            tgi.config.healthy = False
+            assert not await client.health()
+            _, error = await collect_until_error(client)
+            assert type(error) is TGIRejectedError and "API key" in error.message
+        async with TGIClient(tgi.url, api_key="s3cret") as client:
+            assert (await collect(client))[-1].finish_reason == "eos_token"
+
+
+async def test_double_unreachable_then_starting():
+    tgi = FakeTGI(load_delay=0.3)
+    tgi.start(wait=False)  # bound, not listening: connections are refused
+    try:
+        async with TGIClient(tgi.url) as client:
+            assert not await client.health()
+            start = time.monotonic()
+            with pytest.raises(TGIUnavailableError) as info:
+                async with client.generate_stream("Hi", {}):
+                    pass
+            assert time.monotonic() - start < 0.5
+            assert info.value.message.startswith(f"TGI is not reachable at {tgi.url}: ")
+        # Enough attempts ride out the rest of the warm-up.
+        async with TGIClient(tgi.url, connect_retries=12) as client:
+            assert (await collect(client))[-1].finish_reason == "eos_token"
+    finally:
+        tgi.stop()

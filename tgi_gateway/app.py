@@ -1,0 +1,304 @@
+"""The HTTP layer: `create_app(settings, template)` → a FastAPI app serving the OpenAI chat API over TGI.
+
+Theory of operation
+-------------------
+Everything Functionary- or OpenAI-specific is in pure modules; this one wires them to I/O.
+
+A chat completion request is validated (`ChatCompletionRequest` for the scalar fields, `normalize()` for
+the prompt), rendered, and sent to TGI's `/generate_stream` — for stream and non-stream requests alike,
+so both read the same tokens with the same code (`streaming.Answer`). TGI reports request errors
+(validation, overload) as the *first* stream event, so the gateway reads that first event before it
+answers: an upstream error found there becomes a proper HTTP error (400, 429 + Retry-After, 502, 503),
+and only errors after the first token travel in the SSE stream. Three stream flows
+(docs/architecture.md):
+
+* normal end — TGI's final event → the finish chunk, the usage chunk if asked, `data: [DONE]`;
+* client disconnect — the response is cancelled (`EventStreamResponse` listens for `http.disconnect`),
+  which closes the upstream TGI response at once, so TGI drops the request from its batch;
+* upstream error mid-stream — one `data: {"error": {...}}` event (the OpenAI envelope), then the end.
+
+Non-stream requests race the same collection against the client's disconnect.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
+from typing import Any, TypeVar
+
+import anyio
+import httpx
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from . import __version__
+from .errors import GatewayError, InvalidRequestError, ModelNotFoundError, TGIProtocolError
+from .openai_types import ChatCompletionRequest
+from .params import check_supported, tgi_parameters
+from .prompting import Template, normalize
+from .settings import Settings
+from .streaming import SSE_DONE, Answer, ResponseContext, chat_completion, encode_sse
+from .tgi_client import StreamEnd, TGIClient, TGIInfo
+
+logger = logging.getLogger("tgi_gateway")
+
+T = TypeVar("T")
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the answer was complete."""
+
+
+class EventStreamResponse(StreamingResponse):
+    """A streaming response that stops as soon as the client disconnects, whatever the ASGI server.
+
+    Starlette only notices a gone client when a write fails; an SSE stream may wait seconds for its
+    next token (queueing, a long prompt), and every such second keeps the request in TGI's batch. So the
+    body is raced against `http.disconnect`, as Starlette did before ASGI spec 2.4.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def run(func: Callable[[], Awaitable[None]]) -> None:
+                await func()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(run, partial(self.stream_response, send))
+            await run(partial(self.listen_for_disconnect, receive))
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """`await work`, cancelled (→ ClientDisconnected) if the client disconnects first."""
+    outcome: list[tuple[bool, Any]] = []
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        tg.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        try:
+            outcome.append((True, await work))
+        except Exception as exc:  # re-raised below, outside the task group (no ExceptionGroup)
+            outcome.append((False, exc))
+        tg.cancel_scope.cancel()
+    if not outcome:
+        raise ClientDisconnected
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def json_response(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status_code, headers=headers, media_type="application/json")
+
+
+def error_response(exc: GatewayError) -> Response:
+    return json_response(exc.to_dict(), exc.status_code, exc.headers or None)
+
+
+class Gateway:
+    """The request handling: one per app, created in its lifespan."""
+
+    def __init__(self, settings: Settings, template: Template, client: TGIClient) -> None:
+        self.settings = settings
+        self.template = template
+        self.client = client
+        self.created = int(time.time())
+        self._info: TGIInfo | None = None
+
+    async def info(self) -> TGIInfo:
+        """TGI's limits, read once (lazily: TGI may come up after the gateway)."""
+        if self._info is None:
+            self._info = await self.client.info()
+            logger.info(
+                "TGI %s serves %s (max_input_tokens=%d, max_total_tokens=%d, max_stop_sequences=%d)",
+                self._info.version, self._info.model_id, self._info.max_input_tokens,
+                self._info.max_total_tokens, self._info.max_stop_sequences,
+            )  # fmt: skip
+        return self._info
+
+    async def chat(self, request: Request, req: ChatCompletionRequest) -> Response:
+        if req.model != self.settings.model_name:
+            raise ModelNotFoundError(f"The model `{req.model}` does not exist.", param="model")
+        check_supported(req)
+        prompt = normalize(
+            {
+                "messages": req.messages,
+                "tools": req.tools,
+                "tool_choice": req.tool_choice,
+                "functions": req.functions,
+                "function_call": req.function_call,
+            }
+        )
+        inputs = self.template.render(prompt)
+        info = await self.info()
+        parameters = tgi_parameters(req, self.template.stop_sequences, info.max_stop_sequences)
+        ctx = ResponseContext.for_prompt(
+            prompt,
+            self.settings.model_name,
+            parallel_tool_calls=req.parallel_tool_calls is not False,
+            include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
+        )
+        answer = Answer(self.template.parser(prompt), ctx, req.stop_list, keep_events=not req.stream)
+
+        stack = AsyncExitStack()
+        try:
+            tokens = await stack.enter_async_context(self.client.generate_stream(inputs, parameters))
+            first = await anext(tokens)  # TGI's request errors arrive here: still a proper HTTP error
+        except BaseException:
+            await stack.aclose()
+            raise
+        if req.stream:
+            return EventStreamResponse(self._events(stack, tokens, first, answer, ctx), headers=SSE_HEADERS)
+        try:
+            return await until_disconnect(request, self._complete(tokens, first, answer, ctx))
+        finally:
+            await stack.aclose()
+
+    async def _complete(self, tokens: AsyncIterator[Any], first: Any, answer: Answer, ctx: ResponseContext) -> Response:
+        item = first
+        while not isinstance(item, StreamEnd):
+            answer.feed(item.text, item.special)
+            item = await _next(tokens)
+        answer.finish(item.finish_reason)
+        body = chat_completion(ctx, answer.message(item.finish_reason), item.input_length or 0, item.generated_tokens)
+        return json_response(body)
+
+    async def _events(
+        self, stack: AsyncExitStack, tokens: AsyncIterator[Any], first: Any, answer: Answer, ctx: ResponseContext
+    ) -> AsyncIterator[bytes]:
+        async with stack:
+            item = first
+            try:
+                while not isinstance(item, StreamEnd):
+                    chunks = answer.feed(item.text, item.special)
+                    if chunks:
+                        yield b"".join(map(encode_sse, chunks))
+                    item = await _next(tokens)
+            except GatewayError as exc:
+                logger.warning("TGI failed mid-stream: %s", exc.message)
+                yield encode_sse(exc.to_dict())
+                return
+            out = answer.finish(item.finish_reason)
+            if ctx.include_usage:
+                out.append(answer.usage_chunk(item.input_length or 0, item.generated_tokens))
+            yield b"".join(map(encode_sse, out)) + SSE_DONE
+
+
+async def _next(tokens: AsyncIterator[Any]) -> Any:
+    try:
+        return await anext(tokens)
+    except StopAsyncIteration:
+        raise TGIProtocolError("TGI closed the stream before the end of the generation.") from None
+
+
+def create_app(settings: Settings, template: Template, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    """The gateway app. `transport` replaces the network to TGI (tests)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        timeout = httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout, write=10.0, pool=5.0)
+        async with TGIClient(
+            settings.endpoint,
+            timeout=timeout,
+            connect_retries=settings.connect_retries,
+            transport=transport,
+            api_key=settings.tgi_api_key,
+        ) as client:
+            app.state.gateway = Gateway(settings, template, client)
+            logger.info(
+                "serving %s (Functionary template %s) from TGI at %s",
+                settings.model_name, template.version, settings.endpoint,
+            )  # fmt: skip
+            yield
+
+    app = FastAPI(
+        title="tgi-gateway",
+        version=__version__,
+        summary="OpenAI-compatible chat completions for MeetKai Functionary models served by TGI.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(_invalid_request(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
+        return json_response(body, exc.status_code, dict(exc.headers or {}) or None)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("unexpected error")
+        return error_response(GatewayError("The gateway failed unexpectedly; see its log."))
+
+    @app.post("/v1/chat/completions", response_model=None, summary="Create a chat completion")
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+        try:
+            return await request.app.state.gateway.chat(request, body)
+        except ClientDisconnected:
+            return Response(status_code=499)
+
+    @app.get("/v1/models", summary="List the served model")
+    async def list_models(request: Request) -> Response:
+        return json_response({"object": "list", "data": [_model_card(request.app.state.gateway)]})
+
+    @app.get("/v1/models/{model:path}", summary="Describe the served model")
+    async def get_model(request: Request, model: str) -> Response:
+        gateway = request.app.state.gateway
+        if model != gateway.settings.model_name:
+            raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
+        return json_response(_model_card(gateway))
+
+    @app.get("/health", summary="200 when TGI answers its /health, 503 otherwise")
+    async def health(request: Request) -> Response:
+        gateway = request.app.state.gateway
+        if await gateway.client.health():
+            return json_response({"status": "ok"})
+        return json_response(
+            {"status": "unavailable", "error": f"TGI at {gateway.settings.endpoint} does not answer /health"}, 503
+        )
+
+    return app
+
+
+def _model_card(gateway: Gateway) -> dict[str, Any]:
+    return {"id": gateway.settings.model_name, "object": "model", "created": gateway.created, "owned_by": "tgi-gateway"}
+
+
+def _invalid_request(exc: RequestValidationError) -> InvalidRequestError:
+    """The first pydantic error as an OpenAI 400, `param` in OpenAI's dotted notation."""
+    errors = exc.errors()
+    if not errors:
+        return InvalidRequestError("Invalid request body.")
+    err = errors[0]
+    loc = [part for part in err.get("loc", ()) if part != "body"]
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    if err.get("type") == "json_invalid":
+        return InvalidRequestError(
+            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
+            "HTTP library correctly. The OpenAI API expects a JSON payload.)"
+        )
+    if err.get("type") == "missing":
+        return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param)
+    return InvalidRequestError(f"Invalid value for '{param}': {err.get('msg')}.", param=param)
+

@@ -1,0 +1,87 @@
+"""OpenAI sampling fields → TGI `/generate_stream` parameters (PROTOCOL.md §2.1), and what we refuse.
+
+TGI's rules differ from OpenAI's in ways that matter:
+
+* `temperature: 0` means greedy in OpenAI; TGI rejects temperature ≤ 0, so greedy is *no* temperature and
+  `do_sample: false` (and `top_p`/`top_k`, which would turn sampling back on, are not sent). Like OpenAI, a
+  request without `temperature` samples at temperature 1 (`do_sample: true`).
+* TGI requires `top_p` strictly inside (0, 1); `top_p: 1` means "no nucleus filtering", so it is not sent.
+* `max_completion_tokens` (or the deprecated `max_tokens`) is TGI's `max_new_tokens`; without it TGI
+  allows everything up to its `max_total_tokens`.
+* `frequency_penalty` is passed as is: TGI defines it like OpenAI (a penalty proportional to the count of
+  a token so far, range [-2, 2]). TGI has no presence penalty, so a non-zero `presence_penalty` is refused
+  rather than silently ignored; `repetition_penalty` (TGI's multiplicative penalty) is accepted as an
+  extension, as is `top_k`.
+* Stop strings: the template's stop tokens first (they end every answer), then the client's, cut to TGI's
+  `max_stop_sequences`. The client's sequences are applied by the gateway too (:mod:`.stop_sequences`),
+  so one that does not fit is still honoured.
+* `details: true` always: the final event then carries `input_length` and `generated_tokens` (usage).
+  No BOS is ever in the text: TGI adds it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import InvalidRequestError
+from .openai_types import ChatCompletionRequest
+
+__all__ = ["MAX_CLIENT_STOPS", "check_supported", "tgi_parameters"]
+
+MAX_CLIENT_STOPS = 4  # OpenAI's documented limit
+
+
+def check_supported(req: ChatCompletionRequest) -> None:
+    """Refuse, with a 400 naming the field, what this gateway cannot honour."""
+    if req.n is not None and req.n != 1:
+        raise InvalidRequestError("Only n=1 is supported: send one request per answer.", param="n")
+    if req.presence_penalty:
+        raise InvalidRequestError(
+            "presence_penalty is not supported by TGI; use frequency_penalty (or the repetition_penalty "
+            "extension) instead.",
+            param="presence_penalty",
+        )
+    if req.logprobs or req.top_logprobs:
+        raise InvalidRequestError("logprobs are not supported by this gateway.", param="logprobs")
+    if req.logit_bias:
+        raise InvalidRequestError("logit_bias is not supported by TGI.", param="logit_bias")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise InvalidRequestError(
+            f"response_format {req.response_format.type!r} is not supported; Functionary answers with text "
+            "and tool calls.",
+            param="response_format",
+        )
+    stops = req.stop_list
+    if len(stops) > MAX_CLIENT_STOPS:
+        raise InvalidRequestError(
+            f"'stop' supports up to {MAX_CLIENT_STOPS} sequences. Given: {len(stops)}.", param="stop"
+        )
+    if any(not s for s in stops):
+        raise InvalidRequestError("'stop' sequences must not be empty.", param="stop")
+
+
+def tgi_parameters(
+    req: ChatCompletionRequest, template_stops: Sequence[str], max_stop_sequences: int
+) -> dict[str, Any]:
+    """The `parameters` object of a TGI generate request for `req` (already checked)."""
+    greedy = req.temperature == 0
+    params: dict[str, Any] = {"details": True, "do_sample": not greedy}
+    if not greedy:
+        if req.temperature is not None and req.temperature != 1:
+            params["temperature"] = req.temperature
+        if req.top_p is not None and req.top_p < 1:
+            params["top_p"] = req.top_p
+        if req.top_k is not None:
+            params["top_k"] = req.top_k
+    if req.max_new_tokens is not None:
+        params["max_new_tokens"] = req.max_new_tokens
+    if req.seed is not None:
+        params["seed"] = req.seed
+    if req.frequency_penalty:
+        params["frequency_penalty"] = req.frequency_penalty
+    if req.repetition_penalty is not None:
+        params["repetition_penalty"] = req.repetition_penalty
+    stops = list(dict.fromkeys([*template_stops, *req.stop_list]))
+    params["stop"] = stops[: max(0, max_stop_sequences)]
+    return params

@@ -1,0 +1,52 @@
+"""The gateway's one configuration object, built at the edge (CLI flags over environment) and passed in.
+
+Environment variables are the field names upper-cased with the prefix ``TGI_GATEWAY_`` (e.g.
+``TGI_GATEWAY_ENDPOINT``); command-line flags win over them. Bad values are refused at start-up.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .prompting.types import Version
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TGI_GATEWAY_", extra="forbid", frozen=True)
+
+    model: str = Field(description="Hub id or local directory of the Functionary model (its tokenizer files).")
+    served_model_name: str | None = Field(None, description="Model name clients use; default: `model`.")
+    endpoint: str = Field("http://127.0.0.1:8080", description="Base URL of TGI.")
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
+    template_version: Version | None = Field(None, description="Override the detected template version.")
+    revision: str | None = Field(None, description="Hub revision of the model's tokenizer files.")
+    tgi_api_key: str | None = Field(None, description="Bearer key for a TGI started with --api-key.")
+    connect_timeout: float = Field(2.0, gt=0, description="Seconds to connect to TGI.")
+    read_timeout: float = Field(60.0, gt=0, description="Seconds to wait for TGI between two stream events.")
+    connect_retries: int = Field(3, ge=1, le=10, description="Connection attempts to TGI before a 503.")
+    log_level: str = Field("info", description="critical, error, warning, info or debug.")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"endpoint must be an http(s) URL such as http://127.0.0.1:8080, not {v!r}")
+        return v.rstrip("/")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.lower()
+        if v not in ("critical", "error", "warning", "info", "debug"):
+            raise ValueError("log_level must be one of critical, error, warning, info, debug")
+        return v
+
+    @property
+    def model_name(self) -> str:
+        """The name `/v1/models` lists and requests must use."""
+        return self.served_model_name or self.model
