@@ -63,8 +63,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from .prompting import Template, detect_version, load_model_files
 
-        files = load_model_files(settings.model, revision=settings.revision, token=os.environ.get("HF_TOKEN") or None)
-        template = Template(detect_version(files, override=settings.template_version))
+        if settings.template_version is not None:  # no need to read the model's files at all
+            template = Template(settings.template_version)
+        else:
+            files = load_model_files(
+                settings.model, revision=settings.revision, token=os.environ.get("HF_TOKEN") or None
+            )
+            template = Template(detect_version(files))
     except ConfigurationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

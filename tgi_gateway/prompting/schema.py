@@ -85,6 +85,11 @@ def resolve_refs(parameters: dict) -> dict:
     return result
 
 
+# jsonref + deepcopy share a target between its references; a plain copy expands it at every use, so a
+# small schema whose definitions reference each other twice per level would grow exponentially.
+_MAX_NODES = 100_000
+
+
 def _is_ref(node: Any) -> bool:
     return isinstance(node, Mapping) and isinstance(node.get("$ref"), str)
 
@@ -94,9 +99,11 @@ class _RefResolver:
 
     def __init__(self, root: Any) -> None:
         self.root = root
+        self.budget = _MAX_NODES  # every node copied and every pointer step spends one
 
     def copy(self, node: Any, expanding: tuple[int, ...]) -> Any:
         """A deep copy of `node` with references replaced; `expanding` = the references being copied."""
+        self._spend()
         if _is_ref(node):
             if id(node) in expanding:
                 raise SchemaError(f"cyclic $ref {node['$ref']!r}")
@@ -122,6 +129,7 @@ class _RefResolver:
         parts = unquote(fragment.lstrip("/")).split("/") if fragment else []
         document: Any = self.root
         for raw_part in parts:
+            self._spend()
             part: Any = raw_part.replace("~1", "/").replace("~0", "~")
             if document is not ref:
                 document = self._follow(document, resolving)
@@ -140,8 +148,14 @@ class _RefResolver:
         while _is_ref(node):
             if id(node) in resolving:
                 raise SchemaError(f"cyclic $ref {node['$ref']!r}")
+            resolving = resolving | {id(node)}
             node = self.lookup(node, resolving)
         return node
+
+    def _spend(self) -> None:
+        self.budget -= 1
+        if self.budget < 0:
+            raise SchemaError(f"schema too large once its $refs are resolved (more than {_MAX_NODES} nodes)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,7 +165,12 @@ class _RefResolver:
 _HEADER = "// Supported function definitions that should be called when necessary.\nnamespace functions {\n\n"
 _FOOTER = "} // namespace functions"
 _NONE = "<|NONE|>"  # the macro's "nothing" sentinel
-_LIMITS = (("maximum", "Maximum"), ("minimum", "Minimum"), ("maxLength", "Maximum length"), ("minLength", "Minimum length"))
+_LIMITS = (
+    ("maximum", "Maximum"),
+    ("minimum", "Minimum"),
+    ("maxLength", "Maximum length"),
+    ("minLength", "Minimum length"),
+)
 
 
 def ts_schema(functions: Iterable[Function], *, flavor: Literal["jinja", "python"] = "jinja") -> str:
@@ -202,11 +221,15 @@ class _Macros:
                 raise SchemaError(f"function name and description must be strings ({name!r})")
             out.append(f"// {description}\ntype {name}")
             if parameters and not isinstance(parameters, Mapping):
-                raise SchemaError(f"parameters of {name!r} must be a JSON object")
+                raise SchemaError(f"function {name!r}: parameters must be a JSON object")
             if parameters and parameters.get("properties"):
-                out.append(" = (_: {")
-                out.append(self.get_parameter_typescript(parameters["properties"], parameters.get("required", []), 0))
-                out.append("\n}) => any;\n\n")
+                try:
+                    body = self.get_parameter_typescript(
+                        parameters["properties"], parameters.get("required", []), 0
+                    )
+                except SchemaError as exc:
+                    raise SchemaError(f"function {name!r}: {exc}") from None
+                out.append(" = (_: {" + body + "\n}) => any;\n\n")
             else:
                 out.append(" = () => any;\n\n")
         out.append(_FOOTER)
@@ -239,7 +262,11 @@ class _Macros:
                     out.append("\n" + offset + comment)
                 out.extend(self._example_lines(examples, offset))
                 out.append("\n" + offset + declaration + ": {")
-                out.append(self.get_parameter_typescript(param.get("properties", {}), param.get("required", []), depth + 1))
+                out.append(
+                    self.get_parameter_typescript(
+                        param.get("properties", {}), param.get("required", []), depth + 1
+                    )
+                )
                 out.append("\n" + offset + "},")
             elif param_type == "array":
                 if not self._has_type(param.get("items", {})):
@@ -257,7 +284,11 @@ class _Macros:
                     param_type = self.get_enum_option_str(param["enum"])
                 if param.get("nullable"):
                     param_type += " | null"
-                out.append(self.append_new_param_info(declaration + ": " + param_type + ",", comment, examples, depth))
+                out.append(
+                    self.append_new_param_info(
+                        declaration + ": " + param_type + ",", comment, examples, depth
+                    )
+                )
         return "".join(out)
 
     def append_new_param_info(self, declaration: str, comment: str, examples: list[Any], depth: int) -> str:
@@ -278,7 +309,9 @@ class _Macros:
     def get_param_type(self, param: Mapping[str, Any]) -> str:
         if "type" in param:
             raw = param["type"]
-            if not isinstance(raw, str) and _is_iterable(raw):  # a list of types (or, jinja being jinja, an object's keys)
+            if not isinstance(raw, str) and _is_iterable(
+                raw
+            ):  # a list of types (or, jinja being jinja, an object's keys)
                 raw = " | ".join(str(t) for t in raw)
             return self.convert_data_type(raw)
         if "oneOf" in param:
@@ -287,7 +320,9 @@ class _Macros:
             for item in self._one_of(param):
                 if "type" not in item:
                     continue
-                key = item["type"].lower() if isinstance(item["type"], str) else item["type"]  # |unique ignores case
+                key = (
+                    item["type"].lower() if isinstance(item["type"], str) else item["type"]
+                )  # |unique ignores case
                 try:
                     is_new = key not in seen
                 except TypeError:
@@ -398,7 +433,9 @@ class _Macros:
         else:
             raise SchemaError("'items' must be a schema object")
         if array_type == "object":
-            children = self.get_parameter_typescript(items.get("properties", {}), items.get("required", []), depth + 1)
+            children = self.get_parameter_typescript(
+                items.get("properties", {}), items.get("required", []), depth + 1
+            )
             return "\n" + offset + (name + ": {" if name else "{") + children + "\n" + offset + "}[]"
         if array_type == "array":
             inner = self.get_array_typescript(None, items, depth + 1)

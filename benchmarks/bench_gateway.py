@@ -1,0 +1,890 @@
+"""Gateway vs direct streaming: what the gateway costs a client in throughput and time-to-first-token.
+
+Three processes share the machine:
+
+* the TGI double (``tests/fakes/tgi.py``, TGI's real ``/generate_stream`` protocol on a real socket), in
+  its own process (this script with ``--serve-double``; it is driven over its stdin/stdout: set the
+  answer and the per-token delay, reset and read its records between runs; it exits when stdin closes);
+* the gateway, started with the real CLI: ``server_tgi.py --model bench-model --template-version
+  v3-llama3.1 --endpoint <double> --port <free port>`` (ready once its ``/health`` answers 200);
+* the load generator, this process (uvloop; a minimal HTTP/1.1 + SSE client on asyncio streams by
+  default, ``--client httpx`` for httpx; ``--compare-clients`` measures what each costs).
+
+For every configuration (streams x per-token delay x answer) it runs N concurrent streaming requests
+at once, alternately
+
+* **direct**: ``POST /generate_stream`` to the double with exactly the ``inputs``/``parameters`` the
+  gateway sent it (read back from the double's record of a gateway request); tokens = SSE token events;
+* **gateway**: ``POST /v1/chat/completions`` with ``stream: true`` and ``stream_options.include_usage``;
+  tokens = the usage chunk's ``completion_tokens`` (checked against the double's record), with the
+  content / tool-call ``arguments`` chunks counted as well.
+
+Per request: TTFT (request written -> first event a client can show: the first token event for
+direct, the first chunk with ``content`` or ``tool_calls`` for the gateway; for the tool-call answer
+the direct TTFT is timed to the token that completes ``<function=get_weather>``, the first token the
+gateway *can* show, so that "added" is the gateway's overhead and not the parser's necessary wait),
+total time, tokens. Per run: tokens/s = all tokens / wall time of the run; TTFT p50/p99. One warm-up
+run of each mode per configuration, then ``--repeats`` runs of each (alternating), medians reported.
+Every process's CPU time per run is read from /proc.
+
+Run from the repository root (a few minutes; bounded by ``--max-seconds``)::
+
+    .venv/bin/python benchmarks/bench_gateway.py
+    .venv/bin/python benchmarks/bench_gateway.py --streams 1 64 256 --delays-ms 20 0 --tokens 128 --repeats 3
+    .venv/bin/python benchmarks/bench_gateway.py --direct-only --streams 64 --repeats 1      # no gateway needed
+    .venv/bin/python benchmarks/bench_gateway.py --profile 8    # + py-spy on the gateway, 256 streams, 20 ms
+
+Results: docs/performance.md, "Gateway vs direct streaming".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "bench-model"
+TEMPLATE = "v3-llama3.1"
+
+# --------------------------------------------------------------------------------------------
+# The answers the double streams (both exactly --tokens tokens long, stop token included)
+# --------------------------------------------------------------------------------------------
+
+# Llama-3's pre-tokenizer, approximately; pieces are capped at 8 characters so that a token averages
+# ~4 characters, as with a real BPE vocabulary.
+PRETOKEN = re.compile(
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:[^\r\n\w]|_)?[^\W\d_]+|\d{1,3}| ?(?:[^\s\w]|_)+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+PROSE = (
+    "The weather in Paris today is mild, with a light westerly wind and scattered clouds in the "
+    "morning. Temperatures should reach 18 degrees Celsius in the early afternoon before falling to "
+    "about 11 degrees at night. There is a 30 percent chance of light rain after 6 pm, so an umbrella "
+    "might be useful if you plan to be outside in the evening. Humidity stays near 70 percent and "
+    "visibility is good. Tomorrow looks similar, slightly warmer, with sunshine expected for most of "
+    "the day and a gentle breeze from the south-west. The weekend should stay dry."
+)
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather and forecast for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "location": {"type": "string", "description": "City and country"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "notes": {"type": "string", "description": "What the user wants to know"},
+            },
+            "required": ["location"],
+        },
+    },
+}
+HEADER = "<function=get_weather>"
+
+
+def pieces(text: str) -> list[str]:
+    out: list[str] = []
+    for m in PRETOKEN.finditer(text):
+        s = m.group(0)
+        out.extend(s[i : i + 8] for i in range(0, len(s), 8))
+    return out
+
+
+def answer_pieces(kind: str, n_tokens: int) -> tuple[list[str], int]:
+    """(token texts, 1-based index of the first token a client can be shown)."""
+    prose = pieces(PROSE)
+    while len(prose) < n_tokens:
+        prose += pieces(" " + PROSE)
+    if kind == "text":
+        out = prose[: n_tokens - 1] + ["<|eot_id|>"]
+        return out, 1
+    head = ["<", "function", "=get", "_weather", ">"] + pieces('{"location": "Paris, France", "unit": "celsius", "notes": "')
+    tail = pieces('"}') + ["</", "function", ">", "<|eom_id|>"]
+    fill = n_tokens - len(head) - len(tail)
+    if fill < 1:
+        raise SystemExit(f"--tokens must be at least {len(head) + len(tail) + 1} for the tool-call answer")
+    out = head + [p.replace('"', "'") for p in prose[:fill]] + tail
+    text = ""
+    for i, p in enumerate(out, 1):
+        text += p
+        if HEADER in text:
+            return out, i
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------------------------
+# The double's process (--serve-double)
+# --------------------------------------------------------------------------------------------
+
+
+def serve_double(args: argparse.Namespace) -> int:
+    """Run the TGI double; one JSON command per stdin line, one JSON answer per stdout line."""
+    sys.path.insert(0, str(ROOT))
+    if args.double_loop == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    from tests.fakes.tgi import FakeTGI, tokens
+
+    scripts = {kind: tokens(*answer_pieces(kind, args.tokens)[0]) for kind in ("text", "tool")}
+    tgi = FakeTGI(
+        script=scripts["text"],
+        max_concurrent_requests=100_000,  # TGI's overload (429) never triggers
+        model_id="meetkai/functionary-small-v3.1",
+    )
+    tgi.start()
+    out = sys.stdout
+
+    def reply(obj: Any) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    reply({"url": tgi.url, "pid": os.getpid()})
+    try:
+        for line in sys.stdin:
+            cmd = json.loads(line)
+            op = cmd["cmd"]
+            if op == "set":
+                if "answer" in cmd:
+                    tgi.script = scripts[cmd["answer"]]
+                if "token_delay" in cmd:
+                    tgi.config.token_delay = float(cmd["token_delay"])
+                reply({"ok": True})
+            elif op == "reset":
+                tgi.reset()
+                reply({"ok": True})
+            elif op == "stats":
+                gens = tgi.streams
+                last = gens[-1] if gens else None
+                reply(
+                    {
+                        "generations": len(gens),
+                        "tokens": sum(len(g.tokens) for g in gens),
+                        "outcomes": dict(Counter(g.outcome for g in gens)),
+                        "errors": [repr(e) for e in tgi.errors][:5],
+                        "peak_in_flight": tgi.peak_in_flight,
+                        "last": {"inputs": last.inputs, "parameters": last.parameters} if last else None,
+                    }
+                )
+            elif op == "quit":
+                reply({"ok": True})
+                break
+    finally:
+        tgi.stop()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Child processes
+# --------------------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the benchmark dies, however it dies (Linux)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return float("nan")
+
+
+def system_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy (all cores), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class Double:
+    def __init__(self, tokens: int, loop: str) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-double", "--tokens", str(tokens),
+               "--double-loop", loop]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=_die_with_parent
+        )
+        hello = self._read(20.0)
+        self.url, self.pid = hello["url"], hello["pid"]
+
+    def _read(self, timeout: float) -> Any:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            raise RuntimeError(f"the TGI double did not answer (exit status {self.proc.poll()})")
+        return json.loads(line)
+
+    def call(self, cmd: str, **kw: Any) -> Any:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
+        self.proc.stdin.flush()
+        return self._read(30.0)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.call("quit")
+        _end(self.proc)
+
+
+class Gateway:
+    def __init__(self, endpoint: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="bench-gateway-", suffix=".log", delete=False)  # noqa: SIM115
+        cmd = [sys.executable, "server_tgi.py", "--model", MODEL, "--template-version", TEMPLATE,
+               "--endpoint", endpoint, "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+            preexec_fn=_die_with_parent,
+        )  # fmt: skip
+        self.pid = self.proc.pid
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the gateway exited with status {self.proc.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"the gateway's /health did not answer 200 within {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 30) -> str:
+        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-n:])
+
+    def close(self) -> None:
+        _end(self.proc)
+        self.log.close()
+
+
+def _end(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# --------------------------------------------------------------------------------------------
+# The load generator's clients
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    ttft: float = float("nan")  # seconds, request written -> first showable event
+    total: float = float("nan")
+    tokens: int = 0  # generated tokens (direct: token events; gateway: usage.completion_tokens)
+    events: int = 0  # direct: token events; gateway: content + arguments chunks
+    error: str | None = None
+
+
+class Counting:
+    """Consumes one response's SSE events (bytes between blank lines) and fills a Result."""
+
+    def __init__(self, mode: str, first_visible: int, t0: float) -> None:
+        self.mode = mode
+        self.first_visible = first_visible
+        self.t0 = t0
+        self.r = Result()
+        self.done = False
+
+    def event(self, ev: bytes, now: float) -> None:
+        if not ev.startswith(b"data:"):
+            return  # keep-alive comment
+        data = ev[5:].strip()
+        if self.mode == "direct":
+            obj = orjson.loads(data)
+            if "token" not in obj:
+                self.r.error = str(obj.get("error"))
+                self.done = True
+                return
+            self.r.events += 1
+            self.r.tokens += 1
+            if self.r.events == self.first_visible:
+                self.r.ttft = now - self.t0
+            if obj.get("generated_text") is not None:
+                self.done = True
+            return
+        if data == b"[DONE]":
+            self.done = True
+            return
+        obj = orjson.loads(data)
+        if "error" in obj:
+            self.r.error = str(obj["error"])
+            return
+        if obj.get("usage"):
+            self.r.tokens = obj["usage"]["completion_tokens"]
+        for choice in obj.get("choices") or ():
+            delta = choice.get("delta") or {}
+            shown = False
+            if delta.get("content"):
+                self.r.events += 1
+                shown = True
+            for call in delta.get("tool_calls") or ():
+                shown = True
+                if (call.get("function") or {}).get("arguments"):
+                    self.r.events += 1
+            if shown and self.r.ttft != self.r.ttft:  # first showable chunk (ttft still NaN)
+                self.r.ttft = now - self.t0
+
+
+class RawClient:
+    """A minimal HTTP/1.1 client on asyncio streams: one keep-alive connection per concurrent slot,
+    chunked bodies, SSE events split on blank lines. Costs the load generator far less CPU than httpx
+    (see --compare-clients), which matters on a 2-core machine shared with the double and the gateway."""
+
+    def __init__(self, url: str) -> None:
+        m = re.fullmatch(r"http://([^:/]+):(\d+)", url)
+        assert m, url
+        self.host, self.port = m[1], int(m[2])
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return reader, writer
+
+    async def _conn(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        while self.idle:
+            reader, writer = self.idle.pop()
+            if not reader.at_eof() and not writer.is_closing():
+                return reader, writer
+            writer.close()
+        return await self._connect()
+
+    async def stream(self, path: str, body: bytes, counting: Counting) -> Result:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+            f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        reader, writer = await self._conn()
+        try:
+            counting.t0 = time.perf_counter()
+            writer.write(head + body)
+            try:
+                status_and_headers = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):  # a stale keep-alive connection
+                writer.close()
+                reader, writer = await self._connect()
+                counting.t0 = time.perf_counter()
+                writer.write(head + body)
+                status_and_headers = await reader.readuntil(b"\r\n\r\n")
+            lines = status_and_headers.decode("latin-1").split("\r\n")
+            status = int(lines[0].split()[1])
+            headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+            keep = headers.get("connection", "").lower() != "close"
+            if "chunked" not in headers.get("transfer-encoding", "").lower():
+                n = int(headers.get("content-length", "0"))
+                payload = await reader.readexactly(n)
+                counting.r.error = f"HTTP {status}: {payload[:200]!r}"
+                if keep:
+                    self.idle.append((reader, writer))
+                else:
+                    writer.close()
+                return counting.r
+            buf = b""
+            while True:
+                size_line = await reader.readuntil(b"\r\n")
+                size = int(size_line.split(b";", 1)[0], 16)
+                if size == 0:
+                    await reader.readuntil(b"\r\n")  # no trailers: the final CRLF
+                    break
+                data = await reader.readexactly(size + 2)
+                now = time.perf_counter()
+                buf += data[:-2]
+                while True:
+                    i = buf.find(b"\n\n")
+                    if i < 0:
+                        break
+                    counting.event(buf[:i], now)
+                    buf = buf[i + 2 :]
+            counting.r.total = time.perf_counter() - counting.t0
+            if status != 200:
+                counting.r.error = f"HTTP {status}"
+            if keep:
+                self.idle.append((reader, writer))
+            else:
+                writer.close()
+            return counting.r
+        except BaseException:
+            writer.close()
+            raise
+
+    async def aclose(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
+
+
+class HttpxClient:
+    """The same, on httpx (one pooled AsyncClient, limits above the stream count)."""
+
+    def __init__(self, url: str, max_streams: int) -> None:
+        import httpx
+
+        self.url = url
+        self.client = httpx.AsyncClient(
+            base_url=url,
+            timeout=httpx.Timeout(60.0),
+            limits=httpx.Limits(max_connections=max_streams + 16, max_keepalive_connections=max_streams + 16),
+            trust_env=False,
+        )
+
+    async def stream(self, path: str, body: bytes, counting: Counting) -> Result:
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        counting.t0 = time.perf_counter()
+        async with self.client.stream("POST", path, content=body, headers=headers) as response:
+            buf = b""
+            async for data in response.aiter_raw():
+                now = time.perf_counter()
+                buf += data
+                while True:
+                    i = buf.find(b"\n\n")
+                    if i < 0:
+                        break
+                    counting.event(buf[:i], now)
+                    buf = buf[i + 2 :]
+            if response.status_code != 200:
+                counting.r.error = f"HTTP {response.status_code}: {buf[:200]!r}"
+        counting.r.total = time.perf_counter() - counting.t0
+        return counting.r
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+# --------------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float:
+    """Percentile q (0-100), linear between closest ranks (numpy's default)."""
+    v = sorted(values)
+    if not v:
+        return float("nan")
+    k = (len(v) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+@dataclass
+class Run:
+    mode: str
+    streams: int
+    wall: float
+    results: list[Result]
+    cpu: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds during the run
+    double_tokens: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.results)
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.wall
+
+    def ttft(self, q: float) -> float:
+        return pct([r.ttft for r in self.results], q) * 1000
+
+
+async def wait_idle(limit: float, pids: dict[str, int], threshold: float = 0.15) -> float:
+    """Wait (at most `limit` s) until processes other than ours keep under `threshold` cores busy for
+    0.5 s: the machine is shared, and another session's test run would take CPU from the benchmark."""
+    deadline = time.monotonic() + limit
+    while True:
+        busy0, ours0, t0 = system_busy_seconds(), sum(cpu_seconds(p) for p in pids.values()), time.monotonic()
+        await asyncio.sleep(0.5)
+        dt = time.monotonic() - t0
+        other = (system_busy_seconds() - busy0 - (sum(cpu_seconds(p) for p in pids.values()) - ours0)) / dt
+        if other < threshold or time.monotonic() > deadline:
+            return other
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, double: Double, gateway: Gateway | None) -> None:
+        self.args = args
+        self.double = double
+        self.gateway = gateway
+        self.request_timeout = 30.0
+        self.direct_body = b""
+        self.gateway_body = orjson.dumps(
+            {
+                "model": MODEL,
+                "messages": [
+                    {"role": "system", "content": "You are a helpful assistant. Answer with care."},
+                    {"role": "user", "content": "What is the weather like in Paris today, and tomorrow?"},
+                ],
+                "tools": [TOOL],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        )
+        self.clients: dict[str, Any] = {}
+        self.pids = {"double": double.pid, "load generator": os.getpid()}
+        if gateway is not None:
+            self.pids["gateway"] = gateway.pid
+
+    def client(self, mode: str, kind: str | None = None) -> Any:
+        kind = kind or self.args.client
+        key = f"{mode}/{kind}"
+        if key not in self.clients:
+            url = self.double.url if mode == "direct" else self.gateway.url  # type: ignore[union-attr]
+            self.clients[key] = RawClient(url) if kind == "raw" else HttpxClient(url, max(self.args.streams))
+        return self.clients[key]
+
+    async def learn_direct_request(self) -> None:
+        """The exact inputs/parameters the gateway sends TGI, read back from the double's record."""
+        if self.gateway is not None:
+            self.double.call("reset")
+            r = await self.client("gateway").stream("/v1/chat/completions", self.gateway_body, Counting("gateway", 1, 0))
+            if r.error:
+                raise RuntimeError(f"gateway request failed: {r.error}")
+            last = self.double.call("stats")["last"]
+            inputs, parameters = last["inputs"], last["parameters"]
+        else:  # --direct-only: a hand-made prompt of the same shape (v3-llama3.1, one tool)
+            inputs = (
+                "<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n\nYou have access to the "
+                "following functions:\n\nUse the function 'get_weather' to 'Current weather and forecast for a "
+                "city'\n" + json.dumps(TOOL["function"]) + "\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>"
+                "\n\nWhat is the weather like in Paris today, and tomorrow?<|eot_id|><|start_header_id|>assistant"
+                "<|end_header_id|>\n\n"
+            )
+            parameters = {"details": True, "do_sample": True, "stop": ["<|eot_id|>", "<|eom_id|>"]}
+        self.direct_body = json.dumps(
+            {"inputs": inputs, "parameters": parameters}, ensure_ascii=False, separators=(",", ":")
+        ).encode()
+        self.direct_params = parameters
+
+    async def run(self, mode: str, streams: int, first_visible: int, client: str | None = None) -> Run:
+        c = self.client(mode, client)
+        path, body = (
+            ("/generate_stream", self.direct_body) if mode == "direct" else ("/v1/chat/completions", self.gateway_body)
+        )
+        self.double.call("reset")
+        if self.args.wait_idle > 0:
+            await wait_idle(self.args.wait_idle, self.pids)
+        cpu0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        busy0 = system_busy_seconds()
+
+        ramp = self.args.ramp_ms / 1000
+
+        async def one(i: int) -> Result:
+            if ramp:
+                await asyncio.sleep(i * ramp / streams)
+            counting = Counting(mode, first_visible if mode == "direct" else 0, 0.0)
+            try:
+                return await asyncio.wait_for(c.stream(path, body, counting), self.request_timeout)
+            except Exception as exc:  # noqa: BLE001 - counted as a failed request
+                counting.r.error = f"{type(exc).__name__}: {exc}"
+                return counting.r
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one(i) for i in range(streams)))
+        wall = time.perf_counter() - t0
+        cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in self.pids.items()}
+        cpu["other"] = max(0.0, system_busy_seconds() - busy0 - sum(cpu.values()))  # not ours
+        stats = self.double.call("stats")
+        errors = [r.error for r in results if r.error]
+        if errors or stats["outcomes"] != {"completed": streams}:
+            raise RuntimeError(
+                f"{mode} run with {streams} streams failed: {len(errors)} errors {errors[:3]}, "
+                f"double outcomes {stats['outcomes']} {stats['errors']}"
+            )
+        run = Run(mode, streams, wall, list(results), cpu, stats["tokens"])
+        if run.tokens != stats["tokens"]:
+            raise RuntimeError(f"{mode}: the client counted {run.tokens} tokens, the double sent {stats['tokens']}")
+        return run
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    answer: str
+    streams: int
+    delay_ms: float
+    runs: dict[str, list[Run]]
+
+    def med(self, mode: str, f: Any) -> float:
+        runs = self.runs.get(mode) or []
+        return statistics.median(f(r) for r in runs) if runs else float("nan")
+
+
+def f1(x: float) -> str:
+    return "–" if x != x else f"{x:,.1f}"
+
+
+def f0(x: float) -> str:
+    return "–" if x != x else f"{x:,.0f}"
+
+
+def table(rows: list[Row]) -> str:
+    out = [
+        "| streams | delay | answer | direct tok/s | gateway tok/s | ratio | direct TTFT p50 / p99 (ms) "
+        "| gateway TTFT p50 / p99 (ms) | added TTFT p50 / p99 (ms) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        d_tps, g_tps = row.med("direct", lambda r: r.tps), row.med("gateway", lambda r: r.tps)
+        d50, d99 = row.med("direct", lambda r: r.ttft(50)), row.med("direct", lambda r: r.ttft(99))
+        g50, g99 = row.med("gateway", lambda r: r.ttft(50)), row.med("gateway", lambda r: r.ttft(99))
+        out.append(
+            f"| {row.streams} | {row.delay_ms:g} ms | {row.answer} | {f0(d_tps)} | {f0(g_tps)} | "
+            f"{'–' if g_tps != g_tps else f'{g_tps / d_tps:.3f}'} | {f1(d50)} / {f1(d99)} | {f1(g50)} / {f1(g99)} | "
+            f"{f1(g50 - d50)} / {f1(g99 - d99)} |"
+        )
+    return "\n".join(out)
+
+
+def cpu_table(rows: list[Row]) -> str:
+    """CPU microseconds per generated token, per process and mode, and cores busy (median over repeats)."""
+    out = [
+        "| streams | delay | answer | mode | wall (s) | double | gateway | load generator "
+        "| cores busy: ours | cores busy: other processes |",
+        "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        for mode in ("direct", "gateway"):
+            if not row.runs.get(mode):
+                continue
+
+            def per_k(name: str, mode: str = mode) -> str:
+                v = row.med(mode, lambda r: r.cpu.get(name, float("nan")) / r.tokens)
+                return "–" if v != v else f"{v * 1e6:.0f} µs"
+
+            wall = row.med(mode, lambda r: r.wall)
+            if wall < 0.25:  # /proc's CPU times tick every 10 ms: too coarse for such a short run
+                out.append(f"| {row.streams} | {row.delay_ms:g} ms | {row.answer} | {mode} | {wall:.2f} | – | – | – | – | – |")
+                continue
+            ours = row.med(mode, lambda r: sum(v for k, v in r.cpu.items() if k != "other" and v == v) / r.wall)
+            other = row.med(mode, lambda r: r.cpu["other"] / r.wall)
+            out.append(
+                f"| {row.streams} | {row.delay_ms:g} ms | {row.answer} | {mode} | {wall:.2f} | {per_k('double')} | "
+                f"{per_k('gateway') if mode == 'gateway' else '(idle)'} | {per_k('load generator')} | {ours:.2f} "
+                f"| {other:.2f} |"
+            )
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Profiling (py-spy on the gateway process)
+# --------------------------------------------------------------------------------------------
+
+
+def summarize_profile(raw: Path, top: int = 25) -> str:
+    """Self and inclusive sample counts per function from py-spy's collapsed stacks."""
+    self_c: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        count = int(n)
+        total += count
+        frames = [re.sub(r" \((.*?):\d+\)$", r" (\1)", f) for f in stack.split(";")]
+        frames = [re.sub(r"\S*/site-packages/|\S*/lib/python3\.\d+/|" + re.escape(str(ROOT)) + "/", "", f) for f in frames]
+        if frames:
+            self_c[frames[-1]] += count
+        for f in set(frames):
+            incl[f] += count
+    lines = [f"{total} samples (active only)", "", "top self:"]
+    lines += [f"  {c / total:6.1%}  {f}" for f, c in self_c.most_common(top)]
+    lines += ["", "top inclusive:"]
+    lines += [f"  {c / total:6.1%}  {f}" for f, c in incl.most_common(top)]
+    return "\n".join(lines)
+
+
+async def profile_gateway(bench: Bench, streams: int, first_visible: int, seconds: float) -> str:
+    pyspy = Path(sys.executable).with_name("py-spy")
+    if not pyspy.exists():
+        return "py-spy is not installed in the venv (.venv/bin/pip install py-spy)"
+    out = Path(tempfile.mkdtemp(prefix="bench-pyspy-")) / "gateway.txt"
+    cmd = [str(pyspy), "record", "-p", str(bench.gateway.pid), "-d", str(int(seconds)), "-r", "200",  # type: ignore[union-attr]
+           "-f", "raw", "-o", str(out), "--nonblocking"]  # fmt: skip
+    spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    await asyncio.sleep(1.0)
+    deadline = time.monotonic() + seconds - 1.0
+    runs = []
+    while time.monotonic() < deadline - 3.0 and spy.poll() is None:
+        runs.append(await bench.run("gateway", streams, first_visible))
+    try:
+        _, err = spy.communicate(timeout=seconds + 30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        _, err = spy.communicate()
+    if not out.exists():
+        return f"py-spy failed: {err.strip()[-500:]}"
+    tps = statistics.median(r.tps for r in runs) if runs else float("nan")
+    return f"{len(runs)} gateway runs while profiling ({tps:,.0f} tok/s)\n" + summarize_profile(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+async def bench_main(args: argparse.Namespace, double: Double, gateway: Gateway | None) -> int:
+    bench = Bench(args, double, gateway)
+    started = time.monotonic()
+    await bench.learn_direct_request()
+    modes = ["direct"] if gateway is None else ["direct", "gateway"]
+    print(f"# direct request: {len(bench.direct_body)} bytes, parameters {json.dumps(bench.direct_params)}", flush=True)
+
+    if args.compare_clients:
+        print("\n## load generator clients (direct mode, one run each after a warm-up)\n", flush=True)
+        print("| client | streams | delay | tok/s | TTFT p50 / p99 (ms) | load generator CPU / token "
+              "| double CPU / token | other processes (cores) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for delay in args.delays_ms:
+            double.call("set", answer="text", token_delay=delay / 1000)
+            for kind in ("raw", "httpx"):
+                await bench.run("direct", max(args.streams), 1, client=kind)
+                r = await bench.run("direct", max(args.streams), 1, client=kind)
+                cpu = r.cpu["load generator"] / r.tokens * 1e6
+                dbl = r.cpu["double"] / r.tokens * 1e6
+                print(f"| {kind} | {r.streams} | {delay:g} ms | {r.tps:,.0f} | {r.ttft(50):.1f} / {r.ttft(99):.1f} "
+                      f"| {cpu:.0f} µs | {dbl:.0f} µs | {r.cpu['other'] / r.wall:.2f} |", flush=True)  # fmt: skip
+
+    rows: list[Row] = []
+    for delay in args.delays_ms:
+        for streams in args.streams:
+            for answer in args.answers:
+                if time.monotonic() - started > args.max_seconds:
+                    print(f"# --max-seconds {args.max_seconds} reached: stopping early", flush=True)
+                    break
+                first_visible = answer_pieces(answer, args.tokens)[1]
+                double.call("set", answer=answer, token_delay=delay / 1000)
+                row = Row(answer, streams, delay, {m: [] for m in modes})
+                for mode in modes:  # warm-up
+                    await bench.run(mode, streams, first_visible)
+                for _ in range(args.repeats):
+                    for mode in modes:
+                        row.runs[mode].append(await bench.run(mode, streams, first_visible))
+                rows.append(row)
+                d = row.runs["direct"]
+                g = row.runs.get("gateway") or []
+                print(
+                    f"# {streams:>3} streams {delay:>4g} ms {answer:<4}: direct "
+                    + " ".join(f"{r.tps:,.0f}" for r in d) + " tok/s"
+                    + ("; gateway " + " ".join(f"{r.tps:,.0f}" for r in g) + " tok/s" if g else "")
+                    + "; other processes %.2f cores" % statistics.median(
+                        r.cpu["other"] / r.wall for r in d + g)
+                    + (f"; gateway chunks/answer {statistics.median(r.events for r in g[-1].results):.0f}" if g else ""),
+                    flush=True,
+                )  # fmt: skip
+
+    print("\n## gateway vs direct (median of %d runs each)\n" % args.repeats)
+    print(table(rows))
+    print("\n## CPU time per generated token, and cores busy during the run (median of runs)\n")
+    print(cpu_table(rows))
+
+    if args.profile and gateway is not None:
+        streams, delay = max(args.streams), args.delays_ms[0]
+        double.call("set", answer="text", token_delay=delay / 1000)
+        print(f"\n## py-spy on the gateway: {streams} streams, {delay:g} ms/token, text answer, {args.profile:g} s\n")
+        print("```")
+        print(await profile_gateway(bench, streams, 1, args.profile))
+        print("```")
+    for c in bench.clients.values():
+        await c.aclose()
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 64, 256], help="concurrent streams (default 1 64 256)")
+    p.add_argument("--delays-ms", type=float, nargs="+", default=[20.0, 0.0], help="per-token delays (default 20 0)")
+    p.add_argument("--tokens", type=int, default=128, help="tokens per answer, stop token included (default 128)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per configuration and mode (default 3)")
+    p.add_argument("--answers", nargs="+", choices=["text", "tool"], default=["text", "tool"])
+    p.add_argument("--ramp-ms", type=float, default=0, help="spread the N starts over this long (default 0: all at once)")
+    p.add_argument("--client", choices=["raw", "httpx"], default="raw", help="load generator's HTTP client")
+    p.add_argument("--compare-clients", action="store_true", help="first measure raw vs httpx in direct mode")
+    p.add_argument("--direct-only", action="store_true", help="no gateway: only the direct runs (dry run)")
+    p.add_argument("--profile", type=float, default=0, metavar="SECONDS", help="py-spy the gateway at the end")
+    p.add_argument("--double-loop", choices=["uvloop", "asyncio"], default="uvloop", help="the double's event loop")
+    p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                   help="before each run, wait up to this long for other processes to leave the CPUs idle")
+    p.add_argument("--max-seconds", type=float, default=1200, help="stop starting configurations after this")
+    p.add_argument("--serve-double", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.serve_double:
+        return serve_double(args)
+
+    import uvloop
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    double = gateway = None
+    try:
+        double = Double(args.tokens, args.double_loop)
+        if not args.direct_only:
+            gateway = Gateway(double.url)
+            gateway.wait_healthy()
+        busy0, t0 = system_busy_seconds(), time.monotonic()
+        time.sleep(1.0)
+        other = (system_busy_seconds() - busy0) / (time.monotonic() - t0)
+        print(f"# before the start, other processes kept {other:.2f} of {os.cpu_count()} cores busy"
+              + ("  <-- WARNING: the machine is not idle, the numbers will be lower" if other > 0.2 else ""))
+        print(f"# machine: {os.cpu_count()} cores; double {double.url} (pid {double.pid}, {args.double_loop}); "
+              f"gateway {gateway.url if gateway else '-'} (pid {gateway.pid if gateway else '-'}); "
+              f"client {args.client}", flush=True)  # fmt: skip
+        return uvloop.run(asyncio.wait_for(bench_main(args, double, gateway), args.max_seconds + 600))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if gateway is not None:
+            gateway.close()
+        if double is not None:
+            double.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
