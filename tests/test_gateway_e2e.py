@@ -171,8 +171,12 @@ def test_one_call_stream_arguments_arrive_incrementally(tgi, served, client):
 
 def test_parallel_calls_stream_and_not(tgi, served, client):
     version, _ = served
-    if version is Version.V1:
-        pytest.skip("v1 makes one call per turn (FORMATS.md §4)")
+    if version is Version.V1:  # v1 makes one call per turn (FORMATS.md §4): a second one is arguments
+        tgi.script = tokens("<|START_OF_FUNCTION_CALL|>", "get_time:\n{}", "<|START_OF_FUNCTION_CALL|>", "x", EOS)
+        r = client.chat.completions.create(model=MODEL, **body(version, "parallel"))
+        fc = r.choices[0].message.function_call
+        assert (fc.name, fc.arguments) == ("get_time", "{}<|START_OF_FUNCTION_CALL|>x")
+        return
     script(tgi, version, "parallel")
     r = client.chat.completions.create(model=MODEL, **body(version, "parallel"))
     got = [(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls]

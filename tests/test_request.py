@@ -215,6 +215,14 @@ BAD_REQUESTS = [
         "tools[0].function.parameters",
         "Invalid schema",
     ),
+    (
+        {
+            "messages": [USER],
+            "tools": [WEATHER, {"type": "function", "function": {"name": "f", "parameters": {"properties": [1]}}}],
+        },
+        "tools[1].function.parameters",
+        "Invalid schema",
+    ),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "Supported values"),
     ({"messages": [{"role": "user"}]}, "messages[0].content", "is required"),
     (

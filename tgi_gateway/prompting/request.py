@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import InvalidRequestError
-from .schema import SchemaError, resolve_refs
+from .schema import SchemaError, resolve_refs, ts_schema
 from .types import ChatPrompt, Function, Message, NamedChoice, Tool, ToolCall, ToolChoice
 
 __all__ = ["normalize"]
@@ -140,7 +140,14 @@ def _function(raw: Any, param: str) -> Function:
             raise InvalidRequestError(
                 f"Invalid schema in '{param}.parameters': {exc}", param=f"{param}.parameters"
             ) from None
-    return Function(name=name, description=description, parameters=parameters)
+    function = Function(name=name, description=description, parameters=parameters)
+    try:  # a schema the TypeScript renderer cannot print is refused here, where we know which one it is
+        ts_schema((function,))
+    except SchemaError as exc:
+        raise InvalidRequestError(
+            f"Invalid schema in '{param}.parameters': {exc}", param=f"{param}.parameters"
+        ) from None
+    return function
 
 
 def _function_names(tools: Sequence[Tool]) -> set[str]:

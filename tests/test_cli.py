@@ -1,0 +1,88 @@
+"""`python3 server_tgi.py ...` as a user runs it: a real process, a model directory, the TGI double."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.fakes.tgi import EOT, FakeTGI, tokens
+
+ROOT = Path(__file__).resolve().parents[1]
+V31_TEMPLATE = "{# version=v3-llama3.1 #}{%- for message in messages %}...{%- endfor %}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "server_tgi.py"), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": V31_TEMPLATE}))
+    return tmp_path
+
+
+def test_serves_a_local_model_directory(model_dir: Path) -> None:
+    port = free_port()
+    with FakeTGI(script=tokens("Hello", "!", EOT)) as tgi:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, str(ROOT / "server_tgi.py"), "--model", str(model_dir), "--served-model-name", "fn",
+               "--endpoint", tgi.url, "--port", str(port)]  # fmt: skip
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            for _ in range(300):  # bounded: 30 s at most
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                time.sleep(0.1)
+            ready = time.monotonic() - started
+            with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client:
+                r = client.chat.completions.create(model="fn", messages=[{"role": "user", "content": "Hi"}])
+            assert r.choices[0].message.content == "Hello!"
+            assert tgi.last_generation.inputs.startswith("<|start_header_id|>system<|end_header_id|>")
+            assert ready < 10
+        finally:
+            proc.send_signal(signal.SIGINT)
+            out, _ = proc.communicate(timeout=15)
+        assert proc.returncode == 0, out
+        assert "v3-llama3.1" in out
+
+
+def test_missing_model_flag_exits_2() -> None:
+    r = run_cli()
+    assert r.returncode == 2 and "--model" in r.stderr
+
+
+def test_bad_flag_values_exit_2(model_dir: Path) -> None:
+    r = run_cli("--model", str(model_dir), "--endpoint", "ftp://x")
+    assert r.returncode == 2 and "--endpoint" in r.stderr and "http" in r.stderr
+
+
+def test_not_a_functionary_model_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    r = run_cli("--model", str(tmp_path))
+    assert r.returncode == 2
+    assert "v3-llama3.1" in r.stderr and "--template-version" in r.stderr
