@@ -374,6 +374,38 @@ def test_client_disconnect_closes_the_upstream_request(tgi, v31):
     gate.open()
 
 
+def test_client_disconnect_before_the_first_token(tgi, v31):
+    gate = Gate()
+    tgi.script = [gate, "It", EOT]  # TGI has the request queued: no token, so no response headers yet
+
+    async def go() -> float:
+        async with httpx.AsyncClient(base_url=v31) as h:
+            req = h.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "stream": True})
+            task = asyncio.create_task(req)
+            assert await tgi.wait_until_async(lambda: tgi.streams_open == 1, 5)
+            task.cancel()
+            left = time.monotonic()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return left
+
+    left = asyncio.run(go())
+    assert tgi.wait_until(lambda: tgi.last_generation.disconnected, 5)
+    assert tgi.last_generation.disconnected_at - left < 0.2
+    gate.open()
+
+
+def test_upstream_connections_are_reused(tgi, c31):
+    tgi.script = SCRIPTS[Version.V3_LLAMA31]["text"]
+    for stream in (False, False, True, True):
+        if stream:
+            list(c31.chat.completions.create(model=MODEL, messages=ASK, stream=True))
+        else:
+            c31.chat.completions.create(model=MODEL, messages=ASK)
+    peers = [g.request.client for g in tgi.generations[-4:]]
+    assert len(set(peers)) == 1, peers
+
+
 def test_client_disconnect_non_stream(tgi, v31):
     gate = Gate()
     tgi.script = ["It", gate, " sunny", EOT]

@@ -66,15 +66,25 @@ class EventStreamResponse(StreamingResponse):
     body is raced against `http.disconnect`, as Starlette did before ASGI spec 2.4.
     """
 
+    def __init__(self, content: AsyncIterator[bytes], *, on_close: Callable[[], Awaitable[Any]], **kw: Any) -> None:
+        super().__init__(content, media_type="text/event-stream", **kw)
+        self._on_close = on_close
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as tg:
+        try:
+            async with anyio.create_task_group() as tg:
 
-            async def run(func: Callable[[], Awaitable[None]]) -> None:
-                await func()
-                tg.cancel_scope.cancel()
+                async def run(func: Callable[[], Awaitable[None]]) -> None:
+                    await func()
+                    tg.cancel_scope.cancel()
 
-            tg.start_soon(run, partial(self.stream_response, send))
-            await run(partial(self.listen_for_disconnect, receive))
+                tg.start_soon(run, partial(self.stream_response, send))
+                await run(partial(self.listen_for_disconnect, receive))
+        finally:
+            # The body may have been cancelled before it ever ran (its own cleanup then never runs):
+            # close the upstream TGI response here in every case.
+            with anyio.CancelScope(shield=True):
+                await self._on_close()
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -155,14 +165,20 @@ class Gateway:
         answer = Answer(self.template.parser(prompt), ctx, req.stop_list, keep_events=not req.stream)
 
         stack = AsyncExitStack()
-        try:
+
+        async def start() -> tuple[AsyncIterator[Any], Any]:
             tokens = await stack.enter_async_context(self.client.generate_stream(inputs, parameters))
-            first = await anext(tokens)  # TGI's request errors arrive here: still a proper HTTP error
+            return tokens, await anext(tokens)  # TGI's request errors arrive here: still a proper HTTP error
+
+        try:  # TGI may queue the request a long time: a client that leaves meanwhile cancels it
+            tokens, first = await until_disconnect(request, start())
         except BaseException:
             await stack.aclose()
             raise
         if req.stream:
-            return EventStreamResponse(self._events(stack, tokens, first, answer, ctx), headers=SSE_HEADERS)
+            return EventStreamResponse(
+                self._events(stack, tokens, first, answer, ctx), on_close=stack.aclose, headers=SSE_HEADERS
+            )
         try:
             return await until_disconnect(request, self._complete(tokens, first, answer, ctx))
         finally:
@@ -174,6 +190,7 @@ class Gateway:
             answer.feed(item.text, item.special)
             item = await _next(tokens)
         answer.finish(item.finish_reason)
+        await anext(tokens, None)  # read TGI's end of body: the connection goes back to the pool
         body = chat_completion(ctx, answer.message(item.finish_reason), item.input_length or 0, item.generated_tokens)
         return json_response(body)
 
@@ -192,10 +209,15 @@ class Gateway:
                 logger.warning("TGI failed mid-stream: %s", exc.message)
                 yield encode_sse(exc.to_dict())
                 return
+            except Exception:
+                logger.exception("unexpected error mid-stream")
+                yield encode_sse(GatewayError("The gateway failed unexpectedly; see its log.").to_dict())
+                return
             out = answer.finish(item.finish_reason)
             if ctx.include_usage:
                 out.append(answer.usage_chunk(item.input_length or 0, item.generated_tokens))
             yield b"".join(map(encode_sse, out)) + SSE_DONE
+            await anext(tokens, None)  # read TGI's end of body: the connection goes back to the pool
 
 
 async def _next(tokens: AsyncIterator[Any]) -> Any:
