@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from tests.fakes.serve import serve
-from tests.fakes.tgi import EOS, EOT, FakeTGI, Fail, Gate, special, tokens
+from tests.fakes.tgi import EOS, EOT, Drop, FakeTGI, Fail, Gate, special, tokens
 from tgi_gateway.app import create_app
 from tgi_gateway.prompting import Template, Version, normalize
 from tgi_gateway.settings import Settings
@@ -71,6 +71,23 @@ SCRIPTS: dict[Version, dict[str, list[Any]]] = {
     },
 }
 VERSIONS = list(SCRIPTS)
+CODE = "import math\nprint(math.pi)"
+PYTHON: dict[Version, list[Any]] = {
+    Version.V1: tokens("<|START_OF_FUNCTION_CALL|>", "python:\n", "import math\n", "print(math.pi)",
+                       "<|END_OF_FUNCTION_CALL|>", EOS),
+    Version.V2: tokens("python", "\n", "<|content|>", "import math\n", "print(math.pi)", "<|stop|>", EOS),
+    Version.V2_LLAMA3: tokens(SEP, "python", "\n", "import math\n", "print(math.pi)", EOT),
+    Version.V3_LLAMA3: tokens("python", "\n", "import math\n", "print(math.pi)", EOT),
+    Version.V3_LLAMA31: tokens("<|python_tag|>", "import math\n", "print(math.pi)", EOM),
+}
+# The answer to a named choice: the prefix (in the prompt) already opened the call, except in v1.
+NAMED: dict[Version, list[Any]] = {
+    Version.V1: tokens("<|START_OF_FUNCTION_CALL|>", "get_time:\n", "{}", "<|END_OF_FUNCTION_CALL|>", EOS),
+    Version.V2: tokens("{}", "<|stop|>", EOS),
+    Version.V2_LLAMA3: tokens("{}", EOT),
+    Version.V3_LLAMA3: tokens("{}", EOT),
+    Version.V3_LLAMA31: tokens("{}", "</function>", EOM),
+}
 
 
 @contextmanager
@@ -198,6 +215,63 @@ def test_legacy_functions(tgi, served, client):
     assert final.choices[0].message.tool_calls is None and final.choices[0].finish_reason == "function_call"
 
 
+def test_code_interpreter(tgi, served, client):
+    version, _ = served
+    tgi.script = PYTHON[version]
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=[{"type": "code_interpreter"}])  # type: ignore[list-item]
+    [call] = r.choices[0].message.tool_calls
+    assert (call.function.name, call.function.arguments) == ("python", CODE)
+    assert r.choices[0].finish_reason == "tool_calls"
+    inputs = tgi.last_generation.inputs
+    assert ("Environment: ipython" if version is Version.V3_LLAMA31 else "stateful Jupyter notebook") in inputs
+
+
+@pytest.mark.parametrize("choice", ["required", "none", {"type": "function", "function": {"name": "get_time"}}])
+def test_tool_choice_forms(tgi, served, client, choice):
+    version, _ = served
+    legacy = version is Version.V1
+    request = body(version, "call")
+    if legacy:
+        request["function_call"] = {"name": "get_time"} if isinstance(choice, dict) else choice
+        if choice == "required":  # legacy function_call is 'none', 'auto' or a name, as in OpenAI
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model=MODEL, **request)
+            assert e.value.param == "function_call"
+            return
+    else:
+        request["tool_choice"] = choice
+    if isinstance(choice, dict):
+        tgi.script = NAMED[version]
+    elif choice == "none":  # v2 and v3.llama3 prompts end with the text recipient: the answer is the text
+        text = SCRIPTS[version]["text"]
+        tgi.script = text[3:] if version is Version.V2 else text[2:] if version is Version.V3_LLAMA3 else text
+    else:  # v2.llama3 and v3-llama3.1 prompts end with the call marker: the answer starts with the name
+        call = SCRIPTS[version]["call"]
+        tgi.script = call[1:] if version in (Version.V2_LLAMA3, Version.V3_LLAMA31) else call
+    r = client.chat.completions.create(model=MODEL, **request)
+    prompt = normalize(request)
+    assert tgi.last_generation.inputs == Template(version).render(prompt)
+    message, finish = r.choices[0].message, r.choices[0].finish_reason
+    if choice == "none":
+        assert message.content == "It is sunny." and finish == "stop"
+        assert "get_weather" not in tgi.last_generation.inputs, "'none' shows no tools at all"
+    elif isinstance(choice, dict):
+        call = message.function_call if legacy else message.tool_calls[0]
+        name, arguments = (call.name, call.arguments) if legacy else (call.function.name, call.function.arguments)
+        assert (name, arguments) == ("get_time", "{}") and finish == "stop"
+        assert "get_weather" not in tgi.last_generation.inputs, "a named choice shows only that function"
+    else:
+        assert message.tool_calls[0].function.name == "get_weather" and finish == "tool_calls"
+
+
+def test_tgi_cut_mid_stream(tgi, served, client):
+    version, _ = served
+    tgi.script = [*SCRIPTS[version]["text"][:2], Drop()]
+    with pytest.raises(openai.APIError) as e:
+        list(client.chat.completions.create(model=MODEL, stream=True, **body(version, "text")))
+    assert "TGI" in e.value.message
+
+
 # ------------------------------------------------------------------------------------------------
 # One version in depth (v3-llama3.1, the newest)
 # ------------------------------------------------------------------------------------------------
@@ -234,14 +308,6 @@ def test_tool_choice_prefix_reaches_tgi(tgi, c31, choice, prefix):
         [call] = r.choices[0].message.tool_calls
         assert (call.function.name, call.function.arguments) == ("get_time", "{}")
         assert r.choices[0].finish_reason == "stop", "a named choice finishes with stop, as OpenAI does"
-
-
-def test_code_interpreter(tgi, c31):
-    tgi.script = tokens("<|python_tag|>", "import math\n", "print(math.pi)", EOM)
-    r = c31.chat.completions.create(model=MODEL, messages=ASK, tools=[{"type": "code_interpreter"}])  # type: ignore[list-item]
-    [call] = r.choices[0].message.tool_calls
-    assert (call.function.name, call.function.arguments) == ("python", "import math\nprint(math.pi)")
-    assert "Environment: ipython" in tgi.last_generation.inputs
 
 
 def test_include_usage_and_sampling_parameters(tgi, c31):
