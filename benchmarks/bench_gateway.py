@@ -145,9 +145,9 @@ def serve_double(args: argparse.Namespace) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     from tests.fakes.tgi import FakeTGI, tokens
 
-    scripts = {kind: tokens(*answer_pieces(kind, args.tokens)[0]) for kind in ("text", "tool")}
+    scripts = {kind: tokens(*answer_pieces(kind, args.tokens)[0]) for kind in args.answers}
     tgi = FakeTGI(
-        script=scripts["text"],
+        script=scripts[args.answers[0]],
         max_concurrent_requests=100_000,  # TGI's overload (429) never triggers
         model_id="meetkai/functionary-small-v3.1",
     )
@@ -229,9 +229,9 @@ def system_busy_seconds() -> float:
 
 
 class Double:
-    def __init__(self, tokens: int, loop: str) -> None:
+    def __init__(self, tokens: int, loop: str, answers: list[str]) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-double", "--tokens", str(tokens),
-               "--double-loop", loop]  # fmt: skip
+               "--double-loop", loop, "--answers", *answers]  # fmt: skip
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=_die_with_parent
         )
@@ -780,10 +780,10 @@ async def bench_main(args: argparse.Namespace, double: Double, gateway: Gateway 
               "| double CPU / token | other processes (cores) |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for delay in args.delays_ms:
-            double.call("set", answer="text", token_delay=delay / 1000)
+            double.call("set", answer=args.answers[0], token_delay=delay / 1000)
             for kind in ("raw", "httpx"):
-                await bench.run("direct", max(args.streams), 1, client=kind)
-                r = await bench.run("direct", max(args.streams), 1, client=kind)
+                await bench.run("direct", max(args.streams), answer_pieces(args.answers[0], args.tokens)[1], client=kind)
+                r = await bench.run("direct", max(args.streams), answer_pieces(args.answers[0], args.tokens)[1], client=kind)
                 cpu = r.cpu["load generator"] / r.tokens * 1e6
                 dbl = r.cpu["double"] / r.tokens * 1e6
                 print(f"| {kind} | {r.streams} | {delay:g} ms | {r.tps:,.0f} | {r.ttft(50):.1f} / {r.ttft(99):.1f} "
@@ -824,10 +824,11 @@ async def bench_main(args: argparse.Namespace, double: Double, gateway: Gateway 
 
     if args.profile and gateway is not None:
         streams, delay = max(args.streams), args.delays_ms[0]
-        double.call("set", answer="text", token_delay=delay / 1000)
-        print(f"\n## py-spy on the gateway: {streams} streams, {delay:g} ms/token, text answer, {args.profile:g} s\n")
+        answer = args.answers[0]
+        double.call("set", answer=answer, token_delay=delay / 1000)
+        print(f"\n## py-spy on the gateway: {streams} streams, {delay:g} ms/token, {answer} answer, {args.profile:g} s\n")
         print("```")
-        print(await profile_gateway(bench, streams, 1, args.profile))
+        print(await profile_gateway(bench, streams, answer_pieces(answer, args.tokens)[1], args.profile))
         print("```")
     for c in bench.clients.values():
         await c.aclose()
@@ -863,7 +864,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_term)
     double = gateway = None
     try:
-        double = Double(args.tokens, args.double_loop)
+        for answer in args.answers:
+            answer_pieces(answer, args.tokens)  # refuse a --tokens too small before starting anything
+        double = Double(args.tokens, args.double_loop, args.answers)
         if not args.direct_only:
             gateway = Gateway(double.url)
             gateway.wait_healthy()

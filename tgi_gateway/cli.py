@@ -10,13 +10,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
+from pathlib import Path
+
 from pydantic import ValidationError
 
+from .container_manager import DEFAULT_IMAGE, ContainerManager, LaunchError, LaunchSpec
 from .errors import ConfigurationError
 from .prompting.types import Version
+from .settings import Settings
 
 log = logging.getLogger("tgi_gateway")
 
@@ -41,14 +46,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-timeout", type=float, help="seconds to wait between two TGI stream events (default 60)")
     p.add_argument("--connect-retries", type=int, help="connection attempts to TGI before answering 503 (default 3)")
     p.add_argument("--log-level", help="critical, error, warning, info (default) or debug")
+    p.add_argument("--shutdown-grace", type=float, help="seconds in-flight requests get to finish at shutdown (30)")
+
+    d = p.add_argument_group("launching TGI with Docker (when nothing answers at a local --endpoint)")
+    d.add_argument("--no-launch", dest="launch", action="store_false", default=None,
+                   help="never start TGI; answer 503 until the endpoint is up")
+    d.add_argument("--tgi-image", help=f"TGI image (default {DEFAULT_IMAGE})")
+    d.add_argument("--gpus", help="all (default), a count, or device ids such as 0,1")
+    d.add_argument("--tgi-publish-host", help="host address TGI's port is published on (default 127.0.0.1)")
+    d.add_argument("--hf-cache", help="host directory mounted on /data for downloads (default: your HF home)")
+    d.add_argument("--max-input-tokens", type=int, help="TGI --max-input-tokens")
+    d.add_argument("--max-total-tokens", type=int, help="TGI --max-total-tokens")
+    d.add_argument("--num-shard", type=int, help="TGI --num-shard (GPUs to shard the model over)")
+    d.add_argument("--quantize", help="TGI --quantize (awq, gptq, bitsandbytes-nf4, fp8, ...)")
+    d.add_argument("--dtype", help="TGI --dtype (float16, bfloat16)")
+    d.add_argument("--tgi-arg", dest="tgi_args", action="append", metavar="ARG",
+                   help="extra text-generation-launcher argument (repeatable), e.g. --tgi-arg=--max-batch-prefill-tokens=4096")
+    d.add_argument("--startup-timeout", type=float, help="seconds TGI may take to load (default 1800)")
+    d.add_argument("--keep-tgi", action="store_true", default=None,
+                   help="leave the TGI container this gateway started running at exit")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from .settings import Settings
-
         settings = Settings(**{k: v for k, v in vars(args).items() if v is not None})
     except ValidationError as exc:
         for err in exc.errors():
@@ -75,18 +97,65 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     log.info("%s uses Functionary template %s", settings.model, template.version)
 
+    manager = None
+    if settings.launch:
+        manager = ContainerManager(launch_spec(settings))
+        previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM while TGI loads: clean up, then exit
+        try:
+            manager.ensure_tgi()
+        except LaunchError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except (KeyboardInterrupt, SystemExit):
+            print("interrupted while starting TGI; its container was removed", file=sys.stderr)
+            return 130
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
     import uvicorn
 
     from .app import create_app
 
-    uvicorn.run(
-        create_app(settings, template),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        http="httptools",
-        loop="uvloop" if sys.platform != "win32" else "asyncio",
-        timeout_graceful_shutdown=30,
-    )
+    try:
+        # uvicorn handles SIGINT/SIGTERM: it stops accepting, lets in-flight requests finish within the
+        # grace period, runs the app's shutdown, then returns here.
+        uvicorn.run(
+            create_app(settings, template),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            access_log=False,
+            http="httptools",
+            loop="uvloop" if sys.platform != "win32" else "asyncio",
+            timeout_graceful_shutdown=settings.shutdown_grace,
+        )
+    finally:
+        if manager is not None:
+            manager.release()
     return 0
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def launch_spec(settings: Settings) -> LaunchSpec:
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+    return LaunchSpec(
+        model=settings.model,
+        endpoint=settings.endpoint,
+        image=settings.tgi_image,
+        gpus=settings.gpus,
+        publish_host=settings.tgi_publish_host,
+        hf_cache=Path(settings.hf_cache).expanduser() if settings.hf_cache else None,
+        hf_token=token,
+        revision=settings.revision,
+        max_input_tokens=settings.max_input_tokens,
+        max_total_tokens=settings.max_total_tokens,
+        num_shard=settings.num_shard,
+        quantize=settings.quantize,
+        dtype=settings.dtype,
+        extra_args=tuple(settings.tgi_args),
+        startup_timeout=settings.startup_timeout,
+        keep=settings.keep_tgi,
+    )

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .container_manager import DEFAULT_IMAGE
 from .prompting.types import Version
 
 
@@ -29,6 +30,22 @@ class Settings(BaseSettings):
     read_timeout: float = Field(60.0, gt=0, description="Seconds to wait for TGI between two stream events.")
     connect_retries: int = Field(3, ge=1, le=10, description="Connection attempts to TGI before a 503.")
     log_level: str = Field("info", description="critical, error, warning, info or debug.")
+    shutdown_grace: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish at shutdown.")
+
+    # Launching TGI with Docker when nothing answers at a local endpoint (tgi_gateway/container_manager.py).
+    launch: bool = Field(True, description="Start TGI in Docker when nothing answers at a local endpoint.")
+    tgi_image: str = Field(DEFAULT_IMAGE, description="TGI image to run.")
+    gpus: str = Field("all", pattern=r"^(all|\d+(,\d+)*)$", description="all, a count, or device ids (0,1).")
+    tgi_publish_host: str = Field("127.0.0.1", description="Host address the TGI port is published on.")
+    hf_cache: str | None = Field(None, description="Host directory mounted on /data (default: the HF home).")
+    max_input_tokens: int | None = Field(None, ge=1)
+    max_total_tokens: int | None = Field(None, ge=2)
+    num_shard: int | None = Field(None, ge=1)
+    quantize: str | None = None
+    dtype: str | None = None
+    tgi_args: tuple[str, ...] = Field((), description="Extra text-generation-launcher arguments.")
+    startup_timeout: float = Field(1800.0, gt=0, description="Seconds TGI may take to become healthy.")
+    keep_tgi: bool = Field(False, description="Leave the TGI container this gateway started running at exit.")
 
     @field_validator("endpoint")
     @classmethod
