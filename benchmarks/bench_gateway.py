@@ -27,12 +27,22 @@ total time, tokens. Per run: tokens/s = all tokens / wall time of the run; TTFT 
 run of each mode per configuration, then ``--repeats`` runs of each (alternating), medians reported.
 Every process's CPU time per run is read from /proc.
 
-Run from the repository root (a few minutes; bounded by ``--max-seconds``)::
+By default the N requests of a run start at once (a burst: TTFT then includes admitting N requests
+together); ``--ramp-ms T`` spreads the starts evenly over T ms instead (with T = one answer's duration,
+e.g. 2560 for 128 tokens at 20 ms, N streams are in flight in a steady state, each arriving alone).
 
-    .venv/bin/python benchmarks/bench_gateway.py
+The machine is shared: ``--wait-idle S`` waits (up to S s) before each run until other processes leave
+the CPUs idle, and every run reports how busy other processes kept the cores.
+
+Run from the repository root (about 8 minutes with the defaults; bounded by ``--max-seconds``)::
+
+    .venv/bin/python benchmarks/bench_gateway.py --compare-clients --wait-idle 20 --profile 10
     .venv/bin/python benchmarks/bench_gateway.py --streams 1 64 256 --delays-ms 20 0 --tokens 128 --repeats 3
+    .venv/bin/python benchmarks/bench_gateway.py --streams 64 128 256 --delays-ms 20 --ramp-ms 2560
     .venv/bin/python benchmarks/bench_gateway.py --direct-only --streams 64 --repeats 1      # no gateway needed
-    .venv/bin/python benchmarks/bench_gateway.py --profile 8    # + py-spy on the gateway, 256 streams, 20 ms
+
+``--profile S`` (py-spy, ``.venv/bin/pip install py-spy``) samples the gateway for S seconds while it
+serves the largest stream count at the first delay, and prints the top frames.
 
 Results: docs/performance.md, "Gateway vs direct streaming".
 """
@@ -43,6 +53,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import select
@@ -117,7 +128,9 @@ def answer_pieces(kind: str, n_tokens: int) -> tuple[list[str], int]:
     if kind == "text":
         out = prose[: n_tokens - 1] + ["<|eot_id|>"]
         return out, 1
-    head = ["<", "function", "=get", "_weather", ">"] + pieces('{"location": "Paris, France", "unit": "celsius", "notes": "')
+    head = ["<", "function", "=get", "_weather", ">"] + pieces(
+        '{"location": "Paris, France", "unit": "celsius", "notes": "'
+    )
     tail = pieces('"}') + ["</", "function", ">", "<|eom_id|>"]
     fill = n_tokens - len(head) - len(tail)
     if fill < 1:
@@ -212,11 +225,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc."""
+def cpu_seconds(pid: int, kernel_only: bool = False) -> float:
+    """utime + stime (or stime alone) of a process, from /proc."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        ticks = int(fields[12]) + (0 if kernel_only else int(fields[11]))
+        return ticks / os.sysconf("SC_CLK_TCK")
     except OSError:
         return float("nan")
 
@@ -233,7 +247,12 @@ class Double:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-double", "--tokens", str(tokens),
                "--double-loop", loop, "--answers", *answers]  # fmt: skip
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=_die_with_parent
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - started before any thread exists
         )
         hello = self._read(20.0)
         self.url, self.pid = hello["url"], hello["pid"]
@@ -267,7 +286,7 @@ class Gateway:
                "--endpoint", endpoint, "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - started before any thread exists
         )  # fmt: skip
         self.pid = self.proc.pid
 
@@ -277,7 +296,9 @@ class Gateway:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the gateway exited with status {self.proc.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"the gateway exited with status {self.proc.returncode}:\n{self.log_tail()}"
+                )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
                     return
@@ -309,8 +330,8 @@ def _end(proc: subprocess.Popen) -> None:
 
 @dataclass
 class Result:
-    ttft: float = float("nan")  # seconds, request written -> first showable event
-    total: float = float("nan")
+    ttft: float = math.nan  # seconds, request written -> first showable event
+    total: float = math.nan
     tokens: int = 0  # generated tokens (direct: token events; gateway: usage.completion_tokens)
     events: int = 0  # direct: token events; gateway: content + arguments chunks
     error: str | None = None
@@ -362,7 +383,7 @@ class Counting:
                 shown = True
                 if (call.get("function") or {}).get("arguments"):
                     self.r.events += 1
-            if shown and self.r.ttft != self.r.ttft:  # first showable chunk (ttft still NaN)
+            if shown and math.isnan(self.r.ttft):  # the first showable chunk
                 self.r.ttft = now - self.t0
 
 
@@ -409,7 +430,9 @@ class RawClient:
                 status_and_headers = await reader.readuntil(b"\r\n\r\n")
             lines = status_and_headers.decode("latin-1").split("\r\n")
             status = int(lines[0].split()[1])
-            headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+            headers = {
+                k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)
+            }
             keep = headers.get("connection", "").lower() != "close"
             if "chunked" not in headers.get("transfer-encoding", "").lower():
                 n = int(headers.get("content-length", "0"))
@@ -514,6 +537,7 @@ class Run:
     results: list[Result]
     cpu: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds during the run
     double_tokens: int = 0
+    kernel: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds in the kernel
 
     @property
     def tokens(self) -> int:
@@ -576,7 +600,9 @@ class Bench:
         """The exact inputs/parameters the gateway sends TGI, read back from the double's record."""
         if self.gateway is not None:
             self.double.call("reset")
-            r = await self.client("gateway").stream("/v1/chat/completions", self.gateway_body, Counting("gateway", 1, 0))
+            r = await self.client("gateway").stream(
+                "/v1/chat/completions", self.gateway_body, Counting("gateway", 1, 0)
+            )
             if r.error:
                 raise RuntimeError(f"gateway request failed: {r.error}")
             last = self.double.call("stats")["last"]
@@ -585,7 +611,9 @@ class Bench:
             inputs = (
                 "<|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n\nYou have access to the "
                 "following functions:\n\nUse the function 'get_weather' to 'Current weather and forecast for a "
-                "city'\n" + json.dumps(TOOL["function"]) + "\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>"
+                "city'\n"
+                + json.dumps(TOOL["function"])
+                + "\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>"
                 "\n\nWhat is the weather like in Paris today, and tomorrow?<|eot_id|><|start_header_id|>assistant"
                 "<|end_header_id|>\n\n"
             )
@@ -598,13 +626,16 @@ class Bench:
     async def run(self, mode: str, streams: int, first_visible: int, client: str | None = None) -> Run:
         c = self.client(mode, client)
         path, body = (
-            ("/generate_stream", self.direct_body) if mode == "direct" else ("/v1/chat/completions", self.gateway_body)
+            ("/generate_stream", self.direct_body)
+            if mode == "direct"
+            else ("/v1/chat/completions", self.gateway_body)
         )
         self.double.call("reset")
         if self.args.wait_idle > 0:
             await wait_idle(self.args.wait_idle, self.pids)
         cpu0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         busy0 = system_busy_seconds()
+        kernel0 = {name: cpu_seconds(pid, kernel_only=True) for name, pid in self.pids.items()}
 
         ramp = self.args.ramp_ms / 1000
 
@@ -623,6 +654,7 @@ class Bench:
         wall = time.perf_counter() - t0
         cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in self.pids.items()}
         cpu["other"] = max(0.0, system_busy_seconds() - busy0 - sum(cpu.values()))  # not ours
+        kernel = {name: cpu_seconds(pid, kernel_only=True) - kernel0[name] for name, pid in self.pids.items()}
         stats = self.double.call("stats")
         errors = [r.error for r in results if r.error]
         if errors or stats["outcomes"] != {"completed": streams}:
@@ -630,9 +662,11 @@ class Bench:
                 f"{mode} run with {streams} streams failed: {len(errors)} errors {errors[:3]}, "
                 f"double outcomes {stats['outcomes']} {stats['errors']}"
             )
-        run = Run(mode, streams, wall, list(results), cpu, stats["tokens"])
+        run = Run(mode, streams, wall, list(results), cpu, stats["tokens"], kernel)
         if run.tokens != stats["tokens"]:
-            raise RuntimeError(f"{mode}: the client counted {run.tokens} tokens, the double sent {stats['tokens']}")
+            raise RuntimeError(
+                f"{mode}: the client counted {run.tokens} tokens, the double sent {stats['tokens']}"
+            )
         return run
 
 
@@ -654,36 +688,41 @@ class Row:
 
 
 def f1(x: float) -> str:
-    return "–" if x != x else f"{x:,.1f}"
+    return "–" if math.isnan(x) else f"{x:,.1f}"
 
 
 def f0(x: float) -> str:
-    return "–" if x != x else f"{x:,.0f}"
+    return "–" if math.isnan(x) else f"{x:,.0f}"
 
 
 def table(rows: list[Row]) -> str:
     out = [
-        "| streams | delay | answer | direct tok/s | gateway tok/s | ratio | direct TTFT p50 / p99 (ms) "
-        "| gateway TTFT p50 / p99 (ms) | added TTFT p50 / p99 (ms) |",
+        (
+            "| streams | delay | answer | direct tok/s | gateway tok/s | ratio | direct TTFT p50 / p99 (ms) "
+            "| gateway TTFT p50 / p99 (ms) | added TTFT p50 / p99 (ms) |"
+        ),
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         d_tps, g_tps = row.med("direct", lambda r: r.tps), row.med("gateway", lambda r: r.tps)
         d50, d99 = row.med("direct", lambda r: r.ttft(50)), row.med("direct", lambda r: r.ttft(99))
         g50, g99 = row.med("gateway", lambda r: r.ttft(50)), row.med("gateway", lambda r: r.ttft(99))
+        ratio = "–" if math.isnan(g_tps) else f"{g_tps / d_tps:.3f}"
         out.append(
-            f"| {row.streams} | {row.delay_ms:g} ms | {row.answer} | {f0(d_tps)} | {f0(g_tps)} | "
-            f"{'–' if g_tps != g_tps else f'{g_tps / d_tps:.3f}'} | {f1(d50)} / {f1(d99)} | {f1(g50)} / {f1(g99)} | "
-            f"{f1(g50 - d50)} / {f1(g99 - d99)} |"
+            f"| {row.streams} | {row.delay_ms:g} ms | {row.answer} | {f0(d_tps)} | {f0(g_tps)} | {ratio} "
+            f"| {f1(d50)} / {f1(d99)} | {f1(g50)} / {f1(g99)} | {f1(g50 - d50)} / {f1(g99 - d99)} |"
         )
     return "\n".join(out)
 
 
 def cpu_table(rows: list[Row]) -> str:
-    """CPU microseconds per generated token, per process and mode, and cores busy (median over repeats)."""
+    """CPU microseconds per generated token (and the kernel's share of it), per process and mode, and
+    cores busy (median over repeats)."""
     out = [
-        "| streams | delay | answer | mode | wall (s) | double | gateway | load generator "
-        "| cores busy: ours | cores busy: other processes |",
+        (
+            "| streams | delay | answer | mode | wall (s) | double | gateway | load generator "
+            "| cores busy: ours | cores busy: other processes |"
+        ),
         "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -691,15 +730,21 @@ def cpu_table(rows: list[Row]) -> str:
             if not row.runs.get(mode):
                 continue
 
-            def per_k(name: str, mode: str = mode) -> str:
-                v = row.med(mode, lambda r: r.cpu.get(name, float("nan")) / r.tokens)
-                return "–" if v != v else f"{v * 1e6:.0f} µs"
+            def per_k(name: str, mode: str = mode, row: Row = row) -> str:
+                v = row.med(mode, lambda r: r.cpu.get(name, math.nan) / r.tokens)
+                k = row.med(mode, lambda r: r.kernel.get(name, math.nan) / max(r.cpu.get(name, 0), 1e-9))
+                return "–" if math.isnan(v) else f"{v * 1e6:.0f} µs ({k:.0%} kernel)"
 
             wall = row.med(mode, lambda r: r.wall)
             if wall < 0.25:  # /proc's CPU times tick every 10 ms: too coarse for such a short run
-                out.append(f"| {row.streams} | {row.delay_ms:g} ms | {row.answer} | {mode} | {wall:.2f} | – | – | – | – | – |")
+                out.append(
+                    f"| {row.streams} | {row.delay_ms:g} ms | {row.answer} | {mode} | {wall:.2f} | – | – | – | – | – |"
+                )
                 continue
-            ours = row.med(mode, lambda r: sum(v for k, v in r.cpu.items() if k != "other" and v == v) / r.wall)
+            ours = row.med(
+                mode,
+                lambda r: sum(v for k, v in r.cpu.items() if k != "other" and not math.isnan(v)) / r.wall,
+            )
             other = row.med(mode, lambda r: r.cpu["other"] / r.wall)
             out.append(
                 f"| {row.streams} | {row.delay_ms:g} ms | {row.answer} | {mode} | {wall:.2f} | {per_k('double')} | "
@@ -726,7 +771,10 @@ def summarize_profile(raw: Path, top: int = 25) -> str:
         count = int(n)
         total += count
         frames = [re.sub(r" \((.*?):\d+\)$", r" (\1)", f) for f in stack.split(";")]
-        frames = [re.sub(r"\S*/site-packages/|\S*/lib/python3\.\d+/|" + re.escape(str(ROOT)) + "/", "", f) for f in frames]
+        frames = [
+            re.sub(r"\S*/site-packages/|\S*/lib/python3\.\d+/|" + re.escape(str(ROOT)) + "/", "", f)
+            for f in frames
+        ]
         if frames:
             self_c[frames[-1]] += count
         for f in set(frames):
@@ -745,7 +793,7 @@ async def profile_gateway(bench: Bench, streams: int, first_visible: int, second
     out = Path(tempfile.mkdtemp(prefix="bench-pyspy-")) / "gateway.txt"
     cmd = [str(pyspy), "record", "-p", str(bench.gateway.pid), "-d", str(int(seconds)), "-r", "200",  # type: ignore[union-attr]
            "-f", "raw", "-o", str(out), "--nonblocking"]  # fmt: skip
-    spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # noqa: ASYNC220
     await asyncio.sleep(1.0)
     deadline = time.monotonic() + seconds - 1.0
     runs = []
@@ -772,18 +820,27 @@ async def bench_main(args: argparse.Namespace, double: Double, gateway: Gateway 
     started = time.monotonic()
     await bench.learn_direct_request()
     modes = ["direct"] if gateway is None else ["direct", "gateway"]
-    print(f"# direct request: {len(bench.direct_body)} bytes, parameters {json.dumps(bench.direct_params)}", flush=True)
+    print(
+        f"# direct request: {len(bench.direct_body)} bytes, parameters {json.dumps(bench.direct_params)}",
+        flush=True,
+    )
 
     if args.compare_clients:
         print("\n## load generator clients (direct mode, one run each after a warm-up)\n", flush=True)
-        print("| client | streams | delay | tok/s | TTFT p50 / p99 (ms) | load generator CPU / token "
-              "| double CPU / token | other processes (cores) |")
+        print(
+            "| client | streams | delay | tok/s | TTFT p50 / p99 (ms) | load generator CPU / token "
+            "| double CPU / token | other processes (cores) |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for delay in args.delays_ms:
             double.call("set", answer=args.answers[0], token_delay=delay / 1000)
             for kind in ("raw", "httpx"):
-                await bench.run("direct", max(args.streams), answer_pieces(args.answers[0], args.tokens)[1], client=kind)
-                r = await bench.run("direct", max(args.streams), answer_pieces(args.answers[0], args.tokens)[1], client=kind)
+                await bench.run(
+                    "direct", max(args.streams), answer_pieces(args.answers[0], args.tokens)[1], client=kind
+                )
+                r = await bench.run(
+                    "direct", max(args.streams), answer_pieces(args.answers[0], args.tokens)[1], client=kind
+                )
                 cpu = r.cpu["load generator"] / r.tokens * 1e6
                 dbl = r.cpu["double"] / r.tokens * 1e6
                 print(f"| {kind} | {r.streams} | {delay:g} ms | {r.tps:,.0f} | {r.ttft(50):.1f} / {r.ttft(99):.1f} "
@@ -811,13 +868,12 @@ async def bench_main(args: argparse.Namespace, double: Double, gateway: Gateway 
                     f"# {streams:>3} streams {delay:>4g} ms {answer:<4}: direct "
                     + " ".join(f"{r.tps:,.0f}" for r in d) + " tok/s"
                     + ("; gateway " + " ".join(f"{r.tps:,.0f}" for r in g) + " tok/s" if g else "")
-                    + "; other processes %.2f cores" % statistics.median(
-                        r.cpu["other"] / r.wall for r in d + g)
+                    + f"; other processes {statistics.median(r.cpu['other'] / r.wall for r in d + g):.2f} cores"
                     + (f"; gateway chunks/answer {statistics.median(r.events for r in g[-1].results):.0f}" if g else ""),
                     flush=True,
                 )  # fmt: skip
 
-    print("\n## gateway vs direct (median of %d runs each)\n" % args.repeats)
+    print(f"\n## gateway vs direct (median of {args.repeats} runs each)\n")
     print(table(rows))
     print("\n## CPU time per generated token, and cores busy during the run (median of runs)\n")
     print(cpu_table(rows))
@@ -826,7 +882,9 @@ async def bench_main(args: argparse.Namespace, double: Double, gateway: Gateway 
         streams, delay = max(args.streams), args.delays_ms[0]
         answer = args.answers[0]
         double.call("set", answer=answer, token_delay=delay / 1000)
-        print(f"\n## py-spy on the gateway: {streams} streams, {delay:g} ms/token, {answer} answer, {args.profile:g} s\n")
+        print(
+            f"\n## py-spy on the gateway: {streams} streams, {delay:g} ms/token, {answer} answer, {args.profile:g} s\n"
+        )
         print("```")
         print(await profile_gateway(bench, streams, answer_pieces(answer, args.tokens)[1], args.profile))
         print("```")
@@ -836,20 +894,39 @@ async def bench_main(args: argparse.Namespace, double: Double, gateway: Gateway 
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--streams", type=int, nargs="+", default=[1, 64, 256], help="concurrent streams (default 1 64 256)")
-    p.add_argument("--delays-ms", type=float, nargs="+", default=[20.0, 0.0], help="per-token delays (default 20 0)")
-    p.add_argument("--tokens", type=int, default=128, help="tokens per answer, stop token included (default 128)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--streams", type=int, nargs="+", default=[1, 64, 256], help="concurrent streams (default 1 64 256)"
+    )
+    p.add_argument(
+        "--delays-ms", type=float, nargs="+", default=[20.0, 0.0], help="per-token delays (default 20 0)"
+    )
+    p.add_argument(
+        "--tokens", type=int, default=128, help="tokens per answer, stop token included (default 128)"
+    )
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration and mode (default 3)")
     p.add_argument("--answers", nargs="+", choices=["text", "tool"], default=["text", "tool"])
-    p.add_argument("--ramp-ms", type=float, default=0, help="spread the N starts over this long (default 0: all at once)")
+    p.add_argument(
+        "--ramp-ms", type=float, default=0, help="spread the N starts over this long (default 0: all at once)"
+    )
     p.add_argument("--client", choices=["raw", "httpx"], default="raw", help="load generator's HTTP client")
     p.add_argument("--compare-clients", action="store_true", help="first measure raw vs httpx in direct mode")
     p.add_argument("--direct-only", action="store_true", help="no gateway: only the direct runs (dry run)")
-    p.add_argument("--profile", type=float, default=0, metavar="SECONDS", help="py-spy the gateway at the end")
-    p.add_argument("--double-loop", choices=["uvloop", "asyncio"], default="uvloop", help="the double's event loop")
-    p.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
-                   help="before each run, wait up to this long for other processes to leave the CPUs idle")
+    p.add_argument(
+        "--profile", type=float, default=0, metavar="SECONDS", help="py-spy the gateway at the end"
+    )
+    p.add_argument(
+        "--double-loop", choices=["uvloop", "asyncio"], default="uvloop", help="the double's event loop"
+    )
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="before each run, wait up to this long for other processes to leave the CPUs idle",
+    )
     p.add_argument("--max-seconds", type=float, default=1200, help="stop starting configurations after this")
     p.add_argument("--serve-double", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -873,8 +950,10 @@ def main() -> int:
         busy0, t0 = system_busy_seconds(), time.monotonic()
         time.sleep(1.0)
         other = (system_busy_seconds() - busy0) / (time.monotonic() - t0)
-        print(f"# before the start, other processes kept {other:.2f} of {os.cpu_count()} cores busy"
-              + ("  <-- WARNING: the machine is not idle, the numbers will be lower" if other > 0.2 else ""))
+        print(
+            f"# before the start, other processes kept {other:.2f} of {os.cpu_count()} cores busy"
+            + ("  <-- WARNING: the machine is not idle, the numbers will be lower" if other > 0.2 else "")
+        )
         print(f"# machine: {os.cpu_count()} cores; double {double.url} (pid {double.pid}, {args.double_loop}); "
               f"gateway {gateway.url if gateway else '-'} (pid {gateway.pid if gateway else '-'}); "
               f"client {args.client}", flush=True)  # fmt: skip
