@@ -807,7 +807,10 @@ async def profile_gateway(bench: Bench, streams: int, first_visible: int, second
     if not out.exists():
         return f"py-spy failed: {err.strip()[-500:]}"
     tps = statistics.median(r.tps for r in runs) if runs else float("nan")
-    return f"{len(runs)} gateway runs while profiling ({tps:,.0f} tok/s)\n" + summarize_profile(out)
+    summary = summarize_profile(out)
+    if int(summary.split(" ", 1)[0]) < 100:  # py-spy could not read the stacks: say why
+        summary += "\n\npy-spy's messages:\n" + err.strip()[-1500:]
+    return f"{len(runs)} gateway runs while profiling ({tps:,.0f} tok/s)\n" + summary
 
 
 # --------------------------------------------------------------------------------------------

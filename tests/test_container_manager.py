@@ -118,3 +118,249 @@ def test_pull_progress_bar_on_a_terminal() -> None:
 )
 def test_failure_hints(tail: str, code: int, oom: bool, fragment: str) -> None:
     assert fragment in _hint(tail, code, oom, LaunchSpec(model="org/m", endpoint="http://127.0.0.1:8080"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Scenarios: the manager against the Docker Engine double, through the real docker SDK
+# ------------------------------------------------------------------------------------------------
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+import httpx  # noqa: E402
+
+from tests.fakes.docker_engine import FakeDockerEngine, TGIBehavior  # noqa: E402
+from tests.fakes.tgi import FakeTGI  # noqa: E402
+from tgi_gateway.container_manager import ContainerManager, LaunchError  # noqa: E402
+
+MODEL = "meetkai/functionary-small-v3.2"
+TOKEN = "hf_secret_never_logged"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDockerEngine]:
+    with FakeDockerEngine(behavior=TGIBehavior(load_delay=0.3, fail_after=0.2)) as eng:
+        eng.apply_env(monkeypatch)
+        eng.config.stop_grace_scale = 0.01
+        yield eng
+
+
+def manager(tmp_path: Path, port: int, **spec: object) -> ContainerManager:
+    return ContainerManager(
+        LaunchSpec(model=MODEL, endpoint=f"http://127.0.0.1:{port}", hf_cache=tmp_path, hf_token=TOKEN, **spec),
+        out=io.StringIO(),
+        poll_interval=0.05,
+    )
+
+
+def test_launch_pull_start_wait_and_release(engine, tmp_path, caplog):
+    caplog.set_level("INFO")
+    port = free_port()
+    m = manager(tmp_path, port, max_total_tokens=4096)
+    assert m.ensure_tgi() == "started"
+    assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    [pull] = engine.pulls
+    assert pull.outcome == "ok" and f"pulling {DEFAULT_IMAGE}" in caplog.text and f"pulled {DEFAULT_IMAGE}" in caplog.text
+    [body] = engine.create_bodies
+    assert body["Image"] == DEFAULT_IMAGE
+    assert body["Cmd"] == ["--model-id", MODEL, "--max-total-tokens", "4096"]
+    assert body["Env"] == [f"HF_TOKEN={TOKEN}"]
+    assert body["Labels"] == {"tgi-gateway.managed": "true", "tgi-gateway.model": MODEL, "tgi-gateway.port": str(port)}
+    host = body["HostConfig"]
+    assert host["ShmSize"] == 1 << 30
+    assert host["DeviceRequests"] == [{"Driver": "", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}]
+    assert host["PortBindings"] == {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}]}
+    assert host["Binds"] == [f"{tmp_path}:/data:rw"]
+    assert "tgi | " in caplog.text and "Waiting for shard to be ready" in caplog.text, "TGI's logs are shown"
+    assert TOKEN not in caplog.text
+    m.release()
+    assert engine.containers == [] and engine.history("destroy") == [f"tgi-gateway-{port}"]
+
+
+def test_healthy_endpoint_is_used_without_any_docker_call(engine, tmp_path):
+    with FakeTGI() as tgi:
+        m = manager(tmp_path, int(tgi.url.rsplit(":", 1)[1]))
+        assert m.ensure_tgi() == "existing"
+        m.release()
+    assert engine.requests == []
+
+
+def test_adopts_a_running_container_of_ours_and_leaves_it_running(engine, tmp_path):
+    port = free_port()
+    labels = {"tgi-gateway.managed": "true", "tgi-gateway.model": MODEL, "tgi-gateway.port": str(port)}
+    seeded = engine.add_container(
+        command=["--model-id", MODEL], name=f"tgi-gateway-{port}", labels=labels,
+        ports={"80/tcp": ("127.0.0.1", port)}, behavior=TGIBehavior(load_delay=0.5), wait_ready=False,
+    )  # fmt: skip
+    m = manager(tmp_path, port)
+    assert m.ensure_tgi() == "adopted"
+    m.release()
+    assert seeded.status == "running" and engine.history("create") == [f"tgi-gateway-{port}"]
+    assert engine.pulls == []
+
+
+def test_a_stopped_leftover_is_replaced(engine, tmp_path):
+    port = free_port()
+    labels = {"tgi-gateway.managed": "true", "tgi-gateway.model": MODEL, "tgi-gateway.port": str(port)}
+    engine.add_container(command=["--model-id", MODEL], name=f"tgi-gateway-{port}", labels=labels,
+                         ports={"80/tcp": ("127.0.0.1", port)}, state="exited", exit_code=1)  # fmt: skip
+    m = manager(tmp_path, port)
+    assert m.ensure_tgi() == "started"
+    m.release()
+    assert engine.history("destroy") == [f"tgi-gateway-{port}"] * 2
+
+
+def test_crash_while_loading_reports_and_leaves_nothing(engine, tmp_path):
+    engine.set_behavior("crash_loading", model=MODEL)
+    m = manager(tmp_path, free_port())
+    start = time.monotonic()
+    with pytest.raises(LaunchError) as e:
+        m.ensure_tgi()
+    assert time.monotonic() - start < 5, "stops waiting as soon as the container exits"
+    msg = str(e.value)
+    assert "exit code 1" in msg and "OOMKilled false" in msg
+    assert "Error: ShardCannotStart" in msg and "CUDA out of memory" in msg
+    assert "--max-total-tokens" in msg and "--quantize" in msg
+    assert engine.containers == []
+
+
+def test_oom_killed_and_gated_model(engine, tmp_path):
+    engine.set_behavior("oom_killed", model=MODEL)
+    with pytest.raises(LaunchError) as e:
+        manager(tmp_path, free_port()).ensure_tgi()
+    assert "exit code 137" in str(e.value) and "OOMKilled true" in str(e.value) and "host memory" in str(e.value)
+    engine.set_behavior("gated_model", model=MODEL)
+    with pytest.raises(LaunchError) as e:
+        manager(tmp_path, free_port()).ensure_tgi()
+    assert "HF_TOKEN" in str(e.value)
+    assert engine.containers == []
+
+
+def test_no_gpu_runtime(engine, tmp_path):
+    engine.config.gpu = False
+    with pytest.raises(LaunchError) as e:
+        manager(tmp_path, free_port()).ensure_tgi()
+    assert "could not select device driver" in str(e.value) and "NVIDIA Container Toolkit" in str(e.value)
+    assert engine.containers == [], "the created-but-not-started container is removed"
+
+
+@pytest.mark.parametrize("mid_stream", [False, True])
+def test_pull_errors_carry_the_registry_message(engine, tmp_path, mid_stream):
+    engine.fail_pull(DEFAULT_IMAGE, status=404, message="manifest unknown: no such tag", mid_stream=mid_stream)
+    with pytest.raises(LaunchError) as e:
+        manager(tmp_path, free_port()).ensure_tgi()
+    assert "Pulling" in str(e.value) and "manifest unknown: no such tag" in str(e.value)
+    assert engine.containers == []
+
+
+def test_port_already_in_use(engine, tmp_path):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        with pytest.raises(LaunchError) as e:
+            manager(tmp_path, port).ensure_tgi()
+    assert f"Port {port}" in str(e.value) and "already in use" in str(e.value)
+    assert engine.containers == []
+
+
+def test_no_docker_engine(monkeypatch, tmp_path):
+    monkeypatch.setenv("DOCKER_HOST", f"tcp://127.0.0.1:{free_port()}")
+    monkeypatch.delenv("DOCKER_TLS_VERIFY", raising=False)
+    with pytest.raises(LaunchError) as e:
+        manager(tmp_path, free_port()).ensure_tgi()
+    assert "no Docker engine answers" in str(e.value) and "--endpoint" in str(e.value)
+
+
+def test_startup_timeout_stops_and_removes(engine, tmp_path):
+    engine.set_behavior("serve", model=MODEL, load_delay=30)
+    with pytest.raises(LaunchError) as e:
+        manager(tmp_path, free_port(), startup_timeout=0.5).ensure_tgi()
+    assert "within 0.5 s (--startup-timeout)" in str(e.value) and "download process" in str(e.value)
+    assert engine.containers == []
+
+
+# ------------------------------------------------------------------------------------------------
+# The real CLI process: what the user sees, and SIGTERM cleanup
+# ------------------------------------------------------------------------------------------------
+
+
+def gateway_process(engine: FakeDockerEngine, tmp_path: Path, port: int, *extra: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "DOCKER_HOST": engine.docker_host, "NO_PROXY": "127.0.0.1", "HF_TOKEN": TOKEN}
+    env.pop("DOCKER_TLS_VERIFY", None)
+    gateway_port = free_port()
+    cmd = [sys.executable, str(ROOT / "server_tgi.py"), "--model", MODEL, "--template-version", "v3-llama3.1",
+           "--endpoint", f"http://127.0.0.1:{port}", "--port", str(gateway_port), "--hf-cache", str(tmp_path),
+           "--shutdown-grace", "2", *extra]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc.gateway_url = f"http://127.0.0.1:{gateway_port}"  # type: ignore[attr-defined]
+    return proc
+
+
+def wait_serving(proc: subprocess.Popen[str], timeout: float = 20) -> None:
+    """Until the gateway answers (it serves only once TGI is up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        try:
+            if httpx.get(proc.gateway_url + "/v1/models", timeout=1).status_code == 200:  # type: ignore[attr-defined]
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the gateway did not start serving")
+
+
+def test_sigterm_stops_and_removes_the_container_it_started(engine, tmp_path):
+    port = free_port()
+    proc = gateway_process(engine, tmp_path, port)
+    try:
+        wait_serving(proc)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert engine.containers == [] and engine.history("destroy") == [f"tgi-gateway-{port}"]
+    assert TOKEN not in out
+
+
+def test_sigterm_while_tgi_loads_removes_the_container(engine, tmp_path):
+    engine.set_behavior("serve", model=MODEL, load_delay=30)
+    proc = gateway_process(engine, tmp_path, free_port())
+    try:
+        engine.wait_until(lambda: engine.history("start") and engine.log_streams_open, timeout=20)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "container was removed" in out, out[-2000:]
+    assert engine.containers == []
+
+
+def test_keep_tgi_and_failure_exit_status(engine, tmp_path):
+    port = free_port()
+    proc = gateway_process(engine, tmp_path, port, "--keep-tgi")
+    try:
+        wait_serving(proc)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert [c.status for c in engine.containers] == ["running"]
+    engine.config.gpu = False
+    failing = gateway_process(engine, tmp_path, free_port())
+    out, _ = failing.communicate(timeout=30)
+    assert failing.returncode == 1 and "error: Docker cannot give the TGI container a GPU" in out

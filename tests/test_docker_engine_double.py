@@ -71,12 +71,19 @@ def run_tgi(client: docker.DockerClient, port: int, *, name: str = "tgi-test", c
 # ------------------------------------------------------------------------------ system
 
 
-def test_from_env_negotiates_then_ping_version_info(engine: FakeDockerEngine, client: docker.DockerClient) -> None:
+def test_from_env_negotiates_then_ping_version_info(
+    engine: FakeDockerEngine, client: docker.DockerClient
+) -> None:
     assert client.ping() is True
     assert client.version()["ApiVersion"] == "1.45"
     info = client.info()
     assert "nvidia" in info["Runtimes"] and info["ServerVersion"] == "26.1.0"
-    assert engine.routes()[:4] == [("GET", "/version"), ("GET", "/_ping"), ("GET", "/version"), ("GET", "/info")]
+    assert engine.routes()[:4] == [
+        ("GET", "/version"),
+        ("GET", "/_ping"),
+        ("GET", "/version"),
+        ("GET", "/info"),
+    ]
     first, ping = engine.requests[:2]
     assert first.version is None and first.path == "/version"  # the constructor's unversioned call
     assert ping.path == "/v1.45/_ping" and ping.headers["user-agent"].startswith("docker-sdk-python/")
@@ -119,12 +126,16 @@ def test_images_get_missing_then_seeded(engine: FakeDockerEngine, client: docker
 
 def test_api_pull_streams_progress_dicts(engine: FakeDockerEngine, client: docker.DockerClient) -> None:
     items = list(client.api.pull(REPO, tag=TAG, stream=True, decode=True))
-    assert engine.requests[-1].query == "tag=3.3.5&fromImage=ghcr.io%2Fhuggingface%2Ftext-generation-inference"
+    assert (
+        engine.requests[-1].query == "tag=3.3.5&fromImage=ghcr.io%2Fhuggingface%2Ftext-generation-inference"
+    )
     assert items[0] == {"status": "Pulling from huggingface/text-generation-inference", "id": "3.3.5"}
     downloading = [i for i in items if i["status"] == "Downloading"]
     extracting = [i for i in items if i["status"] == "Extracting"]
     assert len({i["id"] for i in downloading}) >= 3 and extracting
-    assert all(0 < i["progressDetail"]["current"] <= i["progressDetail"]["total"] for i in downloading + extracting)
+    assert all(
+        0 < i["progressDetail"]["current"] <= i["progressDetail"]["total"] for i in downloading + extracting
+    )
     assert items[-2]["status"].startswith("Digest: sha256:")
     assert items[-1] == {"status": f"Status: Downloaded newer image for {TGI_IMAGE}"}
     assert client.images.get(TGI_IMAGE).tags == [TGI_IMAGE]
@@ -164,7 +175,10 @@ def test_pull_error_mid_stream(engine: FakeDockerEngine, client: docker.DockerCl
     engine.fail_pull(TGI_IMAGE, mid_stream=True, message="toomanyrequests: rate limit", after_lines=3)
     items = list(client.api.pull(REPO, tag=TAG, stream=True, decode=True))  # no exception
     assert len(items) == 4 and items[0]["status"].startswith("Pulling from")
-    assert items[-1] == {"errorDetail": {"message": "toomanyrequests: rate limit"}, "error": "toomanyrequests: rate limit"}
+    assert items[-1] == {
+        "errorDetail": {"message": "toomanyrequests: rate limit"},
+        "error": "toomanyrequests: rate limit",
+    }
     with pytest.raises(docker.errors.ImageNotFound):  # images.pull ignores the stream, then inspects
         client.images.pull(REPO, tag=TAG)
     assert [p.outcome for p in engine.pulls] == ["stream_error", "stream_error"]
@@ -222,15 +236,17 @@ def test_run_auto_pulls_records_the_create_body_and_serves_after_load(
     assert container.image.id == fake.image_id
 
     assert refused(port)  # loading: nothing listens yet
-    engine.wait_until(lambda: fake.tgi is not None and fake.tgi.ready, timeout=3)
-    assert "Connected" in fake.log_text().splitlines()[-1]
+    engine.wait_until(lambda: fake.connected, timeout=3)
+    assert fake.tgi is not None and fake.tgi.ready and "Connected" in fake.log_text().splitlines()[-1]
     health = httpx.get(f"http://127.0.0.1:{port}/health")
     assert health.status_code == 200 and health.content == b""
     info = httpx.get(f"{fake.url}/info").json()
     assert (info["model_id"], info["max_input_tokens"], info["max_total_tokens"]) == (MODEL, 1024, 2048)
 
 
-def test_create_with_missing_image_does_not_pull(engine: FakeDockerEngine, client: docker.DockerClient) -> None:
+def test_create_with_missing_image_does_not_pull(
+    engine: FakeDockerEngine, client: docker.DockerClient
+) -> None:
     with pytest.raises(docker.errors.ImageNotFound, match="No such image: ubuntu:latest"):
         client.containers.create("ubuntu", command=["true"])
     assert engine.created == [] and engine.pulls == []
@@ -249,8 +265,12 @@ def test_name_conflict(engine: FakeDockerEngine, client: docker.DockerClient) ->
 
 
 def test_list_filters_and_get(engine: FakeDockerEngine, client: docker.DockerClient) -> None:
-    a = engine.add_container(name="tgi-a", labels={"app": "tgi-gateway", "port": "1"}, ports={"80/tcp": free_port()})
-    engine.add_container(name="my-tgi-2", labels={"app": "tgi-gateway", "port": "2"}, state="exited", exit_code=1)
+    a = engine.add_container(
+        name="tgi-a", labels={"app": "tgi-gateway", "port": "1"}, ports={"80/tcp": free_port()}
+    )
+    engine.add_container(
+        name="my-tgi-2", labels={"app": "tgi-gateway", "port": "2"}, state="exited", exit_code=1
+    )
     engine.add_container(name="other", labels={"app": "else"}, state="created")
 
     def names(**kw) -> list[str]:
@@ -269,7 +289,9 @@ def test_list_filters_and_get(engine: FakeDockerEngine, client: docker.DockerCli
     with pytest.raises(docker.errors.NotFound, match="No such container: nope"):
         client.containers.get("nope")
     raw = client.api.containers(all=True, filters={"name": "tgi-a"})
-    assert raw[0]["Names"] == ["/tgi-a"] and raw[0]["State"] == "running" and raw[0]["Status"].startswith("Up ")
+    assert (
+        raw[0]["Names"] == ["/tgi-a"] and raw[0]["State"] == "running" and raw[0]["Status"].startswith("Up ")
+    )
 
 
 def test_adopt_a_seeded_running_container(engine: FakeDockerEngine, client: docker.DockerClient) -> None:
@@ -278,7 +300,9 @@ def test_adopt_a_seeded_running_container(engine: FakeDockerEngine, client: dock
         TGI_IMAGE, ["--model-id", "meetkai/functionary-small-v3.2"], name="tgi-gateway-8080",
         labels={"tgi-gateway.managed": "true", "tgi-gateway.port": str(port)}, ports={"80/tcp": ("127.0.0.1", port)},
     )  # fmt: skip
-    [found] = client.containers.list(all=True, filters={"label": ["tgi-gateway.managed=true", f"tgi-gateway.port={port}"]})
+    [found] = client.containers.list(
+        all=True, filters={"label": ["tgi-gateway.managed=true", f"tgi-gateway.port={port}"]}
+    )
     assert found.id == seeded.id and found.status == "running"
     assert found.ports == {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}]}
     assert httpx.get(f"http://127.0.0.1:{port}/info").json()["model_id"] == "meetkai/functionary-small-v3.2"
@@ -324,7 +348,9 @@ def test_logs_raw_multiplexed_framing(engine: FakeDockerEngine) -> None:
     seeded = engine.add_container(ports={"80/tcp": free_port()}, behavior="crash_loading")
     engine.wait_until(lambda: not seeded.running)
     with httpx.Client(base_url=engine.url) as http:
-        r = http.get(f"/v1.45/containers/{seeded.name}/logs", params={"stdout": 1, "stderr": 1, "timestamps": 1})
+        r = http.get(
+            f"/v1.45/containers/{seeded.name}/logs", params={"stdout": 1, "stderr": 1, "timestamps": 1}
+        )
     assert r.headers["content-type"] == "application/vnd.docker.multiplexed-stream"
     data, frames = r.content, []
     while data:
@@ -341,7 +367,8 @@ def test_log_stream_closed_by_client(engine: FakeDockerEngine, client: docker.Do
     stream = container.logs(stream=True, follow=True)
     next(stream)
     assert engine.log_streams_open == 1
-    stream.close()
+    stream.close()  # docker-py shuts the socket down; the engine notices the disconnect
+    stream._response.close()  # else the makefile keeps the closed socket: ResourceWarning at GC (docker-py 7.x)
     engine.wait_until(lambda: engine.log_streams_open == 0, timeout=3)
     container.reload()
     assert container.status == "running"
@@ -378,7 +405,12 @@ def test_failure_scenarios(
     assert client.api.wait(container.id) == {"StatusCode": code, "Error": None}
     container.reload()
     state = container.attrs["State"]
-    assert (container.status, state["ExitCode"], state["OOMKilled"], state["Running"]) == ("exited", code, oom, False)
+    assert (container.status, state["ExitCode"], state["OOMKilled"], state["Running"]) == (
+        "exited",
+        code,
+        oom,
+        False,
+    )
     assert state["FinishedAt"] > state["StartedAt"] and container.ports == {}
     assert container.logs(stdout=False, stderr=True).decode() == stderr
     out = container.logs(stderr=False).decode()
@@ -390,7 +422,9 @@ def test_failure_scenarios(
     assert summary["Status"].startswith(f"Exited ({code}) ")
 
 
-def test_behavior_keyed_by_model_leaves_other_models_serving(engine: FakeDockerEngine, client: docker.DockerClient) -> None:
+def test_behavior_keyed_by_model_leaves_other_models_serving(
+    engine: FakeDockerEngine, client: docker.DockerClient
+) -> None:
     engine.set_behavior("crash_loading", model="some/other-model")
     container = run_tgi(client, free_port())
     fake = engine.container(container.id)
@@ -461,7 +495,9 @@ def test_port_in_use(engine: FakeDockerEngine, client: docker.DockerClient) -> N
     busy.listen()
     try:
         other = busy.getsockname()[1]
-        with pytest.raises(docker.errors.APIError, match=rf"Bind for 0.0.0.0:{other} failed: port is already allocated"):
+        with pytest.raises(
+            docker.errors.APIError, match=rf"Bind for 0.0.0.0:{other} failed: port is already allocated"
+        ):
             run_tgi(client, other, name="third")
         engine.config.port_in_use_error = "userland_proxy"
         with pytest.raises(docker.errors.APIError, match="address already in use"):
@@ -477,7 +513,7 @@ def test_stop_wait_remove(engine: FakeDockerEngine, client: docker.DockerClient)
     port = free_port()
     container = run_tgi(client, port)
     fake = engine.container("tgi-test")
-    engine.wait_until(lambda: fake.tgi is not None and fake.tgi.ready, timeout=3)
+    engine.wait_until(lambda: fake.connected, timeout=3)
     with pytest.raises(docker.errors.APIError) as info:
         container.remove()
     assert info.value.status_code == 409 and info.value.explanation == (
@@ -508,7 +544,9 @@ def test_force_remove_kills_and_wait_removed(engine: FakeDockerEngine, client: d
     assert engine.history("die") == ["tgi-test"]
 
 
-def test_injected_errors_and_concurrent_clients(engine: FakeDockerEngine, client: docker.DockerClient) -> None:
+def test_injected_errors_and_concurrent_clients(
+    engine: FakeDockerEngine, client: docker.DockerClient
+) -> None:
     engine.inject_error(r"^/containers/json$", 500, "boom")
     with pytest.raises(docker.errors.APIError, match="boom"):
         client.containers.list()
@@ -531,3 +569,33 @@ def test_injected_errors_and_concurrent_clients(engine: FakeDockerEngine, client
     for t in threads:
         t.join(10)
     assert errors == [] and engine.errors == []
+
+
+def test_healthcheck_kill_restart_and_auto_remove(
+    engine: FakeDockerEngine, client: docker.DockerClient
+) -> None:
+    healthcheck = {
+        "test": ["CMD", "curl", "-f", "http://localhost:80/health"],
+        "interval": 10**9,
+        "retries": 3,
+    }
+    container = run_tgi(client, free_port(), healthcheck=healthcheck)
+    container.reload()
+    assert container.attrs["Config"]["Healthcheck"]["Test"][0] == "CMD" and container.health == "starting"
+    fake = engine.container(container.id)
+    engine.wait_until(lambda: fake.connected, timeout=3)
+    container.reload()
+    assert container.health == "healthy"
+    assert client.api.containers(filters={"health": "healthy"})[0]["Status"].endswith("(healthy)")
+    container.kill()
+    assert container.wait() == {"StatusCode": 137, "Error": None}
+    container.restart(timeout=1)
+    container.reload()
+    assert container.status == "running" and fake.start_count == 2 and container.health == "starting"
+
+    engine.add_image("busybox")
+    temp = client.containers.run("busybox", ["true"], auto_remove=True, detach=True, name="temp")
+    temp.kill()
+    engine.wait_until(lambda: engine.history("destroy") == ["temp"])
+    with pytest.raises(docker.errors.NotFound):
+        temp.reload()

@@ -116,9 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .app import create_app
 
+    # uvicorn handles SIGINT/SIGTERM itself: it stops accepting, lets in-flight requests finish within the
+    # grace period, runs the app's shutdown, then restores the handlers it found and raises the signal
+    # again. These handlers turn that last signal into a clean exit through the `finally` below (with the
+    # default SIGTERM handler the process would die there, leaving the TGI container behind).
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    signal.signal(signal.SIGINT, _exit_cleanly)
     try:
-        # uvicorn handles SIGINT/SIGTERM: it stops accepting, lets in-flight requests finish within the
-        # grace period, runs the app's shutdown, then returns here.
         uvicorn.run(
             create_app(settings, template),
             host=settings.host,
@@ -137,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def launch_spec(settings: Settings) -> LaunchSpec:

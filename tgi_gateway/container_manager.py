@@ -289,7 +289,7 @@ class ContainerManager:
     def _wait_healthy(self) -> None:
         spec = self.spec
         deadline = time.monotonic() + spec.startup_timeout
-        log.info("waiting for TGI to load %s (up to %.0f s; progress below)", spec.model, spec.startup_timeout)
+        log.info("waiting for TGI to load %s (up to %g s; progress below)", spec.model, spec.startup_timeout)
         while True:
             self.container.reload()
             state = self.container.attrs.get("State", {})
@@ -300,7 +300,7 @@ class ContainerManager:
                 return
             if time.monotonic() >= deadline:
                 raise LaunchError(
-                    f"TGI did not become healthy within {spec.startup_timeout:.0f} s (--startup-timeout). "
+                    f"TGI did not become healthy within {spec.startup_timeout:g} s (--startup-timeout). "
                     f"Last log lines:\n{self._tail_text()}"
                 )
             time.sleep(self.poll_interval)

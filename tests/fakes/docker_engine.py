@@ -14,7 +14,11 @@ and unsets ``DOCKER_TLS_VERIFY``/``DOCKER_CERT_PATH`` through a pytest ``monkeyp
         engine.apply_env(monkeypatch)
         client = docker.from_env()
         c = client.containers.run(TGI_IMAGE, command=["--model-id", "m"], ports={"80/tcp": 8080}, detach=True)
-        engine.container(c.id).tgi.wait_ready()       # the FakeTGI serving inside the "container"
+        fake = engine.container(c.id)                 # the engine's view: state, create body, logs
+        engine.wait_until(lambda: fake.connected)     # "Connected" logged: fake.tgi (a FakeTGI) serves
+        fake.tgi.script = ...                         # drive it like any FakeTGI
+
+Every container is simulated: nothing is executed, only TGI's behaviour is played back.
 
 What it serves (paths with any ``/v1.NN`` prefix, or none; the prefix is checked against
 ``min_api_version``..``api_version`` like the daemon does):
@@ -105,20 +109,23 @@ Test controls and observations
   ``oom``/``die``/``stop``/``destroy``/``pull``…), :attr:`created`, :meth:`history` (container names
   per action), :attr:`create_bodies`, :attr:`pulls` (:class:`PullRecord`), :attr:`containers`,
   :meth:`container` (a :class:`FakeContainer`: state, ``body`` as sent, ``tgi``, ``host_port``,
-  ``logs``/``log_text()``), :attr:`images`, :attr:`log_streams_open`, :meth:`wait_until`.
+  ``connected``, ``endpoint_id``, ``logs``/``log_text()``), :attr:`images`, :attr:`log_streams_open`,
+  :meth:`wait_until`.
   Exceptions raised by the double itself collect in :attr:`errors`.
 
 Simplified / not modelled
 -------------------------
 
-No real processes, filesystems, networks (``IPAddress`` is invented), volumes (``Binds``/``Mounts``
-are only reported), restart policies, pause, exec, attach, events endpoint, build, registries (any
-reference pulls unless :meth:`fail_pull` says otherwise) or authentication (``X-Registry-Auth`` is
-only recorded). TGI's log texts follow TGI 3.3 but source line numbers, timings and sizes are
-invented; the launcher exits 0 on SIGTERM in every phase. A port held by a process outside the engine
-gives the same "port is already allocated" text as a port held by another container unless
-``port_in_use_error="userland_proxy"`` (the text real Docker gives then). Only the TGI port runs a
-server; other published ports are just checked and reported.
+No real processes (any image runs the simulated TGI launcher, whatever its command), filesystems,
+networks (``IPAddress`` is invented), volumes (``Binds``/``Mounts`` are only reported), restart
+policies, pause, exec, attach, events endpoint, build, registries (any reference pulls unless
+:meth:`fail_pull` says otherwise) or authentication (``X-Registry-Auth`` is only recorded). TGI's log
+texts follow TGI 3.3 but source line numbers, timings and sizes are invented; the launcher exits 0 on
+SIGTERM in every phase. TGI logs ``Connected`` just before it binds; the double logs it just *after* its
+FakeTGI listens, so a test that saw ``Connected`` can call ``/health`` at once. A port held by a process
+outside the engine gives the same "port is already allocated" text as a port held by another container
+unless ``port_in_use_error="userland_proxy"`` (the text real Docker gives then). Only the TGI port runs
+a server; other published ports are just checked and reported.
 """
 
 from __future__ import annotations
@@ -142,7 +149,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.fakes.tgi import FakeTGI, Script
@@ -332,6 +339,11 @@ class FakeContainer:
         return self.status == "running"
 
     @property
+    def connected(self) -> bool:
+        """True while running after ``Connected`` was logged (the FakeTGI listens, /health answers)."""
+        return self._connected and self.running
+
+    @property
     def labels(self) -> dict[str, str]:
         return dict(self.body.get("Labels") or {})
 
@@ -354,7 +366,9 @@ class FakeContainer:
         return None if port is None else f"http://127.0.0.1:{port}"
 
     def log_text(self, stream: int | None = None) -> str:
-        return "".join(line.text + "\n" for line in list(self.logs) if stream is None or line.stream == stream)
+        return "".join(
+            line.text + "\n" for line in list(self.logs) if stream is None or line.stream == stream
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +411,7 @@ def _human_duration(seconds: float) -> str:
         return "About a minute"
     if minutes < 60:
         return f"{minutes} minutes"
-    hours = int(round(seconds / 3600))
+    hours = round(seconds / 3600)
     if hours == 1:
         return "About an hour"
     if hours < 48:
@@ -427,7 +441,18 @@ def _layer_ids(ref: str, n: int = 4) -> list[str]:
 
 
 _NAME_RE = re.compile(r"^/?[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
-_ADJECTIVES = ("admiring", "brave", "clever", "eager", "focused", "happy", "keen", "quirky", "sharp", "vibrant")
+_ADJECTIVES = (
+    "admiring",
+    "brave",
+    "clever",
+    "eager",
+    "focused",
+    "happy",
+    "keen",
+    "quirky",
+    "sharp",
+    "vibrant",
+)
 _NOUNS = ("turing", "hopper", "lovelace", "curie", "noether", "shannon", "babbage", "knuth", "ritchie")
 
 
@@ -705,7 +730,9 @@ class FakeDockerEngine:
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
         self._sock = sock
-        self._thread = threading.Thread(target=self._thread_main, name=f"fake-docker-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._thread_main, name=f"fake-docker-{self.port}", daemon=True
+        )
         self._thread.start()
         if not self._ready.wait(self.start_timeout):
             self.stop()
@@ -831,7 +858,9 @@ class FakeDockerEngine:
             finally:
                 self._waiters.discard(ev)
 
-    def wait_until(self, predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.005) -> None:
+    def wait_until(
+        self, predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.005
+    ) -> None:
         """From the test: poll ``predicate`` until true, else AssertionError."""
         deadline = time.monotonic() + timeout
         while not predicate():
@@ -885,7 +914,12 @@ class FakeDockerEngine:
                 del self._images[image.id]
 
     def set_behavior(
-        self, behavior: TGIBehavior | str | None = None, *, model: str | None = None, image: str | None = None, **fields: Any
+        self,
+        behavior: TGIBehavior | str | None = None,
+        *,
+        model: str | None = None,
+        image: str | None = None,
+        **fields: Any,
     ) -> TGIBehavior:
         """Choose what containers do when started: for a model id (``--model-id``), an image
         reference, or (neither given) every container. ``behavior`` is a :class:`TGIBehavior` or a
@@ -921,20 +955,30 @@ class FakeDockerEngine:
     ) -> PullFailure:
         """Make pulls of ``image`` fail (a full reference, or a repository without tag: every tag)."""
         failure = PullFailure(status, message, mid_stream, after_lines, times)
-        key = normalize_reference(image) if (":" in image.rsplit("/", 1)[-1] or "@" in image) else _repo_of(
+        key = (
             normalize_reference(image)
+            if (":" in image.rsplit("/", 1)[-1] or "@" in image)
+            else _repo_of(normalize_reference(image))
         )
         with self._lock:
             self._pull_failures[key] = failure
         return failure
 
     def inject_error(
-        self, route: str, status: int = 500, message: str = "injected failure", *, method: str | None = None, times: int = 1
+        self,
+        route: str,
+        status: int = 500,
+        message: str = "injected failure",
+        *,
+        method: str | None = None,
+        times: int = 1,
     ) -> None:
         """Answer the next ``times`` requests whose route (no version prefix) matches the regex
         ``route`` (``re.search``) with ``status`` ``{"message": message}``."""
         with self._lock:
-            self._injected.append((method.upper() if method else None, re.compile(route), status, message, [times]))
+            self._injected.append(
+                (method.upper() if method else None, re.compile(route), status, message, [times])
+            )
 
     def add_container(
         self,
@@ -973,8 +1017,10 @@ class FakeDockerEngine:
         c = self._create(body, raw, name)
         now = time.time_ns()
         if state == "running":
-            b = self._as_behavior(behavior) if behavior is not None else dataclasses.replace(
-                self.behavior_for(c), load_delay=0.0, shard_wait_interval=_NEVER
+            b = (
+                self._as_behavior(behavior)
+                if behavior is not None
+                else dataclasses.replace(self.behavior_for(c), load_delay=0.0, shard_wait_interval=_NEVER)
             )
             status, message = self._run(self._start(c, b), self.start_timeout)
             if status >= 400:
@@ -998,7 +1044,9 @@ class FakeDockerEngine:
             raise ValueError(f"state must be created, running or exited, not {state!r}")
         return c
 
-    def crash(self, container: str | FakeContainer, *, oom_killed: bool = False, exit_code: int | None = None) -> None:
+    def crash(
+        self, container: str | FakeContainer, *, oom_killed: bool = False, exit_code: int | None = None
+    ) -> None:
         """Kill a running container's launcher from the outside: by default TGI's post-start shard
         crash (``Shard 0 crashed`` ... stderr ``Error: ShardFailed``, exit 1); ``oom_killed``: the
         cgroup OOM killer (137, ``OOMKilled``)."""
@@ -1088,7 +1136,7 @@ class FakeDockerEngine:
     def _find_image(self, ref: str) -> FakeImage | None:
         with self._lock:
             ref = ref.strip()
-            bare = ref[len("sha256:") :] if ref.startswith("sha256:") else ref
+            bare = ref.removeprefix("sha256:")
             if ref.startswith("sha256:") and re.fullmatch(r"[0-9a-f]{1,64}", bare):
                 hits = [i for i in self._images.values() if i.id[7:].startswith(bare)]
                 return hits[0] if len(hits) == 1 else None
@@ -1099,9 +1147,13 @@ class FakeDockerEngine:
             for img in self._images.values():
                 if canonical in img.tags:
                     return img
-                if canonical and "@" in canonical and canonical.split("@", 1)[1] == img.digest:
-                    if _repo_of(canonical) in {_repo_of(t) for t in img.tags}:
-                        return img
+                if (
+                    canonical
+                    and "@" in canonical
+                    and canonical.split("@", 1)[1] == img.digest
+                    and _repo_of(canonical) in {_repo_of(t) for t in img.tags}
+                ):
+                    return img
             if re.fullmatch(r"[0-9a-f]{4,64}", bare):
                 hits = [i for i in self._images.values() if i.id[7:].startswith(bare)]
                 if len(hits) == 1:
@@ -1226,7 +1278,11 @@ class FakeDockerEngine:
         method = request.method
         cid = r"/containers/([^/]+)"
         if route == "/_ping" and method in ("GET", "HEAD"):
-            headers = {**self._headers(), "Cache-Control": "no-cache, no-store, must-revalidate", "Pragma": "no-cache"}
+            headers = {
+                **self._headers(),
+                "Cache-Control": "no-cache, no-store, must-revalidate",
+                "Pragma": "no-cache",
+            }
             return Response("OK" if method == "GET" else b"", media_type="text/plain", headers=headers)
         if route == "/version" and method == "GET":
             return self._json(self._version_doc())
@@ -1306,7 +1362,11 @@ class FakeDockerEngine:
                         "Os": "linux",
                     },
                 },
-                {"Name": "containerd", "Version": "1.6.31", "Details": {"GitCommit": "e377cd56a71523140ca6ae87e30244719194a521"}},
+                {
+                    "Name": "containerd",
+                    "Version": "1.6.31",
+                    "Details": {"GitCommit": "e377cd56a71523140ca6ae87e30244719194a521"},
+                },
                 {"Name": "runc", "Version": "1.1.12", "Details": {"GitCommit": "v1.1.12-0-g51d5e94"}},
             ],
             "Version": v,
@@ -1324,7 +1384,10 @@ class FakeDockerEngine:
         with self._lock:
             containers = list(self._containers.values())
             n_images = len(self._images)
-        runtimes = {"io.containerd.runc.v2": {"path": "runc", "status": {}}, "runc": {"path": "runc", "status": {}}}
+        runtimes = {
+            "io.containerd.runc.v2": {"path": "runc", "status": {}},
+            "runc": {"path": "runc", "status": {}},
+        }
         if self.config.gpu:
             runtimes["nvidia"] = {"path": "nvidia-container-runtime"}
         return {
@@ -1336,7 +1399,11 @@ class FakeDockerEngine:
             "Images": n_images,
             "Driver": "overlay2",
             "DriverStatus": [["Backing Filesystem", "extfs"]],
-            "Plugins": {"Volume": ["local"], "Network": ["bridge", "host", "none"], "Log": ["json-file", "local"]},
+            "Plugins": {
+                "Volume": ["local"],
+                "Network": ["bridge", "host", "none"],
+                "Log": ["json-file", "local"],
+            },
             "MemoryLimit": True,
             "SwapLimit": False,
             "CpuCfsPeriod": True,
@@ -1479,7 +1546,9 @@ class FakeDockerEngine:
     async def _pull(self, request: Request, q: dict[str, str]) -> Response:
         from_image = q.get("fromImage")
         if not from_image:
-            raise _ApiError(400, "fromImage is required (importing with fromSrc is not supported by the double)")
+            raise _ApiError(
+                400, "fromImage is required (importing with fromSrc is not supported by the double)"
+            )
         tag = q.get("tag") or ""
         try:
             canonical = normalize_reference(from_image, tag or None)
@@ -1498,9 +1567,8 @@ class FakeDockerEngine:
 
         async def body() -> Any:
             try:
-                sent = 0
                 for i, line in enumerate(lines):
-                    if failure is not None and sent >= failure.after_lines:
+                    if failure is not None and i >= failure.after_lines:
                         msg = failure.message or (
                             "failed to register layer: write /opt/conda/lib/python3.11/site-packages/torch/lib/"
                             "libtorch_cuda.so: no space left on device"
@@ -1514,10 +1582,15 @@ class FakeDockerEngine:
                         self.add_image(canonical)
                         with self._lock:
                             img = self._find_image(canonical)
-                            self._event("pull", "image", canonical, familiar_name(canonical), {"id": img.id if img else ""})
+                            self._event(
+                                "pull",
+                                "image",
+                                canonical,
+                                familiar_name(canonical),
+                                {"id": img.id if img else ""},
+                            )
                     record.lines.append(line)
                     yield json.dumps(line, separators=(",", ":")).encode() + b"\r\n"
-                    sent += 1
                     if delay:
                         await asyncio.sleep(delay)
                 record.outcome = "up_to_date" if "up to date" in lines[-1]["status"] else "ok"
@@ -1529,7 +1602,7 @@ class FakeDockerEngine:
 
     def _pull_lines(self, canonical: str, present: bool) -> list[dict]:
         repo = _repo_of(canonical)
-        domain, _, path = repo.partition("/")
+        path = repo.partition("/")[2]
         tag = canonical.rsplit(":", 1)[1] if "@" not in canonical else canonical.split("@", 1)[1]
         digest = "sha256:" + _hex_id("digest:" + canonical)
         shown = familiar_name(canonical)
@@ -1547,14 +1620,22 @@ class FakeDockerEngine:
         for lid, size in zip(layers, sizes):
             for frac in (0.01, 0.37, 0.82):
                 lines.append(
-                    {"status": "Downloading", "progressDetail": {"current": int(size * frac), "total": size}, "id": lid}
+                    {
+                        "status": "Downloading",
+                        "progressDetail": {"current": int(size * frac), "total": size},
+                        "id": lid,
+                    }
                 )
             lines.append({"status": "Verifying Checksum", "progressDetail": {}, "id": lid})
             lines.append({"status": "Download complete", "progressDetail": {}, "id": lid})
         for lid, size in zip(layers, sizes):
             for frac in (0.001, 0.5, 1.0):
                 lines.append(
-                    {"status": "Extracting", "progressDetail": {"current": int(size * frac), "total": size}, "id": lid}
+                    {
+                        "status": "Extracting",
+                        "progressDetail": {"current": int(size * frac), "total": size},
+                        "id": lid,
+                    }
                 )
             lines.append({"status": "Pull complete", "progressDetail": {}, "id": lid})
         lines.append({"status": f"Digest: {digest}"})
@@ -1568,7 +1649,9 @@ class FakeDockerEngine:
             self._events.append(EngineEvent(action, type_, id_, name, attributes, time.monotonic()))
 
     def _container_event(self, action: str, c: FakeContainer, **extra: Any) -> None:
-        self._event(action, "container", c.id, c.name, {"image": c.image, "name": c.name, **c.labels, **extra})
+        self._event(
+            action, "container", c.id, c.name, {"image": c.image, "name": c.name, **c.labels, **extra}
+        )
 
     # ---------------------------------------------------------------- create
 
@@ -1705,7 +1788,14 @@ class FakeDockerEngine:
             mode = parts[2] if len(parts) > 2 else ""
             if src.startswith("/"):
                 mounts.append(
-                    {"Type": "bind", "Source": src, "Destination": dst, "Mode": mode, "RW": "ro" not in mode.split(","), "Propagation": "rprivate"}
+                    {
+                        "Type": "bind",
+                        "Source": src,
+                        "Destination": dst,
+                        "Mode": mode,
+                        "RW": "ro" not in mode.split(","),
+                        "Propagation": "rprivate",
+                    }
                 )
             else:
                 mounts.append(
@@ -1728,7 +1818,9 @@ class FakeDockerEngine:
                     "Destination": m.get("Target", ""),
                     "Mode": "",
                     "RW": not m.get("ReadOnly", False),
-                    "Propagation": (m.get("BindOptions") or {}).get("Propagation", "rprivate" if m.get("Type") == "bind" else ""),
+                    "Propagation": (m.get("BindOptions") or {}).get(
+                        "Propagation", "rprivate" if m.get("Type") == "bind" else ""
+                    ),
                 }
             )
         return mounts
@@ -1861,18 +1953,27 @@ class FakeDockerEngine:
             status = "Up " + _human_duration((now - c.started_ns) / 1e9)
             health = self._health(c)
             if health is not None:
-                status += {"starting": " (health: starting)", "healthy": " (healthy)", "unhealthy": " (unhealthy)"}[
-                    health["Status"]
-                ]
+                status += {
+                    "starting": " (health: starting)",
+                    "healthy": " (healthy)",
+                    "unhealthy": " (unhealthy)",
+                }[health["Status"]]
         elif c.status == "exited":
             status = f"Exited ({c.exit_code}) {_human_duration((now - c.finished_ns) / 1e9)} ago"
         else:
             status = c.status.capitalize()
         ports = []
-        for cport, bindings in (c.host_ports.items() if c.running else []):
+        for cport, bindings in c.host_ports.items() if c.running else []:
             private, proto = cport.split("/")
             for b in bindings:
-                ports.append({"IP": b["HostIp"], "PrivatePort": int(private), "PublicPort": int(b["HostPort"]), "Type": proto})
+                ports.append(
+                    {
+                        "IP": b["HostIp"],
+                        "PrivatePort": int(private),
+                        "PublicPort": int(b["HostPort"]),
+                        "Type": proto,
+                    }
+                )
         image = self._images.get(c.image_id)
         return {
             "Id": c.id,
@@ -1908,20 +2009,36 @@ class FakeDockerEngine:
                 values = [k for k, v in values.items() if v]
             elif isinstance(values, str):
                 values = [values]
-            allowed = {"label", "name", "status", "id", "ancestor", "exited", "health", "before", "since", "network",
-                       "volume", "publish", "expose", "isolation", "is-task"}
+            allowed = {
+                "label",
+                "name",
+                "status",
+                "id",
+                "ancestor",
+                "exited",
+                "health",
+                "before",
+                "since",
+                "network",
+                "volume",
+                "publish",
+                "expose",
+                "isolation",
+                "is-task",
+            }
             if key not in allowed:
                 raise _ApiError(400, f"invalid filter '{key}'")
             norm[key] = [str(v) for v in values]
         statuses = {"created", "restarting", "running", "removing", "paused", "exited", "dead"}
         for s in norm.get("status", []):
             if s not in statuses:
-                raise _ApiError(400, f"invalid filter 'status={s}'")
+                raise _ApiError(400, f"Unrecognised filter value for status: {s}")
         with self._lock:
             containers = sorted(self._containers.values(), key=lambda c: c.created_ns, reverse=True)
             out = []
             for c in containers:
-                if not show_all and c.status != "running" and "status" not in norm:
+                # moby includeContainerInList; a status filter implies all (foldFilter)
+                if not show_all and c.status != "running" and "status" not in norm and limit <= 0:
                     continue
                 if not self._matches(c, norm):
                     continue
@@ -1952,9 +2069,8 @@ class FakeDockerEngine:
             return False
         if f.get("id") and not any(c.id.startswith(v) for v in f["id"]):
             return False
-        if f.get("exited"):
-            if c.status != "exited" or str(c.exit_code) not in f["exited"]:
-                return False
+        if f.get("exited") and (c.status != "exited" or str(c.exit_code) not in f["exited"]):
+            return False
         if f.get("ancestor"):
             ok = False
             for v in f["ancestor"]:
@@ -2041,9 +2157,9 @@ class FakeDockerEngine:
             }
         for cport, lst in (c.host_config.get("PortBindings") or {}).items():
             cport = cport if "/" in str(cport) else f"{cport}/tcp"
-            for b in lst or [{}]:
-                ip = (b or {}).get("HostIp") or ""
-                hp_raw = str((b or {}).get("HostPort") or "")
+            for binding in lst or [{}]:
+                ip = (binding or {}).get("HostIp") or ""
+                hp_raw = str((binding or {}).get("HostPort") or "")
                 hp = int(hp_raw.split("-")[0]) if hp_raw else self._free_port()
                 if hp in taken:
                     err = self._port_error(c, ip, hp, foreign=False)
@@ -2099,7 +2215,15 @@ class FakeDockerEngine:
 
     # ---------------------------------------------------------------- the simulated launcher
 
-    def _log(self, c: FakeContainer, msg: str, *, level: str = "INFO", target: str = "text_generation_launcher", span: str = "") -> None:
+    def _log(
+        self,
+        c: FakeContainer,
+        msg: str,
+        *,
+        level: str = "INFO",
+        target: str = "text_generation_launcher",
+        span: str = "",
+    ) -> None:
         ns = time.time_ns()
         lines = f"{_trace_ts(ns)} {level:>5} {span}{target}: {msg}".split("\n")
         with self._lock:
@@ -2229,7 +2353,12 @@ class FakeDockerEngine:
             ("max_batch_size", opt("--max-batch-size")),
             ("cuda_graphs", opt("--cuda-graphs")),
             ("hostname", f'"{val("--hostname", c.id[:12])}"'),
-            ("port", args["port"] if "--port" in flags else int(dict(e.split("=", 1) for e in c.env if "=" in e).get("PORT", 3000))),
+            (
+                "port",
+                args["port"]
+                if "--port" in flags
+                else int(dict(e.split("=", 1) for e in c.env if "=" in e).get("PORT", 3000)),
+            ),
             ("prometheus_port", val("--prometheus-port", 9000)),
             ("shard_uds_path", '"/tmp/text-generation-server"'),
             ("master_addr", '"localhost"'),
@@ -2294,7 +2423,7 @@ class FakeDockerEngine:
         failing = b.scenario in ("crash_loading", "oom_killed")
         phase_end = t0 + (b.fail_after if failing else b.load_delay) * 0.2
         await self._sleep(c, left(phase_end))
-        self._log(c, f"Download file: model-00001-of-00002.safetensors")
+        self._log(c, "Download file: model-00001-of-00002.safetensors")
         self._log(c, f"Successfully downloaded weights for {model}", span="download: ")
         self._log(c, "Starting shard rank=0", span=shard)
         self._log(c, "Using prefix caching = True")
@@ -2307,8 +2436,12 @@ class FakeDockerEngine:
             if time.monotonic() >= loaded_at:
                 break
         if b.scenario == "crash_loading":
-            self._log(c, "Shard complete standard error output:\n\n" + _oom_traceback(b.oom_message) + "\n rank=0",
-                      level="ERROR", span=shard)
+            self._log(
+                c,
+                "Shard complete standard error output:\n\n" + _oom_traceback(b.oom_message) + "\n rank=0",
+                level="ERROR",
+                span=shard,
+            )
             self._log(c, "Shard 0 failed to start", level="ERROR")
             self._log(c, "Shutting down shards")
             self._stderr(c, "Error: ShardCannotStart")
@@ -2316,7 +2449,9 @@ class FakeDockerEngine:
         if b.scenario == "oom_killed":
             return 137, True
         self._log(c, "Server started at unix:///tmp/text-generation-server-0")
-        self._log(c, f"Shard ready in {time.monotonic() - shard_start + 0.2 * b.load_delay:.2f}s rank=0", span=shard)
+        self._log(
+            c, f"Shard ready in {time.monotonic() - shard_start + 0.2 * b.load_delay:.2f}s rank=0", span=shard
+        )
         self._log(c, "Starting Webserver")
         self._log(c, "Warming up model", target="text_generation_router_v3: backends/v3/src/lib.rs:125")
         if b.scenario == "webserver_failed":
@@ -2339,7 +2474,11 @@ class FakeDockerEngine:
             return 1, False
         self._log(c, "Cuda Graphs are enabled for sizes [32, 16, 8, 4, 2, 1]")
         total = cfg.get("max_total_tokens", max_input + 1)
-        self._log(c, f"Setting max batch total tokens to {max(total, 16 * total)}", target="text_generation_router_v3: backends/v3/src/lib.rs:137")
+        self._log(
+            c,
+            f"Setting max batch total tokens to {max(total, 16 * total)}",
+            target="text_generation_router_v3: backends/v3/src/lib.rs:137",
+        )
         self._log(c, "Using backend V3", target="text_generation_router_v3: backends/v3/src/lib.rs:166")
         await self._sleep(c, left(ready_at))
         tgi = c.tgi
@@ -2412,7 +2551,9 @@ class FakeDockerEngine:
 
         async def body() -> Any:
             await self._until(done)
-            yield json.dumps({"StatusCode": c.exit_code, "Error": None}, separators=(",", ":")).encode() + b"\n"
+            yield (
+                json.dumps({"StatusCode": c.exit_code, "Error": None}, separators=(",", ":")).encode() + b"\n"
+            )
 
         return StreamingResponse(body(), media_type="application/json", headers=self._headers())
 
@@ -2488,14 +2629,16 @@ class FakeDockerEngine:
                         yield chunk
                     if not follow or not alive:
                         return
-                    await self._until(lambda: len(c.logs) > idx or not c.running or c.removed)
+                    await self._until(lambda n=idx: len(c.logs) > n or not c.running or c.removed)
             finally:
                 with self._lock:
                     self._log_streams_open -= 1
                 self._notify()
 
         headers = self._headers()
-        return StreamingResponse(body(), media_type="application/vnd.docker.multiplexed-stream", headers=headers)
+        return StreamingResponse(
+            body(), media_type="application/vnd.docker.multiplexed-stream", headers=headers
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -2545,12 +2688,16 @@ def _gated_traceback(model: str) -> str:
             "    utils.weight_files(model_id, revision, extension)",
             '  File "/usr/src/.venv/lib/python3.11/site-packages/huggingface_hub/utils/_http.py", line 426, in hf_raise_for_status',
             "    raise _format(GatedRepoError, message, response) from e",
-            "huggingface_hub.errors.GatedRepoError: 401 Client Error. (Request ID: Root=1-6765a1b2-0123456789abcdef01234567;"
-            "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0)",
+            (
+                "huggingface_hub.errors.GatedRepoError: 401 Client Error. (Request ID: "
+                "Root=1-6765a1b2-0123456789abcdef01234567;0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0)"
+            ),
             "",
             f"Cannot access gated repo for url https://huggingface.co/api/models/{model}.",
-            f"Access to model {model} is restricted. You must have access to it and be authenticated to access it. "
-            "Please log in.",
+            (
+                f"Access to model {model} is restricted. You must have access to it and be authenticated to "
+                "access it. Please log in."
+            ),
         ]
     )
 
@@ -2577,10 +2724,22 @@ def _container_body(
             bindings[key] = [{"HostIp": ip, "HostPort": "" if hp is None else str(hp)}]
         body["ExposedPorts"] = exposed
         host["PortBindings"] = bindings
-    body.update({"Tty": False, "OpenStdin": False, "StdinOnce": False, "AttachStdin": False,
-                 "AttachStdout": False, "AttachStderr": False})
+    body.update(
+        {
+            "Tty": False,
+            "OpenStdin": False,
+            "StdinOnce": False,
+            "AttachStdin": False,
+            "AttachStdout": False,
+            "AttachStderr": False,
+        }
+    )
     if environment:
-        body["Env"] = [f"{k}={v}" for k, v in environment.items()] if isinstance(environment, dict) else list(environment)
+        body["Env"] = (
+            [f"{k}={v}" for k, v in environment.items()]
+            if isinstance(environment, dict)
+            else list(environment)
+        )
     if command is not None:
         body["Cmd"] = list(command)
     body["Image"] = image
