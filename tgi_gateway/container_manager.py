@@ -338,10 +338,12 @@ class ContainerManager:
     def _stop_following(self) -> None:
         stream, self._log_stream = self._log_stream, None
         if stream is not None:
-            try:
-                stream.close()
-            except Exception:  # noqa: BLE001
-                pass
+            for close in (stream.close, getattr(getattr(stream, "_response", None), "close", None)):
+                try:  # docker-py's CancellableStream.close() leaves the response's socket open
+                    if close is not None:
+                        close()
+                except Exception:  # noqa: BLE001
+                    pass
         if self._follower is not None:
             self._follower.join(2)
             self._follower = None
