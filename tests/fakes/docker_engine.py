@@ -142,7 +142,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +152,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from tests.fakes.serve import QuickServer
 from tests.fakes.tgi import FakeTGI, Script
 
 __all__ = [
@@ -574,57 +575,6 @@ def tgi_args(cmd: list[str], env: list[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without signal handling, with a quick shutdown that drops open streams."""
-
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._on_started = on_started
-        self._exit_event: asyncio.Event | None = None
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        self._exit_event = asyncio.Event()
-        await super().startup(sockets=sockets)
-        if self.started:
-            self._on_started()
-
-    def request_exit(self) -> None:
-        self.should_exit = True
-        if self._exit_event is not None:
-            self._exit_event.set()
-
-    async def main_loop(self) -> None:
-        counter = 0
-        while not await self.on_tick(counter):
-            counter += 10
-            assert self._exit_event is not None
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._exit_event.wait(), 1.0)
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        for server in self.servers:
-            server.close()
-        state = self.server_state
-        for connection in list(state.connections):
-            connection.shutdown()
-        deadline = time.monotonic() + 0.5
-        while state.connections and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        for connection in list(state.connections):
-            transport = getattr(connection, "transport", None)
-            if transport is not None:
-                transport.abort()
-        for task in list(getattr(state, "tasks", ())):
-            task.cancel()
-        for server in self.servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 0.5)
-
-
 class _ApiError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -684,7 +634,7 @@ class FakeDockerEngine:
         self._waiters: set[asyncio.Event] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
-        self._server: _Server | None = None
+        self._server: QuickServer | None = None
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
         self._ready = threading.Event()
@@ -765,7 +715,7 @@ class FakeDockerEngine:
             timeout_keep_alive=3600,
             backlog=4096,
         )
-        self._server = _Server(config, on_started=self._ready.set)
+        self._server = QuickServer(config, on_started=self._ready.set, drain_timeout=0.5)
         assert self._sock is not None
         try:
             await self._server.serve(sockets=[self._sock])

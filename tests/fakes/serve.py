@@ -1,4 +1,5 @@
-"""Serve an ASGI app (the gateway) on a real loopback socket, in a background thread, for tests.
+"""Serve an ASGI app (the gateway) on a real loopback socket, in a background thread, for tests; and the
+uvicorn server the doubles run on (:class:`QuickServer`: no signal handling, a quick shutdown).
 
 ``with serve(app) as url:`` binds 127.0.0.1 on an ephemeral port, runs uvicorn (lifespan on, httptools,
 the event loop the gateway uses in production: uvloop) on its own loop in a daemon thread, and returns
@@ -7,10 +8,12 @@ once the app's lifespan has started; leaving the block shuts it down within a fe
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -20,6 +23,58 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:  # the test process keeps its own signal handlers
         yield
+
+
+class QuickServer(uvicorn.Server):
+    """uvicorn without signal handling, with a quick shutdown that drops open streams."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None], drain_timeout: float = 1.0) -> None:
+        super().__init__(config)
+        self._on_started = on_started
+        self._drain_timeout = drain_timeout
+        self._exit_event: asyncio.Event | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._exit_event = asyncio.Event()
+        await super().startup(sockets=sockets)
+        if self.started:
+            self._on_started()
+
+    def request_exit(self) -> None:
+        self.should_exit = True
+        if self._exit_event is not None:
+            self._exit_event.set()
+
+    async def main_loop(self) -> None:
+        counter = 0
+        while not await self.on_tick(counter):
+            counter += 10
+            assert self._exit_event is not None
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._exit_event.wait(), 1.0)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        state = self.server_state
+        for connection in list(state.connections):
+            connection.shutdown()
+        deadline = time.monotonic() + self._drain_timeout
+        while state.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        for connection in list(state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.abort()
+        for task in list(getattr(state, "tasks", ())):
+            task.cancel()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 0.5)
 
 
 @contextlib.contextmanager

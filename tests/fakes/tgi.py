@@ -147,6 +147,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from tests.fakes.serve import QuickServer
+
 __all__ = [
     "BOS",
     "EOS",
@@ -799,54 +801,6 @@ class _Permit:
 # --------------------------------------------------------------------------------------------
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without signal handling, with an event-driven main loop and a quick shutdown."""
-
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._on_started = on_started
-        self._exit = asyncio.Event()
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        if self.started:
-            self._on_started()
-
-    def request_exit(self) -> None:
-        self.should_exit = True
-        self._exit.set()
-
-    async def main_loop(self) -> None:
-        counter = 0
-        while not await self.on_tick(counter):
-            counter += 10  # on_tick refreshes the Date header when counter % 10 == 0
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._exit.wait(), 1.0)
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        for server in self.servers:
-            server.close()
-        state = self.server_state
-        for connection in list(state.connections):
-            connection.shutdown()
-        deadline = time.monotonic() + 1.0
-        while state.connections and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        for connection in list(state.connections):
-            transport = getattr(connection, "transport", None)
-            if transport is not None:
-                transport.abort()
-        for task in list(state.tasks):
-            task.cancel()
-        for server in self.servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 0.5)
-
-
 class FakeTGI:
     """The TGI double. See the module docstring.
 
@@ -883,7 +837,7 @@ class FakeTGI:
         self._active: set[asyncio.Task] = set()
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: _Server | None = None
+        self._server: QuickServer | None = None
         self._thread: threading.Thread | None = None
         self._task: asyncio.Task | None = None
         self._ready = threading.Event()
@@ -963,7 +917,7 @@ class FakeTGI:
                 timeout_keep_alive=3600,  # hyper keeps idle keep-alive connections open
                 backlog=4096,
             )
-            self._server = _Server(config, on_started=self._on_started)
+            self._server = QuickServer(config, on_started=self._on_started, drain_timeout=1.0)
             if self._stop_requested.is_set():
                 return
             assert self._sock is not None
