@@ -86,3 +86,45 @@ def test_not_a_functionary_model_exits_2(tmp_path: Path) -> None:
     r = run_cli("--model", str(tmp_path))
     assert r.returncode == 2
     assert "v3-llama3.1" in r.stderr and "--template-version" in r.stderr
+
+
+def test_sigterm_lets_in_flight_streams_finish(model_dir: Path) -> None:
+    import threading
+
+    port = free_port()
+    with FakeTGI(script=tokens(*[f" w{i}" for i in range(20)], EOT), token_delay=0.05) as tgi:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, str(ROOT / "server_tgi.py"), "--model", str(model_dir), "--endpoint", tgi.url,
+               "--port", str(port), "--shutdown-grace", "10"]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            for _ in range(300):
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            got: list[str] = []
+
+            def consume() -> None:
+                with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client:
+                    for chunk in client.chat.completions.create(
+                        model=str(model_dir), messages=[{"role": "user", "content": "Hi"}], stream=True
+                    ):
+                        got.extend(c.delta.content or "" for c in chunk.choices)
+
+            reader = threading.Thread(target=consume)
+            reader.start()
+            assert tgi.wait_until(lambda: tgi.streams_open == 1, 5)
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)  # mid-stream: about 0.8 s of tokens still to come
+            time.sleep(0.2)
+            with pytest.raises(httpx.TransportError):
+                httpx.get(url + "/health", timeout=1)  # no longer accepting
+            reader.join(10)
+            out, _ = proc.communicate(timeout=15)
+        finally:
+            proc.kill()
+    assert "".join(got) == "".join(f" w{i}" for i in range(20)).strip(), "the stream finished"
+    assert proc.returncode == 0, out
