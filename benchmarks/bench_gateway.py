@@ -28,17 +28,20 @@ run of each mode per configuration, then ``--repeats`` runs of each (alternating
 Every process's CPU time per run is read from /proc.
 
 By default the N requests of a run start at once (a burst: TTFT then includes admitting N requests
-together); ``--ramp-ms T`` spreads the starts evenly over T ms instead (with T = one answer's duration,
-e.g. 2560 for 128 tokens at 20 ms, N streams are in flight in a steady state, each arriving alone).
+together). ``--ramp-ms T --rounds K`` gives a steady state instead: N streams whose starts are spread
+evenly over T ms, each sending K requests back to back (with T = one answer's duration, e.g. 2560 ms
+for 128 tokens at 20 ms, N requests are in flight at any time, each arriving alone); TTFT then counts
+the requests started while all N streams were active, tokens/s still the whole run.
 
 The machine is shared: ``--wait-idle S`` waits (up to S s) before each run until other processes leave
 the CPUs idle, and every run reports how busy other processes kept the cores.
 
-Run from the repository root (about 8 minutes with the defaults; bounded by ``--max-seconds``)::
+Run from the repository root (the first command, the one behind docs/performance.md, takes about 8
+minutes; every run is bounded by ``--max-seconds``)::
 
-    .venv/bin/python benchmarks/bench_gateway.py --compare-clients --wait-idle 20 --profile 10
+    .venv/bin/python benchmarks/bench_gateway.py --repeats 5 --wait-idle 20 --compare-clients --profile 12
     .venv/bin/python benchmarks/bench_gateway.py --streams 1 64 256 --delays-ms 20 0 --tokens 128 --repeats 3
-    .venv/bin/python benchmarks/bench_gateway.py --streams 64 128 256 --delays-ms 20 --ramp-ms 2560
+    .venv/bin/python benchmarks/bench_gateway.py --streams 64 128 256 --delays-ms 20 --ramp-ms 2560 --rounds 3
     .venv/bin/python benchmarks/bench_gateway.py --direct-only --streams 64 --repeats 1      # no gateway needed
 
 ``--profile S`` (py-spy, ``.venv/bin/pip install py-spy``) samples the gateway for S seconds while it
@@ -282,8 +285,10 @@ class Gateway:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="bench-gateway-", suffix=".log", delete=False)  # noqa: SIM115
+        # --no-launch: never start a TGI container, the double is the TGI
         cmd = [sys.executable, "server_tgi.py", "--model", MODEL, "--template-version", TEMPLATE,
-               "--endpoint", endpoint, "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
+               "--endpoint", endpoint, "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
+               "--no-launch"]  # fmt: skip
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
             preexec_fn=_die_with_parent,  # noqa: PLW1509 - started before any thread exists
@@ -311,6 +316,8 @@ class Gateway:
     def close(self) -> None:
         _end(self.proc)
         self.log.close()
+        with contextlib.suppress(OSError):  # its tail is in any error message already
+            Path(self.log.name).unlink()
 
 
 def _end(proc: subprocess.Popen) -> None:
@@ -335,6 +342,8 @@ class Result:
     tokens: int = 0  # generated tokens (direct: token events; gateway: usage.completion_tokens)
     events: int = 0  # direct: token events; gateway: content + arguments chunks
     error: str | None = None
+    start: float = math.nan  # when the request was written, from the start of the run
+    steady: bool = True  # counted in the run's TTFT percentiles
 
 
 class Counting:
@@ -548,7 +557,7 @@ class Run:
         return self.tokens / self.wall
 
     def ttft(self, q: float) -> float:
-        return pct([r.ttft for r in self.results], q) * 1000
+        return pct([r.ttft for r in self.results if r.steady], q) * 1000
 
 
 async def wait_idle(limit: float, pids: dict[str, int], threshold: float = 0.15) -> float:
@@ -637,27 +646,37 @@ class Bench:
         busy0 = system_busy_seconds()
         kernel0 = {name: cpu_seconds(pid, kernel_only=True) for name, pid in self.pids.items()}
 
-        ramp = self.args.ramp_ms / 1000
+        ramp, rounds = self.args.ramp_ms / 1000, self.args.rounds
 
-        async def one(i: int) -> Result:
-            if ramp:
-                await asyncio.sleep(i * ramp / streams)
+        async def one() -> Result:
             counting = Counting(mode, first_visible if mode == "direct" else 0, 0.0)
             try:
-                return await asyncio.wait_for(c.stream(path, body, counting), self.request_timeout)
+                await asyncio.wait_for(c.stream(path, body, counting), self.request_timeout)
             except Exception as exc:  # noqa: BLE001 - counted as a failed request
                 counting.r.error = f"{type(exc).__name__}: {exc}"
-                return counting.r
+            counting.r.start = counting.t0 - t0
+            return counting.r
+
+        async def worker(i: int) -> list[Result]:
+            if ramp:
+                await asyncio.sleep(i * ramp / streams)
+            return [await one() for _ in range(rounds)]
 
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(one(i) for i in range(streams)))
+        per_worker = await asyncio.gather(*(worker(i) for i in range(streams)))
         wall = time.perf_counter() - t0
+        results = [r for rs in per_worker for r in rs]
+        if rounds > 1:  # TTFT only of the requests started while every worker was active
+            all_started = max(rs[0].start for rs in per_worker)
+            first_done = min(rs[-1].start + rs[-1].total for rs in per_worker)
+            for r in results:
+                r.steady = all_started <= r.start <= first_done
         cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in self.pids.items()}
         cpu["other"] = max(0.0, system_busy_seconds() - busy0 - sum(cpu.values()))  # not ours
         kernel = {name: cpu_seconds(pid, kernel_only=True) - kernel0[name] for name, pid in self.pids.items()}
         stats = self.double.call("stats")
         errors = [r.error for r in results if r.error]
-        if errors or stats["outcomes"] != {"completed": streams}:
+        if errors or stats["outcomes"] != {"completed": streams * rounds}:
             raise RuntimeError(
                 f"{mode} run with {streams} streams failed: {len(errors)} errors {errors[:3]}, "
                 f"double outcomes {stats['outcomes']} {stats['errors']}"
@@ -896,6 +915,15 @@ async def bench_main(args: argparse.Namespace, double: Double, gateway: Gateway 
     return 0
 
 
+async def guarded(args: argparse.Namespace, double: Double, gateway: Gateway | None) -> int:
+    """bench_main, bounded in time; Ctrl-C / SIGTERM cancel it cleanly (the caller then stops the children)."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    return await asyncio.wait_for(bench_main(args, double, gateway), args.max_seconds + 600)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -913,6 +941,13 @@ def main() -> int:
     p.add_argument("--answers", nargs="+", choices=["text", "tool"], default=["text", "tool"])
     p.add_argument(
         "--ramp-ms", type=float, default=0, help="spread the N starts over this long (default 0: all at once)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="requests per stream, back to back (default 1); with more, TTFT counts only the requests "
+        "started while all N streams were active",
     )
     p.add_argument("--client", choices=["raw", "httpx"], default="raw", help="load generator's HTTP client")
     p.add_argument("--compare-clients", action="store_true", help="first measure raw vs httpx in direct mode")
@@ -938,10 +973,11 @@ def main() -> int:
 
     import uvloop
 
-    def on_term(signum: int, frame: Any) -> None:
+    def on_term(signum: int, frame: Any) -> None:  # while starting the children (no loop yet)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     double = gateway = None
     try:
         for answer in args.answers:
@@ -960,10 +996,13 @@ def main() -> int:
         print(f"# machine: {os.cpu_count()} cores; double {double.url} (pid {double.pid}, {args.double_loop}); "
               f"gateway {gateway.url if gateway else '-'} (pid {gateway.pid if gateway else '-'}); "
               f"client {args.client}", flush=True)  # fmt: skip
-        return uvloop.run(asyncio.wait_for(bench_main(args, double, gateway), args.max_seconds + 600))
-    except KeyboardInterrupt:
+        return uvloop.run(guarded(args, double, gateway))
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted", file=sys.stderr)
         return 130
+    except asyncio.TimeoutError:
+        print(f"gave up: the benchmark ran past --max-seconds {args.max_seconds:g} + 600 s", file=sys.stderr)
+        return 1
     finally:
         if gateway is not None:
             gateway.close()
