@@ -128,3 +128,32 @@ def test_sigterm_lets_in_flight_streams_finish(model_dir: Path) -> None:
             proc.kill()
     assert "".join(got) == "".join(f" w{i}" for i in range(20)).strip(), "the stream finished"
     assert proc.returncode == 0, out
+
+
+def test_workers_serve_from_several_processes(model_dir: Path) -> None:
+    port = free_port()
+    with FakeTGI(script=tokens("Hello", "!", EOT)) as tgi:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, str(ROOT / "server_tgi.py"), "--model", str(model_dir), "--served-model-name", "fn",
+               "--endpoint", tgi.url, "--port", str(port), "--workers", "2", "--shutdown-grace", "2"]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            for _ in range(300):
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client:
+                for _ in range(6):
+                    r = client.chat.completions.create(model="fn", messages=[{"role": "user", "content": "Hi"}])
+                    assert r.choices[0].message.content == "Hello!"
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            workers = [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+            assert len(workers) == 2, children
+            assert tgi.last_generation.inputs.startswith("<|start_header_id|>system"), "workers use the template"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0, out

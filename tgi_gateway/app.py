@@ -303,6 +303,16 @@ def create_app(settings: Settings, template: Template, *, transport: httpx.Async
     return app
 
 
+def app_from_environment() -> FastAPI:
+    """The app of one worker process (``--workers N``): the CLI's settings, passed as ``TGI_GATEWAY_*``
+    variables, with the template version it detected."""
+    settings = Settings()
+    if settings.template_version is None:
+        raise RuntimeError("worker started without TGI_GATEWAY_TEMPLATE_VERSION (start it with server_tgi.py)")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return create_app(settings, Template(settings.template_version))
+
+
 def _model_card(gateway: Gateway) -> dict[str, Any]:
     return {"id": gateway.settings.model_name, "object": "model", "created": gateway.created, "owned_by": "tgi-gateway"}
 

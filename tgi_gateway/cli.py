@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-retries", type=int, help="connection attempts to TGI before answering 503 (default 3)")
     p.add_argument("--log-level", help="critical, error, warning, info (default) or debug")
     p.add_argument("--shutdown-grace", type=float, help="seconds in-flight requests get to finish at shutdown (30)")
+    p.add_argument("--workers", type=int, help="server processes, one CPU core each (default 1)")
 
     d = p.add_argument_group("launching TGI with Docker (when nothing answers at a local --endpoint)")
     d.add_argument("--no-launch", dest="launch", action="store_false", default=None,
@@ -122,17 +123,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     # default SIGTERM handler the process would die there, leaving the TGI container behind).
     signal.signal(signal.SIGTERM, _exit_cleanly)
     signal.signal(signal.SIGINT, _exit_cleanly)
+    server = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "access_log": False,
+        "http": "httptools",
+        "loop": "uvloop" if sys.platform != "win32" else "asyncio",
+        "timeout_graceful_shutdown": settings.shutdown_grace,
+    }
     try:
-        uvicorn.run(
-            create_app(settings, template),
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            access_log=False,
-            http="httptools",
-            loop="uvloop" if sys.platform != "win32" else "asyncio",
-            timeout_graceful_shutdown=settings.shutdown_grace,
-        )
+        if settings.workers > 1:
+            # Each worker process imports the app factory and rebuilds the same settings from the
+            # environment (the template version detected here included); they share the listening socket.
+            env = settings.model_copy(update={"template_version": template.version}).as_environment()
+            os.environ.update(env)
+            uvicorn.run("tgi_gateway.app:app_from_environment", factory=True, workers=settings.workers, **server)
+        else:
+            uvicorn.run(create_app(settings, template), **server)
     finally:
         if manager is not None:
             manager.release()

@@ -6,6 +6,7 @@ Environment variables are the field names upper-cased with the prefix ``TGI_GATE
 
 from __future__ import annotations
 
+import json
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
@@ -31,6 +32,7 @@ class Settings(BaseSettings):
     connect_retries: int = Field(3, ge=1, le=10, description="Connection attempts to TGI before a 503.")
     log_level: str = Field("info", description="critical, error, warning, info or debug.")
     shutdown_grace: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish at shutdown.")
+    workers: int = Field(1, ge=1, le=64, description="Server processes (each one event loop, one CPU core).")
 
     # Launching TGI with Docker when nothing answers at a local endpoint (tgi_gateway/container_manager.py).
     launch: bool = Field(True, description="Start TGI in Docker when nothing answers at a local endpoint.")
@@ -62,6 +64,14 @@ class Settings(BaseSettings):
         if v not in ("critical", "error", "warning", "info", "debug"):
             raise ValueError("log_level must be one of critical, error, warning, info, debug")
         return v
+
+    def as_environment(self) -> dict[str, str]:
+        """These settings as ``TGI_GATEWAY_*`` variables, so that worker processes rebuild the same object."""
+        env = {}
+        for name, value in self.model_dump(mode="json").items():
+            if value is not None:
+                env[f"TGI_GATEWAY_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+        return env
 
     @property
     def model_name(self) -> str:
