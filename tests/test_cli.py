@@ -34,6 +34,26 @@ def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
     )
 
 
+def start_gateway(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """`server_tgi.py *args --port <free>` as a user runs it; returns once its /health is 200 (≤ 30 s)."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(ROOT / "server_tgi.py"), *args, "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"the gateway did not become ready:\n{proc.communicate()[0]}")
+
+
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": V31_TEMPLATE}))
@@ -41,23 +61,10 @@ def model_dir(tmp_path: Path) -> Path:
 
 
 def test_serves_a_local_model_directory(model_dir: Path) -> None:
-    port = free_port()
     with FakeTGI(script=tokens("Hello", "!", EOT)) as tgi:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        cmd = [sys.executable, str(ROOT / "server_tgi.py"), "--model", str(model_dir), "--served-model-name", "fn",
-               "--endpoint", tgi.url, "--port", str(port)]  # fmt: skip
         started = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        proc, url = start_gateway("--model", str(model_dir), "--served-model-name", "fn", "--endpoint", tgi.url)
         try:
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(300):  # bounded: 30 s at most
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-                time.sleep(0.1)
             ready = time.monotonic() - started
             with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client:
                 r = client.chat.completions.create(model="fn", messages=[{"role": "user", "content": "Hi"}])
@@ -91,20 +98,9 @@ def test_not_a_functionary_model_exits_2(tmp_path: Path) -> None:
 def test_sigterm_lets_in_flight_streams_finish(model_dir: Path) -> None:
     import threading
 
-    port = free_port()
     with FakeTGI(script=tokens(*[f" w{i}" for i in range(20)], EOT), token_delay=0.05) as tgi:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        cmd = [sys.executable, str(ROOT / "server_tgi.py"), "--model", str(model_dir), "--endpoint", tgi.url,
-               "--port", str(port), "--shutdown-grace", "10"]  # fmt: skip
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        proc, url = start_gateway("--model", str(model_dir), "--endpoint", tgi.url, "--shutdown-grace", "10")
         try:
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(300):
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
             got: list[str] = []
 
             def consume() -> None:
@@ -131,20 +127,10 @@ def test_sigterm_lets_in_flight_streams_finish(model_dir: Path) -> None:
 
 
 def test_workers_serve_from_several_processes(model_dir: Path) -> None:
-    port = free_port()
     with FakeTGI(script=tokens("Hello", "!", EOT)) as tgi:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        cmd = [sys.executable, str(ROOT / "server_tgi.py"), "--model", str(model_dir), "--served-model-name", "fn",
-               "--endpoint", tgi.url, "--port", str(port), "--workers", "2", "--shutdown-grace", "2"]  # fmt: skip
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        proc, url = start_gateway("--model", str(model_dir), "--served-model-name", "fn", "--endpoint", tgi.url,
+                                  "--workers", "2", "--shutdown-grace", "2")  # fmt: skip
         try:
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(300):
-                try:
-                    if httpx.get(url + "/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
             with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client:
                 for _ in range(6):
                     r = client.chat.completions.create(model="fn", messages=[{"role": "user", "content": "Hi"}])

@@ -440,22 +440,27 @@ def test_client_disconnect_closes_the_upstream_request(tgi, v31):
     gate.open()
 
 
-def test_client_disconnect_before_the_first_token(tgi, v31):
-    gate = Gate()
-    tgi.script = [gate, "It", EOT]  # TGI has the request queued: no token, so no response headers yet
+def leave_mid_request(url: str, body: dict[str, Any], ready: Any) -> float:
+    """Send `body`, wait until `ready()` (awaitable), then drop the request; when the client left."""
 
     async def go() -> float:
-        async with httpx.AsyncClient(base_url=v31) as h:
-            req = h.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "stream": True})
-            task = asyncio.create_task(req)
-            assert await tgi.wait_until_async(lambda: tgi.streams_open == 1, 5)
+        async with httpx.AsyncClient(base_url=url) as h:
+            task = asyncio.create_task(h.post("/v1/chat/completions", json=body))
+            await ready()
             task.cancel()
             left = time.monotonic()
             with pytest.raises(asyncio.CancelledError):
                 await task
             return left
 
-    left = asyncio.run(go())
+    return asyncio.run(go())
+
+
+def test_client_disconnect_before_the_first_token(tgi, v31):
+    gate = Gate()
+    tgi.script = [gate, "It", EOT]  # TGI has the request queued: no token, so no response headers yet
+    body = {"model": MODEL, "messages": ASK, "stream": True}
+    left = leave_mid_request(v31, body, lambda: tgi.wait_until_async(lambda: tgi.streams_open == 1, 5))
     assert tgi.wait_until(lambda: tgi.last_generation.disconnected, 5)
     assert tgi.last_generation.disconnected_at - left < 0.2
     gate.open()
@@ -475,18 +480,7 @@ def test_upstream_connections_are_reused(tgi, c31):
 def test_client_disconnect_non_stream(tgi, v31):
     gate = Gate()
     tgi.script = ["It", gate, " sunny", EOT]
-
-    async def go() -> float:
-        async with httpx.AsyncClient(base_url=v31) as h:
-            task = asyncio.create_task(h.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK}))
-            await asyncio.sleep(0.3)
-            task.cancel()
-            left = time.monotonic()
-            with pytest.raises(asyncio.CancelledError):
-                await task
-            return left
-
-    left = asyncio.run(go())
+    left = leave_mid_request(v31, {"model": MODEL, "messages": ASK}, lambda: asyncio.sleep(0.3))
     assert tgi.wait_until(lambda: tgi.last_generation.disconnected, 5)
     assert tgi.last_generation.disconnected_at - left < 0.5
     gate.open()

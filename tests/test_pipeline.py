@@ -18,7 +18,7 @@ from sdk_judge import as_expected, sdk_rebuild
 from splits import Item, special, splits
 
 from tgi_gateway.prompting import Template, Version, normalize
-from tgi_gateway.streaming import ChunkBuilder, ResponseContext, collect
+from tgi_gateway.streaming import Answer, ChunkBuilder, ResponseContext, collect
 
 WEATHER = {
     "type": "function",
@@ -152,3 +152,31 @@ def test_stream_and_non_stream_agree_for_every_split(case: Case) -> None:
         chunks += builder.feed(parser.finish()) + builder.finish(case.tgi_reason)
         _, choice = sdk_rebuild(chunks)
         assert as_expected(choice) == non_stream, label
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_answer_stream_and_non_stream_agree(case: Case) -> None:
+    """`streaming.Answer`, the pipeline the server runs (stop filter → parser → chunks or message)."""
+    prompt, template = normalize(case.body), Template(case.version)
+    whole = Answer(template.parser(prompt), context(case, prompt), stream=False)
+    assert whole.feed("".join(i if isinstance(i, str) else i[0] for i in case.output)) == []
+    assert whole.finish(case.tgi_reason) == []
+    expected = whole.message(case.tgi_reason)
+    for label, pieces in itertools.islice(splits(case.output, random_splits=5), 12):
+        answer = Answer(template.parser(prompt), context(case, prompt), stream=True)
+        chunks = [c for text, sp in pieces for c in answer.feed(text, sp)] + answer.finish(case.tgi_reason)
+        assert as_expected(sdk_rebuild(chunks)[1]) == expected, label
+
+
+def test_answer_client_stop_sequence_ends_the_answer() -> None:
+    prompt, template = normalize({"messages": USER}), Template(Version.V3_LLAMA31)
+    ctx = ResponseContext.for_prompt(prompt, "m")
+    for stream in (False, True):
+        answer = Answer(template.parser(prompt), ctx, ["STOP"], stream=stream)
+        chunks = [c for t in ("One, two, ST", "OP", " three") for c in answer.feed(t)] + answer.finish("length")
+        if stream:
+            _, choice = sdk_rebuild(chunks)
+            assert (choice.message.content, choice.finish_reason) == ("One, two,", "stop")
+        else:
+            message = answer.message("length")
+            assert (message["message"]["content"], message["finish_reason"]) == ("One, two,", "stop")

@@ -162,7 +162,7 @@ class Gateway:
             parallel_tool_calls=req.parallel_tool_calls is not False,
             include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
         )
-        answer = Answer(self.template.parser(prompt), ctx, req.stop_list, keep_events=not req.stream)
+        answer = Answer(self.template.parser(prompt), ctx, req.stop_list, stream=bool(req.stream))
 
         stack = AsyncExitStack()
 

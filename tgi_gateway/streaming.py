@@ -53,6 +53,7 @@ from typing import Any
 
 import orjson
 
+from tgi_gateway.stop_sequences import StopFilter
 from tgi_gateway.prompting.types import ChatPrompt, Event, NamedChoice, TextDelta, ToolCallArgs, ToolCallStart
 
 __all__ = [
@@ -441,55 +442,51 @@ def encode_sse(obj: dict[str, Any]) -> bytes:
 
 class Answer:
     """The whole per-answer pipeline, fed TGI's tokens: the client's stop sequences, the template's
-    parser, then chunks (stream) or the collected events (non-stream). Both paths are this class, so
-    they cannot disagree.
+    parser, then chunks (``stream=True``) or the collected events (non-stream). Both paths are this class,
+    so they cannot disagree.
 
-    `feed(text, special)` returns the chunks for one token (stream); `finish(tgi_finish_reason)` returns
-    the last ones. :attr:`events` keeps every event for :meth:`message` (non-stream). A client stop
-    sequence ends the answer with finish reason ``stop`` (the tokens after it are ignored).
+    Stream: `feed(text, special)` returns the chunks for one token, `finish(tgi_finish_reason)` the last
+    ones. Non-stream: both return nothing and :meth:`message` folds the events. A client stop sequence
+    ends the answer with finish reason ``stop`` (the tokens after it are ignored).
     """
 
-    __slots__ = ("_stops", "_parser", "_builder", "_ctx", "_keep", "events")
+    __slots__ = ("_builder", "_ctx", "_events", "_parser", "_stops")
 
-    def __init__(self, parser: Any, ctx: ResponseContext, stops: Sequence[str] = (), *, keep_events: bool = False):
-        from tgi_gateway.stop_sequences import StopFilter
-
+    def __init__(self, parser: Any, ctx: ResponseContext, stops: Sequence[str] = (), *, stream: bool) -> None:
         self._stops = StopFilter(stops)
         self._parser = parser
-        self._builder = ChunkBuilder(ctx)
         self._ctx = ctx
-        self._keep = keep_events
-        self.events: list[Event] = []
+        self._builder = ChunkBuilder(ctx) if stream else None
+        self._events: list[Event] = []
 
-    @property
-    def stopped(self) -> bool:
-        """A client stop sequence or the template's stop token ended the answer: later tokens are ignored."""
-        return self._stops.stopped or self._parser.stopped
+    def _out(self, events: list[Event]) -> list[dict[str, Any]]:
+        if self._builder is None:
+            self._events += events
+            return []
+        return self._builder.feed(events) if events else []
 
     def feed(self, text: str, special: bool = False) -> list[dict[str, Any]]:
         events: list[Event] = []
         for piece, sp in self._stops.feed(text, special):
             events += self._parser.feed(piece, sp)
-        if self._keep:
-            self.events += events
-        return self._builder.feed(events) if events else []
+        return self._out(events)
 
     def finish(self, tgi_finish_reason: str | None) -> list[dict[str, Any]]:
         events: list[Event] = []
         for piece, sp in self._stops.finish():
             events += self._parser.feed(piece, sp)
-        events += self._parser.finish()
-        if self._keep:
-            self.events += events
-        if self._stops.stopped:
-            tgi_finish_reason = "stop_sequence"
-        return self._builder.feed(events) + self._builder.finish(tgi_finish_reason)
+        out = self._out(events + self._parser.finish())
+        if self._builder is None:
+            return out
+        return out + self._builder.finish(self._reason(tgi_finish_reason))
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        assert self._builder is not None, "usage_chunk() is for streams"
         return self._builder.usage_chunk(prompt_tokens, completion_tokens)
 
     def message(self, tgi_finish_reason: str | None) -> dict[str, Any]:
         """`choices[0]` of the non-stream response (after :meth:`finish`)."""
-        if self._stops.stopped:
-            tgi_finish_reason = "stop_sequence"
-        return collect(self.events, tgi_finish_reason, self._ctx)
+        return collect(self._events, self._reason(tgi_finish_reason), self._ctx)
+
+    def _reason(self, tgi_finish_reason: str | None) -> str | None:
+        return "stop_sequence" if self._stops.stopped else tgi_finish_reason
