@@ -8,7 +8,10 @@ envelope ``{"error": {"message", "type", "param", "code"}}``.
     GatewayError                      (500, "server_error")
     ├── InvalidRequestError           (400, "invalid_request_error")  bad request; `param` names the field
     │   └── ContextLengthExceededError (400, code "context_length_exceeded")
+    ├── AuthenticationError           (401, "invalid_request_error", code "invalid_api_key")
     ├── ModelNotFoundError            (404, "invalid_request_error", code "model_not_found")
+    ├── PayloadTooLargeError          (413, "invalid_request_error")  body over the configured limit
+    ├── ConcurrencyLimitError         (429, "requests", code "rate_limit_exceeded")  per-key limit; Retry-After
     └── UpstreamError                 (502, "server_error")  TGI, or the way to it, failed
         ├── TGIValidationError        (400, "invalid_request_error")  TGI refused a value
         │   └── TGIContextLengthError (400, code "context_length_exceeded")
@@ -74,6 +77,36 @@ class ModelNotFoundError(GatewayError):
     status_code = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class AuthenticationError(GatewayError):
+    """No API key, or not one of the gateway's (``--api-key``). Rendered like OpenAI's own 401."""
+
+    status_code = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    """The request body is larger than the configured limit."""
+
+    status_code = 413
+
+
+class ConcurrencyLimitError(GatewayError):
+    """This API key already has its maximum of requests in flight (429 with ``Retry-After``)."""
+
+    status_code = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class UpstreamError(GatewayError):
