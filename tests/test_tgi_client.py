@@ -1,7 +1,9 @@
 """tgi_gateway.tgi_client: SSE framing, token/end parsing, error mapping, retries, health/info.
 
-Unit tests replace the network with ``httpx.MockTransport`` (or a respx router behind one); the tests
-at the end run against the TGI double (``tests/fakes/tgi.py``) over a real loopback socket, where
+Stream unit tests script exact responses with httpx-style handlers served over a real loopback socket
+(``tests/fakes/handler_server.py``: the token streams do not go through httpx); ``/health`` and
+``/info`` use a respx router behind ``httpx.MockTransport``. The SSE decoder is tested sans-IO over
+every split. The tests at the end run against the TGI double (``tests/fakes/tgi.py``), where
 streaming, disconnects and connection pooling are real.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -18,6 +21,7 @@ import httpx
 import pytest
 import respx
 
+from tests.fakes.handler_server import HandlerServer
 from tests.fakes.tgi import Drop, FakeTGI, Gate, Incomplete, Pause, count_tokens, tokens
 from tgi_gateway.errors import (
     ContextLengthExceededError,
@@ -28,11 +32,13 @@ from tgi_gateway.errors import (
     TGIOverloadedError,
     TGIProtocolError,
     TGIRejectedError,
+    TGITimeoutError,
     TGIUnavailableError,
     TGIValidationError,
     UpstreamError,
 )
-from tgi_gateway.tgi_client import StreamEnd, TGIClient, TGIInfo, Token, map_tgi_error
+from tgi_gateway import http1
+from tgi_gateway.tgi_client import SSEDecoder, StreamEnd, TGIClient, TGIInfo, Token, map_tgi_error
 
 pytestmark = pytest.mark.anyio
 
@@ -126,8 +132,20 @@ HELLO_ITEMS = [
 ]
 
 
-def mock(handler: Callable[[httpx.Request], httpx.Response], **kwargs) -> TGIClient:
-    return TGIClient(BASE, transport=httpx.MockTransport(handler), **kwargs)
+class mock:
+    """``async with mock(handler, **client_kwargs) as client``: a TGIClient to the handler's server."""
+
+    def __init__(self, handler: Callable[[httpx.Request], httpx.Response], **kwargs) -> None:
+        self.server = HandlerServer(handler)
+        self.kwargs = kwargs
+
+    async def __aenter__(self) -> TGIClient:
+        self.client = TGIClient(await self.server.__aenter__(), **self.kwargs)
+        return self.client
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.aclose()
+        await self.server.__aexit__(*exc)
 
 
 async def collect(client: TGIClient, inputs: str = "Hi", parameters: dict | None = None) -> list:
@@ -176,7 +194,7 @@ async def test_tokens_then_end_and_the_request_sent():
     async with mock(handler) as client:
         assert await collect(client, "Hello <|eot_id|>", params) == HELLO_ITEMS
     (request,) = seen
-    assert request.method == "POST" and request.url == f"{BASE}/generate_stream"
+    assert request.method == "POST" and request.url.path == "/generate_stream"
     assert request.headers["content-type"] == "application/json"
     assert request.headers["accept"] == "text/event-stream"
     assert "authorization" not in request.headers
@@ -213,20 +231,34 @@ def framings() -> list[tuple[str, bytes]]:
 
 
 @pytest.mark.parametrize("name,body", framings(), ids=[n for n, _ in framings()])
-async def test_framing_is_split_invariant(name, body):
+def test_sse_decoding_is_split_invariant(name, body):
     """Whole, one byte at a time, every 2-way split (inside UTF-8 sequences and CRLFs too) and random
-    splits all give the same items."""
+    splits all give the same event data."""
+    expected = [json.dumps(e, separators=(",", ":"), ensure_ascii=False).encode() for e in HELLO]
+    if name == "done":
+        expected.append(b"[DONE]")
     splits = [[body], [body[i : i + 1] for i in range(len(body))]]
     splits += [[body[:i], body[i:]] for i in range(1, len(body))]
     rng = random.Random(name)
     for _ in range(30):
         cuts = sorted(rng.sample(range(1, len(body)), 6))
         splits.append([body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])])
-    current: list[list[bytes]] = []
-    async with mock(lambda request: sse(current[0])) as client:
-        for chunks in splits:
-            current[:] = [chunks]
-            assert await collect(client) == HELLO_ITEMS, chunks
+    for chunks in splits:
+        decoder = SSEDecoder()
+        assert [d for chunk in chunks for d in decoder.feed(chunk)] == expected, chunks
+
+
+def test_sse_multiline_data_and_events_without_data():
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: a\ndata:b\n\nevent: x\n\n: c\n\ndata\n\n") == [b"a\nb"]
+
+
+@pytest.mark.parametrize("name,body", framings(), ids=[n for n, _ in framings()])
+async def test_framing_over_a_socket(name, body):
+    """Each framing, sent in pieces of 7 bytes, gives the same items."""
+    pieces = [body[i : i + 7] for i in range(0, len(body), 7)]
+    async with mock(lambda request: sse(pieces)) as client:
+        assert await collect(client) == HELLO_ITEMS
 
 
 async def test_details_null_gives_an_end_with_unknown_finish_reason():
@@ -684,24 +716,13 @@ async def test_non_sse_responses_map_by_status(status, content_type, body, cls, 
 # ------------------------------------------------------------------------------------------ retries
 
 
-@pytest.mark.parametrize(
-    "exc",
-    [
-        httpx.ConnectError("[Errno 111] Connection refused"),
-        httpx.ConnectTimeout("timed out"),
-        httpx.RemoteProtocolError("Server disconnected without sending a response."),
-        httpx.ReadError("[Errno 104] Connection reset by peer"),
-        httpx.WriteError("[Errno 32] Broken pipe"),
-    ],
-    ids=lambda e: type(e).__name__,
-)
-async def test_connection_failures_are_retried_then_unavailable(exc):
+async def test_connection_closed_before_any_response_is_retried_then_unavailable():
     attempts = 0
 
     def handler(request: httpx.Request) -> httpx.Response:
         nonlocal attempts
         attempts += 1
-        raise exc
+        raise ConnectionResetError  # the server closes the connection without answering
 
     async with mock(handler) as client:
         start = time.monotonic()
@@ -712,8 +733,21 @@ async def test_connection_failures_are_retried_then_unavailable(exc):
     assert attempts == 3
     assert elapsed < 0.5
     assert_error(info.value, TGIUnavailableError, 503, "server_error")
-    assert info.value.message.startswith(f"TGI is not reachable at {BASE}: ")
-    assert isinstance(info.value.__cause__, type(exc))
+    assert info.value.message.startswith(f"TGI is not reachable at {client.base_url}: ")
+    assert isinstance(info.value.__cause__, http1.ConnectFailed)
+
+
+async def test_connection_refused_is_retried_then_unavailable():
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        async with TGIClient(url, connect_retries=2) as client:
+            start = time.monotonic()
+            with pytest.raises(TGIUnavailableError) as info:
+                async with client.generate_stream("Hi", {}):
+                    pass
+            assert time.monotonic() - start < 0.5
+    assert info.value.message.startswith(f"TGI is not reachable at {url}: ")
 
 
 @pytest.mark.parametrize("connect_retries,expected", [(0, 1), (1, 1), (5, 5)])
@@ -740,7 +774,7 @@ async def test_a_retry_that_connects_streams_normally():
         nonlocal attempts
         attempts += 1
         if attempts < 3:
-            raise httpx.ConnectError("refused")
+            raise ConnectionResetError
         return sse(b"".join(data(e) for e in HELLO))
 
     async with mock(handler) as client:
@@ -748,58 +782,76 @@ async def test_a_retry_that_connects_streams_normally():
     assert attempts == 3
 
 
-@pytest.mark.parametrize(
-    "exc,cls",
-    [
-        (httpx.ReadTimeout("timed out"), TGIUnavailableError),
-        (httpx.WriteTimeout("timed out"), TGIUnavailableError),
-        (httpx.PoolTimeout("timed out"), TGIOverloadedError),
-        (httpx.UnsupportedProtocol("no"), TGIUnavailableError),
-    ],
-    ids=lambda v: getattr(v, "__name__", type(v).__name__),
-)
-async def test_timeouts_waiting_for_a_response_are_not_retried(exc, cls):
+async def test_no_answer_within_the_first_token_timeout_is_a_504_not_retried():
     attempts = 0
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: httpx.Request) -> httpx.Response:
         nonlocal attempts
         attempts += 1
-        raise exc
+        await asyncio.sleep(2)
+        return sse(b"".join(data(e) for e in HELLO))
 
-    async with mock(handler) as client:
-        with pytest.raises(cls):
+    async with mock(handler, first_token_timeout=0.2) as client:
+        start = time.monotonic()
+        with pytest.raises(TGITimeoutError) as info:
             async with client.generate_stream("Hi", {}):
                 pass
+        assert time.monotonic() - start < 1.0
     assert attempts == 1
+    assert_error(info.value, TGITimeoutError, 504, "server_error", "timeout")
+    assert "first-token timeout" in info.value.message
 
 
-@pytest.mark.parametrize(
-    "exc,fragment",
-    [
-        (httpx.ReadError("[Errno 104] Connection reset by peer"), CLOSED_EARLY),
-        (
-            httpx.RemoteProtocolError("peer closed connection without sending complete message body"),
-            CLOSED_EARLY,
-        ),
-        (httpx.ReadTimeout("timed out"), "TGI stopped sending in the middle of the generation"),
-    ],
-    ids=lambda v: type(v).__name__ if isinstance(v, Exception) else "",
-)
-async def test_no_retry_once_the_response_started(exc, fragment):
+class Slow(Body):
+    """Sends its chunks, then waits (TGI hung) instead of ending."""
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+        await asyncio.sleep(5)
+
+
+async def test_no_first_token_within_the_first_token_timeout():
+    """The head arrived (TGI answers at once) but no token did: keep-alive comments do not count."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=Slow([b":\n\n"]))
+
+    async with mock(handler, first_token_timeout=0.2) as client:
+        items, error = await collect_until_error(client)
+    assert items == []
+    assert_error(error, TGITimeoutError, 504, "server_error", "timeout")
+    assert "first-token timeout" in error.message
+
+
+async def test_silence_between_tokens_is_a_read_timeout():
+    body = Slow([data(HELLO[0]), data(HELLO[1])])
+    async with mock(
+        lambda request: httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=body),
+        read_timeout=0.2,
+    ) as client:
+        start = time.monotonic()
+        items, error = await collect_until_error(client)
+        assert time.monotonic() - start < 1.0
+    assert items == HELLO_ITEMS[:2]
+    assert_error(error, TGITimeoutError, 504, "server_error", "timeout")
+    assert "in the middle of the generation (read timeout)" in error.message
+
+
+async def test_no_retry_once_the_response_started():
     attempts = 0
 
     def handler(request: httpx.Request) -> httpx.Response:
         nonlocal attempts
         attempts += 1
-        return sse([data(HELLO[0]), data(HELLO[1])], then=exc)
+        return sse([data(HELLO[0]), data(HELLO[1])], then=RuntimeError("TGI died"))  # connection reset
 
     async with mock(handler) as client:
         items, error = await collect_until_error(client)
     assert attempts == 1
     assert items == HELLO_ITEMS[:2]
     assert_error(error, TGIProtocolError, 502, "server_error")
-    assert error.message.startswith(fragment)
-    assert isinstance(error.__cause__, type(exc))
+    assert error.message.startswith(CLOSED_EARLY)
+    assert isinstance(error.__cause__, http1.ConnectionClosed)
 
 
 # ------------------------------------------------------------------------------------------ lifecycle
@@ -809,21 +861,28 @@ async def test_leaving_the_context_closes_the_response_at_once():
     bodies: list[Body] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        bodies.append(Body([data(tok(i, "x")) for i in range(1, 50)]))
+        bodies.append(Slow([data(tok(i, "x")) for i in range(1, 5)]))
         return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=bodies[-1])
+
+    async def closed(body: Body) -> bool:
+        for _ in range(200):
+            if body.closed:
+                return True
+            await asyncio.sleep(0.005)
+        return False
 
     async with mock(handler) as client:
         async with client.generate_stream("Hi", {}) as events:
             async for _ in events:
                 break
             assert not bodies[0].closed
-        assert bodies[0].closed
+        assert await closed(bodies[0])
 
         with pytest.raises(KeyError):
             async with client.generate_stream("Hi", {}) as events:
                 await events.__anext__()
                 raise KeyError("the caller's own error passes through")
-        assert bodies[1].closed
+        assert await closed(bodies[1])
 
         with pytest.raises(RuntimeError, match="after its generate_stream"):
             await events.__anext__()
@@ -948,7 +1007,7 @@ def tgi():
 
 @pytest.fixture
 async def client(tgi):
-    async with TGIClient(tgi.url, timeout=httpx.Timeout(5.0)) as c:
+    async with TGIClient(tgi.url, first_token_timeout=5.0, read_timeout=5.0) as c:
         yield c
 
 
@@ -1083,9 +1142,8 @@ async def test_double_100_concurrent_streams_over_one_pool(tgi, client):
     first_ports = {r.client for r in tgi.requests}
     assert len(first_ports) == 100
 
-    # The streams were read to their end, so connections went back to the pool (16 are kept) and
-    # are reused; a burst on a warm pool is as quick as on a cold one (httpcore's idle-connection
-    # contention grows with the number kept: DEFAULT_LIMITS).
+    # The streams were read to their end, so their connections went back to the pool and all serve
+    # the next burst.
     tgi.reset()
     gate.close()
     results.clear()
@@ -1093,7 +1151,7 @@ async def test_double_100_concurrent_streams_over_one_pool(tgi, client):
     await batch()
     assert time.monotonic() - start < 1.5
     assert len(results) == 100
-    assert 0 < len({r.client for r in tgi.requests} & first_ports) <= 16
+    assert {r.client for r in tgi.requests} == first_ports
 
 
 async def test_double_reuses_the_connection_between_streams(tgi, client):
@@ -1101,7 +1159,10 @@ async def test_double_reuses_the_connection_between_streams(tgi, client):
     await collect(client)
     assert await client.health()
     info = await client.info()
-    assert len({r.client for r in tgi.requests}) == 1
+    streams, control = tgi.requests[:2], tgi.requests[2:]
+    assert len({r.client for r in streams}) == 1  # the streams' pool
+    assert len({r.client for r in control}) == 1  # httpx's, for /health and /info
+    assert streams[0].client != control[0].client
     assert (
         info.model_id,
         info.max_input_tokens,

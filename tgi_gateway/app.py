@@ -22,6 +22,7 @@ Non-stream requests race the same collection against the client's disconnect.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -45,7 +46,7 @@ from .params import check_supported, tgi_parameters
 from .prompting import Template, normalize
 from .settings import Settings
 from .streaming import SSE_DONE, Answer, ResponseContext, chat_completion, encode_sse
-from .tgi_client import StreamEnd, TGIClient, TGIInfo
+from .tgi_client import StreamEnd, TGIClient, TGIInfo, Token, TokenStream
 
 logger = logging.getLogger("tgi_gateway")
 
@@ -166,9 +167,9 @@ class Gateway:
 
         stack = AsyncExitStack()
 
-        async def start() -> tuple[AsyncIterator[Any], Any]:
+        async def start() -> tuple[TokenStream, list[Token | StreamEnd]]:
             tokens = await stack.enter_async_context(self.client.generate_stream(inputs, parameters))
-            return tokens, await anext(tokens)  # TGI's request errors arrive here: still a proper HTTP error
+            return tokens, await tokens.batch()  # TGI's request errors arrive here: still a proper HTTP error
 
         try:  # TGI may queue the request a long time: a client that leaves meanwhile cancels it
             tokens, first = await until_disconnect(request, start())
@@ -184,58 +185,74 @@ class Gateway:
         finally:
             await stack.aclose()
 
-    async def _complete(self, tokens: AsyncIterator[Any], first: Any, answer: Answer, ctx: ResponseContext) -> Response:
-        item = first
-        while not isinstance(item, StreamEnd):
-            answer.feed(item.text, item.special)
-            item = await _next(tokens)
-        answer.finish(item.finish_reason)
-        await anext(tokens, None)  # read TGI's end of body: the connection goes back to the pool
-        body = chat_completion(ctx, answer.message(item.finish_reason), item.input_length or 0, item.generated_tokens)
-        return json_response(body)
+    async def _complete(
+        self, tokens: TokenStream, batch: list[Token | StreamEnd], answer: Answer, ctx: ResponseContext
+    ) -> Response:
+        while True:
+            for item in batch:
+                if isinstance(item, StreamEnd):
+                    answer.finish(item.finish_reason)
+                    await _read_to_end(tokens)  # the connection goes back to the pool
+                    message = answer.message(item.finish_reason)
+                    return json_response(chat_completion(ctx, message, item.input_length or 0, item.generated_tokens))
+                answer.feed(item.text, item.special)
+            batch = await _next(tokens)
 
     async def _events(
-        self, stack: AsyncExitStack, tokens: AsyncIterator[Any], first: Any, answer: Answer, ctx: ResponseContext
+        self,
+        stack: AsyncExitStack,
+        tokens: TokenStream,
+        batch: list[Token | StreamEnd],
+        answer: Answer,
+        ctx: ResponseContext,
     ) -> AsyncIterator[bytes]:
+        """The SSE body: every batch of tokens TGI sent meanwhile becomes one write."""
         async with stack:
-            item = first
             try:
-                while not isinstance(item, StreamEnd):
-                    chunks = answer.feed(item.text, item.special)
-                    if chunks:
-                        yield b"".join(map(encode_sse, chunks))
-                    item = await _next(tokens)
+                while True:
+                    out: list[dict[str, Any]] = []
+                    for item in batch:
+                        if isinstance(item, StreamEnd):
+                            out += answer.finish(item.finish_reason)
+                            if ctx.include_usage:
+                                out.append(answer.usage_chunk(item.input_length or 0, item.generated_tokens))
+                            yield b"".join(map(encode_sse, out)) + SSE_DONE
+                            await _read_to_end(tokens)  # the connection goes back to the pool
+                            return
+                        out += answer.feed(item.text, item.special)
+                    if out:
+                        yield b"".join(map(encode_sse, out))
+                    batch = await _next(tokens)
             except GatewayError as exc:
                 logger.warning("TGI failed mid-stream: %s", exc.message)
                 yield encode_sse(exc.to_dict())
-                return
             except Exception:
                 logger.exception("unexpected error mid-stream")
                 yield encode_sse(GatewayError("The gateway failed unexpectedly; see its log.").to_dict())
-                return
-            out = answer.finish(item.finish_reason)
-            if ctx.include_usage:
-                out.append(answer.usage_chunk(item.input_length or 0, item.generated_tokens))
-            yield b"".join(map(encode_sse, out)) + SSE_DONE
-            await anext(tokens, None)  # read TGI's end of body: the connection goes back to the pool
 
 
-async def _next(tokens: AsyncIterator[Any]) -> Any:
+async def _next(tokens: TokenStream) -> list[Token | StreamEnd]:
     try:
-        return await anext(tokens)
+        return await tokens.batch()
     except StopAsyncIteration:
         raise TGIProtocolError("TGI closed the stream before the end of the generation.") from None
 
 
+async def _read_to_end(tokens: TokenStream) -> None:
+    with contextlib.suppress(StopAsyncIteration):
+        await tokens.batch()
+
+
 def create_app(settings: Settings, template: Template, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
-    """The gateway app. `transport` replaces the network to TGI (tests)."""
+    """The gateway app. `transport` replaces httpx's network to TGI's /health and /info (tests)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        timeout = httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout, write=10.0, pool=5.0)
         async with TGIClient(
             settings.endpoint,
-            timeout=timeout,
+            connect_timeout=settings.connect_timeout,
+            first_token_timeout=settings.first_token_timeout,
+            read_timeout=settings.read_timeout,
             connect_retries=settings.connect_retries,
             transport=transport,
             api_key=settings.tgi_api_key,

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--revision", help="hub revision (branch, tag or commit) of the model's tokenizer files")
     p.add_argument("--connect-timeout", type=float, help="seconds to connect to TGI (default 2)")
+    p.add_argument(
+        "--first-token-timeout", type=float, help="seconds TGI may take to send the first token (default 120)"
+    )
     p.add_argument("--read-timeout", type=float, help="seconds to wait between two TGI stream events (default 60)")
     p.add_argument("--connect-retries", type=int, help="connection attempts to TGI before answering 503 (default 3)")
     p.add_argument("--log-level", help="critical, error, warning, info (default) or debug")

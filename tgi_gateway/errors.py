@@ -18,6 +18,7 @@ envelope ``{"error": {"message", "type", "param", "code"}}``.
         ├── TGIOverloadedError        (429, "requests", code "rate_limit_exceeded")  Retry-After
         ├── TGIGenerationError        (502, "server_error")  TGI failed while generating
         ├── TGIUnavailableError       (503, "server_error")  TGI unreachable, or unhealthy
+        ├── TGITimeoutError           (504, "server_error", code "timeout")  TGI silent for too long
         ├── TGIProtocolError          (502, "server_error")  a cut stream, a non-SSE body
         └── TGIRejectedError          (502, "server_error")  TGI refused the gateway (key, URL)
 
@@ -183,6 +184,14 @@ class TGIUnavailableError(UpstreamError):
     """TGI cannot be reached (refused, reset, timed out before answering), or says it is unhealthy."""
 
     status_code = 503
+
+
+class TGITimeoutError(UpstreamError):
+    """TGI accepted the request but sent nothing for too long: no first token within the first-token
+    timeout (a full queue, a hung TGI), or a silence between two events longer than the read timeout."""
+
+    status_code = 504
+    code = "timeout"
 
 
 class TGIProtocolError(UpstreamError):

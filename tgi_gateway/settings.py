@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     revision: str | None = Field(None, description="Hub revision of the model's tokenizer files.")
     tgi_api_key: str | None = Field(None, description="Bearer key for a TGI started with --api-key.")
     connect_timeout: float = Field(2.0, gt=0, description="Seconds to connect to TGI.")
+    first_token_timeout: float = Field(
+        120.0, gt=0, description="Seconds TGI may take to send the first token (queueing included)."
+    )
     read_timeout: float = Field(60.0, gt=0, description="Seconds to wait for TGI between two stream events.")
     connect_retries: int = Field(3, ge=1, le=10, description="Connection attempts to TGI before a 503.")
     log_level: str = Field("info", description="critical, error, warning, info or debug.")

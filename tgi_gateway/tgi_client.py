@@ -49,18 +49,20 @@ events and HTTP statuses are mapped in one function, :func:`map_tgi_error`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import re
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from functools import partial
+from typing import Any
 
 import httpx
 import orjson
-from httpx_sse import EventSource
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
 
+from . import __version__, http1
 from .errors import (
     InvalidRequestError,
     TGIContextLengthError,
@@ -68,33 +70,33 @@ from .errors import (
     TGIOverloadedError,
     TGIProtocolError,
     TGIRejectedError,
+    TGITimeoutError,
     TGIUnavailableError,
     TGIValidationError,
     UpstreamError,
 )
 
 __all__ = [
-    "DEFAULT_LIMITS",
-    "DEFAULT_TIMEOUT",
     "HEALTH_TIMEOUT",
+    "SSEDecoder",
     "StreamEnd",
     "TGIClient",
     "TGIInfo",
     "Token",
+    "TokenStream",
     "map_tgi_error",
 ]
 
-#: Connect quickly or report TGI unreachable; ``read`` bounds the silence *between* stream events:
-#: TGI sends a keep-alive comment after 15 s without a token (also while a request is queued), so
-#: 60 s is only reached by a TGI that hangs.
-DEFAULT_TIMEOUT = httpx.Timeout(connect=2.0, read=60.0, write=10.0, pool=5.0)
-#: TGI admits ``max_concurrent_requests`` (default 128) and answers the rest "overloaded"; the pool
-#: must not be the tighter limit, so it allows well more. Few idle connections are kept: httpcore
-#: 1.0 hands every request queued in one pass the *same* first idle connection, and the losers spin
-#: re-assigning, in time growing with the number of idle connections. Measured, 100 streams started
-#: at once on a warm pool cost 2.7 s of CPU with 128 kept, 1.1 s with 64, 0.35 s with 32 and 0.2 s
-#: with 16 or none (as much as on a cold pool); 16 still serves steady traffic from reused sockets.
-DEFAULT_LIMITS = httpx.Limits(max_connections=512, max_keepalive_connections=16, keepalive_expiry=30.0)
+#: Connect quickly or report TGI unreachable.
+DEFAULT_CONNECT_TIMEOUT = 2.0
+#: The first event may wait for a place in TGI's batch (TGI queues what it cannot batch yet, and
+#: sends keep-alive comments meanwhile — they do not count as the first token).
+DEFAULT_FIRST_TOKEN_TIMEOUT = 120.0
+#: Between two events: TGI sends a keep-alive comment after 15 s without a token, so 60 s is only
+#: reached by a TGI that hangs.
+DEFAULT_READ_TIMEOUT = 60.0
+#: httpx's pool serves only the control routes (/health, /info): a few connections are plenty.
+CONTROL_LIMITS = httpx.Limits(max_connections=16, max_keepalive_connections=4, keepalive_expiry=30.0)
 #: /health is a readiness probe: a slow answer counts as "not healthy".
 HEALTH_TIMEOUT = 2.0
 
@@ -113,9 +115,9 @@ _RETRIED = (
 _BACKOFF = wait_exponential(multiplier=0.05, max=0.2) + wait_random(0, 0.02)
 # An error body is short (TGI's JSON, axum's one-line text, a proxy's small page); read no more.
 _MAX_ERROR_BODY = 8192
-# Events seen after the final one are ignored while reading to the end of the body (which lets the
+# Body pieces read after the final event while reading to the end of the body (which lets the
 # connection go back to the pool); past this many something is wrong and the connection is dropped.
-_MAX_EVENTS_AFTER_END = 16
+_MAX_CHUNKS_AFTER_END = 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,25 +302,12 @@ def _error_from_body(status: int, content_type: str, body: bytes) -> UpstreamErr
 
 
 @contextlib.contextmanager
-def _translated(url: str, stage: Literal["request", "stream"]) -> Iterator[None]:
-    """Translate httpx's exceptions raised in ``stage``: ``request`` is up to the response headers
-    (nothing received yet: TGI is unreachable), ``stream`` is while reading the event stream."""
+def _translated(url: str) -> Iterator[None]:
+    """Translate httpx's exceptions on the control routes (``/info``) into the gateway's tree."""
     try:
         yield
     except httpx.HTTPError as exc:
         reason = str(exc) or type(exc).__name__
-        if stage == "stream":
-            if isinstance(exc, httpx.TimeoutException):
-                raise TGIProtocolError(
-                    f"TGI stopped sending in the middle of the generation ({reason})"
-                ) from exc
-            raise TGIProtocolError(
-                f"TGI closed the stream before the end of the generation ({reason})"
-            ) from exc
-        if isinstance(exc, httpx.PoolTimeout):
-            raise TGIOverloadedError(
-                f"Too many requests in flight to TGI at {url}: no connection became free in time"
-            ) from exc
         if isinstance(exc, httpx.ConnectTimeout):
             reason = "connection timed out"
         elif isinstance(exc, httpx.TimeoutException):
@@ -333,67 +322,158 @@ def _translated(url: str, stage: Literal["request", "stream"]) -> Iterator[None]
 # --------------------------------------------------------------------------------------------
 
 
-class _TokenStream:
-    """Async iterator of :class:`Token` and one final :class:`StreamEnd` over one SSE response."""
+class SSEDecoder:
+    """Incremental Server-Sent Events decoder (sans-IO): bytes in any pieces → the events' ``data``.
 
-    def __init__(self, response: httpx.Response, url: str) -> None:
+    Follows the SSE grammar where it matters here: ``\\n``, ``\\r\\n`` or ``\\r`` end lines (also
+    when a ``\\r\\n`` is split between two pieces), a blank line ends an
+    event, ``data:`` lines are joined with ``\\n`` (one leading space dropped), comments (``:``) and
+    other fields are ignored, an event without data is not dispatched. Data stays ``bytes``
+    (orjson parses them directly; a bad UTF-8 sequence is then a JSON error).
+    """
+
+    __slots__ = ("_buf", "_data", "_after_cr")
+
+    def __init__(self) -> None:
+        self._buf = b""  # the unfinished line (line ends already normalised to LF)
+        self._data: list[bytes] = []
+        self._after_cr = False  # the last piece ended with CR: an LF starting the next one is its pair
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if self._after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        self._after_cr = chunk.endswith(b"\r")
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buf = self._buf + chunk if self._buf else chunk
+        events: list[bytes] = []
+        data = self._data
+        start = 0
+        find = buf.find
+        while (end := find(b"\n", start)) >= 0:
+            if end == start:  # blank line: the event is complete
+                if data:
+                    events.append(data[0] if len(data) == 1 else b"\n".join(data))
+                    data = self._data = []
+            elif buf.startswith(b"data:", start):
+                value = buf[start + 5 : end]
+                data.append(value[1:] if value[:1] == b" " else value)
+            start = end + 1
+        self._buf = buf[start:]
+        return events
+
+
+class TokenStream:
+    """The tokens of one ``/generate_stream`` response, then one :class:`StreamEnd`.
+
+    Read it with ``async for`` (one item at a time) or :meth:`batch` (every item that has arrived,
+    waiting only when none has: the gateway's hot loop turns one batch into one write). The first
+    item may take ``first_token_timeout`` seconds (TGI queues requests), later ones ``read_timeout``
+    each; a longer silence is a :class:`TGITimeoutError`. Errors are raised after the items that
+    arrived before them.
+    """
+
+    def __init__(
+        self, response: http1.Response, url: str, *, first_token_timeout: float, read_timeout: float
+    ) -> None:
+        self._response = response
         self._url = url
-        self._events = EventSource(response).aiter_sse()
+        self._decoder = SSEDecoder()
+        self._timeout = first_token_timeout
+        self._read_timeout = read_timeout
         self._tokens = 0
-        self._end: StreamEnd | None = None  # decided, not yet handed out
+        self._items: collections.deque[Token | StreamEnd] = collections.deque()  # for __anext__
+        self._end: StreamEnd | None = None  # set by the final event
+        self._ended = False  # the final event was seen
         self._finished = False  # StreamEnd handed out, or the stream failed
-        self._closed = False
+        self._error: UpstreamError | None = None  # raised at the next read, after the items before it
 
-    def __aiter__(self) -> _TokenStream:
+    def __aiter__(self) -> TokenStream:
         return self
 
     async def __anext__(self) -> Token | StreamEnd:
-        if self._closed:
+        items = self._items
+        if not items:
+            items.extend(await self.batch())
+        return items.popleft()
+
+    async def batch(self) -> list[Token | StreamEnd]:
+        """The items that have arrived (at least one), in order; :class:`StopAsyncIteration` after
+        the StreamEnd was handed out (the rest of the body is read first, so that the connection
+        can serve another request)."""
+        if self._response.closed:
             raise RuntimeError("TGI stream used after its generate_stream() context was left")
-        if self._end is not None:
-            end, self._end = self._end, None
-            self._finished = True
-            return end
+        if self._items:
+            out = list(self._items)
+            self._items.clear()
+            return out
         if self._finished:
             await self._read_to_end()
             raise StopAsyncIteration
-        while True:
-            try:
-                with _translated(self._url, "stream"):
-                    sse = await self._events.__anext__()
-            except StopAsyncIteration:
+        out: list[Token | StreamEnd] = []
+        while not out:
+            if self._error is not None:
                 self._finished = True
-                raise TGIProtocolError("TGI closed the stream before the end of the generation") from None
-            except UpstreamError:
-                self._finished = True
-                raise
-            data = sse.data
-            if not data or data.startswith("[DONE]"):  # an empty event, or a proxy's sentinel
-                continue
-            try:
-                return self._parse(data)
-            except UpstreamError:
-                self._finished = True
-                raise
+                raise self._error
+            for data in self._decoder.feed(await self._read()):
+                if self._ended:
+                    continue  # TGI sends nothing after the final event
+                try:
+                    item = self._parse(data)
+                except UpstreamError as exc:
+                    self._error = exc
+                    break
+                if item is not None:
+                    out.append(item)
+                    if self._end is not None:
+                        out.append(self._end)
+                        self._ended = True
+        if self._ended and out and isinstance(out[-1], StreamEnd):
+            self._finished = True
+        self._timeout = self._read_timeout
+        return out
 
-    def _parse(self, data: str) -> Token:
+    async def _read(self) -> bytes:
+        try:
+            chunk = await self._response.read(self._timeout)
+        except http1.ResponseTimeout:
+            self._finished = True
+            if self._tokens:
+                raise TGITimeoutError(
+                    f"TGI sent nothing for {self._timeout:g} s in the middle of the generation (read timeout)"
+                ) from None
+            raise TGITimeoutError(
+                f"TGI sent no token within {self._timeout:g} s (first-token timeout): it may be overloaded"
+            ) from None
+        except http1.ConnectionClosed as exc:
+            self._finished = True
+            raise TGIProtocolError(f"TGI closed the stream before the end of the generation ({exc})") from exc
+        if not chunk:
+            self._finished = True
+            raise TGIProtocolError("TGI closed the stream before the end of the generation")
+        return chunk
+
+    def _parse(self, data: bytes) -> Token | None:
+        if data.startswith(b"[DONE]"):  # a proxy's sentinel
+            return None
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
             raise TGIProtocolError(f"TGI sent a stream event that is not JSON: {data[:200]!r}") from None
         if not isinstance(obj, dict):
             raise TGIProtocolError(f"TGI sent a stream event that is not an object: {data[:200]!r}")
-        if "error" in obj and "token" not in obj:
+        raw = obj.get("token")
+        if raw is None and "error" in obj:
             error, error_type = obj["error"], obj.get("error_type")
             message = error.get("message", "") if isinstance(error, dict) else error
             raise map_tgi_error(
                 error_type if isinstance(error_type, str) else None,
                 message if isinstance(message, str) else json.dumps(message),
             )
-        raw = obj.get("token")
         try:
-            token = Token(text=raw["text"], special=bool(raw.get("special", False)), id=raw["id"])
-            if not isinstance(token.text, str):
+            text = raw["text"]
+            token = Token(text, bool(raw.get("special", False)), raw["id"])
+            if not isinstance(text, str):
                 raise TypeError
         except (TypeError, KeyError, AttributeError):
             raise TGIProtocolError(f"TGI sent a stream event without a valid token: {data[:200]!r}") from None
@@ -413,20 +493,12 @@ class _TokenStream:
         return token
 
     async def _read_to_end(self) -> None:
-        """After the final event TGI ends the body at once; reading that end lets httpx return the
-        connection to the pool instead of closing it. Anything unexpected: give up (it is closed)."""
-        if self._closed:
-            return
-        with contextlib.suppress(httpx.HTTPError):
-            extra = 0
-            async for _ in self._events:
+        """After the final event TGI ends the body at once; reading that end lets the connection serve
+        another request instead of being closed. Anything unexpected: give up (it is then closed)."""
+        extra = 0
+        with contextlib.suppress(http1.HTTPError):
+            while extra <= _MAX_CHUNKS_AFTER_END and await self._response.read(self._read_timeout):
                 extra += 1
-                if extra > _MAX_EVENTS_AFTER_END:
-                    break
-
-    async def aclose(self) -> None:
-        self._closed = True
-        await self._events.aclose()
 
 
 # --------------------------------------------------------------------------------------------
@@ -437,35 +509,52 @@ class _TokenStream:
 class TGIClient:
     """One pooled async client to one TGI router. Create it once (app lifespan), share it, ``aclose`` it.
 
+    Two connection pools to the same router: the token streams go through :mod:`tgi_gateway.http1`
+    (lean: a read per token costs ~12 µs, not ~360 µs), ``/health`` and ``/info`` through httpx.
+
     ``connect_retries`` is the number of *attempts* for a request whose connection fails before any
-    response (at least one). ``transport`` replaces the network (tests: ``httpx.MockTransport``,
-    respx); ``limits`` then do not apply. ``api_key`` is sent as ``Authorization: Bearer`` for a TGI
-    started with ``--api-key``. Proxies from the environment are not used.
+    response (at least one). Timeouts: ``connect_timeout`` to open a connection,
+    ``first_token_timeout`` for TGI's first event (requests queue in TGI while the batch is full),
+    ``read_timeout`` between two events (TGI sends a keep-alive after 15 s of silence, so only a
+    hung TGI reaches 60 s). ``transport`` replaces httpx's network for ``/health`` and ``/info``
+    (tests). ``api_key`` is sent as ``Authorization: Bearer`` for a TGI started with ``--api-key``.
+    Proxies from the environment are not used.
     """
 
     def __init__(
         self,
         base_url: str,
         *,
-        timeout: httpx.Timeout | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        first_token_timeout: float = DEFAULT_FIRST_TOKEN_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
         connect_retries: int = 3,
         transport: httpx.AsyncBaseTransport | None = None,
-        limits: httpx.Limits | None = None,
         api_key: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._attempts = max(1, connect_retries)
+        self._first_token_timeout = first_token_timeout
+        self._read_timeout = read_timeout
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._stream_headers = {
+            **headers,
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+            "User-Agent": f"tgi-gateway/{__version__}",
+        }
+        self._pool = http1.Pool(self.base_url, connect_timeout=connect_timeout)
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
-            timeout=timeout if timeout is not None else DEFAULT_TIMEOUT,
-            limits=limits if limits is not None else DEFAULT_LIMITS,
+            timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=10.0, pool=5.0),
+            limits=CONTROL_LIMITS,
             transport=transport,
             headers=headers,
             trust_env=False,
         )
 
     async def aclose(self) -> None:
+        await self._pool.aclose()
         await self._client.aclose()
 
     async def __aenter__(self) -> TGIClient:
@@ -486,7 +575,14 @@ class TGIClient:
 
     async def info(self) -> TGIInfo:
         """``GET /info``. Raises :class:`TGIUnavailableError` when TGI cannot be reached."""
-        response = await self._send(self._client.build_request("GET", "/info"), stream=False)
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._attempts),
+            wait=_BACKOFF,
+            retry=retry_if_exception_type(_RETRIED),
+            reraise=True,
+        )
+        with _translated(self.base_url):
+            response = await retrying(self._client.get, "/info")
         if response.status_code != 200:
             raise _error_from_body(
                 response.status_code,
@@ -504,14 +600,13 @@ class TGIClient:
         return TGIInfo.from_json(body)
 
     @contextlib.asynccontextmanager
-    async def generate_stream(
-        self, inputs: str, parameters: Mapping[str, Any]
-    ) -> AsyncIterator[AsyncIterator[Token | StreamEnd]]:
+    async def generate_stream(self, inputs: str, parameters: Mapping[str, Any]) -> AsyncIterator[TokenStream]:
         """``POST /generate_stream`` with ``{"inputs", "parameters"}`` (``parameters`` as given).
 
-        Entering waits for the response headers (connection failures retried, then
-        :class:`TGIUnavailableError`; a non-200 or non-SSE answer raises its mapped error) and
-        yields the iterator of tokens and the final :class:`StreamEnd`. Leaving closes the response.
+        Entering waits for the response head (connection failures retried, then
+        :class:`TGIUnavailableError`; a non-200 or non-SSE answer raises its mapped error) and yields
+        the :class:`TokenStream`. Leaving closes the connection at once — that is what stops the
+        generation in TGI — unless the stream was read to its end (it then serves the next request).
         """
         try:
             body = json.dumps(
@@ -522,56 +617,50 @@ class TGIClient:
             ).encode()
         except ValueError as exc:  # NaN or infinity: TGI's JSON parser refuses them
             raise InvalidRequestError(f"Invalid parameter value: {exc}") from exc
-        request = self._client.build_request(
-            "POST",
-            "/generate_stream",
-            content=body,
-            headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
-        )
-        response = await self._send(request, stream=True)
-        stream: _TokenStream | None = None
+        response = await self._open(body)
         try:
-            if response.status_code != 200:
-                raise _error_from_body(
-                    response.status_code, response.headers.get("content-type", ""), await _read_some(response)
-                )
+            if response.status != 200:
+                try:
+                    content = await response.read_all(_MAX_ERROR_BODY, self._read_timeout)
+                except http1.HTTPError:
+                    content = b""
+                raise _error_from_body(response.status, response.headers.get("content-type", ""), content)
             content_type = response.headers.get("content-type", "")
             if content_type.partition(";")[0].strip().lower() != "text/event-stream":
                 raise TGIProtocolError(
-                    f"TGI answered /generate_stream with Content-Type {content_type!r}, "
-                    "not text/event-stream",
+                    f"TGI answered /generate_stream with Content-Type {content_type!r}, not text/event-stream",
                     headers={"x-should-retry": "false"},
                 )
-            stream = _TokenStream(response, self.base_url)
-            yield stream
+            yield TokenStream(
+                response,
+                self.base_url,
+                first_token_timeout=self._first_token_timeout,
+                read_timeout=self._read_timeout,
+            )
         finally:
-            # First the response: closing its connection is what stops the generation in TGI
-            # (httpcore shields this close from cancellation).
-            await response.aclose()
-            if stream is not None:
-                await stream.aclose()
+            response.close()
 
     # ---------------------------------------------------------------- transport
 
-    async def _send(self, request: httpx.Request, *, stream: bool) -> httpx.Response:
+    async def _open(self, body: bytes) -> http1.Response:
+        """Send the request, up to the response head; retry only failures before any response byte."""
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._attempts),
             wait=_BACKOFF,
-            retry=retry_if_exception_type(_RETRIED),
+            retry=retry_if_exception_type(http1.ConnectFailed),
             reraise=True,
         )
-        with _translated(self.base_url, "request"):
-            return await retrying(self._client.send, request, stream=stream)
-
-
-async def _read_some(response: httpx.Response) -> bytes:
-    """Up to ``_MAX_ERROR_BODY`` bytes of an error response (whatever arrived, if it breaks off)."""
-    chunks: list[bytes] = []
-    size = 0
-    with contextlib.suppress(httpx.HTTPError):
-        async for chunk in response.aiter_bytes():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size >= _MAX_ERROR_BODY:
-                break
-    return b"".join(chunks)[:_MAX_ERROR_BODY]
+        request = partial(
+            self._pool.request, "POST", "/generate_stream", self._stream_headers, body,
+            timeout=self._first_token_timeout,
+        )  # fmt: skip
+        try:
+            return await retrying(request)
+        except http1.ConnectFailed as exc:
+            raise TGIUnavailableError(f"TGI is not reachable at {self.base_url}: {exc}") from exc
+        except http1.ResponseTimeout as exc:
+            raise TGITimeoutError(
+                f"TGI did not answer within {self._first_token_timeout:g} s (first-token timeout)"
+            ) from exc
+        except http1.ConnectionClosed as exc:
+            raise TGIProtocolError(f"TGI closed the connection in the middle of its answer's head ({exc})") from exc
