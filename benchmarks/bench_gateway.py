@@ -166,6 +166,7 @@ def serve_double(args: argparse.Namespace) -> int:
         script=scripts[args.answers[0]],
         max_concurrent_requests=100_000,  # TGI's overload (429) never triggers
         model_id="meetkai/functionary-small-v3.1",
+        http_impl=args.double_http,
     )
     tgi.start()
     out = sys.stdout
@@ -246,9 +247,9 @@ def system_busy_seconds() -> float:
 
 
 class Double:
-    def __init__(self, tokens: int, loop: str, answers: list[str]) -> None:
+    def __init__(self, tokens: int, loop: str, http: str, answers: list[str]) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-double", "--tokens", str(tokens),
-               "--double-loop", loop, "--answers", *answers]  # fmt: skip
+               "--double-loop", loop, "--double-http", http, "--answers", *answers]  # fmt: skip
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
@@ -959,6 +960,12 @@ def main() -> int:
         "--double-loop", choices=["uvloop", "asyncio"], default="uvloop", help="the double's event loop"
     )
     p.add_argument(
+        "--double-http",
+        choices=["httptools", "h11"],
+        default="httptools",
+        help="the double's HTTP implementation (httptools: less CPU per token, closer to TGI's Rust router)",
+    )
+    p.add_argument(
         "--wait-idle",
         type=float,
         default=0,
@@ -982,7 +989,7 @@ def main() -> int:
     try:
         for answer in args.answers:
             answer_pieces(answer, args.tokens)  # refuse a --tokens too small before starting anything
-        double = Double(args.tokens, args.double_loop, args.answers)
+        double = Double(args.tokens, args.double_loop, args.double_http, args.answers)
         if not args.direct_only:
             gateway = Gateway(double.url)
             gateway.wait_healthy()
@@ -993,7 +1000,7 @@ def main() -> int:
             f"# before the start, other processes kept {other:.2f} of {os.cpu_count()} cores busy"
             + ("  <-- WARNING: the machine is not idle, the numbers will be lower" if other > 0.2 else "")
         )
-        print(f"# machine: {os.cpu_count()} cores; double {double.url} (pid {double.pid}, {args.double_loop}); "
+        print(f"# machine: {os.cpu_count()} cores; double {double.url} (pid {double.pid}, {args.double_loop}, {args.double_http}); "
               f"gateway {gateway.url if gateway else '-'} (pid {gateway.pid if gateway else '-'}); "
               f"client {args.client}", flush=True)  # fmt: skip
         return uvloop.run(guarded(args, double, gateway))

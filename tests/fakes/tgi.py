@@ -492,6 +492,9 @@ class TGIConfig:
     token_delay: float = 0.0  # before each following token
     keepalive_interval: float | None = 15.0  # ":\n\n" after this long without an event; None: never
     load_delay: float = 0.0  # port refuses connections this long after start()
+    # uvicorn's HTTP implementation: h11 (tests) or httptools (benchmarks: about half the CPU per token,
+    # closer to a real TGI whose router spends almost none). Read at start().
+    http_impl: str = "h11"
 
 
 @dataclass
@@ -576,7 +579,7 @@ class _DropSignal(Exception):
 
 
 def _abort_connection(server: uvicorn.Server | None, scope: dict) -> bool:
-    """Reset the TCP connection that carries ``scope`` (uvicorn h11 internals)."""
+    """Reset the TCP connection that carries ``scope`` (uvicorn internals, h11 and httptools alike)."""
     if server is None:
         return False
     for connection in list(server.server_state.connections):
@@ -908,7 +911,7 @@ class FakeTGI:
             config = uvicorn.Config(
                 self._app,
                 lifespan="off",
-                http="h11",
+                http=self.config.http_impl,
                 ws="none",
                 log_config=None,  # leave the process's logging (and any other uvicorn) alone
                 log_level=None,
