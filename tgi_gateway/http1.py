@@ -3,10 +3,10 @@
 Why not httpx here
 ------------------
 The gateway reads TGI's ``/generate_stream`` one token at a time, and at a GPU's pace every token is
-its own socket read. Through httpx → httpcore → anyio → h11 → httpx-sse a read costs ~12 Python layers;
-measured on the development machine (128 streams, 20 ms/token, the same SSE bytes), the client side cost
-362 µs of CPU per token with httpx + httpx-sse, 32 µs with aiohttp and 12 µs with this module
-(``docs/performance.md``). httpx still serves the gateway's other TGI calls (``/health``, ``/info``).
+its own socket read. Through httpx → httpcore → anyio → h11 → httpx-sse a read crosses ~12 Python layers;
+``benchmarks/bench_upstream.py`` (128 streams, 20 ms/token) measured ~320 µs of CPU per token that way
+against ~26 µs for the gateway's whole token path on this module (SSE decoding and token parsing
+included; docs/performance.md). httpx still serves the gateway's other TGI calls (``/health``, ``/info``).
 
 What it does, and no more
 -------------------------
