@@ -45,6 +45,7 @@ from .params import check_supported, tgi_parameters
 from .prompting import Template, normalize
 from .settings import Settings
 from .streaming import SSE_DONE, Answer, ResponseContext, chat_completion, encode_sse
+from .telemetry import RequestRecord, configure_logging, error_kind, instrument, record_of
 from .tgi_client import StreamEnd, TGIClient, TGIInfo
 
 logger = logging.getLogger("tgi_gateway")
@@ -141,6 +142,8 @@ class Gateway:
         return self._info
 
     async def chat(self, request: Request, req: ChatCompletionRequest) -> Response:
+        rec = record_of(request.scope) or RequestRecord("", time.perf_counter())  # telemetry (or detached)
+        rec.model, rec.stream = req.model, bool(req.stream)  # telemetry
         if req.model != self.settings.model_name:
             raise ModelNotFoundError(f"The model `{req.model}` does not exist.", param="model")
         check_supported(req)
@@ -154,7 +157,9 @@ class Gateway:
             }
         )
         inputs = self.template.render(prompt)
+        waiting = time.perf_counter()  # telemetry: the first request reads TGI's /info
         info = await self.info()
+        rec.upstream_wait += time.perf_counter() - waiting  # telemetry
         parameters = tgi_parameters(req, self.template.stop_sequences, info.max_stop_sequences)
         ctx = ResponseContext.for_prompt(
             prompt,
@@ -167,8 +172,12 @@ class Gateway:
         stack = AsyncExitStack()
 
         async def start() -> tuple[AsyncIterator[Any], Any]:
-            tokens = await stack.enter_async_context(self.client.generate_stream(inputs, parameters))
-            return tokens, await anext(tokens)  # TGI's request errors arrive here: still a proper HTTP error
+            waiting = time.perf_counter()  # telemetry
+            try:  # TGI's request errors arrive with the first event: still a proper HTTP error
+                tokens = await stack.enter_async_context(self.client.generate_stream(inputs, parameters))
+                return tokens, await anext(tokens)
+            finally:
+                rec.upstream_wait += time.perf_counter() - waiting  # telemetry
 
         try:  # TGI may queue the request a long time: a client that leaves meanwhile cancels it
             tokens, first = await until_disconnect(request, start())
@@ -176,26 +185,35 @@ class Gateway:
             await stack.aclose()
             raise
         if req.stream:
-            return EventStreamResponse(
-                self._events(stack, tokens, first, answer, ctx), on_close=stack.aclose, headers=SSE_HEADERS
-            )
+            events = self._events(stack, tokens, first, answer, ctx, rec)
+            return EventStreamResponse(events, on_close=stack.aclose, headers=SSE_HEADERS)
         try:
-            return await until_disconnect(request, self._complete(tokens, first, answer, ctx))
+            return await until_disconnect(request, self._complete(tokens, first, answer, ctx, rec))
         finally:
             await stack.aclose()
 
-    async def _complete(self, tokens: AsyncIterator[Any], first: Any, answer: Answer, ctx: ResponseContext) -> Response:
+    async def _complete(
+        self, tokens: AsyncIterator[Any], first: Any, answer: Answer, ctx: ResponseContext, rec: RequestRecord
+    ) -> Response:
+        rec.first_token_at = time.perf_counter()  # telemetry
         item = first
         while not isinstance(item, StreamEnd):
             answer.feed(item.text, item.special)
-            item = await _next(tokens)
+            item = await _next(tokens, rec)
+        rec.prompt_tokens, rec.completion_tokens = item.input_length, item.generated_tokens  # telemetry
         answer.finish(item.finish_reason)
         await anext(tokens, None)  # read TGI's end of body: the connection goes back to the pool
         body = chat_completion(ctx, answer.message(item.finish_reason), item.input_length or 0, item.generated_tokens)
         return json_response(body)
 
     async def _events(
-        self, stack: AsyncExitStack, tokens: AsyncIterator[Any], first: Any, answer: Answer, ctx: ResponseContext
+        self,
+        stack: AsyncExitStack,
+        tokens: AsyncIterator[Any],
+        first: Any,
+        answer: Answer,
+        ctx: ResponseContext,
+        rec: RequestRecord,
     ) -> AsyncIterator[bytes]:
         async with stack:
             item = first
@@ -203,9 +221,12 @@ class Gateway:
                 while not isinstance(item, StreamEnd):
                     chunks = answer.feed(item.text, item.special)
                     if chunks:
+                        if rec.first_token_at is None:  # telemetry
+                            rec.first_token_at = time.perf_counter()  # telemetry
                         yield b"".join(map(encode_sse, chunks))
-                    item = await _next(tokens)
+                    item = await _next(tokens, rec)
             except GatewayError as exc:
+                rec.upstream_error = error_kind(exc)  # telemetry
                 logger.warning("TGI failed mid-stream: %s", exc.message)
                 yield encode_sse(exc.to_dict())
                 return
@@ -213,18 +234,24 @@ class Gateway:
                 logger.exception("unexpected error mid-stream")
                 yield encode_sse(GatewayError("The gateway failed unexpectedly; see its log.").to_dict())
                 return
+            rec.prompt_tokens, rec.completion_tokens = item.input_length, item.generated_tokens  # telemetry
             out = answer.finish(item.finish_reason)
+            if rec.first_token_at is None:  # telemetry: the whole answer was held back until the end
+                rec.first_token_at = time.perf_counter()  # telemetry
             if ctx.include_usage:
                 out.append(answer.usage_chunk(item.input_length or 0, item.generated_tokens))
             yield b"".join(map(encode_sse, out)) + SSE_DONE
             await anext(tokens, None)  # read TGI's end of body: the connection goes back to the pool
 
 
-async def _next(tokens: AsyncIterator[Any]) -> Any:
+async def _next(tokens: AsyncIterator[Any], rec: RequestRecord) -> Any:
+    waiting = time.perf_counter()  # telemetry
     try:
         return await anext(tokens)
     except StopAsyncIteration:
         raise TGIProtocolError("TGI closed the stream before the end of the generation.") from None
+    finally:
+        rec.upstream_wait += time.perf_counter() - waiting  # telemetry
 
 
 def create_app(settings: Settings, template: Template, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
@@ -256,6 +283,8 @@ def create_app(settings: Settings, template: Template, *, transport: httpx.Async
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:
+        if (rec := record_of(request.scope)) is not None:
+            rec.upstream_error = error_kind(exc)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -300,6 +329,7 @@ def create_app(settings: Settings, template: Template, *, transport: httpx.Async
             {"status": "unavailable", "error": f"TGI at {gateway.settings.endpoint} does not answer /health"}, 503
         )
 
+    instrument(app, [settings.model_name])  # GET /metrics, and the outermost middleware: counts, logs
     return app
 
 
@@ -309,7 +339,7 @@ def app_from_environment() -> FastAPI:
     settings = Settings()
     if settings.template_version is None:
         raise RuntimeError("worker started without TGI_GATEWAY_TEMPLATE_VERSION (start it with server_tgi.py)")
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     return create_app(settings, Template(settings.template_version))
 
 
