@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Awaitable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -253,7 +253,7 @@ class TelemetryMiddleware:
                 record.disconnected = True
             return message
 
-        async def send_with_request_id(message: Message) -> None:
+        def send_with_request_id(message: Message) -> Awaitable[None]:  # no coroutine of its own: cheaper
             nonlocal status, streaming, complete
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -265,7 +265,7 @@ class TelemetryMiddleware:
                         self.telemetry.streams_in_flight.inc()
             elif not message.get("more_body", False):
                 complete = True
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive_noting_disconnect, send_with_request_id)
