@@ -46,6 +46,7 @@ from .params import check_supported, tgi_parameters
 from .prompting import Template, normalize
 from .settings import Settings
 from .streaming import SSE_DONE, Answer, ResponseContext, chat_completion, encode_sse
+from .telemetry import RequestRecord, configure_logging, error_kind, instrument, record_of
 from .tgi_client import StreamEnd, TGIClient, TGIInfo, Token, TokenStream
 
 logger = logging.getLogger("tgi_gateway")
@@ -142,6 +143,8 @@ class Gateway:
         return self._info
 
     async def chat(self, request: Request, req: ChatCompletionRequest) -> Response:
+        rec = record_of(request.scope) or RequestRecord("", time.perf_counter())  # telemetry (or detached)
+        rec.model, rec.stream = req.model, bool(req.stream)
         if req.model != self.settings.model_name:
             raise ModelNotFoundError(f"The model `{req.model}` does not exist.", param="model")
         check_supported(req)
@@ -155,7 +158,9 @@ class Gateway:
             }
         )
         inputs = self.template.render(prompt)
+        waiting = time.perf_counter()  # telemetry: the first request reads TGI's /info
         info = await self.info()
+        rec.upstream_wait += time.perf_counter() - waiting
         parameters = tgi_parameters(req, self.template.stop_sequences, info.max_stop_sequences)
         ctx = ResponseContext.for_prompt(
             prompt,
@@ -168,8 +173,12 @@ class Gateway:
         stack = AsyncExitStack()
 
         async def start() -> tuple[TokenStream, list[Token | StreamEnd]]:
-            tokens = await stack.enter_async_context(self.client.generate_stream(inputs, parameters))
-            return tokens, await tokens.batch()  # TGI's request errors arrive here: still a proper HTTP error
+            waiting = time.perf_counter()
+            try:  # TGI's request errors arrive with the first event: still a proper HTTP error
+                tokens = await stack.enter_async_context(self.client.generate_stream(inputs, parameters))
+                return tokens, await tokens.batch()
+            finally:
+                rec.upstream_wait += time.perf_counter() - waiting
 
         try:  # TGI may queue the request a long time: a client that leaves meanwhile cancels it
             tokens, first = await until_disconnect(request, start())
@@ -177,26 +186,32 @@ class Gateway:
             await stack.aclose()
             raise
         if req.stream:
-            return EventStreamResponse(
-                self._events(stack, tokens, first, answer, ctx), on_close=stack.aclose, headers=SSE_HEADERS
-            )
+            events = self._events(stack, tokens, first, answer, ctx, rec)
+            return EventStreamResponse(events, on_close=stack.aclose, headers=SSE_HEADERS)
         try:
-            return await until_disconnect(request, self._complete(tokens, first, answer, ctx))
+            return await until_disconnect(request, self._complete(tokens, first, answer, ctx, rec))
         finally:
             await stack.aclose()
 
     async def _complete(
-        self, tokens: TokenStream, batch: list[Token | StreamEnd], answer: Answer, ctx: ResponseContext
+        self,
+        tokens: TokenStream,
+        batch: list[Token | StreamEnd],
+        answer: Answer,
+        ctx: ResponseContext,
+        rec: RequestRecord,
     ) -> Response:
+        rec.first_token_at = time.perf_counter()
         while True:
             for item in batch:
                 if isinstance(item, StreamEnd):
+                    rec.prompt_tokens, rec.completion_tokens = item.input_length, item.generated_tokens
                     answer.finish(item.finish_reason)
                     await _read_to_end(tokens)  # the connection goes back to the pool
                     message = answer.message(item.finish_reason)
                     return json_response(chat_completion(ctx, message, item.input_length or 0, item.generated_tokens))
                 answer.feed(item.text, item.special)
-            batch = await _next(tokens)
+            batch = await _next(tokens, rec)
 
     async def _events(
         self,
@@ -205,6 +220,7 @@ class Gateway:
         batch: list[Token | StreamEnd],
         answer: Answer,
         ctx: ResponseContext,
+        rec: RequestRecord,
     ) -> AsyncIterator[bytes]:
         """The SSE body: every batch of tokens TGI sent meanwhile becomes one write."""
         async with stack:
@@ -213,7 +229,10 @@ class Gateway:
                     out: list[dict[str, Any]] = []
                     for item in batch:
                         if isinstance(item, StreamEnd):
+                            rec.prompt_tokens, rec.completion_tokens = item.input_length, item.generated_tokens
                             out += answer.finish(item.finish_reason)
+                            if rec.first_token_at is None:  # the whole answer was held back until the end
+                                rec.first_token_at = time.perf_counter()
                             if ctx.include_usage:
                                 out.append(answer.usage_chunk(item.input_length or 0, item.generated_tokens))
                             yield b"".join(map(encode_sse, out)) + SSE_DONE
@@ -221,9 +240,12 @@ class Gateway:
                             return
                         out += answer.feed(item.text, item.special)
                     if out:
+                        if rec.first_token_at is None:
+                            rec.first_token_at = time.perf_counter()
                         yield b"".join(map(encode_sse, out))
-                    batch = await _next(tokens)
+                    batch = await _next(tokens, rec)
             except GatewayError as exc:
+                rec.upstream_error = error_kind(exc)
                 logger.warning("TGI failed mid-stream: %s", exc.message)
                 yield encode_sse(exc.to_dict())
             except Exception:
@@ -231,11 +253,14 @@ class Gateway:
                 yield encode_sse(GatewayError("The gateway failed unexpectedly; see its log.").to_dict())
 
 
-async def _next(tokens: TokenStream) -> list[Token | StreamEnd]:
+async def _next(tokens: TokenStream, rec: RequestRecord) -> list[Token | StreamEnd]:
+    waiting = time.perf_counter()
     try:
         return await tokens.batch()
     except StopAsyncIteration:
         raise TGIProtocolError("TGI closed the stream before the end of the generation.") from None
+    finally:
+        rec.upstream_wait += time.perf_counter() - waiting
 
 
 async def _read_to_end(tokens: TokenStream) -> None:
@@ -273,6 +298,8 @@ def create_app(settings: Settings, template: Template, *, transport: httpx.Async
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:
+        if (rec := record_of(request.scope)) is not None:
+            rec.upstream_error = error_kind(exc)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -317,6 +344,7 @@ def create_app(settings: Settings, template: Template, *, transport: httpx.Async
             {"status": "unavailable", "error": f"TGI at {gateway.settings.endpoint} does not answer /health"}, 503
         )
 
+    instrument(app, [settings.model_name])  # GET /metrics, and the outermost middleware: counts, logs
     return app
 
 
@@ -326,7 +354,7 @@ def app_from_environment() -> FastAPI:
     settings = Settings()
     if settings.template_version is None:
         raise RuntimeError("worker started without TGI_GATEWAY_TEMPLATE_VERSION (start it with server_tgi.py)")
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     return create_app(settings, Template(settings.template_version))
 
 

@@ -22,6 +22,7 @@ from .container_manager import DEFAULT_IMAGE, ContainerManager, LaunchError, Lau
 from .errors import ConfigurationError
 from .prompting.types import Version
 from .settings import Settings
+from .telemetry import configure_logging, shared_metrics_dir
 
 log = logging.getLogger("tgi_gateway")
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-timeout", type=float, help="seconds to wait between two TGI stream events (default 60)")
     p.add_argument("--connect-retries", type=int, help="connection attempts to TGI before answering 503 (default 3)")
     p.add_argument("--log-level", help="critical, error, warning, info (default) or debug")
+    p.add_argument("--log-format", choices=["text", "json"], help="text (default) or json: one object a line")
     p.add_argument("--shutdown-grace", type=float, help="seconds in-flight requests get to finish at shutdown (30)")
     p.add_argument("--workers", type=int, help="server processes, one CPU core each (default 1)")
 
@@ -83,9 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             hint = " (pass --model or set TGI_GATEWAY_MODEL)" if err["type"] == "missing" else ""
             print(f"error: {flag}: {err['msg']}{hint}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         from .prompting import Template, detect_version, load_model_files
 
@@ -130,18 +130,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
-        "access_log": False,
+        "access_log": False,  # tgi_gateway.access logs every request (tgi_gateway/telemetry.py)
         "http": "httptools",
         "loop": "uvloop" if sys.platform != "win32" else "asyncio",
         "timeout_graceful_shutdown": settings.shutdown_grace,
     }
+    if settings.log_format == "json":  # uvicorn's own lines go through the root handler: JSON too
+        server["log_config"] = None
     try:
         if settings.workers > 1:
             # Each worker process imports the app factory and rebuilds the same settings from the
             # environment (the template version detected here included); they share the listening socket.
             env = settings.model_copy(update={"template_version": template.version}).as_environment()
             os.environ.update(env)
-            uvicorn.run("tgi_gateway.app:app_from_environment", factory=True, workers=settings.workers, **server)
+            with shared_metrics_dir():  # /metrics answers for all workers, whichever one is scraped
+                factory = "tgi_gateway.app:app_from_environment"
+                uvicorn.run(factory, factory=True, workers=settings.workers, **server)
         else:
             uvicorn.run(create_app(settings, template), **server)
     finally:

@@ -7,6 +7,7 @@ Environment variables are the field names upper-cased with the prefix ``TGI_GATE
 from __future__ import annotations
 
 import json
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
@@ -34,6 +35,7 @@ class Settings(BaseSettings):
     read_timeout: float = Field(60.0, gt=0, description="Seconds to wait for TGI between two stream events.")
     connect_retries: int = Field(3, ge=1, le=10, description="Connection attempts to TGI before a 503.")
     log_level: str = Field("info", description="critical, error, warning, info or debug.")
+    log_format: Literal["text", "json"] = Field("text", description="text, or json: one object a line.")
     shutdown_grace: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish at shutdown.")
     workers: int = Field(1, ge=1, le=64, description="Server processes (each one event loop, one CPU core).")
 
