@@ -39,7 +39,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from . import __version__
+from . import __version__, auth
 from .errors import GatewayError, InvalidRequestError, ModelNotFoundError, TGIProtocolError
 from .openai_types import ChatCompletionRequest
 from .params import check_supported, tgi_parameters
@@ -295,6 +295,9 @@ def create_app(settings: Settings, template: Template, *, transport: httpx.Async
         summary="OpenAI-compatible chat completions for MeetKai Functionary models served by TGI.",
         lifespan=lifespan,
     )
+    # Access control (API keys, per-key limit; tgi_gateway/auth.py). Added first: middlewares added after it
+    # wrap it, so they see every request, the refused ones included, and the key id it puts in the scope.
+    auth.install(app, settings)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:

@@ -54,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-grace", type=float, help="seconds in-flight requests get to finish at shutdown (30)")
     p.add_argument("--workers", type=int, help="server processes, one CPU core each (default 1)")
 
+    a = p.add_argument_group("access control (see docs/operations.md)")
+    a.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
+                   help="a key clients must send as 'Authorization: Bearer KEY' (repeatable; shows in ps: "
+                        "prefer --api-key-file or TGI_GATEWAY_API_KEYS); no key: the gateway is open")
+    a.add_argument("--api-key-file", metavar="PATH", help="file of keys, one per line (# comments, blank lines)")
+    a.add_argument("--max-concurrent-per-key", type=int, metavar="N",
+                   help="requests in flight per key and worker process; over it: 429 (default unlimited)")
+    a.add_argument("--protect-health", action="store_true", default=None,
+                   help="require a key on /health and /metrics too (open by default)")
+
     d = p.add_argument_group("launching TGI with Docker (when nothing answers at a local --endpoint)")
     d.add_argument("--no-launch", dest="launch", action="store_false", default=None,
                    help="never start TGI; answer 503 until the endpoint is up")

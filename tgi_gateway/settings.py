@@ -7,18 +7,24 @@ Environment variables are the field names upper-cased with the prefix ``TGI_GATE
 from __future__ import annotations
 
 import json
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, SerializationInfo, field_serializer, field_validator
+from pydantic import SerializerFunctionWrapHandler as Serialize
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from . import auth
 from .container_manager import DEFAULT_IMAGE
 from .prompting.types import Version
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TGI_GATEWAY_", extra="forbid", frozen=True)
+    # hide_input_in_errors: a validation error must not print the value it refused (it may hold API keys).
+    model_config = SettingsConfigDict(
+        env_prefix="TGI_GATEWAY_", extra="forbid", frozen=True, hide_input_in_errors=True
+    )
 
     model: str = Field(description="Hub id or local directory of the Functionary model (its tokenizer files).")
     served_model_name: str | None = Field(None, description="Model name clients use; default: `model`.")
@@ -54,6 +60,34 @@ class Settings(BaseSettings):
     startup_timeout: float = Field(1800.0, gt=0, description="Seconds TGI may take to become healthy.")
     keep_tgi: bool = Field(False, description="Leave the TGI container this gateway started running at exit.")
 
+    # Access control (tgi_gateway/auth.py). ---------------------------------------------------------------
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        (), description="Keys clients must send as `Authorization: Bearer`; none: the gateway is open."
+    )
+    api_key_file: Path | None = Field(None, description="File of more keys, one per line (# comments).")
+    max_concurrent_per_key: int | None = Field(None, ge=1, description="Requests in flight per key and process.")
+    protect_health: bool = Field(False, description="Require a key on /health and /metrics too.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _api_keys(cls, v: Any) -> Any:
+        return auth.parse_keys(v) if isinstance(v, (str, list, tuple)) else v
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _api_key_file(cls, v: Path | None) -> Path | None:
+        if v is not None:
+            auth.read_key_file(v)  # a bad file stops the CLI (exit 2) before any worker starts
+        return v
+
+    @field_serializer("api_keys", mode="wrap", when_used="json")
+    def _reveal_keys(self, v: tuple[SecretStr, ...], nxt: Serialize, info: SerializationInfo) -> Any:
+        """Masked, unless asked for by `as_environment` (worker processes need the keys themselves)."""
+        if info.context and info.context.get("reveal_secrets"):
+            return [key.get_secret_value() for key in v]
+        return nxt(v)
+    # ------------------------------------------------------------------------------------------------------
+
     @field_validator("endpoint")
     @classmethod
     def _http_url(cls, v: str) -> str:
@@ -73,7 +107,7 @@ class Settings(BaseSettings):
     def as_environment(self) -> dict[str, str]:
         """These settings as ``TGI_GATEWAY_*`` variables, so that worker processes rebuild the same object."""
         env = {}
-        for name, value in self.model_dump(mode="json").items():
+        for name, value in self.model_dump(mode="json", context={"reveal_secrets": True}).items():
             if value is not None:
                 env[f"TGI_GATEWAY_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
         return env
