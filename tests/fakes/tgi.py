@@ -1045,6 +1045,17 @@ class FakeTGI:
             self.errors.clear()
             self._peak_in_flight = self._in_flight
 
+    def forget_finished(self) -> list[GenerationRecord]:
+        """Forget the recorded requests and the generations that have ended; returns those generations.
+
+        For long runs (benchmarks/soak.py): every record keeps its request body and SSE bytes, so a double
+        serving for minutes would otherwise grow by megabytes a minute. Running generations stay recorded."""
+        with self._lock:
+            done = [g for g in self._generations if g.done]
+            self._generations = [g for g in self._generations if not g.done]
+            self._requests.clear()
+            return done
+
     # ---------------------------------------------------------------- observations
 
     @property
