@@ -154,13 +154,20 @@ class GatewayProcess:
     """The gateway as an operator runs it: ``server_tgi.py <args> --endpoint <double> --port <free> --no-launch``
     (the double is the TGI: no container is ever started), its output in a temporary log file."""
 
-    def __init__(self, endpoint: str, args: Sequence[str] = GATEWAY_ARGS, log_level: str = "warning") -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        args: Sequence[str] = GATEWAY_ARGS,
+        log_level: str = "warning",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="bench-gateway-", suffix=".log", delete=False)  # noqa: SIM115
         cmd = [sys.executable, "server_tgi.py", *args, "--endpoint", endpoint, "--host", "127.0.0.1",
                "--port", str(self.port), "--log-level", log_level, "--no-launch"]  # fmt: skip
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a local model directory must never reach for the hub
+        # HF_HUB_OFFLINE: a local model directory must never reach for the hub
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.spawned = time.monotonic()
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,

@@ -1707,7 +1707,11 @@ class _SSEResponse:
                 if not producer.cancelled() and isinstance(producer.exception(), _DropSignal):
                     fake._finish(gen, "dropped")
                     if _abort_connection(fake._server, scope):
-                        return  # uvicorn sees a disconnected client and stays quiet
+                        # The transport reports the connection lost at the loop's next turn: let that happen
+                        # first, so that uvicorn sees a disconnected client and stays quiet (returning at once
+                        # sometimes logged "ASGI callable returned without completing response").
+                        await asyncio.sleep(0)
+                        return
                     raise RuntimeError("fake TGI could not find the connection to drop")
                 if not producer.cancelled() and producer.exception() is not None:
                     fake.errors.append(producer.exception())
