@@ -39,7 +39,10 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "bench-model"
@@ -100,9 +103,19 @@ class DoubleProcess:
             cwd=ROOT,
             preexec_fn=die_with_parent,  # noqa: PLW1509 - started before any thread exists
         )
-        hello = self._read(start_timeout)
+        try:
+            hello = self._read(start_timeout)
+        except BaseException:
+            end_process(self.proc)
+            raise
         self.url: str = hello["url"]
         self.pid: int = hello["pid"]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _read(self, timeout: float) -> Any:
         assert self.proc.stdout is not None
@@ -152,7 +165,9 @@ def serve_commands(tgi: Any, handlers: dict[str, Callable[[dict], Any]]) -> int:
 
 class GatewayProcess:
     """The gateway as an operator runs it: ``server_tgi.py <args> --endpoint <double> --port <free> --no-launch``
-    (the double is the TGI: no container is ever started), its output in a temporary log file."""
+    (the double is the TGI: no container is ever started), its output in a temporary log file. As a context
+    manager it is stopped when the block ends (``with double, GatewayProcess(double.url) as gateway:`` stops
+    the gateway first, then the double)."""
 
     def __init__(
         self,
@@ -192,6 +207,12 @@ class GatewayProcess:
                         return time.monotonic()
                 time.sleep(interval)
         raise RuntimeError(f"the gateway's /health did not answer 200 within {timeout} s:\n{self.log_tail()}")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def log_tail(self, n: int = 30) -> str:
         return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-n:])

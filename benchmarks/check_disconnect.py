@@ -192,20 +192,13 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="also write the results (latencies included) to this file")
     p.add_argument("--max-seconds", type=float, default=170.0, help="give up after this long (170)")
     args = p.parse_args()
-    double = gateway = None
     try:
-        double = tagged_double()
-        gateway = GatewayProcess(double.url)
-        gateway.wait_healthy()
-        result = asyncio.run(asyncio.wait_for(run(args, double, gateway), args.max_seconds))
+        with tagged_double() as double, GatewayProcess(double.url) as gateway:
+            gateway.wait_healthy()
+            result = asyncio.run(asyncio.wait_for(run(args, double, gateway), args.max_seconds))
     except asyncio.TimeoutError:
         print(f"FAIL: gave up after --max-seconds {args.max_seconds:g}", file=sys.stderr)
         return 1
-    finally:
-        if gateway is not None:
-            gateway.close()
-        if double is not None:
-            double.close()
     print(report(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -384,20 +384,12 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1, help="of the traffic mix (1)")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
-    double = gateway = None
-    try:
-        double = tagged_double()
-        gateway = GatewayProcess(double.url)
+    with tagged_double() as double, GatewayProcess(double.url) as gateway:
         gateway.wait_healthy()
         ok = asyncio.run(asyncio.wait_for(run(args, double, gateway), args.minutes * 60 + 120))
         if gateway.proc.poll() is not None:
             print(f"FAIL: the gateway exited:\n{gateway.log_tail()}")
             ok = False
-    finally:
-        if gateway is not None:
-            gateway.close()
-        if double is not None:
-            double.close()
     return 0 if ok else 1
 
 

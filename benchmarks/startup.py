@@ -40,12 +40,9 @@ def model_dir(parent: Path) -> Path:
 
 def start(endpoint: str, args: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
     """One start: seconds from spawning to the first 200, and the gateway's log."""
-    gateway = GatewayProcess(endpoint, args, log_level="info", env=env)
-    try:
+    with GatewayProcess(endpoint, args, log_level="info", env=env) as gateway:
         ready = gateway.wait_healthy(timeout=30.0, interval=0.005)
         return ready - gateway.spawned, Path(gateway.log.name).read_text(errors="replace")
-    finally:
-        gateway.close()
 
 
 def slowest_imports(log: str, top: int = 12) -> str:
@@ -66,24 +63,20 @@ def main() -> int:
     p.add_argument("--target", type=float, default=2.0, help="seconds, for the slowest start (2)")
     p.add_argument("--imports", action="store_true", help="also show the slowest imports of one start")
     args = p.parse_args()
-    double = tagged_double()
-    try:
-        with tempfile.TemporaryDirectory(prefix="startup-") as tmp:
-            ways = {"version": list(GATEWAY_ARGS), "detect": ["--model", str(model_dir(Path(tmp)))]}
-            for argv in ways.values():  # warm-up: the files the gateway imports in the page cache
-                start(double.url, argv)
-            times: dict[str, list[float]] = {way: [] for way in ways}
-            for _ in range(args.runs):
-                for way, argv in ways.items():
-                    seconds, log = start(double.url, argv)
-                    if way == "detect" and "v3-llama3.1" not in log:
-                        raise RuntimeError(f"the template was not detected as v3-llama3.1:\n{log}")
-                    times[way].append(seconds)
-            imports = (
-                start(double.url, ways["detect"], {"PYTHONPROFILEIMPORTTIME": "1"})[1] if args.imports else ""
-            )
-    finally:
-        double.close()
+    with tagged_double() as double, tempfile.TemporaryDirectory(prefix="startup-") as tmp:
+        ways = {"version": list(GATEWAY_ARGS), "detect": ["--model", str(model_dir(Path(tmp)))]}
+        for argv in ways.values():  # warm-up: the files the gateway imports in the page cache
+            start(double.url, argv)
+        times: dict[str, list[float]] = {way: [] for way in ways}
+        for _ in range(args.runs):
+            for way, argv in ways.items():
+                seconds, log = start(double.url, argv)
+                if way == "detect" and "v3-llama3.1" not in log:
+                    raise RuntimeError(f"the template was not detected as v3-llama3.1:\n{log}")
+                times[way].append(seconds)
+        imports = (
+            start(double.url, ways["detect"], {"PYTHONPROFILEIMPORTTIME": "1"})[1] if args.imports else ""
+        )
     print(f"| start | runs | median (s) | max (s) | under {args.target:g} s |\n|---|---:|---:|---:|---|")
     ok = True
     for way, ts in times.items():
