@@ -355,10 +355,10 @@ async def run(args: argparse.Namespace, double: DoubleProcess, gateway: GatewayP
           f"| change |\n|---|---:|---:|---:|")  # fmt: skip
     print(f"| RSS, median (MiB) | {rss0:.1f} | {rss1:.1f} | {growth:+.1%} |")
     print(f"| descriptors in traffic, median | {fds0:g} | {fds1:g} | {fds1 - fds0:+g} |")
-    for key in ("clients", "upstream", "upstream-close-wait", "other"):
-        print(
-            f"| quiet: {key} sockets/fds | {quiet0[key]} | {quiet1[key]} | {quiet1[key] - quiet0[key]:+d} |"
-        )
+    labels = {"clients": "client connections", "upstream": "connections to TGI",
+              "upstream-close-wait": "... of them closed by TGI (CLOSE_WAIT)", "other": "other descriptors"}  # fmt: skip
+    for key, label in labels.items():
+        print(f"| quiet moment: {label} | {quiet0[key]} | {quiet1[key]} | {quiet1[key] - quiet0[key]:+d} |")
     checks = {
         f"RSS growth {growth:+.1%} < {RSS_GROWTH_LIMIT:.0%}": growth < RSS_GROWTH_LIMIT,
         "no client socket left once the clients closed theirs": quiet1["clients"] == 0,
