@@ -42,8 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from _common import MODEL, ROOT, DoubleProcess, Exchange, GatewayProcess, RawClient, tag, tagged_double
+from _common import MODEL, DoubleProcess, Exchange, GatewayProcess, RawClient, tag, tagged_double
 from bench_gateway import TOOL, answer_pieces
+
+from tgi_gateway.tgi_client import DEFAULT_LIMITS
 
 RSS_GROWTH_LIMIT = 0.05
 REQUEST_TIMEOUT = 15.0
@@ -339,9 +341,7 @@ async def run(args: argparse.Namespace, double: DoubleProcess, gateway: GatewayP
     fds0 = median_of(s, base_lo, base_lo + window, lambda x: x.fds)
     fds1 = median_of(s, seconds - window, seconds, lambda x: x.fds)
     growth = (rss1 - rss0) / rss0
-    from tgi_gateway.tgi_client import DEFAULT_LIMITS  # the gateway's pool: how many idle sockets it keeps
-
-    keep = DEFAULT_LIMITS.max_keepalive_connections or 0
+    keep = DEFAULT_LIMITS.max_keepalive_connections or 0  # the idle sockets the gateway's pool keeps
     total = sum(soak.done.values())
     print(f"\n{total:,} requests in {seconds:g} s ({total / seconds:.1f}/s) at concurrency {args.concurrency}, "
           f"{args.tokens} tokens {args.token_delay_ms:g} ms apart; {len(s)} samples")  # fmt: skip
@@ -383,7 +383,6 @@ def main() -> int:
     p.add_argument("--sample-seconds", type=float, default=2.0, help="between two samples of RSS and fds (2)")
     p.add_argument("--seed", type=int, default=1, help="of the traffic mix (1)")
     args = p.parse_args()
-    sys.path.insert(0, str(ROOT))
     with tagged_double() as double, GatewayProcess(double.url) as gateway:
         gateway.wait_healthy()
         ok = asyncio.run(asyncio.wait_for(run(args, double, gateway), args.minutes * 60 + 120))
