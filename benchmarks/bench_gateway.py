@@ -8,7 +8,8 @@ Three processes share the machine:
 * the gateway, started with the real CLI: ``server_tgi.py --model bench-model --template-version
   v3-llama3.1 --endpoint <double> --port <free port>`` (ready once its ``/health`` answers 200);
 * the load generator, this process (uvloop; a minimal HTTP/1.1 + SSE client on asyncio streams by
-  default, ``--client httpx`` for httpx; ``--compare-clients`` measures what each costs).
+  default, ``RawClient``, shared with the other scripts in ``benchmarks/_common.py`` like the two
+  processes above; ``--client httpx`` for httpx; ``--compare-clients`` measures what each costs).
 
 For every configuration (streams x per-token delay x answer) it runs N concurrent streaming requests
 at once, alternately
@@ -54,14 +55,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import os
 import re
-import select
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -73,10 +71,19 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from _common import (
+    GATEWAY_ARGS,
+    MODEL,
+    ROOT,
+    DoubleProcess,
+    GatewayProcess,
+    RawClient,
+    pct,
+    serve_commands,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = "bench-model"
-TEMPLATE = "v3-llama3.1"
+TEMPLATE = GATEWAY_ARGS[-1]
+
 
 # --------------------------------------------------------------------------------------------
 # The answers the double streams (both exactly --tokens tokens long, stop token included)
@@ -168,65 +175,40 @@ def serve_double(args: argparse.Namespace) -> int:
         model_id="meetkai/functionary-small-v3.1",
         http_impl=args.double_http,
     )
-    tgi.start()
-    out = sys.stdout
 
-    def reply(obj: Any) -> None:
-        out.write(json.dumps(obj) + "\n")
-        out.flush()
+    def set_answer(cmd: dict) -> Any:
+        if "answer" in cmd:
+            tgi.script = scripts[cmd["answer"]]
+        if "token_delay" in cmd:
+            tgi.config.token_delay = float(cmd["token_delay"])
+        return {"ok": True}
 
-    reply({"url": tgi.url, "pid": os.getpid()})
-    try:
-        for line in sys.stdin:
-            cmd = json.loads(line)
-            op = cmd["cmd"]
-            if op == "set":
-                if "answer" in cmd:
-                    tgi.script = scripts[cmd["answer"]]
-                if "token_delay" in cmd:
-                    tgi.config.token_delay = float(cmd["token_delay"])
-                reply({"ok": True})
-            elif op == "reset":
-                tgi.reset()
-                reply({"ok": True})
-            elif op == "stats":
-                gens = tgi.streams
-                last = gens[-1] if gens else None
-                reply(
-                    {
-                        "generations": len(gens),
-                        "tokens": sum(len(g.tokens) for g in gens),
-                        "outcomes": dict(Counter(g.outcome for g in gens)),
-                        "errors": [repr(e) for e in tgi.errors][:5],
-                        "peak_in_flight": tgi.peak_in_flight,
-                        "last": {"inputs": last.inputs, "parameters": last.parameters} if last else None,
-                    }
-                )
-            elif op == "quit":
-                reply({"ok": True})
-                break
-    finally:
-        tgi.stop()
-    return 0
+    def stats(cmd: dict) -> Any:
+        gens = tgi.streams
+        last = gens[-1] if gens else None
+        return {
+            "generations": len(gens),
+            "tokens": sum(len(g.tokens) for g in gens),
+            "outcomes": dict(Counter(g.outcome for g in gens)),
+            "errors": [repr(e) for e in tgi.errors][:5],
+            "peak_in_flight": tgi.peak_in_flight,
+            "last": {"inputs": last.inputs, "parameters": last.parameters} if last else None,
+        }
+
+    return serve_commands(tgi, {"set": set_answer, "stats": stats})
+
+
+class Double(DoubleProcess):
+    """This script's double in its child process (``--serve-double``): the answers of ``tokens`` tokens."""
+
+    def __init__(self, tokens: int, loop: str, http: str, answers: list[str]) -> None:
+        super().__init__([str(Path(__file__).resolve()), "--serve-double", "--tokens", str(tokens),
+                          "--double-loop", loop, "--double-http", http, "--answers", *answers])  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
-# Child processes
+# CPU accounting
 # --------------------------------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the benchmark dies, however it dies (Linux)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_seconds(pid: int, kernel_only: bool = False) -> float:
@@ -244,91 +226,6 @@ def system_busy_seconds() -> float:
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-class Double:
-    def __init__(self, tokens: int, loop: str, http: str, answers: list[str]) -> None:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-double", "--tokens", str(tokens),
-               "--double-loop", loop, "--double-http", http, "--answers", *answers]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - started before any thread exists
-        )
-        hello = self._read(20.0)
-        self.url, self.pid = hello["url"], hello["pid"]
-
-    def _read(self, timeout: float) -> Any:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            raise RuntimeError(f"the TGI double did not answer (exit status {self.proc.poll()})")
-        return json.loads(line)
-
-    def call(self, cmd: str, **kw: Any) -> Any:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
-        self.proc.stdin.flush()
-        return self._read(30.0)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.call("quit")
-        _end(self.proc)
-
-
-class Gateway:
-    def __init__(self, endpoint: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile(prefix="bench-gateway-", suffix=".log", delete=False)  # noqa: SIM115
-        # --no-launch: never start a TGI container, the double is the TGI
-        cmd = [sys.executable, "server_tgi.py", "--model", MODEL, "--template-version", TEMPLATE,
-               "--endpoint", endpoint, "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
-               "--no-launch"]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - started before any thread exists
-        )  # fmt: skip
-        self.pid = self.proc.pid
-
-    def wait_healthy(self, timeout: float = 30.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"the gateway exited with status {self.proc.returncode}:\n{self.log_tail()}"
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise RuntimeError(f"the gateway's /health did not answer 200 within {timeout} s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 30) -> str:
-        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-n:])
-
-    def close(self) -> None:
-        _end(self.proc)
-        self.log.close()
-        with contextlib.suppress(OSError):  # its tail is in any error message already
-            Path(self.log.name).unlink()
-
-
-def _end(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,94 +294,18 @@ class Counting:
                 self.r.ttft = now - self.t0
 
 
-class RawClient:
-    """A minimal HTTP/1.1 client on asyncio streams: one keep-alive connection per concurrent slot,
-    chunked bodies, SSE events split on blank lines. Costs the load generator far less CPU than httpx
-    (see --compare-clients), which matters on a 2-core machine shared with the double and the gateway."""
-
-    def __init__(self, url: str) -> None:
-        m = re.fullmatch(r"http://([^:/]+):(\d+)", url)
-        assert m, url
-        self.host, self.port = m[1], int(m[2])
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return reader, writer
-
-    async def _conn(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        while self.idle:
-            reader, writer = self.idle.pop()
-            if not reader.at_eof() and not writer.is_closing():
-                return reader, writer
-            writer.close()
-        return await self._connect()
+class RawCounting(RawClient):
+    """The raw client (benchmarks/_common.py) with the interface of the runs: one streamed request → Result."""
 
     async def stream(self, path: str, body: bytes, counting: Counting) -> Result:
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-            f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        reader, writer = await self._conn()
-        try:
-            counting.t0 = time.perf_counter()
-            writer.write(head + body)
-            try:
-                status_and_headers = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError):  # a stale keep-alive connection
-                writer.close()
-                reader, writer = await self._connect()
-                counting.t0 = time.perf_counter()
-                writer.write(head + body)
-                status_and_headers = await reader.readuntil(b"\r\n\r\n")
-            lines = status_and_headers.decode("latin-1").split("\r\n")
-            status = int(lines[0].split()[1])
-            headers = {
-                k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)
-            }
-            keep = headers.get("connection", "").lower() != "close"
-            if "chunked" not in headers.get("transfer-encoding", "").lower():
-                n = int(headers.get("content-length", "0"))
-                payload = await reader.readexactly(n)
-                counting.r.error = f"HTTP {status}: {payload[:200]!r}"
-                if keep:
-                    self.idle.append((reader, writer))
-                else:
-                    writer.close()
-                return counting.r
-            buf = b""
-            while True:
-                size_line = await reader.readuntil(b"\r\n")
-                size = int(size_line.split(b";", 1)[0], 16)
-                if size == 0:
-                    await reader.readuntil(b"\r\n")  # no trailers: the final CRLF
-                    break
-                data = await reader.readexactly(size + 2)
-                now = time.perf_counter()
-                buf += data[:-2]
-                while True:
-                    i = buf.find(b"\n\n")
-                    if i < 0:
-                        break
-                    counting.event(buf[:i], now)
-                    buf = buf[i + 2 :]
-            counting.r.total = time.perf_counter() - counting.t0
-            if status != 200:
-                counting.r.error = f"HTTP {status}"
-            if keep:
-                self.idle.append((reader, writer))
-            else:
-                writer.close()
+        ex = await self.exchange(path, body, counting)
+        if not ex.chunked:
+            counting.r.error = f"HTTP {ex.status}: {ex.body[:200]!r}"
             return counting.r
-        except BaseException:
-            writer.close()
-            raise
-
-    async def aclose(self) -> None:
-        for _, writer in self.idle:
-            writer.close()
-        self.idle.clear()
+        counting.r.total = time.perf_counter() - counting.t0
+        if ex.status != 200:
+            counting.r.error = f"HTTP {ex.status}"
+        return counting.r
 
 
 class HttpxClient:
@@ -529,16 +350,6 @@ class HttpxClient:
 # --------------------------------------------------------------------------------------------
 
 
-def pct(values: list[float], q: float) -> float:
-    """Percentile q (0-100), linear between closest ranks (numpy's default)."""
-    v = sorted(values)
-    if not v:
-        return float("nan")
-    k = (len(v) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
-
-
 @dataclass
 class Run:
     mode: str
@@ -575,7 +386,7 @@ async def wait_idle(limit: float, pids: dict[str, int], threshold: float = 0.15)
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, double: Double, gateway: Gateway | None) -> None:
+    def __init__(self, args: argparse.Namespace, double: Double, gateway: GatewayProcess | None) -> None:
         self.args = args
         self.double = double
         self.gateway = gateway
@@ -603,7 +414,9 @@ class Bench:
         key = f"{mode}/{kind}"
         if key not in self.clients:
             url = self.double.url if mode == "direct" else self.gateway.url  # type: ignore[union-attr]
-            self.clients[key] = RawClient(url) if kind == "raw" else HttpxClient(url, max(self.args.streams))
+            self.clients[key] = (
+                RawCounting(url) if kind == "raw" else HttpxClient(url, max(self.args.streams))
+            )
         return self.clients[key]
 
     async def learn_direct_request(self) -> None:
@@ -838,7 +651,7 @@ async def profile_gateway(bench: Bench, streams: int, first_visible: int, second
 # --------------------------------------------------------------------------------------------
 
 
-async def bench_main(args: argparse.Namespace, double: Double, gateway: Gateway | None) -> int:
+async def bench_main(args: argparse.Namespace, double: Double, gateway: GatewayProcess | None) -> int:
     bench = Bench(args, double, gateway)
     started = time.monotonic()
     await bench.learn_direct_request()
@@ -916,7 +729,7 @@ async def bench_main(args: argparse.Namespace, double: Double, gateway: Gateway 
     return 0
 
 
-async def guarded(args: argparse.Namespace, double: Double, gateway: Gateway | None) -> int:
+async def guarded(args: argparse.Namespace, double: Double, gateway: GatewayProcess | None) -> int:
     """bench_main, bounded in time; Ctrl-C / SIGTERM cancel it cleanly (the caller then stops the children)."""
     loop, task = asyncio.get_running_loop(), asyncio.current_task()
     assert task is not None
@@ -991,7 +804,7 @@ def main() -> int:
             answer_pieces(answer, args.tokens)  # refuse a --tokens too small before starting anything
         double = Double(args.tokens, args.double_loop, args.double_http, args.answers)
         if not args.direct_only:
-            gateway = Gateway(double.url)
+            gateway = GatewayProcess(double.url)
             gateway.wait_healthy()
         busy0, t0 = system_busy_seconds(), time.monotonic()
         time.sleep(1.0)

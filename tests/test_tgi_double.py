@@ -649,6 +649,23 @@ def test_disconnect_while_paused_or_gated_and_on_generate():
         assert gen.outcome == "disconnected" and tgi.in_flight == 0
 
 
+def test_forget_finished_keeps_running_generations_only():
+    gate = Gate()
+    with FakeTGI(script=HELLO) as tgi, httpx.Client(base_url=tgi.url) as c:
+        c.post("/generate", json={"inputs": "x"})
+        tgi.script = ["a", gate, "b"]
+        with c.stream("POST", "/generate_stream", json={"inputs": "y"}) as r:
+            raw = r.iter_raw()
+            next(raw)
+            done = tgi.forget_finished()
+            assert [g.inputs for g in done] == ["x"] and done[0].outcome == "completed"
+            assert [g.inputs for g in tgi.generations] == ["y"] and tgi.requests == []
+            gate.open()
+            assert b"generated_text" in b"".join(raw)
+        assert tgi.wait_until(lambda: tgi.last_generation.done)
+        assert [g.inputs for g in tgi.forget_finished()] == ["y"] and tgi.generations == []
+
+
 def test_stop_is_bounded_even_with_streams_hanging():
     tgi = FakeTGI(script=["a", Gate()]).start()
     c = httpx.Client(base_url=tgi.url)

@@ -1048,6 +1048,17 @@ class FakeTGI:
             self.errors.clear()
             self._peak_in_flight = self._in_flight
 
+    def forget_finished(self) -> list[GenerationRecord]:
+        """Forget the recorded requests and the generations that have ended; returns those generations.
+
+        For long runs (benchmarks/soak.py): every record keeps its request body and SSE bytes, so a double
+        serving for minutes would otherwise grow by megabytes a minute. Running generations stay recorded."""
+        with self._lock:
+            done = [g for g in self._generations if g.done]
+            self._generations = [g for g in self._generations if not g.done]
+            self._requests.clear()
+            return done
+
     # ---------------------------------------------------------------- observations
 
     @property
@@ -1699,7 +1710,11 @@ class _SSEResponse:
                 if not producer.cancelled() and isinstance(producer.exception(), _DropSignal):
                     fake._finish(gen, "dropped")
                     if _abort_connection(fake._server, scope):
-                        return  # uvicorn sees a disconnected client and stays quiet
+                        # The transport reports the connection lost at the loop's next turn: let that happen
+                        # first, so that uvicorn sees a disconnected client and stays quiet (returning at once
+                        # sometimes logged "ASGI callable returned without completing response").
+                        await asyncio.sleep(0)
+                        return
                     raise RuntimeError("fake TGI could not find the connection to drop")
                 if not producer.cancelled() and producer.exception() is not None:
                     fake.errors.append(producer.exception())
