@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any, TypeVar
@@ -40,8 +40,9 @@ from starlette.types import Receive, Scope, Send
 
 from . import __version__
 from .errors import GatewayError, InvalidRequestError, ModelNotFoundError, TGIProtocolError
+from .limits import BodySizeLimit, StrictJSONRoute
 from .openai_types import ChatCompletionRequest
-from .params import check_supported, tgi_parameters
+from .params import check_supported, check_token_budget, tgi_parameters
 from .prompting import Template, normalize
 from .settings import Settings
 from .streaming import SSE_DONE, Answer, ResponseContext, chat_completion, encode_sse
@@ -155,6 +156,7 @@ class Gateway:
         )
         inputs = self.template.render(prompt)
         info = await self.info()
+        check_token_budget(req, info.max_total_tokens)
         parameters = tgi_parameters(req, self.template.stop_sequences, info.max_stop_sequences)
         ctx = ResponseContext.for_prompt(
             prompt,
@@ -253,6 +255,8 @@ def create_app(settings: Settings, template: Template, *, transport: httpx.Async
         summary="OpenAI-compatible chat completions for MeetKai Functionary models served by TGI.",
         lifespan=lifespan,
     )
+    app.router.route_class = StrictJSONRoute  # request bodies are strict JSON (limits.py)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:
@@ -318,19 +322,47 @@ def _model_card(gateway: Gateway) -> dict[str, Any]:
 
 
 def _invalid_request(exc: RequestValidationError) -> InvalidRequestError:
-    """The first pydantic error as an OpenAI 400, `param` in OpenAI's dotted notation."""
+    """The most specific pydantic error as an OpenAI 400, `param` in OpenAI's dotted notation."""
     errors = exc.errors()
     if not errors:
         return InvalidRequestError("Invalid request body.")
-    err = errors[0]
-    loc = [part for part in err.get("loc", ()) if part != "body"]
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
-    if err.get("type") == "json_invalid":
+    first = errors[0]
+    if first.get("type") == "json_invalid":  # loc ("body", position), ctx {"error": the parser's message}
+        reason, position = first.get("ctx", {}).get("error", "invalid JSON"), first.get("loc", ("?",))[-1]
+        why = f"{reason}, at position {position}"
         return InvalidRequestError(
-            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
-            "HTTP library correctly. The OpenAI API expects a JSON payload.)"
+            f"We could not parse the JSON body of your request ({why}). (HINT: This likely means you aren't "
+            "using your HTTP library correctly. The OpenAI API expects a JSON payload.)"
         )
+    # A union field fails once per member ("stop" as a string, then as an array): the error that got
+    # deepest into the body names the field best.
+    loc, err = max(((_located(err, exc.body), err) for err in errors), key=lambda pair: len(pair[0]))
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    if not loc:  # the body as a whole
+        if err.get("type") == "missing":
+            return InvalidRequestError("The request body is empty: send a JSON object.")
+        if isinstance(err.get("input"), bytes):  # FastAPI hands over the raw bytes of a non-JSON content type
+            return InvalidRequestError(
+                "The request body must be JSON, sent with 'Content-Type: application/json'."
+            )
+        return InvalidRequestError("The request body must be a JSON object.")
     if err.get("type") == "missing":
         return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param)
     return InvalidRequestError(f"Invalid value for '{param}': {err.get('msg')}.", param=param)
 
+
+def _located(err: Mapping[str, Any], body: Any) -> list[str | int]:
+    """The error's place in the body: its keys and indices, without the leading "body" and without the
+    union member tags pydantic puts in between ("str", "list[str]"), which name no place in the body."""
+    loc = list(err.get("loc", ()))[1:]
+    located: list[str | int] = []
+    node = body
+    for i, part in enumerate(loc):
+        if (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        ):
+            located.append(part)
+            node = node[part]
+        elif err.get("type") == "missing" and i == len(loc) - 1:
+            located.append(part)
+    return located

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", help="critical, error, warning, info (default) or debug")
     p.add_argument("--shutdown-grace", type=float, help="seconds in-flight requests get to finish at shutdown (30)")
     p.add_argument("--workers", type=int, help="server processes, one CPU core each (default 1)")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body, 413 above (default 4 MiB)")
 
     d = p.add_argument_group("launching TGI with Docker (when nothing answers at a local --endpoint)")
     d.add_argument("--no-launch", dest="launch", action="store_false", default=None,
