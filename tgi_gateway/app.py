@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from . import __version__
+from .draining import Draining
 from .errors import GatewayError, InvalidRequestError, ModelNotFoundError, TGIProtocolError
 from .limits import BodySizeLimit, StrictJSONRoute
 from .openai_types import ChatCompletionRequest
@@ -243,6 +244,7 @@ def create_app(settings: Settings, template: Template, *, transport: httpx.Async
             api_key=settings.tgi_api_key,
         ) as client:
             app.state.gateway = Gateway(settings, template, client)
+            app.state.draining.install()  # SIGTERM: /health says "draining" for --drain-seconds, then stop
             logger.info(
                 "serving %s (Functionary template %s) from TGI at %s",
                 settings.model_name, template.version, settings.endpoint,
@@ -257,6 +259,7 @@ def create_app(settings: Settings, template: Template, *, transport: httpx.Async
     )
     app.router.route_class = StrictJSONRoute  # request bodies are strict JSON (limits.py)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.state.draining = Draining(settings.drain_seconds)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:
@@ -295,8 +298,10 @@ def create_app(settings: Settings, template: Template, *, transport: httpx.Async
             raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
         return json_response(_model_card(gateway))
 
-    @app.get("/health", summary="200 when TGI answers its /health, 503 otherwise")
+    @app.get("/health", summary="200 when TGI answers its /health, 503 otherwise, and while draining")
     async def health(request: Request) -> Response:
+        if request.app.state.draining.active:
+            return json_response({"status": "draining", "error": "the gateway is shutting down"}, 503)
         gateway = request.app.state.gateway
         if await gateway.client.health():
             return json_response({"status": "ok"})
