@@ -24,8 +24,8 @@ from tests.fakes.tgi import EOT, FakeTGI, Pause, tokens
 from tests.test_cli import model_dir, run_cli, start_gateway  # noqa: F401 (model_dir is a fixture)
 
 DRAIN = 1.0
-WORDS = [f" w{i}" for i in range(16)]
-SLOW = [item for word in WORDS for item in (word, Pause(0.1))]  # ~1.6 s of tokens
+WORDS = [f" w{i}" for i in range(20)]
+SLOW = [item for word in WORDS for item in (word, Pause(0.1))]  # 2 s of tokens: the stream outlasts the drain
 
 
 def script(inputs: str, parameters: dict) -> list[Any]:
@@ -93,7 +93,6 @@ def drain_and_stop(proc: subprocess.Popen[str], url: str, tgi: FakeTGI) -> str:
         url + "/v1/chat/completions", json={"model": "fn", "messages": [{"role": "user", "content": "x"}]}
     )
     assert ok.status_code == 200, "requests are still served while draining"
-    assert stream.is_alive() and time.monotonic() - signalled < DRAIN, "all this happened within the drain"
 
     assert poll(lambda: health(url) is None, DRAIN + 3), "the server stopped accepting after the drain"
     stream.join(10)
