@@ -251,14 +251,9 @@ def test_tgi_back_on_the_same_port_is_served_without_restarting_the_gateway(gate
     gateway.assert_up()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=openai.BadRequestError,
-    reason="gateway bug: TGI's limits (/info) are read once per gateway process (Gateway.info caches them for "
-    "ever), so a TGI restarted with other launcher limits (here --max-stop-sequences 2) refuses every request "
-    "with a 400 the client cannot fix, until the gateway is restarted",
-)
 def test_tgi_back_with_other_limits_is_served(gateway: Gateway) -> None:
+    """TGI restarted with other launcher limits (here --max-stop-sequences 2): its 400 makes the gateway
+    read /info again and send the request once more with the new limits."""
     with FakeTGI(script=["Hi", EOT], port=gateway.tgi_port), gateway.sdk() as client:
         assert client.chat.completions.create(model=MODEL, messages=ASK).choices[0].message.content == "Hi"
     with FakeTGI(script=["Hi", EOT], port=gateway.tgi_port, max_stop_sequences=2), gateway.sdk() as client:

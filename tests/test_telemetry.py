@@ -121,8 +121,12 @@ def test_metrics_count_each_kind_of_request(tgi: FakeTGI) -> None:
             client.chat.completions.create(model=MODEL, messages=ASK, n=2)
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="gpt-4o", messages=ASK)
-        with pytest.raises(openai.BadRequestError):  # TGI's: context_length
-            client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10_000)
+        tgi.config.max_input_tokens = 5
+        try:
+            with pytest.raises(openai.BadRequestError):  # TGI's: context_length (the prompt is too long)
+                client.chat.completions.create(model=MODEL, messages=ASK)
+        finally:
+            tgi.config.max_input_tokens = 8191
         tgi.config.max_concurrent_requests = 0
         try:
             with pytest.raises(openai.RateLimitError):  # TGI's: overloaded

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any, TypeVar
@@ -40,9 +40,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from . import __version__, auth
-from .errors import GatewayError, InvalidRequestError, ModelNotFoundError, TGIProtocolError
+from .draining import Draining
+from .errors import (
+    GatewayError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    TGIProtocolError,
+    TGIUnavailableError,
+    TGIValidationError,
+)
+from .limits import BodySizeLimit, StrictJSONRoute
 from .openai_types import ChatCompletionRequest
-from .params import check_supported, tgi_parameters
+from .params import check_supported, check_token_budget, tgi_parameters
 from .prompting import Template, normalize
 from .settings import Settings
 from .streaming import SSE_DONE, Answer, ResponseContext, chat_completion, encode_sse
@@ -131,9 +140,10 @@ class Gateway:
         self.created = int(time.time())
         self._info: TGIInfo | None = None
 
-    async def info(self) -> TGIInfo:
-        """TGI's limits, read once (lazily: TGI may come up after the gateway)."""
-        if self._info is None:
+    async def info(self, *, refresh: bool = False) -> TGIInfo:
+        """TGI's limits, read lazily (TGI may come up after the gateway) and kept; read again when asked
+        (`refresh`), or after TGI was found unreachable (it may come back with other limits)."""
+        if self._info is None or refresh:
             self._info = await self.client.info()
             logger.info(
                 "TGI %s serves %s (max_input_tokens=%d, max_total_tokens=%d, max_stop_sequences=%d)",
@@ -158,10 +168,6 @@ class Gateway:
             }
         )
         inputs = self.template.render(prompt)
-        waiting = time.perf_counter()  # telemetry: the first request reads TGI's /info
-        info = await self.info()
-        rec.upstream_wait += time.perf_counter() - waiting
-        parameters = tgi_parameters(req, self.template.stop_sequences, info.max_stop_sequences)
         ctx = ResponseContext.for_prompt(
             prompt,
             self.settings.model_name,
@@ -170,21 +176,38 @@ class Gateway:
         )
         answer = Answer(self.template.parser(prompt), ctx, req.stop_list, stream=bool(req.stream))
 
-        stack = AsyncExitStack()
-
-        async def start() -> tuple[TokenStream, list[Token | StreamEnd]]:
+        async def start(
+            stack: AsyncExitStack, refresh: bool
+        ) -> tuple[TokenStream, list[Token | StreamEnd]]:
             waiting = time.perf_counter()
-            try:  # TGI's request errors arrive with the first event: still a proper HTTP error
+            try:
+                info = await self.info(refresh=refresh)
+                check_token_budget(req, info.max_total_tokens)
+                parameters = tgi_parameters(req, self.template.stop_sequences, info.max_stop_sequences)
                 tokens = await stack.enter_async_context(self.client.generate_stream(inputs, parameters))
-                return tokens, await tokens.batch()
+                return tokens, await tokens.batch()  # TGI's request errors arrive here: still an HTTP error
             finally:
                 rec.upstream_wait += time.perf_counter() - waiting
 
-        try:  # TGI may queue the request a long time: a client that leaves meanwhile cancels it
-            tokens, first = await until_disconnect(request, start())
-        except BaseException:
-            await stack.aclose()
-            raise
+        # TGI may queue the request a long time: a client that leaves meanwhile cancels it. If TGI refuses
+        # the request (a validation error, before generating anything) after it was restarted with other
+        # limits (fewer stop sequences, a shorter context), the request is sent once more with its new limits.
+        for attempt in (1, 2):
+            stack = AsyncExitStack()
+            try:
+                tokens, first = await until_disconnect(request, start(stack, refresh=attempt == 2))
+                break
+            except TGIValidationError:
+                await stack.aclose()
+                if attempt == 2 or await self.client.info() == self._info:
+                    raise
+            except TGIUnavailableError:
+                await stack.aclose()
+                self._info = None  # TGI may come back with other limits
+                raise
+            except BaseException:
+                await stack.aclose()
+                raise
         if req.stream:
             events = self._events(stack, tokens, first, answer, ctx, rec)
             return EventStreamResponse(events, on_close=stack.aclose, headers=SSE_HEADERS)
@@ -283,6 +306,7 @@ def create_app(settings: Settings, template: Template, *, transport: httpx.Async
             api_key=settings.tgi_api_key,
         ) as client:
             app.state.gateway = Gateway(settings, template, client)
+            app.state.draining.install()  # SIGTERM: /health says "draining" for --drain-seconds, then stop
             logger.info(
                 "serving %s (Functionary template %s) from TGI at %s",
                 settings.model_name, template.version, settings.endpoint,
@@ -298,6 +322,9 @@ def create_app(settings: Settings, template: Template, *, transport: httpx.Async
     # Access control (API keys, per-key limit; tgi_gateway/auth.py). Added first: middlewares added after it
     # wrap it, so they see every request, the refused ones included, and the key id it puts in the scope.
     auth.install(app, settings)
+    app.router.route_class = StrictJSONRoute  # request bodies are strict JSON (limits.py)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.state.draining = Draining(settings.drain_seconds)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:
@@ -338,8 +365,10 @@ def create_app(settings: Settings, template: Template, *, transport: httpx.Async
             raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
         return json_response(_model_card(gateway))
 
-    @app.get("/health", summary="200 when TGI answers its /health, 503 otherwise")
+    @app.get("/health", summary="200 when TGI answers its /health, 503 otherwise, and while draining")
     async def health(request: Request) -> Response:
+        if request.app.state.draining.active:
+            return json_response({"status": "draining", "error": "the gateway is shutting down"}, 503)
         gateway = request.app.state.gateway
         if await gateway.client.health():
             return json_response({"status": "ok"})
@@ -366,19 +395,47 @@ def _model_card(gateway: Gateway) -> dict[str, Any]:
 
 
 def _invalid_request(exc: RequestValidationError) -> InvalidRequestError:
-    """The first pydantic error as an OpenAI 400, `param` in OpenAI's dotted notation."""
+    """The most specific pydantic error as an OpenAI 400, `param` in OpenAI's dotted notation."""
     errors = exc.errors()
     if not errors:
         return InvalidRequestError("Invalid request body.")
-    err = errors[0]
-    loc = [part for part in err.get("loc", ()) if part != "body"]
-    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
-    if err.get("type") == "json_invalid":
+    first = errors[0]
+    if first.get("type") == "json_invalid":  # loc ("body", position), ctx {"error": the parser's message}
+        reason, position = first.get("ctx", {}).get("error", "invalid JSON"), first.get("loc", ("?",))[-1]
+        why = f"{reason}, at position {position}"
         return InvalidRequestError(
-            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
-            "HTTP library correctly. The OpenAI API expects a JSON payload.)"
+            f"We could not parse the JSON body of your request ({why}). (HINT: This likely means you aren't "
+            "using your HTTP library correctly. The OpenAI API expects a JSON payload.)"
         )
+    # A union field fails once per member ("stop" as a string, then as an array): the error that got
+    # deepest into the body names the field best.
+    loc, err = max(((_located(err, exc.body), err) for err in errors), key=lambda pair: len(pair[0]))
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    if not loc:  # the body as a whole
+        if err.get("type") == "missing":
+            return InvalidRequestError("The request body is empty: send a JSON object.")
+        if isinstance(err.get("input"), bytes):  # FastAPI hands over the raw bytes of a non-JSON content type
+            return InvalidRequestError(
+                "The request body must be JSON, sent with 'Content-Type: application/json'."
+            )
+        return InvalidRequestError("The request body must be a JSON object.")
     if err.get("type") == "missing":
         return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param)
     return InvalidRequestError(f"Invalid value for '{param}': {err.get('msg')}.", param=param)
 
+
+def _located(err: Mapping[str, Any], body: Any) -> list[str | int]:
+    """The error's place in the body: its keys and indices, without the leading "body" and without the
+    union member tags pydantic puts in between ("str", "list[str]"), which name no place in the body."""
+    loc = list(err.get("loc", ()))[1:]
+    located: list[str | int] = []
+    node = body
+    for i, part in enumerate(loc):
+        if (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        ):
+            located.append(part)
+            node = node[part]
+        elif err.get("type") == "missing" and i == len(loc) - 1:
+            located.append(part)
+    return located

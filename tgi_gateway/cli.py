@@ -52,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", help="critical, error, warning, info (default) or debug")
     p.add_argument("--log-format", choices=["text", "json"], help="text (default) or json: one object a line")
     p.add_argument("--shutdown-grace", type=float, help="seconds in-flight requests get to finish at shutdown (30)")
+    p.add_argument("--drain-seconds", type=float,
+                   help="on SIGTERM, seconds /health answers 503 while requests are still served (default 0)")
     p.add_argument("--workers", type=int, help="server processes, one CPU core each (default 1)")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body, 413 above (default 4 MiB)")
 
     a = p.add_argument_group("access control (see docs/operations.md)")
     a.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
@@ -133,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # uvicorn handles SIGINT/SIGTERM itself: it stops accepting, lets in-flight requests finish within the
     # grace period, runs the app's shutdown, then restores the handlers it found and raises the signal
     # again. These handlers turn that last signal into a clean exit through the `finally` below (with the
-    # default SIGTERM handler the process would die there, leaving the TGI container behind).
+    # default SIGTERM handler the process would die there, leaving the TGI container behind). With
+    # --drain-seconds the app holds the signal back for that long first (tgi_gateway/draining.py).
     signal.signal(signal.SIGTERM, _exit_cleanly)
     signal.signal(signal.SIGINT, _exit_cleanly)
     server = {

@@ -14,6 +14,11 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The widths of TGI's own fields (`max_new_tokens: u32`, `top_k: i32`): a larger value would only be refused
+# by TGI's JSON extractor, after the request was sent.
+U32_MAX = 2**32 - 1
+I32_MAX = 2**31 - 1
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -49,8 +54,10 @@ class ChatCompletionRequest(BaseModel):
 
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1, description="Deprecated alias of `max_completion_tokens`.")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(
+        None, ge=1, le=U32_MAX, description="Deprecated alias of `max_completion_tokens`."
+    )
+    max_completion_tokens: int | None = Field(None, ge=1, le=U32_MAX)
     temperature: float | None = Field(None, ge=0, le=2, description="0 means greedy decoding.")
     top_p: float | None = Field(None, gt=0, le=1)
     n: int | None = Field(None, ge=1, description="Only 1 is supported.")
@@ -65,7 +72,7 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
 
     # Extensions: TGI sampling parameters that OpenAI does not have.
-    top_k: int | None = Field(None, ge=1, description="Extension: TGI `top_k`.")
+    top_k: int | None = Field(None, ge=1, le=I32_MAX, description="Extension: TGI `top_k`.")
     repetition_penalty: float | None = Field(None, gt=0, description="Extension: TGI `repetition_penalty`.")
 
     @property

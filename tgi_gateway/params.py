@@ -24,10 +24,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import InvalidRequestError
+from .errors import ContextLengthExceededError, InvalidRequestError
 from .openai_types import ChatCompletionRequest
 
-__all__ = ["MAX_CLIENT_STOPS", "check_supported", "tgi_parameters"]
+__all__ = ["MAX_CLIENT_STOPS", "check_supported", "check_token_budget", "tgi_parameters"]
 
 MAX_CLIENT_STOPS = 4  # OpenAI's documented limit
 
@@ -59,6 +59,20 @@ def check_supported(req: ChatCompletionRequest) -> None:
         )
     if any(not s for s in stops):
         raise InvalidRequestError("'stop' sequences must not be empty.", param="stop")
+
+
+def check_token_budget(req: ChatCompletionRequest, max_total_tokens: int) -> None:
+    """Refuse a `max_tokens` that no prompt leaves room for: TGI needs prompt + `max_new_tokens` <= its
+    `max_total_tokens`, and a prompt is at least one token. TGI would refuse it as well, but only once the
+    request was sent to it; this is the same 400 (`context_length_exceeded`), without the round trip."""
+    wanted = req.max_new_tokens
+    if wanted is not None and wanted >= max_total_tokens:
+        field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        raise ContextLengthExceededError(
+            f"'{field}' is too large: {wanted}. This model's maximum context length is {max_total_tokens} "
+            "tokens, prompt and completion together.",
+            param=field,
+        )
 
 
 def tgi_parameters(

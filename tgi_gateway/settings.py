@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="text, or json: one object a line.")
     shutdown_grace: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish at shutdown.")
     workers: int = Field(1, ge=1, le=64, description="Server processes (each one event loop, one CPU core).")
+    drain_seconds: float = Field(0.0, ge=0, description="Seconds /health answers 503 before shutdown.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Largest request body (413 above).")
 
     # Launching TGI with Docker when nothing answers at a local endpoint (tgi_gateway/container_manager.py).
     launch: bool = Field(True, description="Start TGI in Docker when nothing answers at a local endpoint.")

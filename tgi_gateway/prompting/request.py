@@ -46,6 +46,18 @@ __all__ = ["normalize"]
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ROLES = {"system", "user", "assistant", "tool", "function", "developer"}
 _CHOICE_STRINGS = ("none", "auto", "required")
+_QUOTE_MAX = 60
+
+
+def _quote(value: Any) -> str:
+    """A client's value as an error message quotes it: a scalar's repr, cut to a readable length; only the
+    kind of an array or object. The value may be megabytes long, or nested too deeply for ``repr``."""
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    text = repr(value)
+    return text if len(text) <= _QUOTE_MAX else text[: _QUOTE_MAX - 3] + "..."
 
 
 def normalize(body: Mapping[str, Any]) -> ChatPrompt:
@@ -100,7 +112,7 @@ def _tools(raw: Any) -> tuple[Tool, ...]:
             tools.append(Tool("function", _function(item.get("function"), f"{param}.function")))
         else:
             raise InvalidRequestError(
-                f"Invalid value for '{param}.type': {kind!r}. Supported values are: 'function' and "
+                f"Invalid value for '{param}.type': {_quote(kind)}. Supported values are: 'function' and "
                 "'code_interpreter'.",
                 param=f"{param}.type",
             )
@@ -119,8 +131,8 @@ def _function(raw: Any, param: str) -> Function:
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise InvalidRequestError(
-            f"Invalid '{param}.name': {name!r}. Function names must be 1 to 64 characters from a-z, A-Z, "
-            "0-9, underscores and dashes.",
+            f"Invalid '{param}.name': {_quote(name)}. Function names must be 1 to 64 characters from a-z, "
+            "A-Z, 0-9, underscores and dashes.",
             param=f"{param}.name",
         )
     description = raw.get("description")
@@ -170,7 +182,8 @@ def _tool_choice(raw: Any, tools: Sequence[Tool]) -> ToolChoice:
         if raw in _CHOICE_STRINGS:
             return raw  # type: ignore[return-value]
         raise InvalidRequestError(
-            f"Invalid value: {raw!r}. Supported values are: 'none', 'auto', and 'required'.", param="tool_choice"
+            f"Invalid value: {_quote(raw)}. Supported values are: 'none', 'auto', and 'required'.",
+            param="tool_choice",
         )
     if isinstance(raw, Mapping) and raw.get("type", "function") == "function":
         function = raw.get("function")
@@ -182,8 +195,8 @@ def _tool_choice(raw: Any, tools: Sequence[Tool]) -> ToolChoice:
             )
         if name not in _function_names(tools):
             raise InvalidRequestError(
-                f"Invalid value for 'tool_choice': no function named {name!r} was specified in the 'tools' "
-                "parameter.",
+                f"Invalid value for 'tool_choice': no function named {_quote(name)} was specified in the "
+                "'tools' parameter.",
                 param="tool_choice",
             )
         return NamedChoice(name)
@@ -203,7 +216,7 @@ def _function_call(raw: Any, functions: Sequence[Tool]) -> ToolChoice:
         if raw in ("none", "auto"):
             return raw  # type: ignore[return-value]
         raise InvalidRequestError(
-            f"Invalid value: {raw!r}. Supported values are: 'none' and 'auto'.", param="function_call"
+            f"Invalid value: {_quote(raw)}. Supported values are: 'none' and 'auto'.", param="function_call"
         )
     name = raw.get("name") if isinstance(raw, Mapping) else None
     if not isinstance(name, str):
@@ -212,8 +225,8 @@ def _function_call(raw: Any, functions: Sequence[Tool]) -> ToolChoice:
         )
     if name not in _function_names(functions):
         raise InvalidRequestError(
-            f"Invalid value for 'function_call': no function named {name!r} was specified in the 'functions' "
-            "parameter.",
+            f"Invalid value for 'function_call': no function named {_quote(name)} was specified in the "
+            "'functions' parameter.",
             param="function_call",
         )
     return NamedChoice(name)
@@ -234,10 +247,10 @@ def _messages(raw: Any) -> tuple[Message, ...]:
         if not isinstance(item, Mapping):
             raise InvalidRequestError(f"'{param}' must be an object.", param=param)
         role = item.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:  # (a list or an object is not hashable)
             raise InvalidRequestError(
-                f"Invalid value for '{param}.role': {role!r}. Supported values are: 'system', 'developer', "
-                "'user', 'assistant', 'tool' and 'function'.",
+                f"Invalid value for '{param}.role': {_quote(role)}. Supported values are: 'system', "
+                "'developer', 'user', 'assistant', 'tool' and 'function'.",
                 param=f"{param}.role",
             )
         if role == "developer":
@@ -278,8 +291,8 @@ def _content(item: Mapping[str, Any], param: str, *, required: bool) -> str | No
                 continue
             kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
             raise InvalidRequestError(
-                f"Invalid content part '{param}.content[{j}]' of type {kind!r}: Functionary models accept "
-                "text only (a string, or an array of {\"type\": \"text\", \"text\": ...} parts).",
+                f"Invalid content part '{param}.content[{j}]' of type {_quote(kind)}: Functionary models "
+                "accept text only (a string, or an array of {\"type\": \"text\", \"text\": ...} parts).",
                 param=f"{param}.content[{j}]",
             )
         return "".join(texts)
@@ -334,8 +347,8 @@ def _tool_result(item: Mapping[str, Any], param: str, calls_by_id: Mapping[str, 
         call = calls_by_id.get(call_id) if isinstance(call_id, str) else None
         if call is None:
             raise InvalidRequestError(
-                f"Invalid '{param}.tool_call_id': {call_id!r} does not answer any tool call of an earlier "
-                "assistant message.",
+                f"Invalid '{param}.tool_call_id': {_quote(call_id)} does not answer any tool call of an "
+                "earlier assistant message.",
                 param=f"{param}.tool_call_id",
             )
         return Message("tool", content, name=call.name, tool_call_id=call_id)
