@@ -200,7 +200,9 @@ def test_slow_tgi_is_duration_not_overhead(tgi: FakeTGI, access) -> None:
     assert (non_stream["stream"], stream["stream"]) == (False, True)
     for line in (non_stream, stream):
         assert line["duration_s"] >= 0.3
-        assert 0 <= line["overhead_s"] <= line["duration_s"] - 0.3, line
+        # TGI's 0.3 s of pauses are not overhead (a little of them overlaps the gateway's own work on the
+        # token before each pause, hence 0.25)
+        assert 0 <= line["overhead_s"] <= line["duration_s"] - 0.25, line
         assert 0 < line["ttft_s"] <= line["duration_s"]
     assert stream["ttft_s"] < 0.15, "the stream's first chunk went out before TGI's pauses"
 
