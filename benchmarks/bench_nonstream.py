@@ -64,8 +64,7 @@ async def learn_direct_body(double: Double, gateway_url: str, gateway_body: byte
     ex = await client.request("/v1/chat/completions", gateway_body)
     _ = [c async for c in client.chunks(ex)]
     last = double.call("stats")["last"]
-    parameters = dict(last["parameters"])
-    return json.dumps({"inputs": last["inputs"], "parameters": parameters}, separators=(",", ":")).encode()
+    return json.dumps({"inputs": last["inputs"], "parameters": last["parameters"]}, separators=(",", ":")).encode()
 
 
 async def run(args: argparse.Namespace, double: Double, gateway: GatewayProcess) -> None:

@@ -247,6 +247,8 @@ def test_tgi_back_on_the_same_port_is_served_without_restarting_the_gateway(gate
             assert s.get_final_completion().choices[0].message.content == "Back."
         assert httpx.get(gateway.url + "/health", timeout=5).status_code == 200
         assert [g.outcome for g in tgi.generations] == ["completed", "completed"]
+        # TGI was found unreachable, so its limits were forgotten: the new TGI's /info is read first.
+        assert [r.path for r in tgi.requests if r.path != "/health"][:2] == ["/info", "/generate_stream"]
     assert gateway.proc.pid == pid
     gateway.assert_up()
 
@@ -256,5 +258,21 @@ def test_tgi_back_with_other_limits_is_served(gateway: Gateway) -> None:
     read /info again and send the request once more with the new limits."""
     with FakeTGI(script=["Hi", EOT], port=gateway.tgi_port), gateway.sdk() as client:
         assert client.chat.completions.create(model=MODEL, messages=ASK).choices[0].message.content == "Hi"
-    with FakeTGI(script=["Hi", EOT], port=gateway.tgi_port, max_stop_sequences=2), gateway.sdk() as client:
+    with FakeTGI(script=["Hi", EOT], port=gateway.tgi_port, max_stop_sequences=2) as tgi, gateway.sdk() as client:
         assert client.chat.completions.create(model=MODEL, messages=ASK).choices[0].message.content == "Hi"
+    sent = [(r.path, len(r.json["parameters"]["stop"]) if r.path == "/generate_stream" else None)
+            for r in tgi.requests]  # fmt: skip
+    assert sent == [("/generate_stream", 3), ("/info", None), ("/generate_stream", 2)]
+
+
+def test_a_validation_error_with_unchanged_limits_is_not_sent_again(gateway: Gateway) -> None:
+    with FakeTGI(script=["Hi", EOT], port=gateway.tgi_port) as tgi, gateway.sdk() as client:
+        # (a first refusal also brings the gateway's copy of /info up to date with this TGI, whatever the
+        # tests before left in it)
+        for _ in range(2):
+            tgi.reset()
+            with pytest.raises(openai.BadRequestError) as e:  # prompt + 8190 > TGI's max_total_tokens 8192
+                client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=8190)
+    assert e.value.code == "context_length_exceeded"
+    # /info is read again, found unchanged: TGI's 400 is reported, the request is not sent twice
+    assert [r.path for r in tgi.requests] == ["/generate_stream", "/info"]

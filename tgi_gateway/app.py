@@ -31,7 +31,6 @@ from functools import partial
 from typing import Any, TypeVar
 
 import anyio
-import httpx
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -48,6 +47,7 @@ from .errors import (
     TGIProtocolError,
     TGIUnavailableError,
     TGIValidationError,
+    UpstreamError,
 )
 from .limits import BodySizeLimit, StrictJSONRoute
 from .openai_types import ChatCompletionRequest
@@ -140,10 +140,10 @@ class Gateway:
         self.created = int(time.time())
         self._info: TGIInfo | None = None
 
-    async def info(self, *, refresh: bool = False) -> TGIInfo:
-        """TGI's limits, read lazily (TGI may come up after the gateway) and kept; read again when asked
-        (`refresh`), or after TGI was found unreachable (it may come back with other limits)."""
-        if self._info is None or refresh:
+    async def info(self) -> TGIInfo:
+        """TGI's limits, read lazily (TGI may come up after the gateway) and kept; forgotten when TGI is
+        found unreachable (it may come back with other limits)."""
+        if self._info is None:
             self._info = await self.client.info()
             logger.info(
                 "TGI %s serves %s (max_input_tokens=%d, max_total_tokens=%d, max_stop_sequences=%d)",
@@ -151,6 +151,18 @@ class Gateway:
                 self._info.max_total_tokens, self._info.max_stop_sequences,
             )  # fmt: skip
         return self._info
+
+    async def limits_changed(self) -> bool:
+        """Read TGI's /info again (after TGI refused a request); True when it changed, the new one kept."""
+        try:
+            fresh = await self.client.info()
+        except UpstreamError:
+            return False  # the request's own error is the one to report
+        changed, self._info = fresh != self._info, fresh
+        if changed:
+            logger.warning("TGI's /info changed (TGI restarted?): max_stop_sequences=%d, max_total_tokens=%d",
+                           fresh.max_stop_sequences, fresh.max_total_tokens)  # fmt: skip
+        return changed
 
     async def chat(self, request: Request, req: ChatCompletionRequest) -> Response:
         rec = record_of(request.scope) or RequestRecord("", time.perf_counter())  # telemetry (or detached)
@@ -176,12 +188,10 @@ class Gateway:
         )
         answer = Answer(self.template.parser(prompt), ctx, req.stop_list, stream=bool(req.stream))
 
-        async def start(
-            stack: AsyncExitStack, refresh: bool
-        ) -> tuple[TokenStream, list[Token | StreamEnd]]:
+        async def start(stack: AsyncExitStack) -> tuple[TokenStream, list[Token | StreamEnd]]:
             waiting = time.perf_counter()
             try:
-                info = await self.info(refresh=refresh)
+                info = await self.info()
                 check_token_budget(req, info.max_total_tokens)
                 parameters = tgi_parameters(req, self.template.stop_sequences, info.max_stop_sequences)
                 tokens = await stack.enter_async_context(self.client.generate_stream(inputs, parameters))
@@ -195,11 +205,11 @@ class Gateway:
         for attempt in (1, 2):
             stack = AsyncExitStack()
             try:
-                tokens, first = await until_disconnect(request, start(stack, refresh=attempt == 2))
+                tokens, first = await until_disconnect(request, start(stack))
                 break
             except TGIValidationError:
                 await stack.aclose()
-                if attempt == 2 or await self.client.info() == self._info:
+                if attempt == 2 or not await self.limits_changed():
                     raise
             except TGIUnavailableError:
                 await stack.aclose()
@@ -291,8 +301,8 @@ async def _read_to_end(tokens: TokenStream) -> None:
         await tokens.batch()
 
 
-def create_app(settings: Settings, template: Template, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
-    """The gateway app. `transport` replaces httpx's network to TGI's /health and /info (tests)."""
+def create_app(settings: Settings, template: Template) -> FastAPI:
+    """The gateway app."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -302,7 +312,6 @@ def create_app(settings: Settings, template: Template, *, transport: httpx.Async
             first_token_timeout=settings.first_token_timeout,
             read_timeout=settings.read_timeout,
             connect_retries=settings.connect_retries,
-            transport=transport,
             api_key=settings.tgi_api_key,
         ) as client:
             app.state.gateway = Gateway(settings, template, client)

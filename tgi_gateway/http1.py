@@ -63,8 +63,7 @@ class ConnectionClosed(HTTPError):
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; at most one response in flight on it."""
 
-    def __init__(self, pool: Pool) -> None:
-        self._pool = pool
+    def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
@@ -217,11 +216,6 @@ class Response:
                 raise ConnectionClosed(str(exc)) from None
         return conn.take()
 
-    def ready(self) -> bool:
-        """Body bytes, or the end of the body, can be read without waiting."""
-        conn = self._conn
-        return conn is not None and (bool(conn.body) or conn.complete)
-
     async def read_all(self, limit: int, timeout: float | None) -> bytes:
         """The rest of the body, at most `limit` bytes (error bodies)."""
         parts: list[bytes] = []
@@ -329,7 +323,7 @@ class Pool:
         if self._closed:
             raise ConnectFailed("the client is closed")
         loop = asyncio.get_running_loop()
-        conn = _Connection(self)
+        conn = _Connection()
         connecting = loop.create_connection(
             lambda: conn, self._host, self._port, ssl=self._ssl, server_hostname=self._host if self._ssl else None
         )

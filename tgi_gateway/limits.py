@@ -45,8 +45,11 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_bytes:
-            await self._refuse(send)
+        if declared is not None:  # the HTTP server reads exactly that many bytes: nothing to count
+            if declared > self.max_bytes:
+                await self._refuse(send)
+            else:  # the usual case: no wrapper on the response's messages (a stream sends thousands)
+                await self.app(scope, receive, send)
             return
 
         received = 0

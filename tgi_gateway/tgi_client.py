@@ -1,19 +1,20 @@
-"""The gateway's one pooled async client to Text-Generation-Inference: transport, protocol, errors.
+"""The gateway's client to Text-Generation-Inference: transport, protocol, errors.
 
 Theory of operation
 -------------------
-:class:`TGIClient` owns one ``httpx.AsyncClient`` (one connection pool) for the life of the app; the
-``transport`` argument is the test seam. It speaks three routes of TGI's router (``shared/reference/
-tgi/PROTOCOL.md``):
+:class:`TGIClient` lives as long as the app and holds two connection pools to TGI's router: the token
+streams go through :mod:`tgi_gateway.http1` (lean: it is the hot path), the control routes through one
+``httpx.AsyncClient`` (its ``transport`` argument is their test seam). It speaks three routes of TGI's
+router (``shared/reference/tgi/PROTOCOL.md``):
 
 * ``POST /generate_stream`` -- :meth:`TGIClient.generate_stream` is an async context manager.
-  Entering it sends ``{"inputs", "parameters"}`` and waits for the response *headers* only. A
-  connection failure there (refused, connect timeout, reset before any response) is retried a few
+  Entering it sends ``{"inputs", "parameters"}`` and waits for the response *head* only. A
+  connection failure there (refused, connect timeout, closed before any response) is retried a few
   times with a short exponential backoff, then raised as :class:`TGIUnavailableError`; nothing is
-  ever retried once a response has arrived. The context yields an async iterator of
-  :class:`Token` (one per SSE event) and, after the final event's token, one :class:`StreamEnd`.
-  Leaving the context -- normally, by an exception or by cancellation -- closes the response at
-  once: closing the connection is how TGI drops a request from its batch.
+  ever retried once a response has arrived. The context yields a :class:`TokenStream`:
+  :class:`Token` items (one per SSE event) and, after the final event's token, one :class:`StreamEnd`.
+  Leaving the context -- normally, by an exception or by cancellation -- closes the connection at
+  once unless the stream was read to its end: closing it is how TGI drops a request from its batch.
 * ``GET /health`` -- :meth:`TGIClient.health`, a quick yes/no.
 * ``GET /info`` -- :meth:`TGIClient.info`, the limits the router enforces, as :class:`TGIInfo`.
 
@@ -43,8 +44,9 @@ A stream that ends before its final event is a :class:`TGIProtocolError`; an err
 error :func:`map_tgi_error` makes of it (the caller knows whether tokens were already sent).
 
 Errors. Every failure leaves this module as an :class:`~tgi_gateway.errors.UpstreamError`. Foreign
-exceptions (httpx's) are translated in one place, :func:`_translated`; TGI's own error bodies, error
-events and HTTP statuses are mapped in one function, :func:`map_tgi_error`.
+exceptions are translated where they arise (httpx's in :func:`_translated`, :mod:`~tgi_gateway.http1`'s in
+:meth:`TGIClient._open` and :meth:`TokenStream._read`); TGI's own error bodies, error events and HTTP
+statuses are mapped in one function, :func:`map_tgi_error`.
 """
 
 from __future__ import annotations
