@@ -169,18 +169,26 @@ def serve_double(args: argparse.Namespace) -> int:
     from tests.fakes.tgi import FakeTGI, tokens
 
     scripts = {kind: tokens(*answer_pieces(kind, args.tokens)[0]) for kind in args.answers}
-    tgi = FakeTGI(
-        script=scripts[args.answers[0]],
-        max_concurrent_requests=100_000,  # TGI's overload (429) never triggers
-        model_id="meetkai/functionary-small-v3.1",
-        http_impl=args.double_http,
-    )
+    if args.double == "lean":
+        from lean_tgi import LeanTGI
+
+        tgi: Any = LeanTGI(scripts[args.answers[0]], model_id="meetkai/functionary-small-v3.1")
+    else:
+        tgi = FakeTGI(
+            script=scripts[args.answers[0]],
+            max_concurrent_requests=100_000,  # TGI's overload (429) never triggers
+            model_id="meetkai/functionary-small-v3.1",
+            http_impl=args.double_http,
+        )
 
     def set_answer(cmd: dict) -> Any:
         if "answer" in cmd:
             tgi.script = scripts[cmd["answer"]]
         if "token_delay" in cmd:
-            tgi.config.token_delay = float(cmd["token_delay"])
+            if args.double == "lean":
+                tgi.token_delay = float(cmd["token_delay"])
+            else:
+                tgi.config.token_delay = float(cmd["token_delay"])
         return {"ok": True}
 
     def stats(cmd: dict) -> Any:
@@ -190,7 +198,7 @@ def serve_double(args: argparse.Namespace) -> int:
             "generations": len(gens),
             "tokens": sum(len(g.tokens) for g in gens),
             "outcomes": dict(Counter(g.outcome for g in gens)),
-            "errors": [repr(e) for e in tgi.errors][:5],
+            "errors": [str(e) for e in tgi.errors][:5],
             "peak_in_flight": tgi.peak_in_flight,
             "last": {"inputs": last.inputs, "parameters": last.parameters} if last else None,
         }
@@ -201,8 +209,8 @@ def serve_double(args: argparse.Namespace) -> int:
 class Double(DoubleProcess):
     """This script's double in its child process (``--serve-double``): the answers of ``tokens`` tokens."""
 
-    def __init__(self, tokens: int, loop: str, http: str, answers: list[str]) -> None:
-        super().__init__([str(Path(__file__).resolve()), "--serve-double", "--tokens", str(tokens),
+    def __init__(self, tokens: int, loop: str, http: str, answers: list[str], kind: str = "fake") -> None:
+        super().__init__([str(Path(__file__).resolve()), "--serve-double", "--tokens", str(tokens), "--double", kind,
                           "--double-loop", loop, "--double-http", http, "--answers", *answers])  # fmt: skip
 
 
@@ -219,6 +227,12 @@ def cpu_seconds(pid: int, kernel_only: bool = False) -> float:
         return ticks / os.sysconf("SC_CLK_TCK")
     except OSError:
         return float("nan")
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Run every thread of process `pid` (and the threads they start later) on `cpus` only."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
 
 
 def system_busy_seconds() -> float:
@@ -770,6 +784,18 @@ def main() -> int:
         "--profile", type=float, default=0, metavar="SECONDS", help="py-spy the gateway at the end"
     )
     p.add_argument(
+        "--double",
+        choices=["fake", "lean"],
+        default="fake",
+        help="fake: tests/fakes/tgi.py (FakeTGI, ~55 µs of CPU per token); lean: benchmarks/lean_tgi.py "
+        "(the same bytes at a few µs per token, so that the double takes less of the gateway's CPU)",
+    )
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="give the gateway CPU 1 to itself; the double and the load generator share CPU 0",
+    )
+    p.add_argument(
         "--double-loop", choices=["uvloop", "asyncio"], default="uvloop", help="the double's event loop"
     )
     p.add_argument(
@@ -802,10 +828,14 @@ def main() -> int:
     try:
         for answer in args.answers:
             answer_pieces(answer, args.tokens)  # refuse a --tokens too small before starting anything
-        double = Double(args.tokens, args.double_loop, args.double_http, args.answers)
+        double = Double(args.tokens, args.double_loop, args.double_http, args.answers, args.double)
         if not args.direct_only:
             gateway = GatewayProcess(double.url)
             gateway.wait_healthy()
+        if args.pin:
+            for pid, cpus in ((os.getpid(), {0}), (double.pid, {0}), (gateway.pid if gateway else None, {1})):
+                if pid is not None:
+                    pin(pid, cpus)
         busy0, t0 = system_busy_seconds(), time.monotonic()
         time.sleep(1.0)
         other = (system_busy_seconds() - busy0) / (time.monotonic() - t0)
@@ -813,7 +843,8 @@ def main() -> int:
             f"# before the start, other processes kept {other:.2f} of {os.cpu_count()} cores busy"
             + ("  <-- WARNING: the machine is not idle, the numbers will be lower" if other > 0.2 else "")
         )
-        print(f"# machine: {os.cpu_count()} cores; double {double.url} (pid {double.pid}, {args.double_loop}, {args.double_http}); "
+        print(f"# machine: {os.cpu_count()} cores; {args.double} double {double.url} (pid {double.pid}, {args.double_loop}, "
+              f"{args.double_http}); " + ("pinned: gateway on CPU 1, double and load generator on CPU 0; " if args.pin else "") +
               f"gateway {gateway.url if gateway else '-'} (pid {gateway.pid if gateway else '-'}); "
               f"client {args.client}", flush=True)  # fmt: skip
         return uvloop.run(guarded(args, double, gateway))
