@@ -28,12 +28,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
@@ -106,26 +107,33 @@ class DisconnectWatch:
                 raise ClientDisconnected from None
 
 
-class EventStreamResponse(StreamingResponse):
-    """A streaming response that stops as soon as the client disconnects, whatever the ASGI server.
+class EventStreamResponse(Response):
+    """An SSE response whose body is written by ``body(send)``, and which stops as soon as the client
+    disconnects, whatever the ASGI server.
 
-    Starlette only notices a gone client when a write fails; an SSE stream may wait seconds for its
-    next token (queueing, a long prompt), and every such second keeps the request in TGI's batch. So the
-    body runs under a :class:`DisconnectWatch`, and ``on_close`` (closing the TGI response) runs in every
-    case: the body may have been cancelled before it ever ran, when its own cleanup never runs.
+    ``body`` sends the ``http.response.body`` messages itself, the last one with ``more_body: False``
+    (uvicorn then writes that chunk and the chunked encoding's end in one write). Starlette only notices
+    a gone client when a write fails; an SSE stream may wait seconds for its next token (queueing, a long
+    prompt), and every such second keeps the request in TGI's batch. So the body runs under a
+    :class:`DisconnectWatch`, and ``on_close`` (closing the TGI response) runs in every case: the body may
+    have been cancelled before it ever ran, when its own cleanup never runs.
     """
 
-    def __init__(self, content: AsyncIterator[bytes], *, on_close: Callable[[], Awaitable[Any]], **kw: Any) -> None:
-        super().__init__(content, media_type="text/event-stream", **kw)
-        self._on_close = on_close
+    media_type = "text/event-stream"
+
+    def __init__(
+        self, body: Callable[[Send], Awaitable[None]], *, on_close: Callable[[], Awaitable[Any]], headers: Mapping[str, str]
+    ) -> None:
+        self.status_code = 200
+        self.background = None
+        self._body, self._on_close = body, on_close
+        self.init_headers(headers)  # no body: no Content-Length, so the server sends it chunked
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             with DisconnectWatch(receive):
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-                async for chunk in self.body_iterator:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await self._body(send)
         except ClientDisconnected:
             pass  # nobody to answer
         finally:
@@ -235,8 +243,8 @@ class Gateway:
                 await stack.aclose()
                 raise
         if req.stream:
-            events = self._events(stack, tokens, first, answer, ctx, rec)
-            return EventStreamResponse(events, on_close=stack.aclose, headers=SSE_HEADERS)
+            body = partial(self._stream, stack=stack, tokens=tokens, batch=first, answer=answer, ctx=ctx, rec=rec)
+            return EventStreamResponse(body, on_close=stack.aclose, headers=SSE_HEADERS)
         try:
             return await until_disconnect(request, self._complete(tokens, first, answer, ctx, rec))
         finally:
@@ -262,16 +270,18 @@ class Gateway:
                 answer.feed(item.text, item.special)
             batch = await _next(tokens, rec)
 
-    async def _events(
+    async def _stream(
         self,
+        send: Send,
         stack: AsyncExitStack,
         tokens: TokenStream,
         batch: list[Token | StreamEnd],
         answer: Answer,
         ctx: ResponseContext,
         rec: RequestRecord,
-    ) -> AsyncIterator[bytes]:
-        """The SSE body: every batch of tokens TGI sent meanwhile becomes one write."""
+    ) -> None:
+        """The SSE body: every batch of tokens TGI sent meanwhile becomes one write; the last write also
+        ends the response."""
         async with stack:
             try:
                 while True:
@@ -284,22 +294,26 @@ class Gateway:
                                 rec.first_token_at = time.perf_counter()
                             if ctx.include_usage:
                                 out.append(answer.usage_chunk(item.input_length or 0, item.generated_tokens))
-                            yield b"".join(map(encode_sse, out)) + SSE_DONE
+                            await send(_last_body(b"".join(map(encode_sse, out)) + SSE_DONE))
                             await _read_to_end(tokens)  # the connection goes back to the pool
                             return
                         out += answer.feed(item.text, item.special)
                     if out:
                         if rec.first_token_at is None:
                             rec.first_token_at = time.perf_counter()
-                        yield b"".join(map(encode_sse, out))
+                        await send({"type": "http.response.body", "body": b"".join(map(encode_sse, out)), "more_body": True})
                     batch = await _next(tokens, rec)
             except GatewayError as exc:
                 rec.upstream_error = error_kind(exc)
                 logger.warning("TGI failed mid-stream: %s", exc.message)
-                yield encode_sse(exc.to_dict())
+                await send(_last_body(encode_sse(exc.to_dict())))
             except Exception:
                 logger.exception("unexpected error mid-stream")
-                yield encode_sse(GatewayError("The gateway failed unexpectedly; see its log.").to_dict())
+                await send(_last_body(encode_sse(GatewayError("The gateway failed unexpectedly; see its log.").to_dict())))
+
+
+def _last_body(data: bytes) -> dict[str, Any]:
+    return {"type": "http.response.body", "body": data, "more_body": False}
 
 
 async def _next(tokens: TokenStream, rec: RequestRecord) -> list[Token | StreamEnd]:

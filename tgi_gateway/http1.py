@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import ssl
 import time
 from collections.abc import Mapping
@@ -69,6 +70,10 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._parser: httptools.HttpResponseParser | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._deadline = math.inf  # (loop time) the awaited bytes are late after it
+        self._what = ""  # the timeout's message
+        self._timer: asyncio.TimerHandle | None = None  # checks the deadline; armed for _timer_at
+        self._timer_at = math.inf
         self._lost: Exception | None = None
         self._paused = False
         self._reset_response()
@@ -156,17 +161,45 @@ class _Connection(asyncio.Protocol):
         return data
 
     async def wait(self, timeout: float | None, what: str) -> None:
-        """Wait for the next bytes (or the end); raise the connection's error once it is broken."""
+        """Wait for the next bytes (or the end); raise the connection's error once it is broken.
+
+        The timeout costs no timer per call (a token stream waits once per token): the deadline is
+        recorded, and one timer per connection checks it when it fires, re-armed only when the
+        deadline has moved past it (so about once per `timeout` on a live stream)."""
         if self._lost is not None:
             raise self._lost
         waiter = self._waiter = self._loop.create_future()
-        timer = self._loop.call_later(timeout, _expire, waiter, what) if timeout is not None else None
+        if timeout is None:
+            self._deadline = math.inf
+        else:
+            self._deadline, self._what = self._loop.time() + timeout, what
+            if self._timer is None or self._timer_at > self._deadline:
+                self._arm(self._deadline)
         try:
             await waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done() or self._deadline == math.inf:
+            return  # nobody waits with a deadline: the next wait arms the timer again
+        if self._loop.time() >= self._deadline:
+            waiter.set_exception(ResponseTimeout(self._what))
+        else:
+            self._arm(self._deadline)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -177,19 +210,16 @@ class _Connection(asyncio.Protocol):
         """The response is over: may this connection carry another request?"""
         reusable = self.complete and self.keep_alive and self.usable
         self._parser = None
+        self._stop_timer()
         if not reusable and self.transport is not None:
             self.transport.close()
         return reusable
 
     def close(self) -> None:
         self._parser = None
+        self._stop_timer()
         if self.transport is not None:
             self.transport.close()
-
-
-def _expire(waiter: asyncio.Future[None], what: str) -> None:
-    if not waiter.done():
-        waiter.set_exception(ResponseTimeout(what))
 
 
 class Response:

@@ -54,6 +54,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import math
 import re
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -610,15 +611,10 @@ class TGIClient:
         the :class:`TokenStream`. Leaving closes the connection at once — that is what stops the
         generation in TGI — unless the stream was read to its end (it then serves the next request).
         """
-        try:
-            body = json.dumps(
-                {"inputs": inputs, "parameters": dict(parameters)},
-                ensure_ascii=False,
-                separators=(",", ":"),
-                allow_nan=False,
-            ).encode()
-        except ValueError as exc:  # NaN or infinity: TGI's JSON parser refuses them
-            raise InvalidRequestError(f"Invalid parameter value: {exc}") from exc
+        for name, value in parameters.items():  # orjson would write NaN and infinity as null
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidRequestError(f"Invalid parameter value: {name} = {value}")
+        body = orjson.dumps({"inputs": inputs, "parameters": dict(parameters)})
         response = await self._open(body)
         try:
             if response.status != 200:
