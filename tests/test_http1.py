@@ -209,3 +209,32 @@ def test_urls():
     assert http1.Pool("https://tgi.example", connect_timeout=1).host_header == "tgi.example"
     with pytest.raises(ValueError):
         http1.Pool("ftp://x", connect_timeout=1)
+
+
+async def test_read_timeouts_count_from_each_wait_not_from_the_first():
+    """The deadline timer is shared by the reads of a connection: a read that starts after a long (first)
+    timeout was armed still gets its own, shorter deadline, a live stream never expires however long it
+    lasts, and a silence expires `timeout` after the last read began — not earlier, not much later."""
+    gap, timeout = 0.03, 0.25
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(20):  # 0.6 s of pieces 30 ms apart: longer than the timeout, never silent that long
+            await asyncio.sleep(gap)
+            writer.write(b"1\r\nx\r\n")
+        await asyncio.sleep(5)  # then silence
+
+    async with RawServer(script) as url:
+        pool = http1.Pool(url, connect_timeout=1)
+        response = await pool.request("POST", "/x", {}, b"", timeout=1)
+        assert await response.read(10.0) == b"x"  # arms the timer 10 s ahead
+        received = 1
+        while received < 20:
+            received += len(await response.read(timeout))  # each read: its own 0.25 s
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(http1.ResponseTimeout):
+            await response.read(timeout)
+        waited = loop.time() - started
+        assert timeout - 0.01 <= waited < timeout + 0.2, waited
+        response.close()

@@ -257,3 +257,47 @@ def test_bad_requests_raise_400_naming_the_param(body, param, fragment):
     assert err.to_dict() == {
         "error": {"message": err.message, "type": "invalid_request_error", "param": param, "code": None}
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# The same tool definitions, request after request: checked and printed once
+# ------------------------------------------------------------------------------------------------
+
+
+def test_identical_tool_definitions_share_one_function_and_one_rendering() -> None:
+    import copy
+
+    from tgi_gateway.prompting import Template
+    from tgi_gateway.prompting import request as request_module
+
+    def prompt(tools: list) -> ChatPrompt:
+        return normalize({"messages": [USER], "tools": tools})
+
+    first, again = prompt([WEATHER, TIME]), prompt(copy.deepcopy([WEATHER, TIME]))
+    assert first == again and first.tools[0].function is again.tools[0].function  # from the cache
+
+    reordered = copy.deepcopy(WEATHER)
+    reordered["function"]["parameters"] = {"required": ["city"], **reordered["function"]["parameters"]}
+    other = prompt([reordered, TIME])
+    assert other.tools[0].function is not first.tools[0].function  # key order is part of the schema
+    assert other.tools[0].function.parameters is not None
+    assert list(other.tools[0].function.parameters)[0] == "required"
+
+    for version in ("v2", "v3.llama3", "v3-llama3.1"):
+        template = Template(version)
+        assert template.render(first) == template.render(again)
+        assert template.render(first) != template.render(prompt([TIME]))
+        if version == "v3-llama3.1":  # the JSON shows the key order
+            assert template.render(other) != template.render(first)
+
+    size = request_module._FUNCTION_CACHE_SIZE
+    for i in range(size + 10):
+        prompt([{"type": "function", "function": {"name": f"f{i}"}}])
+    assert len(request_module._FUNCTION_CACHE) == size  # bounded
+
+
+def test_a_broken_definition_is_refused_every_time_not_cached() -> None:
+    broken = {"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/nowhere"}}}
+    for _ in range(2):
+        with pytest.raises(InvalidRequestError, match=r"tools\[0\]\.function\.parameters"):
+            normalize({"messages": [USER], "tools": [broken]})
