@@ -275,7 +275,9 @@ class TelemetryMiddleware:
                 self.telemetry.streams_in_flight.dec()
             if not status:  # no response at all: the client left, or the app failed before answering
                 status = 499 if record.disconnected else 500
-            self.telemetry.observe(scope, record, self.route_of(scope), status, ended)
+            route = scope.get("route")  # set by the router when it matched (the same scope dict)
+            label = _template(route) if isinstance(route, BaseRoute) else self.route_of(scope)
+            self.telemetry.observe(scope, record, label, status, ended)
 
     def route_of(self, scope: Scope) -> str:
         """The template of the route the path matches, the way Starlette's router picks it (first full
