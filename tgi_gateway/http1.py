@@ -217,11 +217,13 @@ class Response:
         return conn.take()
 
     async def read_all(self, limit: int, timeout: float | None) -> bytes:
-        """The rest of the body, at most `limit` bytes (error bodies)."""
+        """The rest of the body, at most `limit` bytes, within `timeout` seconds in all (error bodies, and
+        the JSON answer of a non-stream request). Raises :class:`ResponseTimeout` or :class:`ConnectionClosed`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         parts: list[bytes] = []
         size = 0
         while size < limit:
-            chunk = await self.read(timeout)
+            chunk = await self.read(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if not chunk:
                 break
             parts.append(chunk)
