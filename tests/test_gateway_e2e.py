@@ -478,12 +478,23 @@ def test_upstream_connections_are_reused(tgi, c31):
     assert len(set(peers)) == 1, peers
 
 
-def test_client_disconnect_non_stream(tgi, v31):
+@pytest.mark.parametrize("held", ["queued", "generating"])
+def test_client_disconnect_non_stream(tgi, v31, held):
+    """A non-stream request reads TGI's /generate, which answers only at the end: a client that leaves while
+    TGI queues or generates it closes that request at once."""
     gate = Gate()
-    tgi.script = ["It", gate, " sunny", EOT]
-    left = leave_mid_request(v31, {"model": MODEL, "messages": ASK}, lambda: asyncio.sleep(0.3))
-    assert tgi.wait_until(lambda: tgi.last_generation.disconnected, 5)
-    assert tgi.last_generation.disconnected_at - left < 0.5
+    tgi.script = [gate, "It", EOT] if held == "queued" else ["It", gate, " sunny", EOT]
+    tokens = 0 if held == "queued" else 1
+
+    def holding() -> bool:
+        gens = tgi.generations
+        return tgi.generate_open == 1 and bool(gens) and len(gens[-1].tokens) == tokens
+
+    left = leave_mid_request(v31, {"model": MODEL, "messages": ASK}, lambda: tgi.wait_until_async(holding, 5))
+    gen = tgi.last_generation
+    assert tgi.wait_until(lambda: gen.disconnected, 5)
+    assert gen.disconnected_at - left < 0.5
+    assert (gen.route, gen.outcome, len(gen.tokens)) == ("generate", "disconnected", tokens)
     gate.open()
 
 
