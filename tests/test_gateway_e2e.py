@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from tests.fakes.serve import serve
-from tests.fakes.tgi import EOS, EOT, Drop, FakeTGI, Fail, Gate, special, tokens
+from tests.fakes.tgi import EOS, EOT, Drop, FakeTGI, Fail, Gate, Token, special, tokens
 from tgi_gateway.app import create_app
 from tgi_gateway.prompting import Template, Version, normalize
 from tgi_gateway.settings import Settings
@@ -138,10 +138,33 @@ def test_plain_text(tgi, served, client):
     assert r.choices[0].message.tool_calls is None
     assert r.choices[0].finish_reason == "stop"
     gen = tgi.last_generation
+    assert gen.route == "generate", "a non-stream request reads TGI's /generate"
     assert gen.inputs == Template(version).render(normalize(body(version, "text")))
     assert r.usage.prompt_tokens == gen.input_length and r.usage.completion_tokens == len(gen.tokens)
     params = gen.parameters
     assert params["details"] is True and params["stop"] == list(Template(version).stop_sequences)[:4]
+
+
+def test_special_flags_decide_on_both_paths(tgi, c31, v31):
+    """The same text is a marker or not by TGI's `special` flag alone: an end-of-sequence `</s>` flagged
+    special ends the answer, the same characters as plain text stay text (a model writing HTML). The
+    non-stream path must get the flags from /generate's details.tokens (its generated_text drops the
+    special tokens altogether) and answer exactly as the stream does."""
+    plain = Token("</s>", special=False, skip=False)
+    tgi.script = tokens("It is <s>bold", plain, " text", "</s>", " never shown", EOT)  # "</s>": special
+    eos_texts = tgi.config.eos_texts
+    tgi.config.eos_texts = frozenset({"<|eot_id|>"})  # TGI goes on after the special "</s>" here
+    try:
+        r = c31.chat.completions.create(model=MODEL, messages=ASK)
+        assert tgi.last_generation.route == "generate"
+        assert tgi.last_generation.generated_text == "It is <s>bold</s> text never shown"
+        with c31.chat.completions.stream(model=MODEL, messages=ASK) as s:
+            final = s.get_final_completion()
+    finally:
+        tgi.config.eos_texts = eos_texts
+    assert r.choices[0].message.content == final.choices[0].message.content == "It is <s>bold</s> text"
+    assert r.choices[0].finish_reason == final.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == 6
 
 
 def test_plain_text_stream(tgi, served, client):
