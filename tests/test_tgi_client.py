@@ -1035,8 +1035,9 @@ async def test_generate_answer_over_the_size_cap_is_a_protocol_error(monkeypatch
     if framing == "chunked":
         big = httpx.Response(200, headers=big.headers, stream=Body([big.content[:600], big.content[600:]]))
     async with mock(lambda request: big) as client:
-        with pytest.raises(TGIProtocolError, match="TGI's /generate answer is over"):
+        with pytest.raises(TGIProtocolError, match="TGI's /generate answer is over") as info:
             await client.generate("Hi", {"details": True})
+        assert info.value.headers == {"x-should-retry": "false"}
         monkeypatch.setattr(tgi_client, "_MAX_GENERATE_BODY", size)  # exactly the cap: fine
         assert len((await client.generate("Hi", {"details": True})).tokens) == 60
 

@@ -2,12 +2,13 @@
 
 Theory of operation
 -------------------
-:class:`TGIClient` lives as long as the app and holds two connection pools to TGI's router: the token
-streams go through :mod:`tgi_gateway.http1` (lean: it is the hot path), the control routes through one
+:class:`TGIClient` lives as long as the app and holds two connection pools to TGI's router: the
+generations go through :mod:`tgi_gateway.http1` (lean: it is the hot path), the control routes through one
 ``httpx.AsyncClient`` (its ``transport`` argument is their test seam). It speaks four routes of TGI's
 router (``shared/reference/tgi/PROTOCOL.md``):
 
-* ``POST /generate_stream`` (stream requests) -- :meth:`TGIClient.generate_stream` is an async context manager.
+* ``POST /generate_stream`` (stream requests) -- :meth:`TGIClient.generate_stream` is an async
+  context manager.
   Entering it sends ``{"inputs", "parameters"}`` and waits for the response *head* only. A
   connection failure there (refused, connect timeout, closed before any response) is retried a few
   times with a short exponential backoff, then raised as :class:`TGIUnavailableError`; nothing is
@@ -63,8 +64,8 @@ error :func:`map_tgi_error` makes of it (the caller knows whether tokens were al
 
 Errors. Every failure leaves this module as an :class:`~tgi_gateway.errors.UpstreamError`. Foreign
 exceptions are translated where they arise (httpx's in :func:`_translated`, :mod:`~tgi_gateway.http1`'s in
-:meth:`TGIClient._open` and :meth:`TokenStream._read`); TGI's own error bodies, error events and HTTP
-statuses are mapped in one function, :func:`map_tgi_error`.
+:meth:`TGIClient._open`, :meth:`TGIClient.generate` and :meth:`TokenStream._read`); TGI's own error
+bodies, error events and HTTP statuses are mapped in one function, :func:`map_tgi_error`.
 """
 
 from __future__ import annotations
@@ -768,7 +769,7 @@ class TGIClient:
             await _raise_for_status(response, min(self._read_timeout, _left(deadline)))
             _expect_content_type(response, "/generate", "application/json")
             if (_count(response.headers.get("content-length")) or 0) > _MAX_GENERATE_BODY:
-                raise TGIProtocolError(_TOO_LARGE)  # not read at all
+                raise TGIProtocolError(_TOO_LARGE, headers=_NO_RETRY)  # not read at all
             try:
                 content = await response.read_all(_MAX_GENERATE_BODY + 1, _left(deadline))
             except http1.ResponseTimeout as exc:
@@ -776,7 +777,7 @@ class TGIClient:
             except http1.ConnectionClosed as exc:
                 raise TGIProtocolError(f"TGI closed the connection in the middle of its answer ({exc})") from exc
             if len(content) > _MAX_GENERATE_BODY:
-                raise TGIProtocolError(_TOO_LARGE)
+                raise TGIProtocolError(_TOO_LARGE, headers=_NO_RETRY)
             return _generation(content, response.headers.get("x-prompt-tokens"))
         finally:
             response.close()
