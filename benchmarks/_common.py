@@ -297,7 +297,7 @@ def serve_tagged_double() -> int:
         gen = next((g for g in reversed(tgi.generations) if mark in g.inputs), None)
         if gen is None:
             return {"found": False, "held_at": scripts.held_at.get(n)}
-        return {"found": True, "held_at": scripts.held_at.get(n), "outcome": gen.outcome,
+        return {"found": True, "held_at": scripts.held_at.get(n), "route": gen.route, "outcome": gen.outcome,
                 "disconnected_at": gen.disconnected_at, "ended_at": gen.ended_at, "tokens": len(gen.tokens)}  # fmt: skip
 
     def set_scripts(cmd: dict) -> Any:

@@ -192,15 +192,16 @@ def serve_double(args: argparse.Namespace) -> int:
         return {"ok": True}
 
     def stats(cmd: dict) -> Any:
-        gens = tgi.streams
-        last = gens[-1] if gens else None
+        every = tgi.generations
+        gens = [g for g in every if g.stream]
+        last = every[-1] if every else None  # a stream's, or a non-stream request's (bench_nonstream.py)
         return {
             "generations": len(gens),
             "tokens": sum(len(g.tokens) for g in gens),
             "outcomes": dict(Counter(g.outcome for g in gens)),
             "errors": [str(e) for e in tgi.errors][:5],
             "peak_in_flight": tgi.peak_in_flight,
-            "last": {"inputs": last.inputs, "parameters": last.parameters} if last else None,
+            "last": last and {"route": last.route, "inputs": last.inputs, "parameters": last.parameters},
         }
 
     return serve_commands(tgi, {"set": set_answer, "stats": stats})

@@ -5,9 +5,10 @@ this load generator with ``RawClient``). ``--concurrency`` workers each send req
 ``--seconds``, alternately:
 
 * **direct**: ``POST /generate`` (TGI's non-stream route) to the double with the exact ``inputs`` and
-  ``parameters`` the gateway sends it (read back from the double's record of a gateway request);
-* **gateway**: ``POST /v1/chat/completions`` with ``stream: false`` (the gateway reads TGI's
-  ``/generate_stream`` and answers one JSON body).
+  ``parameters`` the gateway sends it (read back from the double's record of a gateway request, which is a
+  ``/generate`` request with ``details: true`` too): what a client calling TGI directly gets;
+* **gateway**: ``POST /v1/chat/completions`` with ``stream: false`` (the gateway calls TGI's ``/generate``
+  with ``details: true``, parses ``details.tokens`` and answers one JSON body).
 
 Every answer is checked (status 200; the gateway's ``usage.completion_tokens`` equals the answer's tokens).
 Reported: requests/s per mode, the ratio, and latency p50/p99. Target (issue 5): ratio ≥ 0.8 at 64.
@@ -64,6 +65,8 @@ async def learn_direct_body(double: Double, gateway_url: str, gateway_body: byte
     ex = await client.request("/v1/chat/completions", gateway_body)
     _ = [c async for c in client.chunks(ex)]
     last = double.call("stats")["last"]
+    if last is None or last["route"] != "generate":  # the baseline is a client of TGI's own /generate
+        raise RuntimeError(f"the gateway's non-stream request did not reach TGI's /generate: {last}")
     return json.dumps({"inputs": last["inputs"], "parameters": last["parameters"]}, separators=(",", ":")).encode()
 
 

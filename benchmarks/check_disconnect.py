@@ -10,7 +10,8 @@ check makes ``--count`` disconnects (default 200) against the real gateway proce
 * ``text``: a streamed answer, after its first ``content`` chunk reached the client, TGI holding mid-text.
 * ``tool``: a streamed tool call, after an ``arguments`` chunk reached the client, TGI holding inside the
   arguments.
-* ``nonstream``: a non-streamed request, TGI holding after its first token.
+* ``nonstream``: a non-streamed request (the gateway calls TGI's ``/generate``, which answers only once the
+  generation is complete), TGI holding after its first token.
 
 Each request is held by the double at that point (a gate of its own, see ``TaggedScripts`` in ``_common.py``),
 so the client acts only once the double confirms the state, never after a guessed sleep. The client then closes
@@ -121,8 +122,12 @@ async def one(client: RawClient, double: DoubleProcess, point: str, n: int, wait
     """One disconnect: its latency in seconds, or None when the double did not see it within ``wait``."""
     ex = await client.send("/v1/chat/completions", body(point, n), fresh=True)
     try:
-        if poll(double, n, lambda r: r["held_at"] is not None, HOLD_TIMEOUT) is None:
+        held = poll(double, n, lambda r: r["held_at"] is not None and r["found"], HOLD_TIMEOUT)
+        if held is None:
             raise RuntimeError(f"{point} #{n}: the double never held the request: {double.call('gen', n=n)}")
+        route = "generate" if point == "nonstream" else "generate_stream"
+        if held["route"] != route:
+            raise RuntimeError(f"{point} #{n}: the gateway called TGI's /{held['route']}, not /{route}")
         if point in ("text", "tool"):
             await asyncio.wait_for(wait_for_chunk(ex, point), CHUNK_TIMEOUT)
     except BaseException:

@@ -533,7 +533,7 @@ def test_slot_comes_back_after_errors_and_an_abandoned_request(url: str, tgi: Fa
                 task = asyncio.create_task(
                     h.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK})
                 )
-                await tgi.wait_until_async(lambda: tgi.streams_open == 1, 5)
+                assert await tgi.wait_until_async(lambda: tgi.generate_open == 1, 5)  # TGI's /generate
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 

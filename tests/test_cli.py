@@ -88,6 +88,25 @@ def test_bad_flag_values_exit_2(model_dir: Path) -> None:
     assert r.returncode == 2 and "--endpoint" in r.stderr and "http" in r.stderr
 
 
+def test_request_timeout_flag_environment_and_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tgi_gateway.cli import build_parser
+    from tgi_gateway.settings import Settings
+
+    def settings(*argv: str) -> Settings:
+        args = build_parser().parse_args(["--model", "m", *argv])
+        return Settings(**{k: v for k, v in vars(args).items() if v is not None})  # as cli.main does
+
+    assert settings().request_timeout == 600.0  # the OpenAI SDK's own default total timeout
+    monkeypatch.setenv("TGI_GATEWAY_REQUEST_TIMEOUT", "90")
+    assert settings().request_timeout == 90.0
+    assert settings("--request-timeout", "2.5").request_timeout == 2.5  # the flag wins
+
+
+def test_bad_request_timeout_exits_2(model_dir: Path) -> None:
+    r = run_cli("--model", str(model_dir), "--request-timeout", "0")
+    assert r.returncode == 2 and "--request-timeout" in r.stderr
+
+
 def test_not_a_functionary_model_exits_2(tmp_path: Path) -> None:
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
     r = run_cli("--model", str(tmp_path))

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from tests.fakes.serve import serve
-from tests.fakes.tgi import EOS, EOT, Drop, FakeTGI, Fail, Gate, special, tokens
+from tests.fakes.tgi import EOS, EOT, Drop, FakeTGI, Fail, Gate, Token, special, tokens
 from tgi_gateway.app import create_app
 from tgi_gateway.prompting import Template, Version, normalize
 from tgi_gateway.settings import Settings
@@ -138,10 +138,33 @@ def test_plain_text(tgi, served, client):
     assert r.choices[0].message.tool_calls is None
     assert r.choices[0].finish_reason == "stop"
     gen = tgi.last_generation
+    assert gen.route == "generate", "a non-stream request reads TGI's /generate"
     assert gen.inputs == Template(version).render(normalize(body(version, "text")))
     assert r.usage.prompt_tokens == gen.input_length and r.usage.completion_tokens == len(gen.tokens)
     params = gen.parameters
     assert params["details"] is True and params["stop"] == list(Template(version).stop_sequences)[:4]
+
+
+def test_special_flags_decide_on_both_paths(tgi, c31, v31):
+    """The same text is a marker or not by TGI's `special` flag alone: an end-of-sequence `</s>` flagged
+    special ends the answer, the same characters as plain text stay text (a model writing HTML). The
+    non-stream path must get the flags from /generate's details.tokens (its generated_text drops the
+    special tokens altogether) and answer exactly as the stream does."""
+    plain = Token("</s>", special=False, skip=False)
+    tgi.script = tokens("It is <s>bold", plain, " text", "</s>", " never shown", EOT)  # "</s>": special
+    eos_texts = tgi.config.eos_texts
+    tgi.config.eos_texts = frozenset({"<|eot_id|>"})  # TGI goes on after the special "</s>" here
+    try:
+        r = c31.chat.completions.create(model=MODEL, messages=ASK)
+        assert tgi.last_generation.route == "generate"
+        assert tgi.last_generation.generated_text == "It is <s>bold</s> text never shown"
+        with c31.chat.completions.stream(model=MODEL, messages=ASK) as s:
+            final = s.get_final_completion()
+    finally:
+        tgi.config.eos_texts = eos_texts
+    assert r.choices[0].message.content == final.choices[0].message.content == "It is <s>bold</s> text"
+    assert r.choices[0].finish_reason == final.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == 6
 
 
 def test_plain_text_stream(tgi, served, client):
@@ -478,12 +501,23 @@ def test_upstream_connections_are_reused(tgi, c31):
     assert len(set(peers)) == 1, peers
 
 
-def test_client_disconnect_non_stream(tgi, v31):
+@pytest.mark.parametrize("held", ["queued", "generating"])
+def test_client_disconnect_non_stream(tgi, v31, held):
+    """A non-stream request reads TGI's /generate, which answers only at the end: a client that leaves while
+    TGI queues or generates it closes that request at once."""
     gate = Gate()
-    tgi.script = ["It", gate, " sunny", EOT]
-    left = leave_mid_request(v31, {"model": MODEL, "messages": ASK}, lambda: asyncio.sleep(0.3))
-    assert tgi.wait_until(lambda: tgi.last_generation.disconnected, 5)
-    assert tgi.last_generation.disconnected_at - left < 0.5
+    tgi.script = [gate, "It", EOT] if held == "queued" else ["It", gate, " sunny", EOT]
+    tokens = 0 if held == "queued" else 1
+
+    def holding() -> bool:
+        gens = tgi.generations
+        return tgi.generate_open == 1 and bool(gens) and len(gens[-1].tokens) == tokens
+
+    left = leave_mid_request(v31, {"model": MODEL, "messages": ASK}, lambda: tgi.wait_until_async(holding, 5))
+    gen = tgi.last_generation
+    assert tgi.wait_until(lambda: gen.disconnected, 5)
+    assert gen.disconnected_at - left < 0.5
+    assert (gen.route, gen.outcome, len(gen.tokens)) == ("generate", "disconnected", tokens)
     gate.open()
 
 

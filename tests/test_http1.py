@@ -204,6 +204,31 @@ async def test_errors_closed_before_the_head_timeout_and_broken_body():
             await http1.Pool(url, connect_timeout=1).request("POST", "/x", {}, b"", timeout=1)
 
 
+async def test_read_all_limit_and_a_timeout_for_the_whole_body():
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD)
+        for _ in range(20):  # a piece every 50 ms: never 0.2 s of silence, 1 s in all
+            writer.write(b"2\r\nab\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write(b"0\r\n\r\n")
+
+    async with RawServer(trickle) as url:
+        pool = http1.Pool(url, connect_timeout=1)
+        response = await pool.request("POST", "/x", {}, b"", timeout=1)
+        start = asyncio.get_running_loop().time()
+        with pytest.raises(http1.ResponseTimeout):
+            await response.read_all(1000, 0.2)
+        assert 0.2 <= asyncio.get_running_loop().time() - start < 0.5
+        response.close()
+        response = await pool.request("POST", "/x", {}, b"", timeout=1)
+        assert await response.read_all(7, 2.0) == b"abababa"  # at most the limit
+        response.close()
+        response = await pool.request("POST", "/x", {}, b"", timeout=1)
+        assert await response.read_all(1000, 2.0) == b"ab" * 20  # the whole body, within the timeout
+        response.close()
+
+
 def test_urls():
     assert http1.Pool("http://[::1]:8080", connect_timeout=1).host_header == "[::1]:8080"
     assert http1.Pool("https://tgi.example", connect_timeout=1).host_header == "tgi.example"

@@ -36,6 +36,7 @@ ASK = [{"role": "user", "content": "What is the weather in Hanoi?"}]
 CONNECT_TIMEOUT = 0.25  # --connect-timeout: small, so that an unresponsive TGI is reported quickly
 ATTEMPTS = 3  # --connect-retries (attempts in all)
 READ_TIMEOUT = 2.0  # --read-timeout: a TGI silent this long is hung (a real one sends keep-alives every 15 s)
+REQUEST_TIMEOUT = 1.5  # --request-timeout: a non-stream answer (TGI's /generate) taking longer is given up
 # The gateway's longest wait between two connection attempts: 50, 100, then at most 200 ms, plus up to
 # 20 ms of jitter (tgi_client._BACKOFF).
 MAX_BACKOFF = 0.22
@@ -68,7 +69,7 @@ def gateway() -> Iterator[Gateway]:
         proc, url = start_gateway("--model", MODEL, "--template-version", "v3-llama3.1",
                                   "--endpoint", f"http://127.0.0.1:{port}", "--no-launch", "--log-level", "warning",
                                   "--connect-timeout", str(CONNECT_TIMEOUT), "--connect-retries", str(ATTEMPTS),
-                                  "--read-timeout", str(READ_TIMEOUT))  # fmt: skip
+                                  "--read-timeout", str(READ_TIMEOUT), "--request-timeout", str(REQUEST_TIMEOUT))  # fmt: skip
     try:
         yield Gateway(proc, url, port)
     finally:
@@ -194,6 +195,52 @@ def test_tgi_hung_mid_stream_ends_the_stream_after_the_read_timeout(gateway: Gat
     gateway.assert_up()
 
 
+def test_tgi_hung_non_stream_is_a_504_after_the_request_timeout(gateway: Gateway) -> None:
+    """TGI's /generate answers once the generation is complete: only --request-timeout bounds it."""
+    with FakeTGI(script=["It", " is", Pause(math.inf)], port=gateway.tgi_port) as tgi, gateway.sdk() as client:
+        start = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model=MODEL, messages=ASK)
+        elapsed = time.monotonic() - start
+        assert REQUEST_TIMEOUT <= elapsed < REQUEST_TIMEOUT + SLACK
+        assert (e.value.status_code, e.value.code) == (504, "timeout")
+        late = f"TGI did not finish the generation within {REQUEST_TIMEOUT:g} s (--request-timeout)"
+        assert e.value.response.json()["error"] == {"message": late, "type": "server_error", "param": None,
+                                                    "code": "timeout"}  # fmt: skip
+        gen = tgi.last_generation
+        assert gen.route == "generate" and len(gen.tokens) == 2
+        assert tgi.wait_until(lambda: gen.disconnected, 5), "and TGI's request is closed"
+    gateway.assert_up()
+
+
+@pytest.mark.parametrize("how", ["reset", "stopped"])
+def test_tgi_gone_during_a_non_stream_answer_is_a_503(gateway: Gateway, how: str) -> None:
+    """TGI's /generate sends nothing before the end: TGI resetting the connection (dying) is indistinguishable
+    from a connection closed before the request started, so it is sent again (--connect-retries attempts), then
+    a 503; a TGI shutting down answers 503 itself. Either way a quick 503 in the OpenAI envelope, never a hang."""
+    gate = Gate()
+    with (
+        FakeTGI(script=["It", gate, Drop()] if how == "reset" else ["It", gate, EOT], port=gateway.tgi_port) as tgi,
+        ThreadPoolExecutor(1) as pool,
+        gateway.sdk() as client,
+    ):
+        pending = pool.submit(client.chat.completions.create, model=MODEL, messages=ASK)
+        assert tgi.wait_until(lambda: tgi.generate_open == 1 and len(tgi.last_generation.tokens) == 1, 5)
+        if how == "reset":
+            gate.open()  # TGI resets the connection, no answer sent
+        else:
+            tgi.stop()
+        start = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as e:
+            pending.result(timeout=10)
+        assert time.monotonic() - start < REFUSED_BOUND
+        if how == "reset":
+            assert [g.outcome for g in tgi.generations] == ["dropped"] * ATTEMPTS
+    assert e.value.status_code == 503
+    assert set(e.value.response.json()["error"]) == {"message", "type", "param", "code"}
+    gateway.assert_up()
+
+
 # ------------------------------------------------------------------------------------------------
 # TGI down, unresponsive, and back
 # ------------------------------------------------------------------------------------------------
@@ -248,21 +295,35 @@ def test_tgi_back_on_the_same_port_is_served_without_restarting_the_gateway(gate
         assert httpx.get(gateway.url + "/health", timeout=5).status_code == 200
         assert [g.outcome for g in tgi.generations] == ["completed", "completed"]
         # TGI was found unreachable, so its limits were forgotten: the new TGI's /info is read first.
-        assert [r.path for r in tgi.requests if r.path != "/health"][:2] == ["/info", "/generate_stream"]
+        assert [r.path for r in tgi.requests if r.path != "/health"] == ["/info", "/generate", "/generate_stream"]
     assert gateway.proc.pid == pid
     gateway.assert_up()
 
 
-def test_tgi_back_with_other_limits_is_served(gateway: Gateway) -> None:
+def answered(client: openai.OpenAI, stream: bool) -> str | None:
+    if stream:
+        with client.chat.completions.stream(model=MODEL, messages=ASK) as s:
+            return s.get_final_completion().choices[0].message.content
+    return client.chat.completions.create(model=MODEL, messages=ASK).choices[0].message.content
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+def test_tgi_back_with_other_limits_is_served(gateway: Gateway, stream: bool) -> None:
     """TGI restarted with other launcher limits (here --max-stop-sequences 2): its 400 makes the gateway
     read /info again and send the request once more with the new limits."""
+    route = "/generate_stream" if stream else "/generate"
+    with gateway.sdk() as client, pytest.raises(openai.InternalServerError):
+        answered(client, stream)  # TGI down: the gateway forgets its limits, whatever the tests before left
     with FakeTGI(script=["Hi", EOT], port=gateway.tgi_port), gateway.sdk() as client:
-        assert client.chat.completions.create(model=MODEL, messages=ASK).choices[0].message.content == "Hi"
+        assert answered(client, stream) == "Hi"  # the default limits read from /info
     with FakeTGI(script=["Hi", EOT], port=gateway.tgi_port, max_stop_sequences=2) as tgi, gateway.sdk() as client:
-        assert client.chat.completions.create(model=MODEL, messages=ASK).choices[0].message.content == "Hi"
-    sent = [(r.path, len(r.json["parameters"]["stop"]) if r.path == "/generate_stream" else None)
+        assert answered(client, stream) == "Hi"
+        # the refused request's connection was given back (or closed), not left open
+        assert tgi.wait_until(lambda: tgi.streams_open == tgi.generate_open == 0, 5)
+    sent = [(r.path, len(r.json["parameters"]["stop"]) if r.path == route else None)
             for r in tgi.requests]  # fmt: skip
-    assert sent == [("/generate_stream", 3), ("/info", None), ("/generate_stream", 2)]
+    assert sent == [(route, 3), ("/info", None), (route, 2)]
+    assert [g.outcome for g in tgi.generations] == ["validation", "completed"]
 
 
 def test_a_validation_error_with_unchanged_limits_is_not_sent_again(gateway: Gateway) -> None:
@@ -275,4 +336,4 @@ def test_a_validation_error_with_unchanged_limits_is_not_sent_again(gateway: Gat
                 client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=8190)
     assert e.value.code == "context_length_exceeded"
     # /info is read again, found unchanged: TGI's 400 is reported, the request is not sent twice
-    assert [r.path for r in tgi.requests] == ["/generate_stream", "/info"]
+    assert [r.path for r in tgi.requests] == ["/generate", "/info"]

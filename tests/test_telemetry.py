@@ -173,11 +173,12 @@ def test_metrics_are_not_in_the_openapi_schema(tgi: FakeTGI) -> None:
 
 def test_upstream_timeout_is_its_own_kind_and_not_overhead(tgi: FakeTGI, access) -> None:
     tgi.script = ["It", " is", Pause(0.6), " sunny", EOT]
-    with gateway(tgi, read_timeout=0.2) as url, sdk(url) as client:
+    with gateway(tgi, read_timeout=0.2, request_timeout=0.3) as url, sdk(url) as client:
         with pytest.raises(openai.APIError, match="in the middle of the generation \\(read timeout\\)"):
             list(client.chat.completions.create(model=MODEL, messages=ASK, stream=True))
-        with pytest.raises(openai.InternalServerError):
-            client.chat.completions.create(model=MODEL, messages=ASK)
+        with pytest.raises(openai.InternalServerError, match="within 0.3 s \\(--request-timeout\\)") as e:
+            client.chat.completions.create(model=MODEL, messages=ASK)  # TGI's /generate: one answer at the end
+        assert (e.value.status_code, e.value.code) == (504, "timeout")
         assert eventually(
             lambda: value(scrape(url), "tgi_gateway_upstream_errors_total", kind="timeout") == 2
         )
@@ -186,8 +187,9 @@ def test_upstream_timeout_is_its_own_kind_and_not_overhead(tgi: FakeTGI, access)
         (True, 200, "timeout"),
         (False, 504, "timeout"),
     ]
-    for line in lines:  # the 0.2 s spent waiting for TGI's next event is TGI's time, not the gateway's
-        assert line["duration_s"] - line["overhead_s"] >= 0.2
+    # the time spent waiting for TGI (its next event, its answer) is TGI's time, not the gateway's
+    for line, waited in zip(lines, (0.2, 0.3)):
+        assert line["duration_s"] - line["overhead_s"] >= waited
 
 
 def test_slow_tgi_is_duration_not_overhead(tgi: FakeTGI, access) -> None:
@@ -235,7 +237,7 @@ def test_a_client_gone_before_the_answer_is_a_499(tgi: FakeTGI, access) -> None:
     async def leave(url: str) -> None:
         async with httpx.AsyncClient(base_url=url) as h:
             task = asyncio.create_task(h.post(CHAT, json={"model": MODEL, "messages": ASK}))
-            await tgi.wait_until_async(lambda: tgi.streams_open == 1, 5)
+            assert await tgi.wait_until_async(lambda: tgi.generate_open == 1, 5)  # TGI generating
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -246,6 +248,7 @@ def test_a_client_gone_before_the_answer_is_a_499(tgi: FakeTGI, access) -> None:
         assert requests_total(url, route=CHAT, status="499", model=MODEL) == 1
     gate.open()
     assert (line["status"], line["stream"], line["disconnected"]) == (499, False, True)
+    assert (tgi.last_generation.route, tgi.last_generation.outcome) == ("generate", "disconnected")
 
 
 # ------------------------------------------------------------------------------------------------

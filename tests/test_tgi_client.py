@@ -1,7 +1,8 @@
-"""tgi_gateway.tgi_client: SSE framing, token/end parsing, error mapping, retries, health/info.
+"""tgi_gateway.tgi_client: SSE framing, token/end parsing, /generate answers, error mapping, retries,
+health/info.
 
-Stream unit tests script exact responses with httpx-style handlers served over a real loopback socket
-(``tests/fakes/handler_server.py``: the token streams do not go through httpx); ``/health`` and
+Stream and /generate unit tests script exact responses with httpx-style handlers served over a real
+loopback socket (``tests/fakes/handler_server.py``: the generations do not go through httpx); ``/health`` and
 ``/info`` use a respx router behind ``httpx.MockTransport``. The SSE decoder is tested sans-IO over
 every split. The tests at the end run against the TGI double (``tests/fakes/tgi.py``), where
 streaming, disconnects and connection pooling are real.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import socket
 import time
@@ -37,8 +39,16 @@ from tgi_gateway.errors import (
     TGIValidationError,
     UpstreamError,
 )
-from tgi_gateway import http1
-from tgi_gateway.tgi_client import SSEDecoder, StreamEnd, TGIClient, TGIInfo, Token, map_tgi_error
+from tgi_gateway import http1, tgi_client
+from tgi_gateway.tgi_client import (
+    Generation,
+    SSEDecoder,
+    StreamEnd,
+    TGIClient,
+    TGIInfo,
+    Token,
+    map_tgi_error,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -686,22 +696,33 @@ STATUSES = [
 ]
 
 
+async def open_generation(client: TGIClient, route: str) -> None:
+    if route == "generate":
+        await client.generate("Hi", {"details": True})
+    else:
+        async with client.generate_stream("Hi", {}):
+            pytest.fail("the context must not be entered")
+
+
+# The same mapping on both routes; the two 200s are not a /generate answer either (JSON without details; a
+# page that is not JSON).
+@pytest.mark.parametrize("route", ["generate_stream", "generate"])
 @pytest.mark.parametrize(
     "status,content_type,body,cls,http,type_,code,param",
     STATUSES,
     ids=[f"{s[0]}-{i}" for i, s in enumerate(STATUSES)],
 )
-async def test_non_sse_responses_map_by_status(status, content_type, body, cls, http, type_, code, param):
+async def test_non_sse_responses_map_by_status(status, content_type, body, cls, http, type_, code, param, route):
     bodies: list[Body] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == f"/{route}"
         bodies.append(Body([body.encode()]))
         return httpx.Response(status, headers={"content-type": content_type}, stream=bodies[-1])
 
     async with mock(handler) as client:
         with pytest.raises(UpstreamError) as info:
-            async with client.generate_stream("Hi", {}):
-                pytest.fail("the context must not be entered")
+            await open_generation(client, route)
     assert_error(info.value, cls, http, type_, code, param)
     assert len(bodies) == 1, "a response arrived: never retried"
     assert bodies[0].closed
@@ -716,7 +737,8 @@ async def test_non_sse_responses_map_by_status(status, content_type, body, cls, 
 # ------------------------------------------------------------------------------------------ retries
 
 
-async def test_connection_closed_before_any_response_is_retried_then_unavailable():
+@pytest.mark.parametrize("route", ["generate_stream", "generate"])
+async def test_connection_closed_before_any_response_is_retried_then_unavailable(route):
     attempts = 0
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -727,8 +749,7 @@ async def test_connection_closed_before_any_response_is_retried_then_unavailable
     async with mock(handler) as client:
         start = time.monotonic()
         with pytest.raises(TGIUnavailableError) as info:
-            async with client.generate_stream("Hi", {}):
-                pass
+            await open_generation(client, route)
         elapsed = time.monotonic() - start
     assert attempts == 3
     assert elapsed < 0.5
@@ -737,15 +758,15 @@ async def test_connection_closed_before_any_response_is_retried_then_unavailable
     assert isinstance(info.value.__cause__, http1.ConnectFailed)
 
 
-async def test_connection_refused_is_retried_then_unavailable():
+@pytest.mark.parametrize("route", ["generate_stream", "generate"])
+async def test_connection_refused_is_retried_then_unavailable(route):
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         async with TGIClient(url, connect_retries=2) as client:
             start = time.monotonic()
             with pytest.raises(TGIUnavailableError) as info:
-                async with client.generate_stream("Hi", {}):
-                    pass
+                await open_generation(client, route)
             assert time.monotonic() - start < 0.5
     assert info.value.message.startswith(f"TGI is not reachable at {url}: ")
 
@@ -767,19 +788,20 @@ async def test_connect_retries_is_the_number_of_attempts(connect_retries, expect
     assert attempts == expected
 
 
-async def test_a_retry_that_connects_streams_normally():
+async def test_a_retry_that_connects_answers_normally():
     attempts = 0
 
     def handler(request: httpx.Request) -> httpx.Response:
         nonlocal attempts
         attempts += 1
-        if attempts < 3:
+        if attempts in (1, 2, 4, 5):
             raise ConnectionResetError
-        return sse(b"".join(data(e) for e in HELLO))
+        return sse(b"".join(data(e) for e in HELLO)) if request.url.path == "/generate_stream" else answer()
 
     async with mock(handler) as client:
         assert await collect(client) == HELLO_ITEMS
-    assert attempts == 3
+        assert await client.generate("Hi", {"details": True}) == GENERATION
+    assert attempts == 6
 
 
 async def test_no_answer_within_the_first_token_timeout_is_a_504_not_retried():
@@ -896,6 +918,217 @@ async def test_an_unencodable_parameter_sends_nothing():
         with pytest.raises(InvalidRequestError):
             async with client.generate_stream("Hi", {"temperature": float("nan")}):
                 pass
+
+
+# ------------------------------------------------------------------------------------------ /generate
+
+GENERATE_TOKENS = [
+    {"id": 1001, "text": "Hél", "logprob": -0.5, "special": False},
+    {"id": 1002, "text": "lo 🌍", "logprob": -0.5, "special": False},
+    {"id": 2, "text": "<|eot_id|>", "logprob": -0.1, "special": True},
+]
+GENERATION = Generation(
+    [Token("Hél", False, 1001), Token("lo 🌍", False, 1002), Token("<|eot_id|>", True, 2)], "eos_token", 3, 7
+)
+
+
+def answer(
+    *, tokens: object = GENERATE_TOKENS, prompt_tokens: str | bytes | None = "7", **details: object
+) -> httpx.Response:
+    """TGI's /generate answer with details (PROTOCOL.md §2.2-2.3): Content-Length framed JSON."""
+    body = {
+        # generated_text drops the special tokens: never what the gateway reads
+        "generated_text": "Héllo 🌍",
+        "details": {"finish_reason": "eos_token", "generated_tokens": 3, "seed": None, "prefill": [],
+                    "tokens": tokens, **details},  # fmt: skip
+    }
+    headers: dict[str, str | bytes] = {"x-compute-type": "gpu+optimized", "x-generated-tokens": "3"}
+    if prompt_tokens is not None:
+        headers["x-prompt-tokens"] = prompt_tokens
+    return httpx.Response(200, json=body, headers=headers)
+
+
+async def test_generate_returns_the_tokens_with_their_special_flags_and_the_usage():
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answer()
+
+    params = {"details": True, "max_new_tokens": 20, "stop": ["<|eot_id|>"], "temperature": 0.7}
+    async with mock(handler, api_key="s3cret") as client:
+        assert await client.generate("Hello <|eot_id|>", params) == GENERATION
+    (request,) = seen
+    assert request.method == "POST" and request.url.path == "/generate"
+    assert request.headers["content-type"] == "application/json"
+    assert request.headers["accept"] == "application/json"
+    assert request.headers["authorization"] == "Bearer s3cret"
+    assert json.loads(request.content) == {"inputs": "Hello <|eot_id|>", "parameters": params}
+
+
+async def test_generate_over_a_chunked_body_too():
+    body = json.dumps({"generated_text": "", "details": {"finish_reason": "length", "generated_tokens": 3,
+                                                          "tokens": GENERATE_TOKENS}}).encode()  # fmt: skip
+    pieces = [body[i : i + 7] for i in range(0, len(body), 7)]  # split inside UTF-8 sequences too
+    response = httpx.Response(200, headers={"content-type": "application/json", "x-prompt-tokens": "7"},
+                              stream=Body(pieces))  # fmt: skip
+    async with mock(lambda request: response) as client:
+        assert await client.generate("Hi", {"details": True}) == Generation(GENERATION.tokens, "length", 3, 7)
+
+
+@pytest.mark.parametrize("header", [None, "", "abc", "-1", "1.5", "7 7", "1_0", b"\xb2"])  # b"\xb2": "²"
+async def test_generate_without_a_valid_x_prompt_tokens_has_no_input_length(header):
+    async with mock(lambda request: answer(prompt_tokens=header)) as client:
+        generation = await client.generate("Hi", {"details": True})
+    assert generation.input_length is None
+    assert generation.tokens == GENERATION.tokens and generation.generated_tokens == 3
+
+
+async def test_generate_without_finish_reason_or_count_keeps_the_tokens():
+    async with mock(lambda request: answer(finish_reason=None, generated_tokens="3")) as client:
+        generation = await client.generate("Hi", {"details": True})
+    assert generation == Generation(GENERATION.tokens, None, 3, 7)  # the count: the tokens received
+    async with mock(lambda request: answer(tokens=[], generated_tokens=0)) as client:
+        assert await client.generate("Hi", {"details": True}) == Generation([], "eos_token", 0, 7)
+
+
+def tokens_with(item: object) -> list:
+    return [GENERATE_TOKENS[0], item]
+
+
+INVALID_ANSWERS = [
+    # a 200 body, what the message says
+    (b"{not json", "is not JSON"),
+    (b"", "is not JSON"),
+    (b"[1, 2]", "is not a JSON object"),
+    (b'"hi"', "is not a JSON object"),
+    (b'{"generated_text": "Hi"}', "has no `details` object"),  # details: false, or a TGI that ignored it
+    (b'{"generated_text": "Hi", "details": null}', "has no `details` object"),
+    (b'{"generated_text": "Hi", "details": [1]}', "has no `details` object"),
+    (b'{"details": {"finish_reason": "length", "generated_tokens": 1}}', "has no list of `details.tokens`"),
+    (b'{"details": {"tokens": {"id": 1, "text": "a"}}}', "has no list of `details.tokens`"),
+    (json.dumps({"details": {"tokens": tokens_with({"id": 3})}}).encode(), "has an invalid token"),
+    (json.dumps({"details": {"tokens": tokens_with({"id": 3, "text": 5})}}).encode(), "has an invalid token"),
+    (json.dumps({"details": {"tokens": tokens_with({"text": "a"})}}).encode(), "has an invalid token"),
+    (json.dumps({"details": {"tokens": tokens_with("a")}}).encode(), "has an invalid token"),
+    (json.dumps({"details": {"tokens": tokens_with(None)}}).encode(), "has an invalid token"),
+]
+
+
+@pytest.mark.parametrize("body,why", INVALID_ANSWERS, ids=[str(i) for i in range(len(INVALID_ANSWERS))])
+async def test_generate_answer_that_is_not_tgis_is_a_protocol_error(body, why):
+    response = httpx.Response(200, content=body, headers={"content-type": "application/json"})
+    async with mock(lambda request: response) as client:
+        with pytest.raises(TGIProtocolError) as info:
+            await client.generate("Hi", {"details": True})
+    assert_error(info.value, TGIProtocolError, 502, "server_error")
+    assert info.value.message.startswith(f"TGI's /generate answer {why}"), info.value.message
+    assert info.value.headers == {"x-should-retry": "false"}
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_generate_answer_over_the_size_cap_is_a_protocol_error(monkeypatch, framing):
+    monkeypatch.setattr(tgi_client, "_MAX_GENERATE_BODY", 1000)
+    big = answer(tokens=GENERATE_TOKENS * 20)
+    size = len(big.content)
+    assert size > 1000
+    if framing == "chunked":
+        big = httpx.Response(200, headers=big.headers, stream=Body([big.content[:600], big.content[600:]]))
+    async with mock(lambda request: big) as client:
+        with pytest.raises(TGIProtocolError, match="TGI's /generate answer is over") as info:
+            await client.generate("Hi", {"details": True})
+        assert info.value.headers == {"x-should-retry": "false"}
+        monkeypatch.setattr(tgi_client, "_MAX_GENERATE_BODY", size)  # exactly the cap: fine
+        assert len((await client.generate("Hi", {"details": True})).tokens) == 60
+
+
+async def test_generate_longer_than_the_request_timeout_is_a_504_not_retried():
+    attempts = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal attempts
+        attempts += 1
+        await asyncio.sleep(2)  # TGI still generating
+        return answer()
+
+    # The stream timeouts are shorter still: they do not apply to /generate.
+    async with mock(handler, request_timeout=0.3, first_token_timeout=0.05, read_timeout=0.05) as client:
+        start = time.monotonic()
+        with pytest.raises(TGITimeoutError) as info:
+            await client.generate("Hi", {"details": True})
+        elapsed = time.monotonic() - start
+    assert 0.3 <= elapsed < 1.0
+    assert attempts == 1
+    assert_error(info.value, TGITimeoutError, 504, "server_error", "timeout")
+    assert info.value.message == "TGI did not finish the generation within 0.3 s (--request-timeout)"
+
+
+async def test_generate_body_stalled_past_the_request_timeout_is_a_504():
+    """The deadline covers the body too: the head arrived, the rest of the answer never does."""
+    start_of_body = answer().content[:50]
+    response = httpx.Response(200, headers={"content-type": "application/json"}, stream=Slow([start_of_body]))
+    async with mock(lambda request: response, request_timeout=0.3) as client:
+        start = time.monotonic()
+        with pytest.raises(TGITimeoutError, match="--request-timeout"):
+            await client.generate("Hi", {"details": True})
+        assert 0.3 <= time.monotonic() - start < 1.0
+
+
+async def test_generate_slower_than_the_stream_timeouts_is_fine():
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.3)
+        return answer()
+
+    async with mock(handler, first_token_timeout=0.05, read_timeout=0.05) as client:
+        assert await client.generate("Hi", {"details": True}) == GENERATION
+
+
+async def test_generate_cut_answer_is_a_protocol_error_not_retried():
+    attempts = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal attempts
+        attempts += 1
+        body = Body([answer().content[:40]], then=RuntimeError("TGI died"))  # reset mid-body
+        return httpx.Response(200, headers={"content-type": "application/json"}, stream=body)
+
+    async with mock(handler) as client:
+        with pytest.raises(TGIProtocolError) as info:
+            await client.generate("Hi", {"details": True})
+    assert attempts == 1
+    assert info.value.message.startswith("TGI closed the connection in the middle of its answer")
+
+
+async def test_generate_reuses_its_connection_and_shares_the_pool_with_streams():
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/generate_stream":
+            return sse(b"".join(data(e) for e in HELLO))
+        if request.content.startswith(b'{"inputs":"bad"'):
+            return httpx.Response(422, json={"error": V + "`top_k` must be strictly positive",
+                                              "error_type": "validation"})  # fmt: skip
+        return answer()
+
+    server = HandlerServer(handler)
+    async with TGIClient(await server.__aenter__()) as client:
+        try:
+            assert await client.generate("Hi", {"details": True}) == GENERATION
+            assert await client.generate("Hi", {"details": True}) == GENERATION
+            with pytest.raises(TGIValidationError):  # an error answer read whole: reusable too
+                await client.generate("bad", {"details": True})
+            assert await collect(client) == HELLO_ITEMS
+            assert await client.generate("Hi", {"details": True}) == GENERATION
+        finally:
+            await server.__aexit__(None, None, None)
+    assert server.connections == 1
+
+
+async def test_generate_with_an_unencodable_parameter_sends_nothing():
+    def handler(request: httpx.Request) -> httpx.Response:
+        pytest.fail("nothing must be sent")
+
+    async with mock(handler) as client:
+        with pytest.raises(InvalidRequestError):
+            await client.generate("Hi", {"temperature": float("inf")})
 
 
 # ------------------------------------------------------------------------------------------ health, info
@@ -1202,3 +1435,112 @@ async def test_double_unreachable_then_starting():
             assert (await collect(client))[-1].finish_reason == "eos_token"
     finally:
         tgi.stop()
+
+
+# ------------------------------------------------------------------------------ /generate on the TGI double
+
+
+async def test_double_generate_end_to_end(tgi, client):
+    inputs = "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+    params = {"details": True, "max_new_tokens": 50, "stop": ["<|eot_id|>"]}
+    generation = await client.generate(inputs, params)
+    assert generation == Generation(
+        [Token(t.text, t.special, t.token_id) for t in tokens("Hel", "lo", " world", "<|eot_id|>")],
+        "eos_token",
+        4,
+        count_tokens(inputs),
+    )
+    assert generation.tokens[-1].special and not generation.tokens[0].special
+    gen = tgi.last_generation
+    assert (gen.route, gen.parameters, gen.outcome) == ("generate", params, "completed")
+    assert gen.generated_text == "Hello world"  # what TGI's generated_text holds: no special token
+
+    generation = await client.generate(inputs, {"details": True, "max_new_tokens": 2})
+    assert ([t.text for t in generation.tokens], generation.finish_reason) == (["Hel", "lo"], "length")
+
+
+async def test_double_generate_errors(tgi, client):
+    with pytest.raises(TGIValidationError) as info:
+        await client.generate("Hi", {"details": True, "temperature": 0})
+    assert_error(info.value, TGIValidationError, 400, "invalid_request_error", None, "temperature")
+    assert info.value.message == "Input validation error: `temperature` must be strictly positive"
+
+    tgi.fail_next(after_tokens=2, message="CUDA out of memory")  # HTTP 424
+    with pytest.raises(TGIGenerationError, match="^TGI failed during generation: CUDA out of memory$"):
+        await client.generate("Hi", {"details": True})
+
+    tgi.script = ["a", "b", Incomplete()]  # HTTP 500 incomplete_generation
+    with pytest.raises(TGIGenerationError):
+        await client.generate("Hi", {"details": True})
+
+    tgi.config.max_concurrent_requests = 0  # HTTP 429
+    with pytest.raises(TGIOverloadedError):
+        await client.generate("Hi", {"details": True})
+    assert [g.outcome for g in tgi.generations] == ["validation", "generation", "incomplete", "overloaded"]
+
+
+async def test_double_generate_dropped_without_an_answer_is_retried(tgi, client):
+    """TGI closing a /generate connection without any answer cannot be told from an idle connection it had
+    closed: it is sent again (--connect-retries attempts in all), then TGI is reported unreachable."""
+    tgi.script = ["a", "b", Drop()]
+    with pytest.raises(TGIUnavailableError, match="connection closed before any response"):
+        await client.generate("Hi", {"details": True})
+    assert [g.outcome for g in tgi.generations] == ["dropped"] * 3
+
+
+async def test_double_generate_honours_the_token_delay(tgi, client):
+    tgi.config.token_delay = 0.05
+    start = time.monotonic()
+    generation = await client.generate("Hi", {"details": True})
+    assert len(generation.tokens) == 4 and 0.15 <= time.monotonic() - start < 1.0  # 3 delays: after the first
+
+
+def holding(tgi: FakeTGI) -> bool:
+    """TGI is answering one /generate, held after its first token."""
+    return tgi.generate_open == 1 and len(tgi.last_generation.tokens) == 1
+
+
+async def test_double_sees_generate_cancelled_at_once(tgi, client):
+    await client.generate("warm", {"details": True})  # leaves one pooled connection
+    (pooled,) = {r.client for r in tgi.requests}
+    tgi.script = ["a", Gate(), "b"]
+    task = asyncio.ensure_future(client.generate("Hi", {"details": True}))
+    assert await tgi.wait_until_async(lambda: holding(tgi), 2.0)
+    await asyncio.sleep(0.02)  # the client is waiting for the answer
+    cancelled_at = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    gen = tgi.last_generation
+    assert await tgi.wait_until_async(lambda: gen.disconnected, timeout=1.0)
+    assert gen.disconnected_at - cancelled_at < 0.1
+    assert (gen.route, gen.outcome, tgi.in_flight, tgi.generate_open) == ("generate", "disconnected", 0, 0)
+    assert gen.request.client == pooled, "the cancelled request had reused the pooled connection"
+    # That connection was closed, not given back: the next request opens another one.
+    tgi.script = tokens("ok")
+    assert [t.text for t in (await client.generate("Hi", {"details": True})).tokens] == ["ok", "<|eot_id|>"]
+    assert tgi.last_generation.request.client != pooled
+
+
+async def test_double_sees_generate_cancelled_by_a_cancel_scope(tgi, client):
+    """Level-triggered cancellation, as the gateway's until_disconnect cancels on a client disconnect."""
+    tgi.script = ["a", Gate(), "b"]
+    async with anyio.create_task_group() as group:
+        group.start_soon(client.generate, "Hi", {"details": True})
+        assert await tgi.wait_until_async(lambda: holding(tgi), 2.0)
+        await anyio.sleep(0.02)
+        cancelled_at = time.monotonic()
+        group.cancel_scope.cancel()
+    gen = tgi.last_generation
+    assert await tgi.wait_until_async(lambda: gen.disconnected, timeout=1.0)
+    assert gen.disconnected_at - cancelled_at < 0.1 and gen.outcome == "disconnected"
+
+
+async def test_double_generate_request_timeout_closes_tgis_request(tgi):
+    tgi.script = ["a", Pause(math.inf)]
+    async with TGIClient(tgi.url, request_timeout=0.3) as client:
+        with pytest.raises(TGITimeoutError, match="within 0.3 s \\(--request-timeout\\)"):
+            await client.generate("Hi", {"details": True})
+    gen = tgi.last_generation
+    assert await tgi.wait_until_async(lambda: gen.disconnected, timeout=1.0)
+    assert gen.outcome == "disconnected"

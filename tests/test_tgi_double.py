@@ -649,6 +649,43 @@ def test_disconnect_while_paused_or_gated_and_on_generate():
         assert gen.outcome == "disconnected" and tgi.in_flight == 0
 
 
+def test_generate_disconnect_is_observed_like_a_streams():
+    """/generate answers only at the end; a client that closes its connection before is noticed at once,
+    whether the generation waits on a gate or sleeps between tokens, and generation stops."""
+    with FakeTGI() as tgi:
+        for script, delay in ((["a", Gate(), "b"], 0.0), (["t"] * 500, 0.02)):
+            tgi.script, tgi.config.token_delay = script, delay
+            with socket.create_connection(("127.0.0.1", tgi.port)) as sock:
+                body = b'{"inputs": "x", "parameters": {"details": true}}'
+                sock.sendall(b"POST /generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+                assert tgi.wait_until(lambda: tgi.generate_open == 1 and len(tgi.last_generation.tokens) >= 1, 2)
+                assert tgi.in_flight == 1
+                sock.shutdown(socket.SHUT_RDWR)
+                closed_at = time.monotonic()
+            gen = tgi.last_generation
+            assert tgi.wait_until(lambda: gen.disconnected, timeout=1.0)
+            assert gen.disconnected_at - closed_at < 0.1
+            assert tgi.wait_until(lambda: tgi.generate_open == 0 and tgi.in_flight == 0, timeout=0.5)
+            assert (gen.route, gen.outcome) == ("generate", "disconnected")
+            sent = len(gen.tokens)
+            time.sleep(0.1)
+            assert len(gen.tokens) == sent < 10  # no more tokens after the disconnect
+
+
+def test_generate_honours_the_token_delays():
+    with (
+        FakeTGI(script=tokens("a", "b", "c", "d"), first_token_delay=0.15, token_delay=0.05) as tgi,
+        httpx.Client(base_url=tgi.url) as c,
+    ):
+        t0 = time.monotonic()
+        r = c.post("/generate", json={"inputs": "x", "parameters": {"details": True}})
+        elapsed = time.monotonic() - t0
+    assert [t["text"] for t in r.json()["details"]["tokens"]] == ["a", "b", "c", "d", "<|eot_id|>"]
+    assert r.json()["details"]["tokens"][-1]["special"] is True
+    assert 0.33 <= elapsed < 0.8  # 0.15 + 4 × 0.05
+
+
 def test_forget_finished_keeps_running_generations_only():
     gate = Gate()
     with FakeTGI(script=HELLO) as tgi, httpx.Client(base_url=tgi.url) as c:

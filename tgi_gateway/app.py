@@ -5,19 +5,28 @@ Theory of operation
 Everything Functionary- or OpenAI-specific is in pure modules; this one wires them to I/O.
 
 A chat completion request is validated (`ChatCompletionRequest` for the scalar fields, `normalize()` for
-the prompt), rendered, and sent to TGI's `/generate_stream` — for stream and non-stream requests alike,
-so both read the same tokens with the same code (`streaming.Answer`). TGI reports request errors
-(validation, overload) as the *first* stream event, so the gateway reads that first event before it
-answers: an upstream error found there becomes a proper HTTP error (400, 429 + Retry-After, 502, 503),
-and only errors after the first token travel in the SSE stream. Three stream flows
-(docs/architecture.md):
+the prompt) and rendered. Both paths then feed TGI's tokens — their literal texts, special tokens included,
+with TGI's `special` flag — through the same `streaming.Answer` (stop sequences, parser, chunks or message),
+so the two cannot disagree; they differ only in the TGI route:
 
-* normal end — TGI's final event → the finish chunk, the usage chunk if asked, `data: [DONE]`;
-* client disconnect — the response is cancelled (`EventStreamResponse` listens for `http.disconnect`),
-  which closes the upstream TGI response at once, so TGI drops the request from its batch;
-* upstream error mid-stream — one `data: {"error": {...}}` event (the OpenAI envelope), then the end.
+* **stream** requests read TGI's `/generate_stream`. TGI reports request errors (validation, overload) as
+  the *first* stream event, so the gateway reads that first event before it answers: an upstream error
+  found there becomes a proper HTTP error (400, 429 + Retry-After, 502, 503), and only errors after the
+  first token travel in the SSE stream. Three stream flows (docs/architecture.md):
 
-Non-stream requests race the same collection against the client's disconnect.
+  * normal end — TGI's final event → the finish chunk, the usage chunk if asked, `data: [DONE]`;
+  * client disconnect — the response is cancelled (`EventStreamResponse` listens for `http.disconnect`),
+    which closes the upstream TGI response at once, so TGI drops the request from its batch;
+  * upstream error mid-stream — one `data: {"error": {...}}` event (the OpenAI envelope), then the end.
+
+* **non-stream** requests read TGI's `/generate` with `details: true`: one JSON answer once the generation
+  is complete (`details.tokens`, `finish_reason`, `generated_tokens`; the prompt's tokens in the
+  `x-prompt-tokens` header), bounded in all by `--request-timeout`. TGI's errors are HTTP statuses there;
+  a client that disconnects while TGI generates cancels the call, which closes its TGI connection.
+
+Both race TGI's answer (its first event, or the whole non-stream answer) against the client's disconnect
+(`until_disconnect`, then 499), and both send a request TGI refused with a validation error once more when
+TGI's limits changed (`Gateway._upstream`).
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any, TypeVar
@@ -61,6 +70,7 @@ from .tgi_client import StreamEnd, TGIClient, TGIInfo, Token, TokenStream
 logger = logging.getLogger("tgi_gateway")
 
 T = TypeVar("T")
+Batch = list[Token | StreamEnd]
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
@@ -212,70 +222,70 @@ class Gateway:
         )
         answer = Answer(self.template.parser(prompt), ctx, req.stop_list, stream=bool(req.stream))
 
-        async def start(stack: AsyncExitStack) -> tuple[TokenStream, list[Token | StreamEnd]]:
+        if req.stream:
+
+            async def open_stream(parameters: dict[str, Any]) -> tuple[AsyncExitStack, TokenStream, Batch]:
+                async with AsyncExitStack() as stack:  # closes the TGI response unless it is returned
+                    tokens = await stack.enter_async_context(self.client.generate_stream(inputs, parameters))
+                    first = await tokens.batch()  # TGI's request errors arrive here: still an HTTP error
+                    return stack.pop_all(), tokens, first
+
+            stack, tokens, first = await self._upstream(request, req, rec, open_stream)
+            body = partial(self._stream, stack=stack, tokens=tokens, batch=first, answer=answer, ctx=ctx, rec=rec)
+            return EventStreamResponse(body, on_close=stack.aclose, headers=SSE_HEADERS)
+
+        generation = await self._upstream(request, req, rec, partial(self.client.generate, inputs))
+        rec.first_token_at = time.perf_counter()  # telemetry: the whole answer arrived at once
+        rec.prompt_tokens, rec.completion_tokens = generation.input_length, generation.generated_tokens
+        for text, special in _pieces(generation.tokens):
+            answer.feed(text, special)
+        answer.finish(generation.finish_reason)
+        message = answer.message(generation.finish_reason)
+        return json_response(
+            chat_completion(ctx, message, generation.input_length or 0, generation.generated_tokens)
+        )
+
+    async def _upstream(
+        self,
+        request: Request,
+        req: ChatCompletionRequest,
+        rec: RequestRecord,
+        send: Callable[[dict[str, Any]], Awaitable[T]],
+    ) -> T:
+        """``send(parameters)`` to TGI with TGI's limits applied, raced against the client's disconnect
+        (→ ClientDisconnected, and ``send`` is cancelled: its TGI request closed).
+
+        TGI may queue the request a long time: a client that leaves meanwhile cancels it. If TGI refuses
+        the request (a validation error, before generating anything) after it was restarted with other
+        limits (fewer stop sequences, a shorter context), the request is sent once more with its new limits.
+        """
+
+        async def send_once() -> T:
             waiting = time.perf_counter()
             try:
                 info = await self.info()
                 check_token_budget(req, info.max_total_tokens)
-                parameters = tgi_parameters(req, self.template.stop_sequences, info.max_stop_sequences)
-                tokens = await stack.enter_async_context(self.client.generate_stream(inputs, parameters))
-                return tokens, await tokens.batch()  # TGI's request errors arrive here: still an HTTP error
+                return await send(tgi_parameters(req, self.template.stop_sequences, info.max_stop_sequences))
             finally:
-                rec.upstream_wait += time.perf_counter() - waiting
+                rec.upstream_wait += time.perf_counter() - waiting  # telemetry
 
-        # TGI may queue the request a long time: a client that leaves meanwhile cancels it. If TGI refuses
-        # the request (a validation error, before generating anything) after it was restarted with other
-        # limits (fewer stop sequences, a shorter context), the request is sent once more with its new limits.
         for attempt in (1, 2):
-            stack = AsyncExitStack()
             try:
-                tokens, first = await until_disconnect(request, start(stack))
-                break
+                return await until_disconnect(request, send_once())
             except TGIValidationError:
-                await stack.aclose()
                 if attempt == 2 or not await self.limits_changed():
                     raise
             except TGIUnavailableError:
-                await stack.aclose()
                 self._info = None  # TGI may come back with other limits
                 raise
-            except BaseException:
-                await stack.aclose()
-                raise
-        if req.stream:
-            body = partial(self._stream, stack=stack, tokens=tokens, batch=first, answer=answer, ctx=ctx, rec=rec)
-            return EventStreamResponse(body, on_close=stack.aclose, headers=SSE_HEADERS)
-        try:
-            return await until_disconnect(request, self._complete(tokens, first, answer, ctx, rec))
-        finally:
-            await stack.aclose()
-
-    async def _complete(
-        self,
-        tokens: TokenStream,
-        batch: list[Token | StreamEnd],
-        answer: Answer,
-        ctx: ResponseContext,
-        rec: RequestRecord,
-    ) -> Response:
-        rec.first_token_at = time.perf_counter()
-        while True:
-            for item in batch:
-                if isinstance(item, StreamEnd):
-                    rec.prompt_tokens, rec.completion_tokens = item.input_length, item.generated_tokens
-                    answer.finish(item.finish_reason)
-                    await _read_to_end(tokens)  # the connection goes back to the pool
-                    message = answer.message(item.finish_reason)
-                    return json_response(chat_completion(ctx, message, item.input_length or 0, item.generated_tokens))
-                answer.feed(item.text, item.special)
-            batch = await _next(tokens, rec)
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _stream(
         self,
         send: Send,
         stack: AsyncExitStack,
         tokens: TokenStream,
-        batch: list[Token | StreamEnd],
+        batch: Batch,
         answer: Answer,
         ctx: ResponseContext,
         rec: RequestRecord,
@@ -316,7 +326,25 @@ def _last_body(data: bytes) -> dict[str, Any]:
     return {"type": "http.response.body", "body": data, "more_body": False}
 
 
-async def _next(tokens: TokenStream, rec: RequestRecord) -> list[Token | StreamEnd]:
+def _pieces(tokens: list[Token]) -> Iterator[tuple[str, bool]]:
+    """A whole answer's tokens for `Answer.feed`: each special token alone, with its flag, and each run of
+    plain tokens as one piece. The stop filter and the parsers give the same answer for any split of the
+    text (docs/architecture.md, "Parsing"), so this is the stream's answer, for a few calls instead of one
+    per token."""
+    run: list[str] = []
+    for token in tokens:
+        if token.special:
+            if run:
+                yield "".join(run), False
+                run = []
+            yield token.text, True
+        else:
+            run.append(token.text)
+    if run:
+        yield "".join(run), False
+
+
+async def _next(tokens: TokenStream, rec: RequestRecord) -> Batch:
     waiting = time.perf_counter()
     try:
         return await tokens.batch()
@@ -341,6 +369,7 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
             connect_timeout=settings.connect_timeout,
             first_token_timeout=settings.first_token_timeout,
             read_timeout=settings.read_timeout,
+            request_timeout=settings.request_timeout,
             connect_retries=settings.connect_retries,
             api_key=settings.tgi_api_key,
         ) as client:

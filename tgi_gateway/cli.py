@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--first-token-timeout", type=float, help="seconds TGI may take to send the first token (default 120)"
     )
     p.add_argument("--read-timeout", type=float, help="seconds to wait between two TGI stream events (default 60)")
+    p.add_argument(
+        "--request-timeout", type=float,
+        help="seconds a non-stream request may wait for TGI's whole answer, queueing included (default 600)",
+    )  # fmt: skip
     p.add_argument("--connect-retries", type=int, help="connection attempts to TGI before answering 503 (default 3)")
     p.add_argument("--log-level", help="critical, error, warning, info (default) or debug")
     p.add_argument("--log-format", choices=["text", "json"], help="text (default) or json: one object a line")

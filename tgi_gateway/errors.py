@@ -188,7 +188,8 @@ class TGIUnavailableError(UpstreamError):
 
 class TGITimeoutError(UpstreamError):
     """TGI accepted the request but sent nothing for too long: no first token within the first-token
-    timeout (a full queue, a hung TGI), or a silence between two events longer than the read timeout."""
+    timeout (a full queue, a hung TGI), a silence between two events longer than the read timeout, or (a
+    non-stream request) no whole answer within the request timeout."""
 
     status_code = 504
     code = "timeout"

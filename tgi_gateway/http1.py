@@ -6,7 +6,9 @@ The gateway reads TGI's ``/generate_stream`` one token at a time, and at a GPU's
 its own socket read. Through httpx → httpcore → anyio → h11 → httpx-sse a read crosses ~12 Python layers;
 ``benchmarks/bench_upstream.py`` (128 streams, 20 ms/token) measured ~320 µs of CPU per token that way
 against ~26 µs for the gateway's whole token path on this module (SSE decoding and token parsing
-included; docs/performance.md). httpx still serves the gateway's other TGI calls (``/health``, ``/info``).
+included; docs/performance.md). Non-stream requests read TGI's ``/generate`` through the same pool (one
+JSON answer, read whole with :meth:`Response.read_all`), so both kinds of generation share keep-alive
+connections. httpx still serves the gateway's other TGI calls (``/health``, ``/info``).
 
 What it does, and no more
 -------------------------
@@ -14,7 +16,7 @@ What it does, and no more
   on demand; :meth:`Pool.request` writes one request and returns the :class:`Response` as soon as its
   head (status and headers) has arrived.
 * :class:`Response` hands out body bytes as they arrive (:meth:`Response.read`, with a timeout per
-  wait), de-chunked by httptools. Closing it (:meth:`Response.close`) returns the connection to the
+  wait; :meth:`Response.read_all`, up to a size within a timeout in all), de-chunked by httptools. Closing it (:meth:`Response.close`) returns the connection to the
   pool when the body was read to its end and the server allows keep-alive; otherwise the connection is
   closed at once — for TGI that is how a request leaves the batch.
 * Reading is paused while more than :data:`HIGH_WATER` bytes wait unread, so a slow consumer cannot
@@ -247,11 +249,13 @@ class Response:
         return conn.take()
 
     async def read_all(self, limit: int, timeout: float | None) -> bytes:
-        """The rest of the body, at most `limit` bytes (error bodies)."""
+        """The rest of the body, at most `limit` bytes, within `timeout` seconds in all (error bodies, and
+        the JSON answer of a non-stream request). Raises :class:`ResponseTimeout` or :class:`ConnectionClosed`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         parts: list[bytes] = []
         size = 0
         while size < limit:
-            chunk = await self.read(timeout)
+            chunk = await self.read(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if not chunk:
                 break
             parts.append(chunk)

@@ -1,4 +1,4 @@
-"""OpenAI sampling fields → TGI `/generate_stream` parameters (PROTOCOL.md §2.1), and what we refuse.
+"""OpenAI sampling fields → TGI `/generate_stream` and `/generate` parameters (PROTOCOL.md §2.1), and what we refuse.
 
 TGI's rules differ from OpenAI's in ways that matter:
 
@@ -15,7 +15,8 @@ TGI's rules differ from OpenAI's in ways that matter:
 * Stop strings: the template's stop tokens first (they end every answer), then the client's, cut to TGI's
   `max_stop_sequences`. The client's sequences are applied by the gateway too (:mod:`.stop_sequences`),
   so one that does not fit is still honoured.
-* `details: true` always: the final event then carries `input_length` and `generated_tokens` (usage).
+* `details: true` always: the stream's final event then carries `input_length` and `generated_tokens`
+  (usage), and `/generate`'s answer its `details.tokens` (the per-token texts, special tokens included).
   No BOS is ever in the text: TGI adds it.
 """
 

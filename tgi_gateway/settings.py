@@ -39,6 +39,9 @@ class Settings(BaseSettings):
         120.0, gt=0, description="Seconds TGI may take to send the first token (queueing included)."
     )
     read_timeout: float = Field(60.0, gt=0, description="Seconds to wait for TGI between two stream events.")
+    request_timeout: float = Field(
+        600.0, gt=0, description="Seconds a non-stream request may wait for TGI's whole answer (queueing included)."
+    )
     connect_retries: int = Field(3, ge=1, le=10, description="Connection attempts to TGI before a 503.")
     log_level: str = Field("info", description="critical, error, warning, info or debug.")
     log_format: Literal["text", "json"] = Field("text", description="text, or json: one object a line.")

@@ -87,7 +87,7 @@ class RequestRecord:
     stream: bool = False
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
-    first_token_at: float | None = None  # first content/tool-call chunk sent (stream), first token (else)
+    first_token_at: float | None = None  # first content/tool-call chunk sent (stream), TGI's answer (else)
     upstream_wait: float = 0.0  # seconds spent awaiting TGI (connect, queue, between tokens)
     upstream_error: str | None = None  # error_kind() of the UpstreamError that ended the request
     disconnected: bool = False  # the client left before the response was complete
@@ -146,7 +146,7 @@ class Telemetry:
         )
         self.time_to_first_token = Histogram(
             "tgi_gateway_time_to_first_token_seconds",
-            "From request start to the first content or tool-call chunk sent (stream), or first token.",
+            "From request start to the first content or tool-call chunk sent (stream), or TGI's whole answer.",
             ["stream"],
             buckets=TTFT_BUCKETS,
             registry=r,

@@ -2,12 +2,13 @@
 
 Theory of operation
 -------------------
-:class:`TGIClient` lives as long as the app and holds two connection pools to TGI's router: the token
-streams go through :mod:`tgi_gateway.http1` (lean: it is the hot path), the control routes through one
-``httpx.AsyncClient`` (its ``transport`` argument is their test seam). It speaks three routes of TGI's
+:class:`TGIClient` lives as long as the app and holds two connection pools to TGI's router: the
+generations go through :mod:`tgi_gateway.http1` (lean: it is the hot path), the control routes through one
+``httpx.AsyncClient`` (its ``transport`` argument is their test seam). It speaks four routes of TGI's
 router (``shared/reference/tgi/PROTOCOL.md``):
 
-* ``POST /generate_stream`` -- :meth:`TGIClient.generate_stream` is an async context manager.
+* ``POST /generate_stream`` (stream requests) -- :meth:`TGIClient.generate_stream` is an async
+  context manager.
   Entering it sends ``{"inputs", "parameters"}`` and waits for the response *head* only. A
   connection failure there (refused, connect timeout, closed before any response) is retried a few
   times with a short exponential backoff, then raised as :class:`TGIUnavailableError`; nothing is
@@ -15,6 +16,13 @@ router (``shared/reference/tgi/PROTOCOL.md``):
   :class:`Token` items (one per SSE event) and, after the final event's token, one :class:`StreamEnd`.
   Leaving the context -- normally, by an exception or by cancellation -- closes the connection at
   once unless the stream was read to its end: closing it is how TGI drops a request from its batch.
+* ``POST /generate`` (non-stream requests) -- :meth:`TGIClient.generate` sends the same body through the
+  same pool, with the same connection retries, and returns one :class:`Generation`: TGI answers once the
+  generation is complete, so one timeout (``request_timeout``) bounds the whole of it. The answer's
+  ``details.tokens`` are the same per-token texts (special tokens included, with their ``special`` flag)
+  as the stream's events, so the parsers are fed exactly as from a stream; ``generated_text`` drops the
+  special tokens and is never used. Cancelling the call closes the connection at once (TGI then drops
+  the request); a complete answer gives its connection back to the pool.
 * ``GET /health`` -- :meth:`TGIClient.health`, a quick yes/no.
 * ``GET /info`` -- :meth:`TGIClient.info`, the limits the router enforces, as :class:`TGIInfo`.
 
@@ -43,10 +51,21 @@ Worked example (``details: true``)::
 A stream that ends before its final event is a :class:`TGIProtocolError`; an error event raises the
 error :func:`map_tgi_error` makes of it (the caller knows whether tokens were already sent).
 
+``/generate`` with ``details: true`` (PROTOCOL.md §2.2, §2.3: the prompt's token count is only in the
+``x-prompt-tokens`` header, the details carry no ``input_length``)::
+
+    x-prompt-tokens: 5
+    {"generated_text":"Hi","details":{"finish_reason":"eos_token","generated_tokens":2,"seed":null,
+     "prefill":[],"tokens":[{"id":9906,"text":"Hi","logprob":-0.1,"special":false},
+                            {"id":128009,"text":"<|eot_id|>","logprob":-0.2,"special":true}]}}
+
+    → Generation(tokens=[Token("Hi", False, 9906), Token("<|eot_id|>", True, 128009)],
+                 finish_reason="eos_token", generated_tokens=2, input_length=5)
+
 Errors. Every failure leaves this module as an :class:`~tgi_gateway.errors.UpstreamError`. Foreign
 exceptions are translated where they arise (httpx's in :func:`_translated`, :mod:`~tgi_gateway.http1`'s in
-:meth:`TGIClient._open` and :meth:`TokenStream._read`); TGI's own error bodies, error events and HTTP
-statuses are mapped in one function, :func:`map_tgi_error`.
+:meth:`TGIClient._open`, :meth:`TGIClient.generate` and :meth:`TokenStream._read`); TGI's own error
+bodies, error events and HTTP statuses are mapped in one function, :func:`map_tgi_error`.
 """
 
 from __future__ import annotations
@@ -56,9 +75,9 @@ import contextlib
 import json
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import httpx
@@ -81,6 +100,7 @@ from .errors import (
 
 __all__ = [
     "HEALTH_TIMEOUT",
+    "Generation",
     "SSEDecoder",
     "StreamEnd",
     "TGIClient",
@@ -98,6 +118,9 @@ DEFAULT_FIRST_TOKEN_TIMEOUT = 120.0
 #: Between two events: TGI sends a keep-alive comment after 15 s without a token, so 60 s is only
 #: reached by a TGI that hangs.
 DEFAULT_READ_TIMEOUT = 60.0
+#: A non-stream generation in all, queueing included (``/generate`` answers only once it is complete):
+#: the OpenAI SDK's own default total timeout.
+DEFAULT_REQUEST_TIMEOUT = 600.0
 #: httpx's pool serves only the control routes (/health, /info): a few connections are plenty.
 CONTROL_LIMITS = httpx.Limits(max_connections=16, max_keepalive_connections=4, keepalive_expiry=30.0)
 #: /health is a readiness probe: a slow answer counts as "not healthy".
@@ -121,6 +144,9 @@ _MAX_ERROR_BODY = 8192
 # Body pieces read after the final event while reading to the end of the body (which lets the
 # connection go back to the pool); past this many something is wrong and the connection is dropped.
 _MAX_CHUNKS_AFTER_END = 16
+# A /generate answer: ~100 bytes a token, so even TGI's largest contexts stay far below this; more is not TGI.
+_MAX_GENERATE_BODY = 64 * 1024 * 1024
+_TOO_LARGE = f"TGI's /generate answer is over {_MAX_GENERATE_BODY >> 20} MiB"
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,6 +176,23 @@ class StreamEnd:
     generated_tokens: int
     input_length: int | None
     generated_text: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """A whole generation, from ``POST /generate`` with ``details: true``.
+
+    ``tokens`` are TGI's ``details.tokens``: each token's literal text, special tokens included (the
+    parsers need them), with its ``special`` flag. ``finish_reason`` is ``"length"``, ``"eos_token"`` or
+    ``"stop_sequence"`` (``None`` if TGI sent none), ``generated_tokens`` TGI's count (else the number of
+    tokens), ``input_length`` the prompt's tokens from the ``x-prompt-tokens`` header (``None`` when
+    it is absent or not a number).
+    """
+
+    tokens: list[Token]
+    finish_reason: str | None
+    generated_tokens: int
+    input_length: int | None
 
 
 @dataclass(frozen=True)
@@ -321,6 +364,81 @@ def _translated(url: str) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------------------------
+# Bodies: the request, the tokens of both routes, the /generate answer
+# --------------------------------------------------------------------------------------------
+
+
+def _request_body(inputs: str, parameters: Mapping[str, Any]) -> bytes:
+    """``{"inputs", "parameters"}`` (``parameters`` as given), as TGI's JSON parser reads it."""
+    for name, value in parameters.items():  # orjson would write NaN and infinity as null
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidRequestError(f"Invalid parameter value: {name} = {value}")
+    return orjson.dumps({"inputs": inputs, "parameters": dict(parameters)})
+
+
+# Tells the OpenAI SDKs not to retry (an answer that is not TGI's protocol would be the same again).
+_NO_RETRY = {"x-should-retry": "false"}
+# What reading a token object that is not one raises (``_token``).
+_NOT_A_TOKEN = (TypeError, KeyError, AttributeError)
+
+
+def _token(raw: Any) -> Token:
+    """TGI's token object ``{"id", "text", "logprob", "special"}`` (a stream event's ``token``, an item of
+    ``/generate``'s ``details.tokens``) → :class:`Token`; raises one of ``_NOT_A_TOKEN`` if it is not
+    one."""
+    text = raw["text"]
+    if not isinstance(text, str):
+        raise TypeError
+    return Token(text, bool(raw.get("special", False)), raw["id"])
+
+
+def _generation(content: bytes, prompt_tokens: str | None) -> Generation:
+    """The body of a 200 ``/generate`` answer (and its ``x-prompt-tokens`` header) → :class:`Generation`."""
+
+    def invalid(what: str) -> TGIProtocolError:  # not TGI's answer: a retry would get the same
+        return TGIProtocolError(f"TGI's /generate answer {what}: {content[:200]!r}", headers=_NO_RETRY)
+
+    try:
+        body = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        raise invalid("is not JSON") from None
+    if not isinstance(body, dict):
+        raise invalid("is not a JSON object")
+    details = body.get("details")
+    if not isinstance(details, dict):
+        raise invalid("has no `details` object (the gateway asks for details)")
+    raw_tokens = details.get("tokens")
+    if not isinstance(raw_tokens, list):
+        raise invalid("has no list of `details.tokens`")
+    try:
+        tokens = [_token(raw) for raw in raw_tokens]
+    except _NOT_A_TOKEN:
+        raise invalid("has an invalid token in `details.tokens`") from None
+    finish_reason, generated = details.get("finish_reason"), details.get("generated_tokens")
+    return Generation(
+        tokens=tokens,
+        finish_reason=finish_reason if isinstance(finish_reason, str) else None,
+        generated_tokens=generated if type(generated) is int else len(tokens),
+        input_length=_count(prompt_tokens),
+    )
+
+
+def _count(header: str | None) -> int | None:
+    """A header holding a number of tokens (``x-prompt-tokens``), or None."""
+    value = (header or "").strip()
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+def _expect_content_type(response: http1.Response, route: str, media_type: str) -> None:
+    """A 200 answer of another type is not TGI's (a proxy's page, a wrong URL): not worth retrying."""
+    content_type = response.headers.get("content-type", "")
+    if content_type.partition(";")[0].strip().lower() != media_type:
+        raise TGIProtocolError(
+            f"TGI answered {route} with Content-Type {content_type!r}, not {media_type}", headers=_NO_RETRY
+        )
+
+
+# --------------------------------------------------------------------------------------------
 # The stream
 # --------------------------------------------------------------------------------------------
 
@@ -474,11 +592,8 @@ class TokenStream:
                 message if isinstance(message, str) else json.dumps(message),
             )
         try:
-            text = raw["text"]
-            token = Token(text, bool(raw.get("special", False)), raw["id"])
-            if not isinstance(text, str):
-                raise TypeError
-        except (TypeError, KeyError, AttributeError):
+            token = _token(raw)
+        except _NOT_A_TOKEN:
             raise TGIProtocolError(f"TGI sent a stream event without a valid token: {data[:200]!r}") from None
         self._tokens += 1
         generated_text, details = obj.get("generated_text"), obj.get("details")
@@ -512,16 +627,18 @@ class TokenStream:
 class TGIClient:
     """One pooled async client to one TGI router. Create it once (app lifespan), share it, ``aclose`` it.
 
-    Two connection pools to the same router: the token streams go through :mod:`tgi_gateway.http1`
-    (lean: a read per token costs ~12 µs, not ~360 µs), ``/health`` and ``/info`` through httpx.
+    Two connection pools to the same router: the generations (``/generate_stream``, ``/generate``) go
+    through :mod:`tgi_gateway.http1` (lean: a read per token costs ~12 µs, not ~360 µs), ``/health`` and
+    ``/info`` through httpx.
 
     ``connect_retries`` is the number of *attempts* for a request whose connection fails before any
     response (at least one). Timeouts: ``connect_timeout`` to open a connection,
     ``first_token_timeout`` for TGI's first event (requests queue in TGI while the batch is full),
     ``read_timeout`` between two events (TGI sends a keep-alive after 15 s of silence, so only a
-    hung TGI reaches 60 s). ``transport`` replaces httpx's network for ``/health`` and ``/info``
-    (tests). ``api_key`` is sent as ``Authorization: Bearer`` for a TGI started with ``--api-key``.
-    Proxies from the environment are not used.
+    hung TGI reaches 60 s), ``request_timeout`` for a whole ``/generate`` answer (no token arrives
+    before the end there, so the other two cannot apply). ``transport`` replaces httpx's network for
+    ``/health`` and ``/info`` (tests). ``api_key`` is sent as ``Authorization: Bearer`` for a TGI
+    started with ``--api-key``. Proxies from the environment are not used.
     """
 
     def __init__(
@@ -531,6 +648,7 @@ class TGIClient:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         first_token_timeout: float = DEFAULT_FIRST_TOKEN_TIMEOUT,
         read_timeout: float = DEFAULT_READ_TIMEOUT,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         connect_retries: int = 3,
         transport: httpx.AsyncBaseTransport | None = None,
         api_key: str | None = None,
@@ -539,13 +657,11 @@ class TGIClient:
         self._attempts = max(1, connect_retries)
         self._first_token_timeout = first_token_timeout
         self._read_timeout = read_timeout
+        self._request_timeout = request_timeout
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._stream_headers = {
-            **headers,
-            "Content-Type": "application/json",
-            "Accept": "text/event-stream",
-            "User-Agent": f"tgi-gateway/{__version__}",
-        }
+        posts = {**headers, "Content-Type": "application/json", "User-Agent": f"tgi-gateway/{__version__}"}
+        self._stream_headers = {**posts, "Accept": "text/event-stream"}
+        self._generate_headers = {**posts, "Accept": "application/json"}
         self._pool = http1.Pool(self.base_url, connect_timeout=connect_timeout)
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
@@ -611,24 +727,15 @@ class TGIClient:
         the :class:`TokenStream`. Leaving closes the connection at once — that is what stops the
         generation in TGI — unless the stream was read to its end (it then serves the next request).
         """
-        for name, value in parameters.items():  # orjson would write NaN and infinity as null
-            if isinstance(value, float) and not math.isfinite(value):
-                raise InvalidRequestError(f"Invalid parameter value: {name} = {value}")
-        body = orjson.dumps({"inputs": inputs, "parameters": dict(parameters)})
-        response = await self._open(body)
+        body = _request_body(inputs, parameters)
+        timeout = self._first_token_timeout
+        response = await self._open(
+            "/generate_stream", self._stream_headers, body, time.monotonic() + timeout,
+            f"TGI did not answer within {timeout:g} s (first-token timeout)",
+        )  # fmt: skip
         try:
-            if response.status != 200:
-                try:
-                    content = await response.read_all(_MAX_ERROR_BODY, self._read_timeout)
-                except http1.HTTPError:
-                    content = b""
-                raise _error_from_body(response.status, response.headers.get("content-type", ""), content)
-            content_type = response.headers.get("content-type", "")
-            if content_type.partition(";")[0].strip().lower() != "text/event-stream":
-                raise TGIProtocolError(
-                    f"TGI answered /generate_stream with Content-Type {content_type!r}, not text/event-stream",
-                    headers={"x-should-retry": "false"},
-                )
+            await _raise_for_status(response, self._read_timeout)
+            _expect_content_type(response, "/generate_stream", "text/event-stream")
             yield TokenStream(
                 response,
                 self.base_url,
@@ -638,27 +745,61 @@ class TGIClient:
         finally:
             response.close()
 
+    async def generate(self, inputs: str, parameters: Mapping[str, Any]) -> Generation:
+        """``POST /generate`` with ``{"inputs", "parameters"}`` (``parameters`` as given: the caller asks
+        for ``details: true``, without which TGI sends no tokens) → the whole :class:`Generation`.
+
+        Connection failures before any response byte are retried, then :class:`TGIUnavailableError`; a
+        non-200 answer raises its mapped error; a body that is not TGI's answer (not JSON, no details,
+        over 64 MiB) a :class:`TGIProtocolError`. The whole exchange, retries and TGI's queue included,
+        must end within ``request_timeout`` seconds, else :class:`TGITimeoutError` (504). Cancelled, it
+        closes the connection at once, which makes TGI drop the request; once the answer is read whole
+        the connection serves the next request.
+        """
+        body = _request_body(inputs, parameters)
+        timeout = self._request_timeout
+        deadline = time.monotonic() + timeout
+        late = f"TGI did not finish the generation within {timeout:g} s (--request-timeout)"
+        response = await self._open("/generate", self._generate_headers, body, deadline, late)
+        try:
+            await _raise_for_status(response, min(self._read_timeout, _left(deadline)))
+            _expect_content_type(response, "/generate", "application/json")
+            if (_count(response.headers.get("content-length")) or 0) > _MAX_GENERATE_BODY:
+                raise TGIProtocolError(_TOO_LARGE, headers=_NO_RETRY)  # not read at all
+            try:
+                content = await response.read_all(_MAX_GENERATE_BODY + 1, _left(deadline))
+            except http1.ResponseTimeout as exc:
+                raise TGITimeoutError(late) from exc
+            except http1.ConnectionClosed as exc:
+                raise TGIProtocolError(f"TGI closed the connection in the middle of its answer ({exc})") from exc
+            if len(content) > _MAX_GENERATE_BODY:
+                raise TGIProtocolError(_TOO_LARGE, headers=_NO_RETRY)
+            return _generation(content, response.headers.get("x-prompt-tokens"))
+        finally:
+            response.close()
+
     # ---------------------------------------------------------------- transport
 
-    async def _open(self, body: bytes) -> http1.Response:
-        """Send the request, up to the response head; retry only failures before any response byte."""
-        request = partial(
-            self._pool.request, "POST", "/generate_stream", self._stream_headers, body,
-            timeout=self._first_token_timeout,
-        )  # fmt: skip
+    async def _open(
+        self, path: str, headers: Mapping[str, str], body: bytes, deadline: float, late: str
+    ) -> http1.Response:
+        """Send the request, up to the response head, which must arrive by ``deadline``
+        (``time.monotonic()``; else :class:`TGITimeoutError` with the message ``late``); retry only
+        failures before any response byte."""
+        first_failure: list[http1.ConnectFailed] = []
+
+        async def attempt() -> http1.Response:  # tenacity's first attempt: the one that failed below
+            if first_failure:
+                raise first_failure.pop()
+            return await self._pool.request("POST", path, headers, body, timeout=_left(deadline))
+
         try:
             try:  # the usual case, without tenacity's machinery (~30 µs a call)
-                return await request()
+                return await attempt()
             except http1.ConnectFailed as exc:
                 if self._attempts == 1:
                     raise
-                first_failure = [exc]
-
-            async def attempt() -> http1.Response:  # tenacity's first attempt is the one that just failed
-                if first_failure:
-                    raise first_failure.pop()
-                return await request()
-
+                first_failure.append(exc)
             retrying = AsyncRetrying(
                 stop=stop_after_attempt(self._attempts),
                 wait=_BACKOFF,
@@ -669,8 +810,20 @@ class TGIClient:
         except http1.ConnectFailed as exc:
             raise TGIUnavailableError(f"TGI is not reachable at {self.base_url}: {exc}") from exc
         except http1.ResponseTimeout as exc:
-            raise TGITimeoutError(
-                f"TGI did not answer within {self._first_token_timeout:g} s (first-token timeout)"
-            ) from exc
+            raise TGITimeoutError(late) from exc
         except http1.ConnectionClosed as exc:
             raise TGIProtocolError(f"TGI closed the connection in the middle of its answer's head ({exc})") from exc
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+async def _raise_for_status(response: http1.Response, timeout: float) -> None:
+    """A non-200 answer → its mapped error (the short error body read within ``timeout`` seconds)."""
+    if response.status != 200:
+        try:
+            content = await response.read_all(_MAX_ERROR_BODY, timeout)
+        except http1.HTTPError:
+            content = b""
+        raise _error_from_body(response.status, response.headers.get("content-type", ""), content)

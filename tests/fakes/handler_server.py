@@ -5,6 +5,8 @@ The unit tests of the TGI client script exact responses with handlers, as they w
 answers are written as real HTTP/1.1 (chunked bodies, keep-alive) instead:
 
 * the handler raises → the connection is closed without any response (TGI gone before answering);
+* a body given whole (``content=``, ``json=``, ``text=``: an ``httpx.ByteStream``) is sent with its
+  ``Content-Length``, in one write, as TGI sends its JSON answers; any other body stream is chunked;
 * the response's body stream raises while being sent → the connection is reset mid-body;
 * each body piece is written and flushed on its own, so pieces usually arrive as separate reads;
 * a client that closes its connection while a body is being sent makes the server ``aclose()`` that
@@ -109,10 +111,16 @@ class HandlerServer:
             for name, value in response.headers.items()
             if name.lower() not in ("content-length", "transfer-encoding")
         ]
+        stream = response.stream
+        if isinstance(stream, httpx.ByteStream):  # the whole body: Content-Length framing
+            body = b"".join([chunk async for chunk in stream])
+            head.append(f"content-length: {len(body)}\r\n\r\n")
+            writer.write("".join(head).encode("latin-1") + body)
+            await writer.drain()
+            return True
         head.append("transfer-encoding: chunked\r\n\r\n")
         writer.write("".join(head).encode("latin-1"))
         await writer.drain()
-        stream = response.stream
         try:
             async for chunk in stream:  # type: ignore[union-attr]
                 if chunk:

@@ -52,9 +52,11 @@ double does everything TGI's router and stopping criteria do around them:
   (a handful of counters); ``--api-key`` semantics (bare 401 on generation routes only);
 * with ``load_delay`` the port is bound but not listening until "warm-up" ends: connections are
   refused, exactly like TGI before ``Connected``;
-* a client that goes away is noticed at once (the ASGI ``http.disconnect`` arrives as soon as the
-  socket closes, whether the stream is sleeping between tokens, paused or waiting on a
-  :class:`Gate`); generation stops, the permit is released and the time is recorded.
+* a client that goes away is noticed at once, on ``/generate_stream`` and ``/generate`` alike (the ASGI
+  ``http.disconnect`` arrives as soon as the socket closes, whether the generation is sleeping between
+  tokens, paused or waiting on a :class:`Gate`; TGI's hyper drops the handler of a closed connection
+  the same way, non-stream included); generation stops, the permit is released and the time is
+  recorded (outcome ``disconnected``).
 
 Simplified / not modelled
 -------------------------
@@ -113,7 +115,8 @@ address: the same port means a reused connection); every request that reached ge
 outcome, tokens sent, raw SSE bytes, ``disconnected_at`` ...). Times are ``time.monotonic()``
 values, comparable with the test's own. :attr:`FakeTGI.in_flight` counts held permits (TGI's
 semaphore; :attr:`FakeTGI.peak_in_flight` its maximum), :attr:`FakeTGI.streams_open` open SSE
-responses, :attr:`FakeTGI.connections_open` TCP connections. :meth:`FakeTGI.wait_until` polls a
+responses, :attr:`FakeTGI.generate_open` non-stream requests being answered,
+:attr:`FakeTGI.connections_open` TCP connections. :meth:`FakeTGI.wait_until` polls a
 predicate. Exceptions raised by scripts (answered as generation errors) or by the double itself
 collect in :attr:`FakeTGI.errors`. Records are appended by the server thread; read them from the
 test freely (lists are copied on access).
@@ -837,6 +840,7 @@ class FakeTGI:
         self._in_flight = 0
         self._peak_in_flight = 0
         self._streams_open = 0
+        self._generate_open = 0
         self._active: set[asyncio.Task] = set()
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1101,6 +1105,12 @@ class FakeTGI:
     def streams_open(self) -> int:
         """SSE responses currently open."""
         return self._streams_open
+
+    @property
+    def generate_open(self) -> int:
+        """Non-stream requests (``/generate``, ``POST /`` without ``stream``) being answered: queued for a
+        permit or generating. The non-stream counterpart of :attr:`streams_open`."""
+        return self._generate_open
 
     def wait_until(self, predicate: Callable[[], Any], timeout: float = 2.0, interval: float = 0.002) -> bool:
         """Poll ``predicate`` until true (returns True) or ``timeout`` (returns False)."""
@@ -1542,6 +1552,17 @@ class FakeTGI:
     async def _generate_json(
         self, request: Request, gen: GenerationRecord, obj: dict, as_list: bool = False
     ) -> Response:
+        self._generate_open += 1
+        try:
+            return await self._answer_json(request, gen, obj, as_list)
+        finally:
+            self._generate_open -= 1
+
+    async def _answer_json(
+        self, request: Request, gen: GenerationRecord, obj: dict, as_list: bool
+    ) -> Response:
+        """Generate while watching for the client's disconnect (as TGI does: hyper drops the handler when
+        the connection closes, which cancels the generation)."""
         work = asyncio.ensure_future(self._generate_result(gen, obj))
         self._active.add(work)
         watcher = asyncio.ensure_future(_watch_disconnect(request.receive, gen))
