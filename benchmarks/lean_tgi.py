@@ -24,7 +24,7 @@ What it serves (HTTP/1.1 keep-alive, asyncio protocol + httptools, one event loo
 Not modelled: validation (a body it cannot use is a 422), stop sequences (the script ends with its
 EOS token), ``max_new_tokens`` below the script's length (``length``), overload, faults, keep-alive
 comments. A client that closes its connection stops its generation at once (outcome ``cancelled``).
-The command interface (``reset``, ``streams``, ``errors``, ``peak_in_flight``) is what
+The command interface (``reset``, ``generations``, ``errors``, ``peak_in_flight``) is what
 ``benchmarks/_common.serve_commands`` and the benchmark scripts read.
 """
 
@@ -54,10 +54,15 @@ _SAMPLING_KEYS = ("temperature", "top_k", "top_p", "typical_p")
 class Generation:
     """What the benchmark scripts read of one generation (the names of FakeTGI's record)."""
 
+    route: str  # "/generate_stream" or "/generate"
     inputs: str
     parameters: dict[str, Any]
     tokens: list[Token] = field(default_factory=list)
     outcome: str = "running"
+
+    @property
+    def stream(self) -> bool:
+        return self.route == "/generate_stream"
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ class LeanTGI:
         self.token_delay = token_delay
         self.config = TGIConfig(model_id=model_id)
         self.url = ""
-        self.streams: list[Generation] = []
+        self.generations: list[Generation] = []
         self.errors: list[str] = []
         self.in_flight = 0
         self.peak_in_flight = 0
@@ -147,7 +152,7 @@ class LeanTGI:
             self._thread.join(5)
 
     def reset(self) -> None:
-        self.streams = []
+        self.generations = []
         self.errors = []
         self.peak_in_flight = self.in_flight
 
@@ -270,8 +275,8 @@ class _Connection(asyncio.Protocol):
                 return
             script = tgi.script
             answer = _answer(script, p.get("max_new_tokens"))
-            gen = self.gen = Generation(inputs, p)
-            tgi.streams.append(gen)
+            gen = self.gen = Generation(path.decode(), inputs, p)
+            tgi.generations.append(gen)
             tgi.in_flight += 1
             tgi.peak_in_flight = max(tgi.peak_in_flight, tgi.in_flight)
             input_length = len(tokenize_input(inputs, tgi.config.bos_token))

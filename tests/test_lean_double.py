@@ -96,10 +96,10 @@ def test_paced_and_a_client_that_leaves_stops_the_generation() -> None:
                 first += sock.recv(65536) or b"?" * 65536
             assert b"200 OK" in first and b'"index":2' not in first
         deadline = time.monotonic() + 5
-        while lean.streams[-1].outcome == "running" and time.monotonic() < deadline:
+        while lean.generations[-1].outcome == "running" and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert lean.streams[-1].outcome == "cancelled"
-        assert len(lean.streams[-1].tokens) < 5
+        assert lean.generations[-1].outcome == "cancelled"
+        assert len(lean.generations[-1].tokens) < 5
         assert lean.in_flight == 0
     finally:
         lean.stop()
