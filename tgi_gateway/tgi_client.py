@@ -512,6 +512,11 @@ class TokenStream:
     def __aiter__(self) -> TokenStream:
         return self
 
+    @property
+    def ended(self) -> bool:
+        """TGI's final event has arrived (the rest of the body is its end)."""
+        return self._ended
+
     async def __anext__(self) -> Token | StreamEnd:
         items = self._items
         if not items:
