@@ -162,3 +162,22 @@ def test_workers_serve_from_several_processes(model_dir: Path) -> None:
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=20)
         assert proc.returncode == 0, out
+
+
+def test_the_server_process_tunes_the_collector_and_create_app_does_not() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import gc\n"
+        "from tgi_gateway.app import create_app, tune_gc\n"
+        "from tgi_gateway.prompting import Template\n"
+        "from tgi_gateway.settings import Settings\n"
+        "before = gc.get_threshold()\n"
+        "app = create_app(Settings(model='m', endpoint='http://127.0.0.1:9'), Template('v3-llama3.1'))\n"
+        "assert gc.get_threshold() == before and gc.get_freeze_count() == 0\n"
+        "tune_gc()\n"
+        "print(gc.get_threshold(), gc.get_freeze_count() > 10_000)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["(10000,", "20,", "100)", "True"]

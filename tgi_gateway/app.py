@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
@@ -477,6 +478,21 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
     return app
 
 
+def tune_gc() -> None:
+    """The server process's cycle collector, set once the app is built (not by `create_app`: a process
+    that builds many apps, a test suite, must keep the defaults).
+
+    A request leaves no reference cycle (tested), so the collector only ever finds the rare cycle of an
+    error path; what it costs is its passes over live objects. `gc.freeze()` moves everything alive at
+    start-up (modules, the app, pydantic's schemas: ~80,000 objects) out of its sight, and a first
+    generation of 10,000 allocations instead of 700 makes its passes 5x rarer. At 256 streams this took
+    its time from ~700 ms to ~100 ms over a 40 s run, and its longest pause from ~75 ms to ~20 ms
+    (docs/performance.md)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 100)
+
+
 def app_from_environment() -> FastAPI:
     """The app of one worker process (``--workers N``): the CLI's settings, passed as ``TGI_GATEWAY_*``
     variables, with the template version it detected."""
@@ -484,7 +500,9 @@ def app_from_environment() -> FastAPI:
     if settings.template_version is None:
         raise RuntimeError("worker started without TGI_GATEWAY_TEMPLATE_VERSION (start it with server_tgi.py)")
     configure_logging(settings.log_level, settings.log_format)
-    return create_app(settings, Template(settings.template_version))
+    app = create_app(settings, Template(settings.template_version))
+    tune_gc()
+    return app
 
 
 def _model_card(gateway: Gateway) -> dict[str, Any]:

@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
-    from .app import create_app
+    from .app import create_app, tune_gc
 
     # uvicorn handles SIGINT/SIGTERM itself: it stops accepting, lets in-flight requests finish within the
     # grace period, runs the app's shutdown, then restores the handlers it found and raises the signal
@@ -165,7 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 factory = "tgi_gateway.app:app_from_environment"
                 uvicorn.run(factory, factory=True, workers=settings.workers, **server)
         else:
-            uvicorn.run(create_app(settings, template), **server)
+            app = create_app(settings, template)
+            tune_gc()
+            uvicorn.run(app, **server)
     finally:
         if manager is not None:
             manager.release()
