@@ -13,16 +13,19 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from .container_manager import DEFAULT_IMAGE, ContainerManager, LaunchError, LaunchSpec
+from .container_manager import DEFAULT_IMAGE, ContainerManager, LaunchError, LaunchSpec, StartupInterrupted
 from .errors import ConfigurationError
 from .prompting.types import Version
 from .settings import Settings
 from .telemetry import configure_logging, shared_metrics_dir
+
+if TYPE_CHECKING:
+    from .prompting import Template
 
 log = logging.getLogger("tgi_gateway")
 
@@ -115,27 +118,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("%s uses Functionary template %s", settings.model, template.version)
 
     manager = None
-    if settings.launch:
-        manager = ContainerManager(launch_spec(settings))
-        previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM while TGI loads: clean up, then exit
-        try:
-            manager.ensure_tgi()
-        except LaunchError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        except (KeyboardInterrupt, SystemExit):
-            print("interrupted while starting TGI; its container was removed", file=sys.stderr)
-            return 130
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+    try:
+        if settings.launch:
+            manager = ContainerManager(launch_spec(settings))
+            status = _start_tgi(manager)
+            if status is not None:
+                return status
+        return _serve(settings, template)
+    except StartupInterrupted:  # a second signal while the first one's outcome was being reported
+        return 130
+    finally:
+        if manager is not None:
+            manager.release()
 
+
+def _start_tgi(manager: ContainerManager) -> int | None:
+    """Run the container manager's start-up; the exit status if the gateway must not serve.
+
+    A SIGTERM or SIGINT meanwhile is handed to the manager, which stops at its next checkpoint and removes
+    what it created (container_manager.py, "Signals during the start-up"); an exception raised at whatever
+    line the signal lands on would leave a state no clean-up can rely on. When the start-up is over, the
+    handlers become `_exit_cleanly` at once: a signal from then on exits through `main`'s `finally`, which
+    releases the container (with the default SIGTERM handler the process would die there, leaving it behind).
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        manager.interrupt(signum)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        manager.ensure_tgi()
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except StartupInterrupted as exc:
+        if exc.forced:
+            name = manager.spec.name
+            print(f"stopped at once by a second signal: if a TGI container {name} is left, remove it with "
+                  f"`docker rm -f {name}`", file=sys.stderr)  # fmt: skip
+        else:
+            removed = "; its container was removed" if manager.started_here else ""
+            print(f"interrupted while starting TGI{removed}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, _exit_cleanly)
+        signal.signal(signal.SIGINT, _exit_cleanly)
+    if manager.interrupted is not None:  # noted after the start-up's last checkpoint: `main` releases
+        print("interrupted while starting TGI", file=sys.stderr)
+        return 130
+    return None
+
+
+def _serve(settings: Settings, template: Template) -> int:
     import uvicorn
 
     from .app import create_app
 
     # uvicorn handles SIGINT/SIGTERM itself: it stops accepting, lets in-flight requests finish within the
     # grace period, runs the app's shutdown, then restores the handlers it found and raises the signal
-    # again. These handlers turn that last signal into a clean exit through the `finally` below (with the
+    # again. These handlers turn that last signal into a clean exit through `main`'s `finally` (with the
     # default SIGTERM handler the process would die there, leaving the TGI container behind). With
     # --drain-seconds the app holds the signal back for that long first (tgi_gateway/draining.py).
     signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -151,25 +193,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if settings.log_format == "json":  # uvicorn's own lines go through the root handler: JSON too
         server["log_config"] = None
-    try:
-        if settings.workers > 1:
-            # Each worker process imports the app factory and rebuilds the same settings from the
-            # environment (the template version detected here included); they share the listening socket.
-            env = settings.model_copy(update={"template_version": template.version}).as_environment()
-            os.environ.update(env)
-            with shared_metrics_dir():  # /metrics answers for all workers, whichever one is scraped
-                factory = "tgi_gateway.app:app_from_environment"
-                uvicorn.run(factory, factory=True, workers=settings.workers, **server)
-        else:
-            uvicorn.run(create_app(settings, template), **server)
-    finally:
-        if manager is not None:
-            manager.release()
+    if settings.workers > 1:
+        # Each worker process imports the app factory and rebuilds the same settings from the
+        # environment (the template version detected here included); they share the listening socket.
+        env = settings.model_copy(update={"template_version": template.version}).as_environment()
+        os.environ.update(env)
+        with shared_metrics_dir():  # /metrics answers for all workers, whichever one is scraped
+            factory = "tgi_gateway.app:app_from_environment"
+            uvicorn.run(factory, factory=True, workers=settings.workers, **server)
+    else:
+        uvicorn.run(create_app(settings, template), **server)
     return 0
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
