@@ -143,6 +143,25 @@ def test_keys_stay_out_of_repr_and_dumps() -> None:
     assert settings.as_environment()["TGI_GATEWAY_API_KEYS"] == json.dumps([KEY_A]), "workers get the key"
 
 
+TGI_KEY = "tgi-key-0123456789abcdef-not-to-be-shown"
+
+
+def test_tgi_key_stays_out_of_repr_and_dumps_but_reaches_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TGI_GATEWAY_TGI_API_KEY", TGI_KEY)
+    settings = Settings(model="m")
+    assert settings.tgi_api_key is not None and settings.tgi_api_key.get_secret_value() == TGI_KEY
+    for text in (repr(settings), str(settings), settings.model_dump_json(), str(settings.model_dump()),
+                 json.dumps(settings.model_dump(mode="json"))):  # fmt: skip
+        assert TGI_KEY not in text
+    env = settings.as_environment()
+    assert env["TGI_GATEWAY_TGI_API_KEY"] == TGI_KEY, "workers get the key"
+    monkeypatch.delenv("TGI_GATEWAY_TGI_API_KEY")
+    assert "TGI_GATEWAY_TGI_API_KEY" not in Settings(model="m").as_environment(), "no key: no variable"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Settings() == settings
+
+
 def test_key_id_is_short_stable_and_not_the_key() -> None:
     assert key_id(KEY_A) == key_id(KEY_A.encode()) != key_id(KEY_B)
     assert key_id(KEY_A).startswith("key-") and len(key_id(KEY_A)) == 12
@@ -556,6 +575,22 @@ def test_keys_never_reach_the_log(tgi: FakeTGI, caplog: pytest.LogCaptureFixture
 # ------------------------------------------------------------------------------------------------
 # The real process: keys from a flag and a file, two worker processes
 # ------------------------------------------------------------------------------------------------
+
+
+def test_tgi_key_is_sent_to_tgi_as_a_bearer_token(tgi: FakeTGI) -> None:
+    """Token streams (http1 pool) and control routes (httpx): every request to TGI carries the key."""
+    tgi.config.api_key = TGI_KEY
+    try:
+        with gateway(tgi, tgi_api_key=TGI_KEY) as url, sdk(url, "unused") as client:
+            start = len(tgi.requests)
+            answer = client.chat.completions.create(model=MODEL, messages=ASK)
+            assert answer.choices[0].message.content == "It is sunny."
+            assert httpx.get(url + "/health").status_code == 200
+            seen = tgi.requests[start:]
+    finally:
+        tgi.config.api_key = None
+    assert {r.path for r in seen} >= {"/generate_stream", "/health"}
+    assert {r.headers.get("authorization") for r in seen} == {f"Bearer {TGI_KEY}"}
 
 
 def test_keys_from_flag_and_file_in_worker_processes(tmp_path: Path) -> None:

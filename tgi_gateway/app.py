@@ -312,7 +312,7 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
             first_token_timeout=settings.first_token_timeout,
             read_timeout=settings.read_timeout,
             connect_retries=settings.connect_retries,
-            api_key=settings.tgi_api_key,
+            api_key=settings.tgi_api_key.get_secret_value() if settings.tgi_api_key else None,
         ) as client:
             app.state.gateway = Gateway(settings, template, client)
             app.state.draining.install()  # SIGTERM: /health says "draining" for --drain-seconds, then stop
