@@ -27,7 +27,7 @@ from starlette.types import Message, Receive, Scope, Send
 from tests.fakes.serve import serve
 from tests.fakes.tgi import EOT, Fail, FakeTGI, Gate, tokens
 from tests.test_cli import V31_TEMPLATE, start_gateway
-from tgi_gateway import auth
+from tgi_gateway import auth, cli
 from tgi_gateway.app import create_app
 from tgi_gateway.auth import KEY_ID_SCOPE, OPEN_PATHS, AccessControl, KeyRing, key_id, mask
 from tgi_gateway.cli import build_parser
@@ -120,6 +120,38 @@ def test_cli_flags_build_the_settings(tmp_path: Path) -> None:
     plain = build_parser().parse_args(["--model", "m"])
     defaults = Settings(**{k: v for k, v in vars(plain).items() if v is not None})
     assert (defaults.api_keys, defaults.max_concurrent_per_key, defaults.protect_health) == ((), None, False)
+
+
+@pytest.mark.parametrize(
+    "argv,env,expected",
+    [
+        (["--api-key", KEY_A, "--api-key", "bad key"], {}, "error: --api-key: API key #2: an API key must be"),
+        ([], {"TGI_GATEWAY_API_KEYS": f"{KEY_A},bad key"}, "error: TGI_GATEWAY_API_KEYS: API key #2: an API key"),
+        ([], {"TGI_GATEWAY_API_KEYS": '["not json'}, "error: TGI_GATEWAY_API_KEYS: a value starting with '['"),
+        (["--api-key-file", "{keys}"], {}, "error: --api-key-file: {keys}, line 2: an API key must be"),
+        ([], {"TGI_GATEWAY_API_KEY_FILE": "{keys}"}, "error: TGI_GATEWAY_API_KEY_FILE: {keys}, line 2: an API"),
+        (["--api-key", KEY_A], {"TGI_GATEWAY_API_KEYS": "bad key"}, None),  # the flag wins: the variable unread
+        (["--max-concurrent-per-key", "0"], {}, "error: --max-concurrent-per-key: Input should be greater"),
+        ([], {"TGI_GATEWAY_PORT": "http"}, "error: TGI_GATEWAY_PORT: Input should be a valid integer"),
+    ],
+)
+def test_cli_errors_name_the_flag_or_variable_the_user_set(
+    argv: list[str], env: dict[str, str], expected: str | None, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    keys = tmp_path / "keys"
+    keys.write_text(f"{KEY_A}\nbad key\n")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(keys=keys))
+    argv = [arg.format(keys=keys) for arg in argv]
+    if expected is None:  # valid: main goes on to serve, which is not tested here
+        monkeypatch.setattr("tgi_gateway.cli._serve", lambda *args: 0)
+        assert cli.main(["--model", "m", "--template-version", "v1", "--no-launch", *argv]) == 0
+        return
+    assert cli.main(["--model", "m", "--template-version", "v1", "--no-launch", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected.format(keys=keys)), err
+    assert "--api-keys" not in err and "Value error" not in err and "bad key" not in err and KEY_A not in err
 
 
 def test_settings_survive_the_worker_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

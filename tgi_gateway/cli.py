@@ -91,15 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     try:
-        settings = Settings(**{k: v for k, v in vars(args).items() if v is not None})
+        settings = Settings(**given)
     except ValidationError as exc:
-        for err in exc.errors():
-            field = ".".join(map(str, err["loc"])) or "settings"
-            flag = "--" + field.replace("_", "-")
-            hint = " (pass --model or set TGI_GATEWAY_MODEL)" if err["type"] == "missing" else ""
-            print(f"error: {flag}: {err['msg']}{hint}", file=sys.stderr)
+        for line in settings_errors(exc, given, parser):
+            print(line, file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
     try:
@@ -204,6 +202,28 @@ def _serve(settings: Settings, template: Template) -> int:
     else:
         uvicorn.run(create_app(settings, template), **server)
     return 0
+
+
+def settings_errors(exc: ValidationError, given: dict[str, object], parser: argparse.ArgumentParser) -> list[str]:
+    """One line per error of `Settings(**given)`, naming where the refused value came from: the flag as the user
+    typed it (``--api-key`` for the field ``api_keys``) when a flag set the field, else its ``TGI_GATEWAY_*``
+    variable (flags win over the environment, so the value came from there)."""
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    lines = []
+    for err in exc.errors():
+        field, *rest = [str(part) for part in err["loc"]] or ["settings"]
+        if err["type"] == "missing" or field in given:
+            source = flags.get(field, "--" + field.replace("_", "-"))
+        elif field in Settings.model_fields:
+            source = f"TGI_GATEWAY_{field.upper()}"
+        else:
+            source = field
+        source += "".join(f"[{part}]" for part in rest)
+        # our validators' own message, without pydantic's "Value error, " prefix
+        message = str(err["ctx"]["error"]) if err["type"] == "value_error" and "ctx" in err else err["msg"]
+        hint = f" (pass {source} or set TGI_GATEWAY_{field.upper()})" if err["type"] == "missing" else ""
+        lines.append(f"error: {source}: {message}{hint}")
+    return lines
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
