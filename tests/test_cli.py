@@ -143,3 +143,33 @@ def test_workers_serve_from_several_processes(model_dir: Path) -> None:
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=20)
         assert proc.returncode == 0, out
+
+
+# What start-up imports: huggingface_hub only to fetch a hub model's tokenizer files, docker only to launch TGI
+# (each costs 0.1-0.2 s of start-up). The CLI's `main` runs in a fresh interpreter up to the point of serving.
+IMPORTS = """
+import sys
+from tgi_gateway import cli
+
+def serve(settings, template):
+    import uvicorn, tgi_gateway.app  # what serving imports; nothing is served
+    return 0
+
+cli._serve = serve
+status = cli.main(sys.argv[1:])
+print(status, sorted({name.split(".")[0] for name in sys.modules} & {"huggingface_hub", "docker", "tokenizers"}))
+"""
+
+
+def imported_at_start_up(*args: str) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", IMPORTS, *args], capture_output=True, text=True, timeout=60, env=env)
+    return r.stdout.strip().splitlines()[-1]
+
+
+def test_start_up_imports_neither_huggingface_hub_nor_docker_when_not_needed(model_dir: Path) -> None:
+    assert imported_at_start_up("--model", "m", "--template-version", "v3-llama3.1", "--no-launch") == "0 []"
+    with FakeTGI() as tgi:  # TGI answers at --endpoint: no launch; the template is detected from a local directory
+        assert imported_at_start_up("--model", str(model_dir), "--endpoint", tgi.url) == "0 []"
+    # a hub id needs huggingface_hub (offline here: the files are not cached, so it stops with status 2)
+    assert imported_at_start_up("--model", "org/not-cached", "--no-launch") == "2 ['huggingface_hub']"
