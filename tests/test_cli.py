@@ -157,19 +157,21 @@ def serve(settings, template):
 
 cli._serve = serve
 status = cli.main(sys.argv[1:])
-print(status, sorted({name.split(".")[0] for name in sys.modules} & {"huggingface_hub", "docker", "tokenizers"}))
+packages = {name.split(".")[0] for name in sys.modules}
+print(status, sorted(packages & {"huggingface_hub", "docker", "tokenizers"}))
 """
 
 
 def imported_at_start_up(*args: str) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-c", IMPORTS, *args], capture_output=True, text=True, timeout=60, env=env)
+    cmd = [sys.executable, "-c", IMPORTS, *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     return r.stdout.strip().splitlines()[-1]
 
 
 def test_start_up_imports_neither_huggingface_hub_nor_docker_when_not_needed(model_dir: Path) -> None:
     assert imported_at_start_up("--model", "m", "--template-version", "v3-llama3.1", "--no-launch") == "0 []"
-    with FakeTGI() as tgi:  # TGI answers at --endpoint: no launch; the template is detected from a local directory
+    with FakeTGI() as tgi:  # TGI answers at --endpoint: no launch; detection from a local directory
         assert imported_at_start_up("--model", str(model_dir), "--endpoint", tgi.url) == "0 []"
     # a hub id needs huggingface_hub (offline here: the files are not cached, so it stops with status 2)
     assert imported_at_start_up("--model", "org/not-cached", "--no-launch") == "2 ['huggingface_hub']"

@@ -271,7 +271,7 @@ def test_gateway_environment_names_are_settings() -> None:
             assert name.removeprefix("TGI_GATEWAY_").lower() in Settings.model_fields, name
     assert env["TGI_GATEWAY_SERVED_MODEL_NAME"] == "${SERVED_MODEL_NAME:-${MODEL_ID}}"
     for name in ("TGI_GATEWAY_API_KEYS", "TGI_GATEWAY_MAX_CONCURRENT_PER_KEY"):
-        assert name in env and env[name] is None, f"{name}: passed through from .env when set, never written here"
+        assert name in env and env[name] is None, f"{name}: passed from .env when set, never written here"
     assert default_of(env["TGI_GATEWAY_LOG_LEVEL"] or "") in ("critical", "error", "warning", "info", "debug")
 
 
@@ -288,7 +288,7 @@ def test_gateway_port_is_published_on_loopback_by_default() -> None:
     m = re.fullmatch(r"(\$\{[^}]+\}|[\d.]+):(\$\{[^}]+\}|\d+):(\d+)", port)
     assert m, f"expected BIND:HOST_PORT:CONTAINER_PORT, not {port!r}"
     bind, host_port, container_port = m.groups()
-    assert default_of(bind) == "127.0.0.1", "API keys are optional (none set: the gateway is open): loopback first"
+    assert default_of(bind) == "127.0.0.1", "API keys are optional (none: the gateway is open): loopback"
     assert default_of(host_port) == "8000"
     assert container_port == "8000"
     assert "8000" in docker_env(final_stage())["TGI_GATEWAY_PORT"]

@@ -334,15 +334,17 @@ class SignalAtLine:
         sys.settrace(None)
 
     def _call(self, frame: FrameType, event: str, arg: object) -> object:
-        if frame.f_code in MANAGER_CODE or frame.f_code.co_filename == threading.__file__ and _in_follower_start(frame):
+        code = frame.f_code
+        if code in MANAGER_CODE or code.co_filename == threading.__file__ and _in_follower_start(frame):
             return self._line
         return None
 
     def _line(self, frame: FrameType, event: str, arg: object) -> object:
         if event != "line":
             return self._line
-        self.lines.append((f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} ({frame.f_code.co_name})"))
-        slept = self.at is None and frame.f_code.co_name == "_wait_healthy" and any("_sleep" in l for l in self.lines)
+        name = frame.f_code.co_name
+        self.lines.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} ({name})")
+        slept = self.at is None and name == "_wait_healthy" and any("(_sleep)" in line for line in self.lines)
         if len(self.lines) == self.at or slept:
             sys.settrace(None)
             self.where = self.lines[-1]

@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 Keys come from ``--api-key`` (repeatable) or else ``TGI_GATEWAY_API_KEYS`` (a JSON list or a comma-separated
-list; a flag wins over its variable), and from ``--api-key-file`` (one key per line); all of them are valid at once. With no key the gateway is
+list; a flag wins over its variable), and from ``--api-key-file`` (one key per line); all of them are valid at
+once. With no key the gateway is
 open, as it always was. With keys, every request but those to the open paths (``/health`` and
 ``/metrics``, unless ``--protect-health``) needs ``Authorization: Bearer <key>``, or gets OpenAI's 401.
 Paths match exactly, and anything else needs a key — unknown paths (no route listing for strangers), and

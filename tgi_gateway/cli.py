@@ -204,10 +204,12 @@ def _serve(settings: Settings, template: Template) -> int:
     return 0
 
 
-def settings_errors(exc: ValidationError, given: dict[str, object], parser: argparse.ArgumentParser) -> list[str]:
-    """One line per error of `Settings(**given)`, naming where the refused value came from: the flag as the user
-    typed it (``--api-key`` for the field ``api_keys``) when a flag set the field, else its ``TGI_GATEWAY_*``
-    variable (flags win over the environment, so the value came from there)."""
+def settings_errors(
+    exc: ValidationError, given: dict[str, object], parser: argparse.ArgumentParser
+) -> list[str]:
+    """One line per error of `Settings(**given)`, naming where the refused value came from: the flag as the
+    user typed it (``--api-key`` for the field ``api_keys``) when a flag set the field, else its
+    ``TGI_GATEWAY_*`` variable (flags win over the environment, so the value came from there)."""
     flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
     lines = []
     for err in exc.errors():

@@ -24,16 +24,16 @@ process started, unless ``keep`` was asked; an adopted container is left running
 
 Signals during the start-up
 ---------------------------
-The start-up is stopped by SIGTERM or SIGINT *cooperatively*. A signal handler runs in the main thread between
-any two bytecodes of whatever runs there: inside ``threading.Thread.start()`` (a thread not yet marked started
-cannot be joined), inside the docker SDK with a request on the wire (a container created but not yet known),
-inside urllib3's pool while it holds its lock (the clean-up's Docker calls would then wait forever). An
-exception raised there leaves a state no clean-up can rely on. So the CLI's handler only calls
-:meth:`ContainerManager.interrupt`, which notes the signal; the start-up raises :class:`StartupInterrupted` at
-its next checkpoint (before each step, at each pull progress event, at each health poll: within about
-``poll_interval`` plus one Docker call), where nothing is half done, and the failure path removes the container.
-Only a sleep between two health polls is cut short at once. A second signal raises at once wherever the main
-thread is (``forced``): the user insists, and the container may be left behind.
+The start-up is stopped by SIGTERM or SIGINT *cooperatively*. A signal handler runs in the main thread
+between any two bytecodes of whatever runs there: inside ``threading.Thread.start()`` (a thread not yet
+marked started cannot be joined), inside the docker SDK with a request on the wire (a container created but
+not yet known), inside urllib3's pool while it holds its lock (the clean-up's Docker calls would then wait
+forever). An exception raised there leaves a state no clean-up can rely on. So the CLI's handler only calls
+:meth:`ContainerManager.interrupt`, which notes the signal; the start-up raises :class:`StartupInterrupted`
+at its next checkpoint (before each step, at each pull progress event, at each health poll: within about
+``poll_interval`` plus one Docker call), where nothing is half done, and the failure path removes the
+container. Only a sleep between two health polls is cut short at once. A second signal raises at once
+wherever the main thread is (``forced``): the user insists, and the container may be left behind.
 """
 
 from __future__ import annotations
@@ -53,7 +53,14 @@ from urllib.parse import urlsplit
 
 import httpx
 
-__all__ = ["DEFAULT_IMAGE", "ContainerManager", "LaunchError", "LaunchSpec", "StartupInterrupted", "is_local_endpoint"]
+__all__ = [
+    "DEFAULT_IMAGE",
+    "ContainerManager",
+    "LaunchError",
+    "LaunchSpec",
+    "StartupInterrupted",
+    "is_local_endpoint",
+]
 
 log = logging.getLogger("tgi_gateway.container")
 
@@ -187,7 +194,7 @@ class ContainerManager:
     _follower: threading.Thread | None = None
     _log_stream: Any = None
     _log_client: Any = None  # the log stream's own client (see _follow_logs)
-    interrupted: int | None = None  # the signal that asked the start-up to stop (see "Signals during the start-up")
+    interrupted: int | None = None  # the signal that asked the start-up to stop (module docstring)
     _sleeping: bool = False  # between two health polls: the only place a first signal raises at once
 
     # -- the whole start-up ------------------------------------------------------------------
@@ -215,9 +222,9 @@ class ContainerManager:
             raise
 
     def interrupt(self, signum: int) -> None:
-        """Ask the start-up to stop; for the CLI's SIGTERM/SIGINT handler. The signal is noted, and the start-up
-        raises :class:`StartupInterrupted` at its next checkpoint, or here if it sleeps between two health polls.
-        A second signal raises here at once (``forced``), wherever the main thread is."""
+        """Ask the start-up to stop; for the CLI's SIGTERM/SIGINT handler. The signal is noted, and the
+        start-up raises :class:`StartupInterrupted` at its next checkpoint, or here if it sleeps between two
+        health polls. A second signal raises here at once (``forced``), wherever the main thread is."""
         if self.interrupted is not None:
             raise StartupInterrupted(signum, forced=True)
         self.interrupted = signum
@@ -364,10 +371,10 @@ class ContainerManager:
     # -- logs --------------------------------------------------------------------------------
 
     def _follow_logs(self) -> None:
-        # The stream has a client of its own. It is closed from this thread while the follower thread reads it,
-        # and urllib3 may then put its connection back into the client's pool with its socket already closed
-        # (fd -1): the next call from that pool fails ("file descriptor cannot be a negative integer"). The
-        # calls that stop and remove the container must not share that pool; this one is dropped with the stream.
+        # The stream has a client of its own. It is closed from this thread while the follower thread reads
+        # it, and urllib3 may then put its connection back into the client's pool with its socket already
+        # closed (fd -1): the next call from that pool fails ("file descriptor cannot be a negative integer").
+        # The calls that stop and remove the container must not share that pool; this one ends with it.
         import docker
 
         try:
@@ -376,7 +383,9 @@ class ContainerManager:
         except Exception as exc:  # noqa: BLE001 - logs are a help, not a requirement
             log.warning("cannot follow the TGI container's logs: %s", _short(exc))
             return
-        self._follower = threading.Thread(target=self._pump_logs, args=(stream,), name="tgi-logs", daemon=True)
+        self._follower = threading.Thread(
+            target=self._pump_logs, args=(stream,), name="tgi-logs", daemon=True
+        )
         self._follower.start()
 
     def _pump_logs(self, stream: Any) -> None:
@@ -453,8 +462,8 @@ class ContainerManager:
 
 def _join(follower: threading.Thread | None) -> None:
     """Wait (2 s at most) for the log follower to end, its stream closed or finished. A follower whose
-    ``start()`` a second signal cut short before it was marked started cannot be joined (RuntimeError) and needs
-    no join: a daemon thread, it ends with its stream."""
+    ``start()`` a second signal cut short before it was marked started cannot be joined (RuntimeError) and
+    needs no join: a daemon thread, it ends with its stream."""
     if follower is not None and follower.is_alive():
         follower.join(2)
 

@@ -86,16 +86,16 @@ class ChatCompletionRequest(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-# Responses: the OpenAPI docs' models of what the gateway answers besides completions (tgi_gateway/openapi.py).
+# Responses: the OpenAPI docs' models of what the gateway answers besides completions (see openapi.py).
 
 
 class ErrorDetail(BaseModel):
     message: str = Field(description="What went wrong, for a person.")
     type: str = Field(description='"invalid_request_error", "requests" (429) or "server_error".')
-    param: str | None = Field(description="The request field at fault, in dotted notation (`messages[2].content`).")
+    param: str | None = Field(description="The request field at fault, dotted (`messages[2].content`).")
     code: str | None = Field(
-        description='e.g. "context_length_exceeded", "model_not_found", "invalid_api_key", "rate_limit_exceeded", '
-        '"timeout".'
+        description='e.g. "context_length_exceeded", "model_not_found", "invalid_api_key", '
+        '"rate_limit_exceeded", "timeout".'
     )
 
 

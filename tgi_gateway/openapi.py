@@ -1,7 +1,8 @@
 """The OpenAPI schema (``/openapi.json``, ``/docs``) told true: the statuses each route really answers.
 
-FastAPI documents a 422 "Validation Error" (``HTTPValidationError``) on every route with a body or parameters;
-the gateway answers request validation errors with 400 in OpenAI's envelope instead (``app._validation_error``).
+FastAPI documents a 422 "Validation Error" (``HTTPValidationError``) on every route with a body or
+parameters; the gateway answers request validation errors with 400 in OpenAI's envelope instead
+(``app._validation_error``).
 :func:`install` removes the 422s, and the ``HTTPValidationError``/``ValidationError`` components once nothing
 refers to them; the routes list their real error statuses with :func:`error_responses`, each one with the
 :class:`~tgi_gateway.openai_types.ErrorResponse` envelope. What depends on the settings follows them: 401
@@ -49,7 +50,7 @@ def error_responses(statuses: Iterable[int], **descriptions: str) -> dict[int | 
 
 
 def guarded(settings: Settings, *, open_path: bool = False) -> set[int]:
-    """The statuses the access control (tgi_gateway/auth.py) adds to a route: 401 with keys, 429 with a limit."""
+    """The statuses access control (auth.py) adds to a route: 401 with keys, 429 with a per-key limit."""
     if open_path and not settings.protect_health:
         return set()
     statuses = set()
@@ -65,8 +66,8 @@ def has_keys(settings: Settings) -> bool:
 
 
 def install(app: FastAPI, settings: Settings, open_paths: Iterable[str] = ()) -> None:
-    """Replace ``app.openapi`` with one that drops FastAPI's 422s and, with API keys, declares the bearer scheme
-    on every operation but those of `open_paths`."""
+    """Replace ``app.openapi`` with one that drops FastAPI's 422s and, with API keys, declares the bearer
+    scheme on every operation but those of `open_paths`."""
     build = app.openapi  # FastAPI's own: builds the schema once and caches it in app.openapi_schema
     open_paths = frozenset(() if settings.protect_health else open_paths)
 
@@ -88,7 +89,8 @@ def install(app: FastAPI, settings: Settings, open_paths: Iterable[str] = ()) ->
                 for name in FASTAPI_VALIDATION:  # referred to by nothing left (only by each other)
                     schemas.pop(name, None)
             if has_keys(settings):
-                components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = {"type": "http", "scheme": "bearer"}
+                bearer = {"type": "http", "scheme": "bearer"}
+                components.setdefault("securitySchemes", {})[SECURITY_SCHEME] = bearer
             app.openapi_schema = schema
         return app.openapi_schema
 
