@@ -27,7 +27,7 @@ from starlette.types import Message, Receive, Scope, Send
 from tests.fakes.serve import serve
 from tests.fakes.tgi import EOT, Fail, FakeTGI, Gate, tokens
 from tests.test_cli import V31_TEMPLATE, start_gateway
-from tgi_gateway import auth
+from tgi_gateway import auth, cli
 from tgi_gateway.app import create_app
 from tgi_gateway.auth import KEY_ID_SCOPE, OPEN_PATHS, AccessControl, KeyRing, key_id, mask
 from tgi_gateway.cli import build_parser
@@ -122,6 +122,38 @@ def test_cli_flags_build_the_settings(tmp_path: Path) -> None:
     assert (defaults.api_keys, defaults.max_concurrent_per_key, defaults.protect_health) == ((), None, False)
 
 
+@pytest.mark.parametrize(
+    "argv,env,expected",
+    [
+        (["--api-key", KEY_A, "--api-key", "bad key"], {}, "error: --api-key: API key #2: an API key must be"),
+        ([], {"TGI_GATEWAY_API_KEYS": f"{KEY_A},bad key"}, "error: TGI_GATEWAY_API_KEYS: API key #2: an API key"),
+        ([], {"TGI_GATEWAY_API_KEYS": '["not json'}, "error: TGI_GATEWAY_API_KEYS: a value starting with '['"),
+        (["--api-key-file", "{keys}"], {}, "error: --api-key-file: {keys}, line 2: an API key must be"),
+        ([], {"TGI_GATEWAY_API_KEY_FILE": "{keys}"}, "error: TGI_GATEWAY_API_KEY_FILE: {keys}, line 2: an API"),
+        (["--api-key", KEY_A], {"TGI_GATEWAY_API_KEYS": "bad key"}, None),  # the flag wins: the variable unread
+        (["--max-concurrent-per-key", "0"], {}, "error: --max-concurrent-per-key: Input should be greater"),
+        ([], {"TGI_GATEWAY_PORT": "http"}, "error: TGI_GATEWAY_PORT: Input should be a valid integer"),
+    ],
+)
+def test_cli_errors_name_the_flag_or_variable_the_user_set(
+    argv: list[str], env: dict[str, str], expected: str | None, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    keys = tmp_path / "keys"
+    keys.write_text(f"{KEY_A}\nbad key\n")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(keys=keys))
+    argv = [arg.format(keys=keys) for arg in argv]
+    if expected is None:  # valid: main goes on to serve, which is not tested here
+        monkeypatch.setattr("tgi_gateway.cli._serve", lambda *args: 0)
+        assert cli.main(["--model", "m", "--template-version", "v1", "--no-launch", *argv]) == 0
+        return
+    assert cli.main(["--model", "m", "--template-version", "v1", "--no-launch", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(expected.format(keys=keys)), err
+    assert "--api-keys" not in err and "Value error" not in err and "bad key" not in err and KEY_A not in err
+
+
 def test_settings_survive_the_worker_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "keys"
     path.write_text(KEY_B + "\n")
@@ -141,6 +173,25 @@ def test_keys_stay_out_of_repr_and_dumps() -> None:
     for text in (repr(settings), str(settings), settings.model_dump_json(), str(settings.model_dump())):
         assert KEY_A not in text
     assert settings.as_environment()["TGI_GATEWAY_API_KEYS"] == json.dumps([KEY_A]), "workers get the key"
+
+
+TGI_KEY = "tgi-key-0123456789abcdef-not-to-be-shown"
+
+
+def test_tgi_key_stays_out_of_repr_and_dumps_but_reaches_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TGI_GATEWAY_TGI_API_KEY", TGI_KEY)
+    settings = Settings(model="m")
+    assert settings.tgi_api_key is not None and settings.tgi_api_key.get_secret_value() == TGI_KEY
+    for text in (repr(settings), str(settings), settings.model_dump_json(), str(settings.model_dump()),
+                 json.dumps(settings.model_dump(mode="json"))):  # fmt: skip
+        assert TGI_KEY not in text
+    env = settings.as_environment()
+    assert env["TGI_GATEWAY_TGI_API_KEY"] == TGI_KEY, "workers get the key"
+    monkeypatch.delenv("TGI_GATEWAY_TGI_API_KEY")
+    assert "TGI_GATEWAY_TGI_API_KEY" not in Settings(model="m").as_environment(), "no key: no variable"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert Settings() == settings
 
 
 def test_key_id_is_short_stable_and_not_the_key() -> None:
@@ -556,6 +607,25 @@ def test_keys_never_reach_the_log(tgi: FakeTGI, caplog: pytest.LogCaptureFixture
 # ------------------------------------------------------------------------------------------------
 # The real process: keys from a flag and a file, two worker processes
 # ------------------------------------------------------------------------------------------------
+
+
+def test_tgi_key_is_sent_to_tgi_as_a_bearer_token(tgi: FakeTGI) -> None:
+    """Generations (http1 pool: /generate and /generate_stream) and control routes (httpx): every request to
+    TGI carries the key."""
+    tgi.config.api_key = TGI_KEY
+    try:
+        with gateway(tgi, tgi_api_key=TGI_KEY) as url, sdk(url, "unused") as client:
+            start = len(tgi.requests)
+            answer = client.chat.completions.create(model=MODEL, messages=ASK)
+            assert answer.choices[0].message.content == "It is sunny."
+            chunks = client.chat.completions.create(model=MODEL, messages=ASK, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "It is sunny."
+            assert httpx.get(url + "/health").status_code == 200
+            seen = tgi.requests[start:]
+    finally:
+        tgi.config.api_key = None
+    assert {r.path for r in seen} >= {"/generate", "/generate_stream", "/health"}
+    assert {r.headers.get("authorization") for r in seen} == {f"Bearer {TGI_KEY}"}
 
 
 def test_keys_from_flag_and_file_in_worker_processes(tmp_path: Path) -> None:

@@ -165,9 +165,6 @@ def test_workers_serve_from_several_processes(model_dir: Path) -> None:
 
 
 def test_the_server_process_tunes_the_collector_and_create_app_does_not() -> None:
-    import subprocess
-    import sys
-
     code = (
         "import gc\n"
         "from tgi_gateway.app import create_app, tune_gc\n"
@@ -181,3 +178,35 @@ def test_the_server_process_tunes_the_collector_and_create_app_does_not() -> Non
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["(10000,", "20,", "100)", "True"]
+
+
+# What start-up imports: huggingface_hub only to fetch a hub model's tokenizer files, docker only to launch TGI
+# (each costs 0.1-0.2 s of start-up). The CLI's `main` runs in a fresh interpreter up to the point of serving.
+IMPORTS = """
+import sys
+from tgi_gateway import cli
+
+def serve(settings, template):
+    import uvicorn, tgi_gateway.app  # what serving imports; nothing is served
+    return 0
+
+cli._serve = serve
+status = cli.main(sys.argv[1:])
+packages = {name.split(".")[0] for name in sys.modules}
+print(status, sorted(packages & {"huggingface_hub", "docker", "tokenizers"}))
+"""
+
+
+def imported_at_start_up(*args: str) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-c", IMPORTS, *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    return r.stdout.strip().splitlines()[-1]
+
+
+def test_start_up_imports_neither_huggingface_hub_nor_docker_when_not_needed(model_dir: Path) -> None:
+    assert imported_at_start_up("--model", "m", "--template-version", "v3-llama3.1", "--no-launch") == "0 []"
+    with FakeTGI() as tgi:  # TGI answers at --endpoint: no launch; detection from a local directory
+        assert imported_at_start_up("--model", str(model_dir), "--endpoint", tgi.url) == "0 []"
+    # a hub id needs huggingface_hub (offline here: the files are not cached, so it stops with status 2)
+    assert imported_at_start_up("--model", "org/not-cached", "--no-launch") == "2 ['huggingface_hub']"

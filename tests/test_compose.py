@@ -270,6 +270,8 @@ def test_gateway_environment_names_are_settings() -> None:
         if name.startswith("TGI_GATEWAY_"):
             assert name.removeprefix("TGI_GATEWAY_").lower() in Settings.model_fields, name
     assert env["TGI_GATEWAY_SERVED_MODEL_NAME"] == "${SERVED_MODEL_NAME:-${MODEL_ID}}"
+    for name in ("TGI_GATEWAY_API_KEYS", "TGI_GATEWAY_MAX_CONCURRENT_PER_KEY"):
+        assert name in env and env[name] is None, f"{name}: passed from .env when set, never written here"
     assert default_of(env["TGI_GATEWAY_LOG_LEVEL"] or "") in ("critical", "error", "warning", "info", "debug")
 
 
@@ -286,7 +288,7 @@ def test_gateway_port_is_published_on_loopback_by_default() -> None:
     m = re.fullmatch(r"(\$\{[^}]+\}|[\d.]+):(\$\{[^}]+\}|\d+):(\d+)", port)
     assert m, f"expected BIND:HOST_PORT:CONTAINER_PORT, not {port!r}"
     bind, host_port, container_port = m.groups()
-    assert default_of(bind) == "127.0.0.1", "the gateway has no authentication"
+    assert default_of(bind) == "127.0.0.1", "API keys are optional (none: the gateway is open): loopback"
     assert default_of(host_port) == "8000"
     assert container_port == "8000"
     assert "8000" in docker_env(final_stage())["TGI_GATEWAY_PORT"]
@@ -441,6 +443,18 @@ def test_docker_compose_config_accepts_the_example_settings(tmp_path: Path) -> N
     assert gw["volumes"][0]["read_only"] is True and gw["volumes"][0]["source"] == tgi["volumes"][0]["source"]
     (port,) = gw["ports"]
     assert (port["host_ip"], str(port["published"]), port["target"]) == ("127.0.0.1", "8000", 8000)
+    assert gw["environment"].get("TGI_GATEWAY_API_KEYS") is None, "no key in .env.example: the gateway is open"
+
+
+@needs_compose
+def test_docker_compose_config_passes_the_api_keys_to_the_gateway(tmp_path: Path) -> None:
+    r = run_config(tmp_path, {"MODEL_ID": MODEL, "TGI_GATEWAY_API_KEYS": "sk-a,sk-b",
+                              "TGI_GATEWAY_MAX_CONCURRENT_PER_KEY": "4"})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    tgi, gw = (json.loads(r.stdout)["services"][name] for name in ("tgi", "gateway"))
+    assert gw["environment"]["TGI_GATEWAY_API_KEYS"] == "sk-a,sk-b"
+    assert gw["environment"]["TGI_GATEWAY_MAX_CONCURRENT_PER_KEY"] == "4"
+    assert "TGI_GATEWAY_API_KEYS" not in tgi.get("environment", {}), "TGI never sees them"
 
 
 @needs_compose

@@ -293,6 +293,106 @@ def test_startup_timeout_stops_and_removes(engine, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# A signal at any moment of the start-up
+# ------------------------------------------------------------------------------------------------
+
+import inspect  # noqa: E402
+import threading  # noqa: E402
+from types import FrameType  # noqa: E402
+
+import tgi_gateway.container_manager as container_manager  # noqa: E402
+from tgi_gateway.container_manager import StartupInterrupted  # noqa: E402
+
+
+# The code a signal is swept over: the manager's methods, and threading's code under Thread.start() called by
+# _follow_logs (it waits there for the log follower to run: the window of the once-flaky CLI test below).
+MANAGER_CODE = {f.__code__ for f in vars(ContainerManager).values() if inspect.isfunction(f)}
+
+
+def _in_follower_start(frame: FrameType) -> bool:
+    outer = frame
+    while outer.f_back is not None and outer.f_back.f_code.co_filename == threading.__file__:
+        outer = outer.f_back
+    return outer.f_code is threading.Thread.start.__code__ and outer.f_back.f_code.co_name == "_follow_logs"
+
+
+class SignalAtLine:
+    """``sys.settrace`` that calls ``manager.interrupt(SIGTERM)``, as the CLI's signal handler does, at the
+    `at`-th line the main thread runs in the swept code; whatever ``interrupt`` raises is raised at that line,
+    as from a real handler. `at=None`: record the lines of a whole start-up and one health-poll cycle (its
+    sleep included), then signal."""
+
+    def __init__(self, manager: ContainerManager, at: int | None) -> None:
+        self.manager, self.at, self.where = manager, at, ""
+        self.lines: list[tuple[str, int]] = []
+
+    def __enter__(self) -> SignalAtLine:
+        sys.settrace(self._call)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.settrace(None)
+
+    def _call(self, frame: FrameType, event: str, arg: object) -> object:
+        code = frame.f_code
+        if code in MANAGER_CODE or code.co_filename == threading.__file__ and _in_follower_start(frame):
+            return self._line
+        return None
+
+    def _line(self, frame: FrameType, event: str, arg: object) -> object:
+        if event != "line":
+            return self._line
+        name = frame.f_code.co_name
+        self.lines.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} ({name})")
+        slept = self.at is None and name == "_wait_healthy" and any("(_sleep)" in line for line in self.lines)
+        if len(self.lines) == self.at or slept:
+            sys.settrace(None)
+            self.where = self.lines[-1]
+            self.manager.interrupt(signal.SIGTERM)
+            return None
+        return self._line
+
+
+def test_a_signal_at_any_line_of_the_start_up_removes_the_container(engine, tmp_path):
+    """The handler notes the signal (an exception raised wherever it lands leaves half-done states: a follower
+    thread that cannot be joined, a lock held in urllib3's pool); the start-up stops at its next checkpoint, or
+    at once in a sleep, and removes the container: for a signal at each line of the start-up (the image
+    already pulled; a signal during the pull finds no container to remove)."""
+    engine.set_behavior("serve", model=MODEL, load_delay=30)
+    port = free_port()
+    for _ in range(2):  # the first one pulls the image
+        m = manager(tmp_path, port)
+        with SignalAtLine(m, None) as whole, pytest.raises(StartupInterrupted):
+            m.ensure_tgi()
+        assert whole.where.endswith("(_wait_healthy)") and engine.containers == []
+    assert any(line.startswith("threading.py") for line in whole.lines), "Thread.start() of the log follower"
+    firsts = {line: at for at, line in reversed(list(enumerate(whole.lines, 1)))}
+    assert len(firsts) > 50
+    for at in sorted(firsts.values()):
+        m = manager(tmp_path, port)
+        with SignalAtLine(m, at) as signal_at, pytest.raises(StartupInterrupted) as e:
+            m.ensure_tgi()
+        assert not e.value.forced and e.value.signum == signal.SIGTERM
+        assert engine.containers == [], f"signal at {signal_at.where}: the container was left behind"
+        assert m.container is None and m._follower is None and m._log_stream is None
+    engine.wait_until(lambda: not [t for t in threading.enumerate() if t.name == "tgi-logs"], timeout=10)
+
+
+def test_a_signal_in_a_sleep_stops_at_once_and_a_second_one_forces(engine, tmp_path):
+    m = manager(tmp_path, free_port())
+    m._sleeping = True
+    with pytest.raises(StartupInterrupted) as e:
+        m.interrupt(signal.SIGINT)
+    assert (e.value.signum, e.value.forced) == (signal.SIGINT, False)
+    m = manager(tmp_path, free_port())
+    m.interrupt(signal.SIGTERM)  # noted, not raised
+    with pytest.raises(StartupInterrupted) as e:
+        m.interrupt(signal.SIGTERM)
+    assert e.value.forced, "a second signal raises wherever the main thread is"
+    container_manager._join(threading.Thread(target=lambda: None))  # cut short before start(): no RuntimeError
+
+
+# ------------------------------------------------------------------------------------------------
 # The real CLI process: what the user sees, and SIGTERM cleanup
 # ------------------------------------------------------------------------------------------------
 
@@ -348,6 +448,33 @@ def test_sigterm_while_tgi_loads_removes_the_container(engine, tmp_path):
         proc.kill()
     assert proc.returncode == 130 and "container was removed" in out, out[-2000:]
     assert engine.containers == []
+
+
+@pytest.fixture
+def signal_handlers() -> Iterator[None]:
+    """The test process's SIGTERM/SIGINT handlers back after a test that runs the CLI's `main` in-process."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def test_a_signal_noted_after_the_start_ups_last_checkpoint_stops_the_gateway(monkeypatch, signal_handlers):
+    """A signal that lands after ensure_tgi's last checkpoint is noted, not lost: the gateway does not serve,
+    and the container is released."""
+    from tgi_gateway import cli
+
+    def ensure_tgi(self: ContainerManager) -> str:
+        self.interrupt(signal.SIGTERM)  # what the handler does when the signal lands on the `return`
+        return "started"
+
+    released: list[ContainerManager] = []
+    monkeypatch.setattr(ContainerManager, "ensure_tgi", ensure_tgi)
+    monkeypatch.setattr(ContainerManager, "release", lambda self: released.append(self))
+    monkeypatch.setattr(cli, "_serve", lambda *args: pytest.fail("served after SIGTERM"))
+    assert cli.main(["--model", MODEL, "--template-version", "v3-llama3.1"]) == 130
+    assert len(released) == 1
+    assert signal.getsignal(signal.SIGTERM) is cli._exit_cleanly, "from now on a signal exits through release"
 
 
 def test_keep_tgi_and_failure_exit_status(engine, tmp_path):

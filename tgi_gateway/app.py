@@ -48,7 +48,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from . import __version__, auth
+from . import __version__, auth, openapi
 from .draining import Draining
 from .errors import (
     GatewayError,
@@ -60,7 +60,7 @@ from .errors import (
     UpstreamError,
 )
 from .limits import BodySizeLimit, StrictJSONRoute
-from .openai_types import ChatCompletionRequest
+from .openai_types import ChatCompletionRequest, HealthStatus
 from .params import check_supported, check_token_budget, tgi_parameters
 from .prompting import Template, normalize
 from .settings import Settings
@@ -401,7 +401,7 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
             read_timeout=settings.read_timeout,
             request_timeout=settings.request_timeout,
             connect_retries=settings.connect_retries,
-            api_key=settings.tgi_api_key,
+            api_key=settings.tgi_api_key.get_secret_value() if settings.tgi_api_key else None,
         ) as client:
             app.state.gateway = Gateway(settings, template, client)
             app.state.draining.install()  # SIGTERM: /health says "draining" for --drain-seconds, then stop
@@ -445,25 +445,51 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
         logger.exception("unexpected error")
         return error_response(GatewayError("The gateway failed unexpectedly; see its log."))
 
-    @app.post("/v1/chat/completions", response_model=None, summary="Create a chat completion")
+    # The error statuses each route really answers, with OpenAI's envelope; no 422 (tgi_gateway/openapi.py).
+    guarded = openapi.guarded(settings)
+    openapi.install(app, settings, auth.OPEN_PATHS)
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        summary="Create a chat completion",
+        responses=openapi.error_responses(
+            {400, 404, 413, 429, 500, 502, 503, 504} | guarded,
+            s429="TGI is overloaded, or this API key has its maximum of requests in flight "
+            "(`Retry-After` says when to retry).",
+        ),
+    )
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         try:
             return await request.app.state.gateway.chat(request, body)
         except ClientDisconnected:
             return Response(status_code=499)
 
-    @app.get("/v1/models", summary="List the served model")
+    @app.get("/v1/models", summary="List the served model", responses=openapi.error_responses(guarded))
     async def list_models(request: Request) -> Response:
         return json_response({"object": "list", "data": [_model_card(request.app.state.gateway)]})
 
-    @app.get("/v1/models/{model:path}", summary="Describe the served model")
+    @app.get(
+        "/v1/models/{model:path}",
+        summary="Describe the served model",
+        responses=openapi.error_responses({404} | guarded),
+    )
     async def get_model(request: Request, model: str) -> Response:
         gateway = request.app.state.gateway
         if model != gateway.settings.model_name:
             raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
         return json_response(_model_card(gateway))
 
-    @app.get("/health", summary="200 when TGI answers its /health, 503 otherwise, and while draining")
+    @app.get(
+        "/health",
+        summary="200 when TGI answers its /health, 503 otherwise, and while draining",
+        response_model=None,
+        responses={
+            200: {"model": HealthStatus, "description": "TGI answers its /health."},
+            503: {"model": HealthStatus, "description": "TGI does not answer, or the gateway is draining."},
+            **openapi.error_responses(openapi.guarded(settings, open_path=True)),
+        },
+    )
     async def health(request: Request) -> Response:
         if request.app.state.draining.active:
             return json_response({"status": "draining", "error": "the gateway is shutting down"}, 503)

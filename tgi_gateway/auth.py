@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-Keys come from ``--api-key`` (repeatable), ``TGI_GATEWAY_API_KEYS`` (a JSON list or a comma-separated
-list) and ``--api-key-file`` (one key per line); all of them are valid at once. With no key the gateway is
+Keys come from ``--api-key`` (repeatable) or else ``TGI_GATEWAY_API_KEYS`` (a JSON list or a comma-separated
+list; a flag wins over its variable), and from ``--api-key-file`` (one key per line); all of them are valid at
+once. With no key the gateway is
 open, as it always was. With keys, every request but those to the open paths (``/health`` and
 ``/metrics``, unless ``--protect-health``) needs ``Authorization: Bearer <key>``, or gets OpenAI's 401.
 Paths match exactly, and anything else needs a key — unknown paths (no route listing for strangers), and
@@ -91,9 +92,9 @@ def parse_keys(value: str | Iterable[str]) -> list[str]:
             try:
                 items = json.loads(text)
             except ValueError:
-                raise ValueError("TGI_GATEWAY_API_KEYS starts with '[' but is not a JSON list") from None
+                raise ValueError("a value starting with '[' must be a JSON list of keys") from None
             if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-                raise ValueError("TGI_GATEWAY_API_KEYS starts with '[' but is not a JSON list of strings")
+                raise ValueError("a value starting with '[' must be a JSON list of keys (strings)")
         else:
             items = [item.strip() for item in text.split(",") if item.strip()]
     else:

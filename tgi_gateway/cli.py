@@ -13,16 +13,19 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from .container_manager import DEFAULT_IMAGE, ContainerManager, LaunchError, LaunchSpec
+from .container_manager import DEFAULT_IMAGE, ContainerManager, LaunchError, LaunchSpec, StartupInterrupted
 from .errors import ConfigurationError
 from .prompting.types import Version
 from .settings import Settings
 from .telemetry import configure_logging, shared_metrics_dir
+
+if TYPE_CHECKING:
+    from .prompting import Template
 
 log = logging.getLogger("tgi_gateway")
 
@@ -92,15 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     try:
-        settings = Settings(**{k: v for k, v in vars(args).items() if v is not None})
+        settings = Settings(**given)
     except ValidationError as exc:
-        for err in exc.errors():
-            field = ".".join(map(str, err["loc"])) or "settings"
-            flag = "--" + field.replace("_", "-")
-            hint = " (pass --model or set TGI_GATEWAY_MODEL)" if err["type"] == "missing" else ""
-            print(f"error: {flag}: {err['msg']}{hint}", file=sys.stderr)
+        for line in settings_errors(exc, given, parser):
+            print(line, file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
     try:
@@ -119,27 +120,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("%s uses Functionary template %s", settings.model, template.version)
 
     manager = None
-    if settings.launch:
-        manager = ContainerManager(launch_spec(settings))
-        previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM while TGI loads: clean up, then exit
-        try:
-            manager.ensure_tgi()
-        except LaunchError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        except (KeyboardInterrupt, SystemExit):
-            print("interrupted while starting TGI; its container was removed", file=sys.stderr)
-            return 130
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+    try:
+        if settings.launch:
+            manager = ContainerManager(launch_spec(settings))
+            status = _start_tgi(manager)
+            if status is not None:
+                return status
+        return _serve(settings, template)
+    except StartupInterrupted:  # a second signal while the first one's outcome was being reported
+        return 130
+    finally:
+        if manager is not None:
+            manager.release()
 
+
+def _start_tgi(manager: ContainerManager) -> int | None:
+    """Run the container manager's start-up; the exit status if the gateway must not serve.
+
+    A SIGTERM or SIGINT meanwhile is handed to the manager, which stops at its next checkpoint and removes
+    what it created (container_manager.py, "Signals during the start-up"); an exception raised at whatever
+    line the signal lands on would leave a state no clean-up can rely on. When the start-up is over, the
+    handlers become `_exit_cleanly` at once: a signal from then on exits through `main`'s `finally`, which
+    releases the container (with the default SIGTERM handler the process would die there, leaving it behind).
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        manager.interrupt(signum)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        manager.ensure_tgi()
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except StartupInterrupted as exc:
+        if exc.forced:
+            name = manager.spec.name
+            print(f"stopped at once by a second signal: if a TGI container {name} is left, remove it with "
+                  f"`docker rm -f {name}`", file=sys.stderr)  # fmt: skip
+        else:
+            removed = "; its container was removed" if manager.started_here else ""
+            print(f"interrupted while starting TGI{removed}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, _exit_cleanly)
+        signal.signal(signal.SIGINT, _exit_cleanly)
+    if manager.interrupted is not None:  # noted after the start-up's last checkpoint: `main` releases
+        print("interrupted while starting TGI", file=sys.stderr)
+        return 130
+    return None
+
+
+def _serve(settings: Settings, template: Template) -> int:
     import uvicorn
 
     from .app import create_app, tune_gc
 
     # uvicorn handles SIGINT/SIGTERM itself: it stops accepting, lets in-flight requests finish within the
     # grace period, runs the app's shutdown, then restores the handlers it found and raises the signal
-    # again. These handlers turn that last signal into a clean exit through the `finally` below (with the
+    # again. These handlers turn that last signal into a clean exit through `main`'s `finally` (with the
     # default SIGTERM handler the process would die there, leaving the TGI container behind). With
     # --drain-seconds the app holds the signal back for that long first (tgi_gateway/draining.py).
     signal.signal(signal.SIGTERM, _exit_cleanly)
@@ -155,27 +195,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if settings.log_format == "json":  # uvicorn's own lines go through the root handler: JSON too
         server["log_config"] = None
-    try:
-        if settings.workers > 1:
-            # Each worker process imports the app factory and rebuilds the same settings from the
-            # environment (the template version detected here included); they share the listening socket.
-            env = settings.model_copy(update={"template_version": template.version}).as_environment()
-            os.environ.update(env)
-            with shared_metrics_dir():  # /metrics answers for all workers, whichever one is scraped
-                factory = "tgi_gateway.app:app_from_environment"
-                uvicorn.run(factory, factory=True, workers=settings.workers, **server)
-        else:
-            app = create_app(settings, template)
-            tune_gc()
-            uvicorn.run(app, **server)
-    finally:
-        if manager is not None:
-            manager.release()
+    if settings.workers > 1:
+        # Each worker process imports the app factory and rebuilds the same settings from the
+        # environment (the template version detected here included); they share the listening socket.
+        env = settings.model_copy(update={"template_version": template.version}).as_environment()
+        os.environ.update(env)
+        with shared_metrics_dir():  # /metrics answers for all workers, whichever one is scraped
+            factory = "tgi_gateway.app:app_from_environment"
+            uvicorn.run(factory, factory=True, workers=settings.workers, **server)
+    else:
+        app = create_app(settings, template)
+        tune_gc()
+        uvicorn.run(app, **server)
     return 0
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+def settings_errors(
+    exc: ValidationError, given: dict[str, object], parser: argparse.ArgumentParser
+) -> list[str]:
+    """One line per error of `Settings(**given)`, naming where the refused value came from: the flag as the
+    user typed it (``--api-key`` for the field ``api_keys``) when a flag set the field, else its
+    ``TGI_GATEWAY_*`` variable (flags win over the environment, so the value came from there)."""
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    lines = []
+    for err in exc.errors():
+        field, *rest = [str(part) for part in err["loc"]] or ["settings"]
+        if err["type"] == "missing" or field in given:
+            source = flags.get(field, "--" + field.replace("_", "-"))
+        elif field in Settings.model_fields:
+            source = f"TGI_GATEWAY_{field.upper()}"
+        else:
+            source = field
+        source += "".join(f"[{part}]" for part in rest)
+        # our validators' own message, without pydantic's "Value error, " prefix
+        message = str(err["ctx"]["error"]) if err["type"] == "value_error" and "ctx" in err else err["msg"]
+        hint = f" (pass {source} or set TGI_GATEWAY_{field.upper()})" if err["type"] == "missing" else ""
+        lines.append(f"error: {source}: {message}{hint}")
+    return lines
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

@@ -21,6 +21,19 @@ Docker SDK calls never run on an event loop):
 Every failure raises :class:`LaunchError` (printed by the CLI, exit status 1) and leaves no container this
 process created behind. :meth:`ContainerManager.release` (at shutdown) stops and removes the container this
 process started, unless ``keep`` was asked; an adopted container is left running.
+
+Signals during the start-up
+---------------------------
+The start-up is stopped by SIGTERM or SIGINT *cooperatively*. A signal handler runs in the main thread
+between any two bytecodes of whatever runs there: inside ``threading.Thread.start()`` (a thread not yet
+marked started cannot be joined), inside the docker SDK with a request on the wire (a container created but
+not yet known), inside urllib3's pool while it holds its lock (the clean-up's Docker calls would then wait
+forever). An exception raised there leaves a state no clean-up can rely on. So the CLI's handler only calls
+:meth:`ContainerManager.interrupt`, which notes the signal; the start-up raises :class:`StartupInterrupted`
+at its next checkpoint (before each step, at each pull progress event, at each health poll: within about
+``poll_interval`` plus one Docker call), where nothing is half done, and the failure path removes the
+container. Only a sleep between two health polls is cut short at once. A second signal raises at once
+wherever the main thread is (``forced``): the user insists, and the container may be left behind.
 """
 
 from __future__ import annotations
@@ -40,7 +53,14 @@ from urllib.parse import urlsplit
 
 import httpx
 
-__all__ = ["DEFAULT_IMAGE", "ContainerManager", "LaunchError", "LaunchSpec", "is_local_endpoint"]
+__all__ = [
+    "DEFAULT_IMAGE",
+    "ContainerManager",
+    "LaunchError",
+    "LaunchSpec",
+    "StartupInterrupted",
+    "is_local_endpoint",
+]
 
 log = logging.getLogger("tgi_gateway.container")
 
@@ -52,6 +72,16 @@ LOG_TAIL = 40  # log lines kept for a failure report
 
 class LaunchError(Exception):
     """TGI could not be started; the message says why and what to do."""
+
+
+class StartupInterrupted(BaseException):
+    """A signal stopped the start-up: at a checkpoint, or at once by a second signal (`forced`).
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on its way swallows it."""
+
+    def __init__(self, signum: int, *, forced: bool = False) -> None:
+        super().__init__(signum, forced)
+        self.signum, self.forced = signum, forced
 
 
 @dataclass(frozen=True)
@@ -163,12 +193,16 @@ class ContainerManager:
     _tail: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_TAIL))
     _follower: threading.Thread | None = None
     _log_stream: Any = None
+    _log_client: Any = None  # the log stream's own client (see _follow_logs)
+    interrupted: int | None = None  # the signal that asked the start-up to stop (module docstring)
+    _sleeping: bool = False  # between two health polls: the only place a first signal raises at once
 
     # -- the whole start-up ------------------------------------------------------------------
 
     def ensure_tgi(self) -> str:
         """Make TGI answer at the endpoint; returns how: "existing", "remote", "adopted" or "started"."""
         spec = self.spec
+        self.checkpoint()
         if tgi_healthy(spec.endpoint):
             log.info("TGI answers at %s: using it", spec.endpoint)
             return "existing"
@@ -178,12 +212,29 @@ class ContainerManager:
             return "remote"
         self._client = self._connect()
         try:
+            self.checkpoint()
             outcome = self._adopt() or self._start()
             self._wait_healthy()
+            self.checkpoint()
             return outcome
         except BaseException:
             self._cleanup_after_failure()
             raise
+
+    def interrupt(self, signum: int) -> None:
+        """Ask the start-up to stop; for the CLI's SIGTERM/SIGINT handler. The signal is noted, and the
+        start-up raises :class:`StartupInterrupted` at its next checkpoint, or here if it sleeps between two
+        health polls. A second signal raises here at once (``forced``), wherever the main thread is."""
+        if self.interrupted is not None:
+            raise StartupInterrupted(signum, forced=True)
+        self.interrupted = signum
+        if self._sleeping:
+            raise StartupInterrupted(signum)
+
+    def checkpoint(self) -> None:
+        """Raise :class:`StartupInterrupted` if a signal asked the start-up to stop."""
+        if self.interrupted is not None:
+            raise StartupInterrupted(self.interrupted)
 
     def release(self) -> None:
         """At shutdown: stop and remove the container this process started (unless `keep`)."""
@@ -242,6 +293,7 @@ class ContainerManager:
 
         spec = self.spec
         self._ensure_image()
+        self.checkpoint()
         log.info("starting TGI %s for %s on 127.0.0.1:%d (GPUs: %s)", spec.image, spec.model, spec.port, spec.gpus)
         try:
             self.container = self._client.containers.create(
@@ -276,6 +328,7 @@ class ContainerManager:
         progress = PullProgress(self.out)
         try:
             for event in self._client.api.pull(repo, tag=tag, stream=True, decode=True):
+                self.checkpoint()
                 if "error" in event or "errorDetail" in event:
                     message = (event.get("errorDetail") or {}).get("message") or event.get("error")
                     raise LaunchError(f"Pulling {self.spec.image} failed: {message}")
@@ -291,6 +344,7 @@ class ContainerManager:
         deadline = time.monotonic() + spec.startup_timeout
         log.info("waiting for TGI to load %s (up to %g s; progress below)", spec.model, spec.startup_timeout)
         while True:
+            self.checkpoint()
             self.container.reload()
             state = self.container.attrs.get("State", {})
             if state.get("Status") not in ("created", "running", "restarting"):
@@ -303,23 +357,41 @@ class ContainerManager:
                     f"TGI did not become healthy within {spec.startup_timeout:g} s (--startup-timeout). "
                     f"Last log lines:\n{self._tail_text()}"
                 )
-            time.sleep(self.poll_interval)
+            self._sleep(self.poll_interval)
+
+    def _sleep(self, seconds: float) -> None:
+        """A sleep a signal cuts short: :meth:`interrupt` raises at once while `_sleeping` is set."""
+        self._sleeping = True
+        try:
+            self.checkpoint()  # a signal noted just before `_sleeping` was set
+            time.sleep(seconds)
+        finally:
+            self._sleeping = False
 
     # -- logs --------------------------------------------------------------------------------
 
     def _follow_logs(self) -> None:
+        # The stream has a client of its own. It is closed from this thread while the follower thread reads
+        # it, and urllib3 may then put its connection back into the client's pool with its socket already
+        # closed (fd -1): the next call from that pool fails ("file descriptor cannot be a negative integer").
+        # The calls that stop and remove the container must not share that pool; this one ends with it.
+        import docker
+
         try:
-            self._log_stream = self.container.logs(stream=True, follow=True)
+            self._log_client = (self.docker_client or docker.from_env)()
+            self._log_stream = stream = self._log_client.api.logs(self.container.id, stream=True, follow=True)
         except Exception as exc:  # noqa: BLE001 - logs are a help, not a requirement
             log.warning("cannot follow the TGI container's logs: %s", _short(exc))
             return
-        self._follower = threading.Thread(target=self._pump_logs, name="tgi-logs", daemon=True)
+        self._follower = threading.Thread(
+            target=self._pump_logs, args=(stream,), name="tgi-logs", daemon=True
+        )
         self._follower.start()
 
-    def _pump_logs(self) -> None:
+    def _pump_logs(self, stream: Any) -> None:
         buffer = b""
         try:
-            for chunk in self._log_stream:
+            for chunk in stream:
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for raw in lines:
@@ -344,9 +416,14 @@ class ContainerManager:
                         close()
                 except Exception:  # noqa: BLE001
                     pass
-        if self._follower is not None:
-            self._follower.join(2)
-            self._follower = None
+        follower, self._follower = self._follower, None
+        _join(follower)
+        client, self._log_client = self._log_client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001
+                pass
 
     def _tail_text(self) -> str:
         time.sleep(0.2)  # let the log follower catch the last lines
@@ -364,14 +441,15 @@ class ContainerManager:
         )
 
     def _stop_following_after_exit(self) -> None:
-        if self._follower is not None:
-            self._follower.join(2)  # the stream ends by itself when the container has exited
+        _join(self._follower)  # the stream ends by itself when the container has exited
 
     def _cleanup_after_failure(self) -> None:
-        self._stop_following()
-        if self.container is not None and self.started_here:
-            self._remove(self.container, stop=True)
-        self.container = None
+        try:
+            self._stop_following()
+        finally:  # the container goes whatever happened to the log follower
+            if self.container is not None and self.started_here:
+                self._remove(self.container, stop=True)
+            self.container = None
 
     def _remove(self, container: Any, *, stop: bool) -> None:
         try:
@@ -380,6 +458,14 @@ class ContainerManager:
             container.remove(force=True)
         except Exception as exc:  # noqa: BLE001 - report, never mask the original failure
             log.warning("could not remove TGI container %s: %s", getattr(container, "name", "?"), _short(exc))
+
+
+def _join(follower: threading.Thread | None) -> None:
+    """Wait (2 s at most) for the log follower to end, its stream closed or finished. A follower whose
+    ``start()`` a second signal cut short before it was marked started cannot be joined (RuntimeError) and
+    needs no join: a daemon thread, it ends with its stream."""
+    if follower is not None and follower.is_alive():
+        follower.join(2)
 
 
 class PullProgress:

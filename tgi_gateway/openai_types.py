@@ -84,3 +84,29 @@ class ChatCompletionRequest(BaseModel):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+# Responses: the OpenAPI docs' models of what the gateway answers besides completions (see openapi.py).
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong, for a person.")
+    type: str = Field(description='"invalid_request_error", "requests" (429) or "server_error".')
+    param: str | None = Field(description="The request field at fault, dotted (`messages[2].content`).")
+    code: str | None = Field(
+        description='e.g. "context_length_exceeded", "model_not_found", "invalid_api_key", '
+        '"rate_limit_exceeded", "timeout".'
+    )
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope: every error status of the gateway has this body."""
+
+    error: ErrorDetail
+
+
+class HealthStatus(BaseModel):
+    """`GET /health`."""
+
+    status: str = Field(description='"ok" (200); "unavailable" or "draining" (503).')
+    error: str | None = Field(None, description="Why it is not ok.")

@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
     template_version: Version | None = Field(None, description="Override the detected template version.")
     revision: str | None = Field(None, description="Hub revision of the model's tokenizer files.")
-    tgi_api_key: str | None = Field(None, description="Bearer key for a TGI started with --api-key.")
+    tgi_api_key: SecretStr | None = Field(None, description="Bearer key for a TGI started with --api-key.")
     connect_timeout: float = Field(2.0, gt=0, description="Seconds to connect to TGI.")
     first_token_timeout: float = Field(
         120.0, gt=0, description="Seconds TGI may take to send the first token (queueing included)."
@@ -85,11 +85,15 @@ class Settings(BaseSettings):
             auth.read_key_file(v)  # a bad file stops the CLI (exit 2) before any worker starts
         return v
 
-    @field_serializer("api_keys", mode="wrap", when_used="json")
-    def _reveal_keys(self, v: tuple[SecretStr, ...], nxt: Serialize, info: SerializationInfo) -> Any:
+    @field_serializer("api_keys", "tgi_api_key", mode="wrap", when_used="json")
+    def _reveal_keys(
+        self, v: tuple[SecretStr, ...] | SecretStr | None, nxt: Serialize, info: SerializationInfo
+    ) -> Any:
         """Masked, unless asked for by `as_environment` (worker processes need the keys themselves)."""
         if info.context and info.context.get("reveal_secrets"):
-            return [key.get_secret_value() for key in v]
+            if isinstance(v, SecretStr):
+                return v.get_secret_value()
+            return None if v is None else [key.get_secret_value() for key in v]
         return nxt(v)
     # ------------------------------------------------------------------------------------------------------
 

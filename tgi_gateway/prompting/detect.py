@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import snapshot_download
-
 from ..errors import ConfigurationError
 from .types import Version
 
@@ -116,12 +114,12 @@ def load_model_files(
     *,
     revision: str | None = None,
     token: str | None = None,
-    download: Callable[..., Any] = snapshot_download,
+    download: Callable[..., Any] | None = None,
 ) -> ModelFiles:
     """Read the tokenizer files of `model`: a local directory, or a hub id fetched with `download`.
 
     `download(repo_id, revision=..., token=..., allow_patterns=[...])` must return the local snapshot
-    directory; the default is ``huggingface_hub.snapshot_download``, which honours HF_TOKEN, HF_HOME,
+    directory; the default (None) is ``huggingface_hub.snapshot_download``, which honours HF_TOKEN, HF_HOME,
     HF_HUB_CACHE and HF_HUB_OFFLINE by itself. Raises ConfigurationError when the model cannot be found
     or fetched, or when a file is not valid JSON.
     """
@@ -130,7 +128,7 @@ def load_model_files(
 
 
 def _resolve_directory(
-    model: str, *, revision: str | None, token: str | None, download: Callable[..., Any]
+    model: str, *, revision: str | None, token: str | None, download: Callable[..., Any] | None
 ) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
@@ -146,6 +144,8 @@ def _resolve_directory(
             "(expected 'organisation/name', e.g. meetkai/functionary-small-v3.2). Check the path, or pass a "
             "hub id."
         )
+    if download is None:  # imported only for a hub id: huggingface_hub costs ~0.1-0.2 s of start-up
+        from huggingface_hub import snapshot_download as download
     where = f"hub model {model!r}" + (f" at revision {revision!r}" if revision else "")
     try:
         result = download(
