@@ -108,10 +108,14 @@ def main() -> int:
     p.add_argument("--delay-ms", type=float, default=0.0, help="per token (0: as fast as the double goes)")
     p.add_argument("--seconds", type=float, default=10.0, help="per run")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--double", choices=["fake", "lean"], default="fake",
+        help="fake: tests/fakes/tgi.py (FakeTGI); lean: benchmarks/lean_tgi.py (same bytes, far less CPU)",
+    )  # fmt: skip
     args = p.parse_args()
     import uvloop
 
-    with Double(args.tokens, "uvloop", "httptools", ["text"]) as double:
+    with Double(args.tokens, "uvloop", "httptools", ["text"], args.double) as double:
         double.call("set", token_delay=args.delay_ms / 1000)
         with GatewayProcess(double.url) as gateway:
             gateway.wait_healthy()

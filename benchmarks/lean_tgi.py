@@ -54,7 +54,7 @@ _SAMPLING_KEYS = ("temperature", "top_k", "top_p", "typical_p")
 class Generation:
     """What the benchmark scripts read of one generation (the names of FakeTGI's record)."""
 
-    route: str  # "/generate_stream" or "/generate"
+    route: str  # "generate_stream" or "generate", as FakeTGI names them
     inputs: str
     parameters: dict[str, Any]
     tokens: list[Token] = field(default_factory=list)
@@ -62,7 +62,7 @@ class Generation:
 
     @property
     def stream(self) -> bool:
-        return self.route == "/generate_stream"
+        return self.route == "generate_stream"
 
 
 @dataclass(frozen=True)
@@ -275,7 +275,7 @@ class _Connection(asyncio.Protocol):
                 return
             script = tgi.script
             answer = _answer(script, p.get("max_new_tokens"))
-            gen = self.gen = Generation(path.decode(), inputs, p)
+            gen = self.gen = Generation(path.decode().lstrip("/"), inputs, p)
             tgi.generations.append(gen)
             tgi.in_flight += 1
             tgi.peak_in_flight = max(tgi.peak_in_flight, tgi.in_flight)
