@@ -15,8 +15,9 @@ so the two cannot disagree; they differ only in the TGI route:
   first token travel in the SSE stream. Three stream flows (docs/architecture.md):
 
   * normal end — TGI's final event → the finish chunk, the usage chunk if asked, `data: [DONE]`;
-  * client disconnect — the response is cancelled (`EventStreamResponse` listens for `http.disconnect`),
-    which closes the upstream TGI response at once, so TGI drops the request from its batch;
+  * client disconnect — the request's `DisconnectWatch` (one watcher of `http.disconnect` per request)
+    cancels the body, which closes the upstream TGI response at once, so TGI drops the request from its
+    batch;
   * upstream error mid-stream — one `data: {"error": {...}}` event (the OpenAI envelope), then the end.
 
 * **non-stream** requests read TGI's `/generate` with `details: true`: one JSON answer once the generation
