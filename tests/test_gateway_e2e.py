@@ -470,7 +470,7 @@ def leave_mid_request(url: str, body: dict[str, Any], ready: Any) -> float:
     async def go() -> float:
         async with httpx.AsyncClient(base_url=url) as h:
             task = asyncio.create_task(h.post("/v1/chat/completions", json=body))
-            await ready()
+            assert await ready(), "the request never reached the point where the client leaves"
             task.cancel()
             left = time.monotonic()
             with pytest.raises(asyncio.CancelledError):
