@@ -44,7 +44,7 @@ import httptools
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.fakes.tgi import Token, TGIConfig, _dumps, tokenize_input  # noqa: E402
+from tests.fakes.tgi import TGIConfig, Token, _dumps, tokenize_input  # noqa: E402
 
 _EOS_TEXTS = TGIConfig().eos_texts
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p", "typical_p")
@@ -108,7 +108,9 @@ _STREAM_HEAD = (
 class LeanTGI:
     """``start()`` it, read ``url``; ``script`` (FakeTGI tokens) and ``token_delay`` may change at any time."""
 
-    def __init__(self, script: list[Token], *, token_delay: float = 0.0, model_id: str = TGIConfig.model_id) -> None:
+    def __init__(
+        self, script: list[Token], *, token_delay: float = 0.0, model_id: str = TGIConfig.model_id
+    ) -> None:
         self.script = script
         self.token_delay = token_delay
         self.config = TGIConfig(model_id=model_id)
@@ -174,8 +176,11 @@ class LeanTGI:
         script, cached = self._encoded.get(id(tokens), (None, []))
         if script is not tokens:
             cached = [
-                _chunk(b"data: " + _dumps({"index": i, "token": t.as_dict(), "generated_text": None,
-                                           "details": None}) + b"\n\n")  # fmt: skip
+                _chunk(
+                    b"data: "
+                    + _dumps({"index": i, "token": t.as_dict(), "generated_text": None, "details": None})
+                    + b"\n\n"
+                )  # fmt: skip
                 for i, t in enumerate(tokens, 1)
             ]
             self._encoded[id(tokens)] = (tokens, cached)
@@ -185,16 +190,29 @@ class LeanTGI:
         n = len(answer.tokens)
         details = None
         if p.get("details"):
-            seed = (p.get("seed") if p.get("seed") is not None else random.getrandbits(64)) if _sampling(p) else None
+            seed = (
+                (p.get("seed") if p.get("seed") is not None else random.getrandbits(64))
+                if _sampling(p)
+                else None
+            )
             details = {"finish_reason": answer.finish_reason, "generated_tokens": n, "seed": seed,
                        "input_length": input_length}  # fmt: skip
-        event = {"index": n, "token": answer.tokens[-1].as_dict(), "generated_text": answer.text, "details": details}
+        event = {
+            "index": n,
+            "token": answer.tokens[-1].as_dict(),
+            "generated_text": answer.text,
+            "details": details,
+        }
         return _chunk(b"data: " + _dumps(event) + b"\n\n")
 
     def _generate_body(self, answer: _Answer, p: dict[str, Any]) -> bytes:
         body: dict[str, Any] = {"generated_text": answer.text}
         if p.get("details"):
-            seed = (p.get("seed") if p.get("seed") is not None else random.getrandbits(64)) if _sampling(p) else None
+            seed = (
+                (p.get("seed") if p.get("seed") is not None else random.getrandbits(64))
+                if _sampling(p)
+                else None
+            )
             body["details"] = {
                 "finish_reason": answer.finish_reason, "generated_tokens": len(answer.tokens), "seed": seed,
                 "prefill": [], "tokens": [t.as_dict() for t in answer.tokens],
@@ -306,7 +324,9 @@ class _Connection(asyncio.Protocol):
             return
         delay = self.tgi.token_delay
         if delay > 0:
-            self.timer = self.loop.call_at(start + (i + 1) * delay, self._stream, answer, chunks, i + 1, start)
+            self.timer = self.loop.call_at(
+                start + (i + 1) * delay, self._stream, answer, chunks, i + 1, start
+            )
         else:
             self.timer = self.loop.call_soon(self._stream, answer, chunks, i + 1, start)  # type: ignore[assignment]
 
@@ -326,8 +346,12 @@ class _Connection(asyncio.Protocol):
             gen.outcome = outcome
             self.tgi.in_flight -= 1
 
-    def _reply(self, status: int, content_type: bytes, body: bytes, *, extra: bytes = b"", close: bool = False) -> None:
-        reason = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 422: b"Unprocessable Entity"}.get(status, b"")
+    def _reply(
+        self, status: int, content_type: bytes, body: bytes, *, extra: bytes = b"", close: bool = False
+    ) -> None:
+        reason = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 422: b"Unprocessable Entity"}.get(
+            status, b""
+        )
         head = b"HTTP/1.1 %d %b\r\ncontent-type: %b\r\ncontent-length: %d\r\n%b" % (
             status, reason, content_type, len(body), extra,
         )  # fmt: skip

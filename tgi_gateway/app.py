@@ -154,7 +154,11 @@ class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(
-        self, body: Callable[[Send], Awaitable[None]], *, on_close: Callable[[], Awaitable[Any]], headers: Mapping[str, str]
+        self,
+        body: Callable[[Send], Awaitable[None]],
+        *,
+        on_close: Callable[[], Awaitable[Any]],
+        headers: Mapping[str, str],
     ) -> None:
         self.status_code = 200
         self.background = None
@@ -164,7 +168,9 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             with DisconnectWatch.of(scope, receive):
-                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                await send(
+                    {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+                )
                 await self._body(send)
         except ClientDisconnected:
             pass  # nobody to answer
@@ -179,7 +185,9 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 def json_response(body: Any, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status_code=status_code, headers=headers, media_type="application/json")
+    return Response(
+        orjson.dumps(body), status_code=status_code, headers=headers, media_type="application/json"
+    )
 
 
 def error_response(exc: GatewayError) -> Response:
@@ -254,7 +262,9 @@ class Gateway:
 
             stack, tokens, first = await self._upstream(request, req, rec, open_stream)
             body = partial(self._stream, tokens=tokens, batch=first, answer=answer, ctx=ctx, rec=rec)
-            return EventStreamResponse(body, on_close=partial(_close_upstream, stack, tokens), headers=SSE_HEADERS)
+            return EventStreamResponse(
+                body, on_close=partial(_close_upstream, stack, tokens), headers=SSE_HEADERS
+            )
 
         generation = await self._upstream(request, req, rec, partial(self.client.generate, inputs))
         rec.first_token_at = time.perf_counter()  # telemetry: the whole answer arrived at once
@@ -498,7 +508,8 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
         if await gateway.client.health():
             return json_response({"status": "ok"})
         return json_response(
-            {"status": "unavailable", "error": f"TGI at {gateway.settings.endpoint} does not answer /health"}, 503
+            {"status": "unavailable", "error": f"TGI at {gateway.settings.endpoint} does not answer /health"},
+            503,
         )
 
     instrument(app, [settings.model_name])  # GET /metrics, and the outermost middleware: counts, logs
@@ -525,7 +536,9 @@ def app_from_environment() -> FastAPI:
     variables, with the template version it detected."""
     settings = Settings()
     if settings.template_version is None:
-        raise RuntimeError("worker started without TGI_GATEWAY_TEMPLATE_VERSION (start it with server_tgi.py)")
+        raise RuntimeError(
+            "worker started without TGI_GATEWAY_TEMPLATE_VERSION (start it with server_tgi.py)"
+        )
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings, Template(settings.template_version))
     tune_gc()
@@ -533,7 +546,12 @@ def app_from_environment() -> FastAPI:
 
 
 def _model_card(gateway: Gateway) -> dict[str, Any]:
-    return {"id": gateway.settings.model_name, "object": "model", "created": gateway.created, "owned_by": "tgi-gateway"}
+    return {
+        "id": gateway.settings.model_name,
+        "object": "model",
+        "created": gateway.created,
+        "owned_by": "tgi-gateway",
+    }
 
 
 def _invalid_request(exc: RequestValidationError) -> InvalidRequestError:

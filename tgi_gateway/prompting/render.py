@@ -142,7 +142,9 @@ class _Memo:
 
     def __init__(self, size: int = 512) -> None:
         self._size = size
-        self._texts: collections.OrderedDict[tuple[Any, ...], tuple[tuple[Any, ...], str]] = collections.OrderedDict()
+        self._texts: collections.OrderedDict[tuple[Any, ...], tuple[tuple[Any, ...], str]] = (
+            collections.OrderedDict()
+        )
 
     def get(self, objects: tuple[Any, ...], make: Callable[[], str], *extra: Any) -> str:
         key = (*map(id, objects), *extra)
