@@ -523,12 +523,12 @@ def tune_gc() -> None:
     A request leaves no reference cycle (tested), so the collector only ever finds the rare cycle of an
     error path; what it costs is its passes over live objects. `gc.freeze()` moves everything alive at
     start-up (modules, the app, pydantic's schemas: ~80,000 objects) out of its sight, and a first
-    generation of 10,000 allocations instead of 700 makes its passes 5x rarer. At 256 streams this took
-    its time from ~700 ms to ~100 ms over a 40 s run, and its longest pause from ~75 ms to ~20 ms
-    (docs/performance.md)."""
+    generation of 10,000 allocations instead of 700 makes its passes 14x rarer (the older generations keep
+    their defaults, so the rare cycles of error paths are still freed soon). At 256 streams this took
+    its time over a 40 s run from ~700 ms to ~100–200 ms (docs/performance.md)."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(10_000, 20, 100)
+    gc.set_threshold(10_000, 10, 10)
 
 
 def app_from_environment() -> FastAPI:
