@@ -185,10 +185,7 @@ def serve_double(args: argparse.Namespace) -> int:
         if "answer" in cmd:
             tgi.script = scripts[cmd["answer"]]
         if "token_delay" in cmd:
-            if args.double == "lean":
-                tgi.token_delay = float(cmd["token_delay"])
-            else:
-                tgi.config.token_delay = float(cmd["token_delay"])
+            tgi.config.token_delay = float(cmd["token_delay"])
         return {"ok": True}
 
     def stats(cmd: dict) -> Any:

@@ -94,6 +94,13 @@ def _sampling(p: dict[str, Any]) -> bool:
     )  # fmt: skip
 
 
+def _seed(p: dict[str, Any]) -> int | None:
+    """The seed TGI echoes in details: only when sampling, the request's or a random u64."""
+    if not _sampling(p):
+        return None
+    return p["seed"] if p.get("seed") is not None else random.getrandbits(64)
+
+
 def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
@@ -106,14 +113,14 @@ _STREAM_HEAD = (
 
 
 class LeanTGI:
-    """``start()`` it, read ``url``; ``script`` (FakeTGI tokens) and ``token_delay`` may change at any time."""
+    """``start()`` it, read ``url``; ``script`` (FakeTGI tokens) and ``config.token_delay`` (FakeTGI's
+    ``TGIConfig``, of which only that and the ``/info`` fields are used) may change at any time."""
 
     def __init__(
         self, script: list[Token], *, token_delay: float = 0.0, model_id: str = TGIConfig.model_id
     ) -> None:
         self.script = script
-        self.token_delay = token_delay
-        self.config = TGIConfig(model_id=model_id)
+        self.config = TGIConfig(model_id=model_id, token_delay=token_delay)
         self.url = ""
         self.generations: list[Generation] = []
         self.errors: list[str] = []
@@ -190,12 +197,7 @@ class LeanTGI:
         n = len(answer.tokens)
         details = None
         if p.get("details"):
-            seed = (
-                (p.get("seed") if p.get("seed") is not None else random.getrandbits(64))
-                if _sampling(p)
-                else None
-            )
-            details = {"finish_reason": answer.finish_reason, "generated_tokens": n, "seed": seed,
+            details = {"finish_reason": answer.finish_reason, "generated_tokens": n, "seed": _seed(p),
                        "input_length": input_length}  # fmt: skip
         event = {
             "index": n,
@@ -208,13 +210,8 @@ class LeanTGI:
     def _generate_body(self, answer: _Answer, p: dict[str, Any]) -> bytes:
         body: dict[str, Any] = {"generated_text": answer.text}
         if p.get("details"):
-            seed = (
-                (p.get("seed") if p.get("seed") is not None else random.getrandbits(64))
-                if _sampling(p)
-                else None
-            )
             body["details"] = {
-                "finish_reason": answer.finish_reason, "generated_tokens": len(answer.tokens), "seed": seed,
+                "finish_reason": answer.finish_reason, "generated_tokens": len(answer.tokens), "seed": _seed(p),
                 "prefill": [], "tokens": [t.as_dict() for t in answer.tokens],
             }  # fmt: skip
         return _dumps(body)
@@ -300,7 +297,7 @@ class _Connection(asyncio.Protocol):
             input_length = len(tokenize_input(inputs, tgi.config.bos_token))
             if path == b"/generate":
                 self.timer = self.loop.call_later(
-                    tgi.token_delay * (len(answer.tokens) - 1), self._generated, answer, p, input_length
+                    tgi.config.token_delay * (len(answer.tokens) - 1), self._generated, answer, p, input_length
                 )
             else:
                 self.transport.write(_STREAM_HEAD % len(inputs))  # type: ignore[union-attr]
@@ -322,7 +319,7 @@ class _Connection(asyncio.Protocol):
             self.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
             self._end("completed")
             return
-        delay = self.tgi.token_delay
+        delay = self.tgi.config.token_delay
         if delay > 0:
             self.timer = self.loop.call_at(
                 start + (i + 1) * delay, self._stream, answer, chunks, i + 1, start

@@ -758,6 +758,26 @@ async def test_connection_closed_before_any_response_is_retried_then_unavailable
     assert isinstance(info.value.__cause__, http1.ConnectFailed)
 
 
+@pytest.mark.parametrize("connect_retries,expected", [(1, 1), (4, 4)])
+async def test_a_first_failure_is_retried_after_the_backoff_as_any(connect_retries, expected):
+    """The first attempt runs outside tenacity (it is the usual case); once it fails, tenacity takes over as
+    if it had made it: the same number of attempts, and the same backoff (~50 ms) before the second."""
+    times: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        times.append(time.monotonic())
+        if len(times) < expected:
+            raise ConnectionResetError  # closed without an answer: retried
+        return sse([data(tok(1, "Hi")), data(final(2, "<|eot_id|>", "Hi"))])
+
+    async with mock(handler, connect_retries=connect_retries) as client:
+        async with client.generate_stream("Hi", {}) as tokens:
+            assert [getattr(item, "text", None) for item in [item async for item in tokens]][0] == "Hi"
+    assert len(times) == expected
+    if expected > 1:
+        assert times[1] - times[0] >= 0.045, "the first retry waits the backoff"
+
+
 @pytest.mark.parametrize("route", ["generate_stream", "generate"])
 async def test_connection_refused_is_retried_then_unavailable(route):
     with socket.socket() as sock:  # a port nobody listens on
