@@ -75,7 +75,7 @@ async def serve(tokens: int, delay: float) -> None:
 
 async def read_gateway(url: str, streams: int, requests: int) -> int:
     sys.path.insert(0, str(ROOT))
-    from tgi_gateway.tgi_client import TGIClient
+    from tgi_gateway.tgi.client import TGIClient
 
     count = 0
     async with TGIClient(url) as client:

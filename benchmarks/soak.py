@@ -45,7 +45,7 @@ import orjson
 from _common import MODEL, DoubleProcess, Exchange, GatewayProcess, RawClient, tag, tagged_double
 from bench_gateway import TOOL, answer_pieces
 
-from tgi_gateway.tgi_client import CONTROL_LIMITS
+from tgi_gateway.tgi.client import CONTROL_LIMITS
 
 RSS_GROWTH_LIMIT = 0.05
 REQUEST_TIMEOUT = 15.0

@@ -1,4 +1,4 @@
-"""Access control: API keys and the per-key limit of requests in flight (tgi_gateway/auth.py).
+"""Access control: API keys and the per-key limit of requests in flight (tgi_gateway/server/auth.py).
 
 Key parsing and the settings first, then the middleware driven with raw ASGI messages, then the gateway on a
 real socket with the official openai SDK, then the real process (`server_tgi.py --workers 2`).
@@ -27,11 +27,13 @@ from starlette.types import Message, Receive, Scope, Send
 from tests.fakes.serve import serve
 from tests.fakes.tgi import EOT, Fail, FakeTGI, Gate, tokens
 from tests.test_cli import V31_TEMPLATE, start_gateway
-from tgi_gateway import auth, cli
-from tgi_gateway.app import create_app
-from tgi_gateway.auth import KEY_ID_SCOPE, OPEN_PATHS, AccessControl, KeyRing, key_id, mask
+from tgi_gateway import cli
+from tgi_gateway import settings as settings_module
 from tgi_gateway.cli import build_parser
 from tgi_gateway.prompting import Template, Version
+from tgi_gateway.server import auth
+from tgi_gateway.server.app import create_app
+from tgi_gateway.server.auth import KEY_ID_SCOPE, OPEN_PATHS, AccessControl, KeyRing, key_id, mask
 from tgi_gateway.settings import Settings
 
 KEY_A = "sk-gw-a-0123456789abcdef0123456789abcdef"
@@ -88,7 +90,7 @@ def test_unusable_keys_are_refused_without_being_echoed(bad: str) -> None:
 def test_key_file_ignores_blank_lines_and_comments(tmp_path: Path) -> None:
     path = tmp_path / "keys"
     path.write_text(f"# production\r\n\n  {KEY_A}  \r\n#{WRONG}\nkey#with-hash\n")
-    assert auth.read_key_file(path) == [KEY_A, "key#with-hash"]
+    assert settings_module.read_key_file(path) == [KEY_A, "key#with-hash"]
     settings = Settings(model="m", api_key_file=str(path))
     assert settings.api_key_file == path and settings.api_keys == ()
 

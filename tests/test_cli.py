@@ -167,7 +167,7 @@ def test_workers_serve_from_several_processes(model_dir: Path) -> None:
 def test_the_server_process_tunes_the_collector_and_create_app_does_not() -> None:
     code = (
         "import gc\n"
-        "from tgi_gateway.app import create_app, tune_gc\n"
+        "from tgi_gateway.server.app import create_app\nfrom tgi_gateway.server.process import tune_gc\n"
         "from tgi_gateway.prompting import Template\n"
         "from tgi_gateway.settings import Settings\n"
         "before = gc.get_threshold()\n"
@@ -187,7 +187,7 @@ import sys
 from tgi_gateway import cli
 
 def serve(settings, template):
-    import uvicorn, tgi_gateway.app  # what serving imports; nothing is served
+    import uvicorn, tgi_gateway.server.app  # what serving imports; nothing is served
     return 0
 
 cli._serve = serve

@@ -1,4 +1,4 @@
-"""tgi_gateway.http1 over real loopback sockets: keep-alive, stale connections, framing, back-pressure.
+"""tgi_gateway.tgi.http1 over real loopback sockets: keep-alive, stale connections, framing, back-pressure.
 
 The servers here are scripted with raw bytes (asyncio streams), so every framing the client must
 accept — chunked, Content-Length, ``Connection: close`` — is exactly what is on the wire.
@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from tgi_gateway import http1
+from tgi_gateway.tgi import http1
 
 pytestmark = pytest.mark.anyio
 

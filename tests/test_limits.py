@@ -1,4 +1,4 @@
-"""`tgi_gateway.limits.BodySizeLimit`: the request body size limit (413), as ASGI and over a real socket.
+"""`tgi_gateway.server.limits.BodySizeLimit`: the request body size limit (413), as ASGI and over a real socket.
 
 Strict JSON bodies (the other half of limits.py) are tested with the errors they fix: test_invalid_input.py.
 """
@@ -14,8 +14,8 @@ import pytest
 
 from tests.fakes.serve import serve
 from tests.fakes.tgi import EOT, FakeTGI, tokens
-from tgi_gateway.app import create_app
-from tgi_gateway.limits import BodySizeLimit
+from tgi_gateway.server.app import create_app
+from tgi_gateway.server.limits import BodySizeLimit
 from tgi_gateway.prompting import Template, Version
 from tgi_gateway.settings import Settings
 

@@ -25,8 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.serve import serve
 from tests.fakes.tgi import EOT, Fail, FakeTGI, Gate, Pause, tokens
-from tgi_gateway.app import create_app
-from tgi_gateway.asgi import send_error
+from tgi_gateway.server.app import create_app
+from tgi_gateway.server.asgi import send_error
 from tgi_gateway.errors import (
     AuthenticationError,
     TGIContextLengthError,
@@ -40,7 +40,7 @@ from tgi_gateway.errors import (
 )
 from tgi_gateway.prompting import Template, Version
 from tgi_gateway.settings import Settings
-from tgi_gateway.telemetry import TEXT_FORMAT, AccessLine, JsonFormatter, error_kind, forget_dead_workers
+from tgi_gateway.server.telemetry import TEXT_FORMAT, AccessLine, JsonFormatter, error_kind, forget_dead_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "functionary-test"

@@ -1,4 +1,4 @@
-"""tgi_gateway.tgi_client: SSE framing, token/end parsing, /generate answers, error mapping, retries,
+"""tgi_gateway.tgi.client: SSE framing, token/end parsing, /generate answers, error mapping, retries,
 health/info.
 
 Stream and /generate unit tests script exact responses with httpx-style handlers served over a real
@@ -39,8 +39,9 @@ from tgi_gateway.errors import (
     TGIValidationError,
     UpstreamError,
 )
-from tgi_gateway import http1, tgi_client
-from tgi_gateway.tgi_client import (
+from tgi_gateway.tgi import client as tgi_client
+from tgi_gateway.tgi import http1
+from tgi_gateway.tgi.client import (
     Generation,
     SSEDecoder,
     StreamEnd,
@@ -1048,7 +1049,7 @@ async def test_generate_answer_that_is_not_tgis_is_a_protocol_error(body, why):
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 async def test_generate_answer_over_the_size_cap_is_a_protocol_error(monkeypatch, framing):
-    monkeypatch.setattr(tgi_client, "_MAX_GENERATE_BODY", 1000)
+    monkeypatch.setattr(tgi_client, "MAX_GENERATE_BODY", 1000)
     big = answer(tokens=GENERATE_TOKENS * 20)
     size = len(big.content)
     assert size > 1000
@@ -1058,7 +1059,7 @@ async def test_generate_answer_over_the_size_cap_is_a_protocol_error(monkeypatch
         with pytest.raises(TGIProtocolError, match="TGI's /generate answer is over") as info:
             await client.generate("Hi", {"details": True})
         assert info.value.headers == {"x-should-retry": "false"}
-        monkeypatch.setattr(tgi_client, "_MAX_GENERATE_BODY", size)  # exactly the cap: fine
+        monkeypatch.setattr(tgi_client, "MAX_GENERATE_BODY", size)  # exactly the cap: fine
         assert len((await client.generate("Hi", {"details": True})).tokens) == 60
 
 

@@ -21,8 +21,8 @@ from pydantic import ValidationError
 from .container_manager import DEFAULT_IMAGE, ContainerManager, LaunchError, LaunchSpec, StartupInterrupted
 from .errors import ConfigurationError
 from .prompting.types import Version
+from .server.telemetry import configure_logging, shared_metrics_dir
 from .settings import Settings
-from .telemetry import configure_logging, shared_metrics_dir
 
 if TYPE_CHECKING:
     from .prompting import Template
@@ -175,20 +175,21 @@ def _start_tgi(manager: ContainerManager) -> int | None:
 def _serve(settings: Settings, template: Template) -> int:
     import uvicorn
 
-    from .app import create_app, tune_gc
+    from .server.app import create_app
+    from .server.process import tune_gc
 
     # uvicorn handles SIGINT/SIGTERM itself: it stops accepting, lets in-flight requests finish within the
     # grace period, runs the app's shutdown, then restores the handlers it found and raises the signal
     # again. These handlers turn that last signal into a clean exit through `main`'s `finally` (with the
     # default SIGTERM handler the process would die there, leaving the TGI container behind). With
-    # --drain-seconds the app holds the signal back for that long first (tgi_gateway/draining.py).
+    # --drain-seconds the app holds the signal back for that long first (tgi_gateway/server/draining.py).
     signal.signal(signal.SIGTERM, _exit_cleanly)
     signal.signal(signal.SIGINT, _exit_cleanly)
     server = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
-        "access_log": False,  # tgi_gateway.access logs every request (tgi_gateway/telemetry.py)
+        "access_log": False,  # tgi_gateway.access logs every request (tgi_gateway/server/telemetry.py)
         "http": "httptools",
         "loop": "uvloop" if sys.platform != "win32" else "asyncio",
         "timeout_graceful_shutdown": settings.shutdown_grace,
@@ -201,7 +202,7 @@ def _serve(settings: Settings, template: Template) -> int:
         env = settings.model_copy(update={"template_version": template.version}).as_environment()
         os.environ.update(env)
         with shared_metrics_dir():  # /metrics answers for all workers, whichever one is scraped
-            factory = "tgi_gateway.app:app_from_environment"
+            factory = "tgi_gateway.server.process:app_from_environment"
             uvicorn.run(factory, factory=True, workers=settings.workers, **server)
     else:
         app = create_app(settings, template)

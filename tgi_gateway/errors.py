@@ -22,7 +22,7 @@ envelope ``{"error": {"message", "type", "param", "code"}}``.
         ├── TGIProtocolError          (502, "server_error")  a cut stream, a non-SSE body
         └── TGIRejectedError          (502, "server_error")  TGI refused the gateway (key, URL)
 
-Upstream errors are raised by :mod:`tgi_gateway.tgi_client` (``map_tgi_error`` maps TGI's
+Upstream errors are raised by :mod:`tgi_gateway.tgi.protocol` (``map_tgi_error`` maps TGI's
 ``{"error", "error_type"}`` bodies and stream events, and HTTP statuses, to these classes). Their
 :attr:`UpstreamError.headers` are the extra HTTP headers the response should carry: ``Retry-After``
 on TGIOverloadedError, ``x-should-retry: false`` on TGIValidationError and TGIRejectedError (the

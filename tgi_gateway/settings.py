@@ -7,6 +7,7 @@ Environment variables are the field names upper-cased with the prefix ``TGI_GATE
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -15,7 +16,6 @@ from pydantic import Field, SecretStr, SerializationInfo, field_serializer, fiel
 from pydantic import SerializerFunctionWrapHandler as Serialize
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from . import auth
 from .container_manager import DEFAULT_IMAGE
 from .prompting.types import Version
 
@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     startup_timeout: float = Field(1800.0, gt=0, description="Seconds TGI may take to become healthy.")
     keep_tgi: bool = Field(False, description="Leave the TGI container this gateway started running at exit.")
 
-    # Access control (tgi_gateway/auth.py). ---------------------------------------------------------------
+    # Access control (tgi_gateway/server/auth.py). ---------------------------------------------------------------
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
         (), description="Keys clients must send as `Authorization: Bearer`; none: the gateway is open."
     )
@@ -76,13 +76,13 @@ class Settings(BaseSettings):
     @field_validator("api_keys", mode="before")
     @classmethod
     def _api_keys(cls, v: Any) -> Any:
-        return auth.parse_keys(v) if isinstance(v, (str, list, tuple)) else v
+        return parse_keys(v) if isinstance(v, (str, list, tuple)) else v
 
     @field_validator("api_key_file")
     @classmethod
     def _api_key_file(cls, v: Path | None) -> Path | None:
         if v is not None:
-            auth.read_key_file(v)  # a bad file stops the CLI (exit 2) before any worker starts
+            read_key_file(v)  # a bad file stops the CLI (exit 2) before any worker starts
         return v
 
     @field_serializer("api_keys", "tgi_api_key", mode="wrap", when_used="json")
@@ -125,3 +125,55 @@ class Settings(BaseSettings):
     def model_name(self) -> str:
         """The name `/v1/models` lists and requests must use."""
         return self.served_model_name or self.model
+
+
+# API keys as configured (used by the access control, tgi_gateway/server/auth.py) ------------------------
+
+
+def check_key(key: str, where: str) -> str:
+    """`key` if it can be sent in a Bearer header: visible ASCII, no spaces. The message names `where`
+    the key was found, never the key."""
+    if not key or not all("!" <= ch <= "~" for ch in key):
+        raise ValueError(f"{where}: an API key must be visible ASCII characters, without spaces")
+    return key
+
+
+def parse_keys(value: str | Iterable[str]) -> list[str]:
+    """The keys given inline: a list (repeated ``--api-key``), or one string (``TGI_GATEWAY_API_KEYS``).
+
+    A string starting with ``[`` is a JSON list (what pydantic-settings expects, and what
+    ``Settings.as_environment`` writes for worker processes); any other string is a comma-separated list,
+    spaces around keys and empty items ignored, so an empty string means no key.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                items = json.loads(text)
+            except ValueError:
+                raise ValueError("a value starting with '[' must be a JSON list of keys") from None
+            if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+                raise ValueError("a value starting with '[' must be a JSON list of keys (strings)")
+        else:
+            items = [item.strip() for item in text.split(",") if item.strip()]
+    else:
+        items = list(value)
+    return [check_key(key, f"API key #{n}") for n, key in enumerate(items, 1)]
+
+
+def read_key_file(path: str | Path) -> list[str]:
+    """The keys in `path`, one per line; surrounding spaces, blank lines and lines starting with ``#``
+    are ignored (a ``#`` inside a line is part of the key). A file without any key is an error: the
+    operator meant to protect the gateway, and an empty file would silently leave it open."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    keys = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keys.append(check_key(line, f"{path}, line {number}"))
+    if not keys:
+        raise ValueError(f"{path} contains no API key (one per line; # starts a comment)")
+    return keys

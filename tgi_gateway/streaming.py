@@ -53,8 +53,8 @@ from typing import Any
 
 import orjson
 
-from tgi_gateway.stop_sequences import StopFilter
 from tgi_gateway.prompting.types import ChatPrompt, Event, NamedChoice, TextDelta, ToolCallArgs, ToolCallStart
+from tgi_gateway.stop_sequences import StopFilter
 
 __all__ = [
     "SSE_DONE",

@@ -25,8 +25,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import ContextLengthExceededError, InvalidRequestError
-from .openai_types import ChatCompletionRequest
+from ..errors import ContextLengthExceededError, InvalidRequestError
+from .models import ChatCompletionRequest
 
 __all__ = ["MAX_CLIENT_STOPS", "check_supported", "check_token_budget", "tgi_parameters"]
 

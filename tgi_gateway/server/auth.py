@@ -33,22 +33,21 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..errors import AuthenticationError, ConcurrencyLimitError
+from ..settings import read_key_file
 from .asgi import send_error
-from .errors import AuthenticationError, ConcurrencyLimitError
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from .settings import Settings
+    from ..settings import Settings
 
 logger = logging.getLogger("tgi_gateway")
 
@@ -67,57 +66,8 @@ CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 # ------------------------------------------------------------------------------------------------
-# Keys: parsing, identifying, masking
+# Keys: identifying, masking (parsing them is the settings')
 # ------------------------------------------------------------------------------------------------
-
-
-def check_key(key: str, where: str) -> str:
-    """`key` if it can be sent in a Bearer header: visible ASCII, no spaces. The message names `where`
-    the key was found, never the key."""
-    if not key or not all("!" <= ch <= "~" for ch in key):
-        raise ValueError(f"{where}: an API key must be visible ASCII characters, without spaces")
-    return key
-
-
-def parse_keys(value: str | Iterable[str]) -> list[str]:
-    """The keys given inline: a list (repeated ``--api-key``), or one string (``TGI_GATEWAY_API_KEYS``).
-
-    A string starting with ``[`` is a JSON list (what pydantic-settings expects, and what
-    ``Settings.as_environment`` writes for worker processes); any other string is a comma-separated list,
-    spaces around keys and empty items ignored, so an empty string means no key.
-    """
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                items = json.loads(text)
-            except ValueError:
-                raise ValueError("a value starting with '[' must be a JSON list of keys") from None
-            if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-                raise ValueError("a value starting with '[' must be a JSON list of keys (strings)")
-        else:
-            items = [item.strip() for item in text.split(",") if item.strip()]
-    else:
-        items = list(value)
-    return [check_key(key, f"API key #{n}") for n, key in enumerate(items, 1)]
-
-
-def read_key_file(path: str | Path) -> list[str]:
-    """The keys in `path`, one per line; surrounding spaces, blank lines and lines starting with ``#``
-    are ignored (a ``#`` inside a line is part of the key). A file without any key is an error: the
-    operator meant to protect the gateway, and an empty file would silently leave it open."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    keys = []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if line and not line.startswith("#"):
-            keys.append(check_key(line, f"{path}, line {number}"))
-    if not keys:
-        raise ValueError(f"{path} contains no API key (one per line; # starts a comment)")
-    return keys
 
 
 def key_id(key: str | bytes) -> str:

@@ -5,7 +5,7 @@ parameters; the gateway answers request validation errors with 400 in OpenAI's e
 (``app._validation_error``).
 :func:`install` removes the 422s, and the ``HTTPValidationError``/``ValidationError`` components once nothing
 refers to them; the routes list their real error statuses with :func:`error_responses`, each one with the
-:class:`~tgi_gateway.openai_types.ErrorResponse` envelope. What depends on the settings follows them: 401
+:class:`~tgi_gateway.api.models.ErrorResponse` envelope. What depends on the settings follows them: 401
 (and the bearer security scheme) only when API keys are configured, the per-key 429 only with a per-key limit,
 and neither on ``/health`` unless ``--protect-health``.
 """
@@ -16,12 +16,12 @@ import json
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from .openai_types import ErrorResponse
+from .models import ErrorResponse
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from .settings import Settings
+    from ..settings import Settings
 
 DESCRIPTIONS = {
     400: "Invalid request: a bad body or parameter (`param` names it), or a value TGI refused "

@@ -1,71 +1,28 @@
-"""The gateway's client to Text-Generation-Inference: transport, protocol, errors.
+"""The gateway's client to Text-Generation-Inference: connections, timeouts, retries (the I/O only).
 
 Theory of operation
 -------------------
-:class:`TGIClient` lives as long as the app and holds two connection pools to TGI's router: the
-generations go through :mod:`tgi_gateway.http1` (lean: it is the hot path), the control routes through one
-``httpx.AsyncClient`` (its ``transport`` argument is their test seam). It speaks four routes of TGI's
-router (``shared/reference/tgi/PROTOCOL.md``):
+:class:`TGIClient` lives as long as the app. It speaks four routes of TGI's router; what goes over the
+wire — the values, the event stream, the bodies, TGI's errors — is :mod:`tgi_gateway.tgi.protocol`.
 
 * ``POST /generate_stream`` (stream requests) -- :meth:`TGIClient.generate_stream` is an async
-  context manager.
-  Entering it sends ``{"inputs", "parameters"}`` and waits for the response *head* only. A
-  connection failure there (refused, connect timeout, closed before any response) is retried a few
-  times with a short exponential backoff, then raised as :class:`TGIUnavailableError`; nothing is
-  ever retried once a response has arrived. The context yields a :class:`TokenStream`:
-  :class:`Token` items (one per SSE event) and, after the final event's token, one :class:`StreamEnd`.
-  Leaving the context -- normally, by an exception or by cancellation -- closes the connection at
-  once unless the stream was read to its end: closing it is how TGI drops a request from its batch.
+  context manager. Entering it sends ``{"inputs", "parameters"}`` and waits for the response *head*
+  only. A connection failure there (refused, connect timeout, closed before any response) is retried a
+  few times with a short exponential backoff, then raised as :class:`TGIUnavailableError`; nothing is
+  ever retried once a response has arrived. The context yields a :class:`TokenStream`: :class:`Token`
+  items (one per SSE event) and, after the final event's token, one :class:`StreamEnd`. Leaving the
+  context -- normally, by an exception or by cancellation -- closes the connection at once unless the
+  stream was read to its end: closing it is how TGI drops a request from its batch.
 * ``POST /generate`` (non-stream requests) -- :meth:`TGIClient.generate` sends the same body through the
-  same pool, with the same connection retries, and returns one :class:`Generation`: TGI answers once the
-  generation is complete, so one timeout (``request_timeout``) bounds the whole of it. The answer's
-  ``details.tokens`` are the same per-token texts (special tokens included, with their ``special`` flag)
-  as the stream's events, so the parsers are fed exactly as from a stream; ``generated_text`` drops the
-  special tokens and is never used. Cancelling the call closes the connection at once (TGI then drops
-  the request); a complete answer gives its connection back to the pool.
+  same pool, with the same connection retries, and returns one :class:`Generation`; one timeout
+  (``request_timeout``) bounds the whole of it. Cancelling the call closes the connection at once (TGI
+  then drops the request); a complete answer gives its connection back to the pool.
 * ``GET /health`` -- :meth:`TGIClient.health`, a quick yes/no.
 * ``GET /info`` -- :meth:`TGIClient.info`, the limits the router enforces, as :class:`TGIInfo`.
 
-The stream grammar (TGI 3.x; axum SSE). The status is 200 even for errors; events are
-``data: <compact JSON>\\n\\n``, keep-alives are ``:\\n\\n`` comments, there is no ``[DONE]``::
-
-    stream := token* (final | error)
-    token  := {"index": n, "token": {"id", "text", "logprob", "special"},
-               "generated_text": null, "details": null}
-    final  := a token event with "generated_text": "<text>" and "details": {...}
-              (details stays null unless the request asked for details: true)
-    error  := {"error": "<text>", "error_type": "validation" | "overloaded" | "generation" | ...}
-
-Worked example (``details: true``)::
-
-    data: {"index":1,"token":{"id":9906,"text":"Hi","logprob":-0.1,"special":false},
-           "generated_text":null,"details":null}                                  (one line on the wire)
-    :
-    data: {"index":2,"token":{"id":128009,"text":"<|eot_id|>","logprob":-0.2,"special":true},
-           "generated_text":"Hi",
-           "details":{"finish_reason":"eos_token","generated_tokens":2,"seed":null,"input_length":5}}
-
-    → Token("Hi", False, 9906), Token("<|eot_id|>", True, 128009),
-      StreamEnd(finish_reason="eos_token", generated_tokens=2, input_length=5, generated_text="Hi")
-
 A stream that ends before its final event is a :class:`TGIProtocolError`; an error event raises the
-error :func:`map_tgi_error` makes of it (the caller knows whether tokens were already sent).
-
-``/generate`` with ``details: true`` (PROTOCOL.md §2.2, §2.3: the prompt's token count is only in the
-``x-prompt-tokens`` header, the details carry no ``input_length``)::
-
-    x-prompt-tokens: 5
-    {"generated_text":"Hi","details":{"finish_reason":"eos_token","generated_tokens":2,"seed":null,
-     "prefill":[],"tokens":[{"id":9906,"text":"Hi","logprob":-0.1,"special":false},
-                            {"id":128009,"text":"<|eot_id|>","logprob":-0.2,"special":true}]}}
-
-    → Generation(tokens=[Token("Hi", False, 9906), Token("<|eot_id|>", True, 128009)],
-                 finish_reason="eos_token", generated_tokens=2, input_length=5)
-
-Errors. Every failure leaves this module as an :class:`~tgi_gateway.errors.UpstreamError`. Foreign
-exceptions are translated where they arise (httpx's in :func:`_translated`, :mod:`~tgi_gateway.http1`'s in
-:meth:`TGIClient._open`, :meth:`TGIClient.generate` and :meth:`TokenStream._read`); TGI's own error
-bodies, error events and HTTP statuses are mapped in one function, :func:`map_tgi_error`.
+error :func:`map_tgi_error` makes of it (the caller knows whether tokens were already sent). Every
+failure leaves this module as an :class:`~tgi_gateway.errors.UpstreamError`.
 """
 
 from __future__ import annotations
@@ -73,29 +30,37 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
-import math
-import re
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import orjson
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
 
-from . import __version__, http1
-from .errors import (
-    InvalidRequestError,
-    TGIContextLengthError,
-    TGIGenerationError,
-    TGIOverloadedError,
+from .. import __version__
+from ..errors import (
     TGIProtocolError,
-    TGIRejectedError,
     TGITimeoutError,
     TGIUnavailableError,
-    TGIValidationError,
     UpstreamError,
+)
+from . import http1
+from .protocol import (
+    MAX_GENERATE_BODY,
+    NO_RETRY,
+    NOT_A_TOKEN,
+    Generation,
+    SSEDecoder,
+    StreamEnd,
+    TGIInfo,
+    Token,
+    error_from_body,
+    map_tgi_error,
+    parse_generation,
+    parse_token,
+    request_body,
+    token_count,
 )
 
 __all__ = [
@@ -111,6 +76,7 @@ __all__ = [
 ]
 
 #: Connect quickly or report TGI unreachable.
+
 DEFAULT_CONNECT_TIMEOUT = 2.0
 #: The first event may wait for a place in TGI's batch (TGI queues what it cannot batch yet, and
 #: sends keep-alive comments meanwhile — they do not count as the first token).
@@ -144,202 +110,7 @@ _MAX_ERROR_BODY = 8192
 # Body pieces read after the final event while reading to the end of the body (which lets the
 # connection go back to the pool); past this many something is wrong and the connection is dropped.
 _MAX_CHUNKS_AFTER_END = 16
-# A /generate answer: ~100 bytes a token, so even TGI's largest contexts stay far below this; more is not TGI.
-_MAX_GENERATE_BODY = 64 * 1024 * 1024
-_TOO_LARGE = f"TGI's /generate answer is over {_MAX_GENERATE_BODY >> 20} MiB"
-
-
-# --------------------------------------------------------------------------------------------
-# Values
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Token:
-    """One generated token: its literal text (special tokens included) and TGI's ``special`` flag."""
-
-    text: str
-    special: bool
-    id: int
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEnd:
-    """The end of a generation, yielded after the final event's token.
-
-    ``finish_reason`` is ``"length"``, ``"eos_token"`` or ``"stop_sequence"``, or ``None`` when the
-    request did not ask for ``details`` (TGI then sends none). ``generated_tokens`` is TGI's count,
-    or the number of token events seen without details. ``generated_text`` skips special tokens.
-    """
-
-    finish_reason: str | None
-    generated_tokens: int
-    input_length: int | None
-    generated_text: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Generation:
-    """A whole generation, from ``POST /generate`` with ``details: true``.
-
-    ``tokens`` are TGI's ``details.tokens``: each token's literal text, special tokens included (the
-    parsers need them), with its ``special`` flag. ``finish_reason`` is ``"length"``, ``"eos_token"`` or
-    ``"stop_sequence"`` (``None`` if TGI sent none), ``generated_tokens`` TGI's count (else the number of
-    tokens), ``input_length`` the prompt's tokens from the ``x-prompt-tokens`` header (``None`` when
-    it is absent or not a number).
-    """
-
-    tokens: list[Token]
-    finish_reason: str | None
-    generated_tokens: int
-    input_length: int | None
-
-
-@dataclass(frozen=True)
-class TGIInfo:
-    """``GET /info``: the limits TGI's router enforces. Missing fields take the launcher defaults
-    (``max_input_tokens``/``max_total_tokens`` also read TGI 1.x's ``max_input_length``, else the
-    2.x defaults 4095/4096). ``raw`` is the whole body."""
-
-    model_id: str
-    max_input_tokens: int = 4095
-    max_total_tokens: int = 4096
-    max_stop_sequences: int = 4
-    max_concurrent_requests: int = 128
-    max_best_of: int = 2
-    version: str | None = None
-    raw: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
-
-    @classmethod
-    def from_json(cls, body: Mapping[str, Any]) -> TGIInfo:
-        def number(*keys: str, default: int) -> int:
-            for key in keys:
-                value = body.get(key)
-                if isinstance(value, int) and not isinstance(value, bool):
-                    return value
-            return default
-
-        model_id = body.get("model_id")
-        version = body.get("version")
-        return cls(
-            model_id=model_id if isinstance(model_id, str) else "",
-            max_input_tokens=number("max_input_tokens", "max_input_length", default=cls.max_input_tokens),
-            max_total_tokens=number("max_total_tokens", default=cls.max_total_tokens),
-            max_stop_sequences=number("max_stop_sequences", default=cls.max_stop_sequences),
-            max_concurrent_requests=number("max_concurrent_requests", default=cls.max_concurrent_requests),
-            max_best_of=number("max_best_of", default=cls.max_best_of),
-            version=version if isinstance(version, str) else None,
-            raw=dict(body),
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# TGI errors → the gateway's tree (the one mapping)
-# --------------------------------------------------------------------------------------------
-
-# TGI parameter (as named in its validation messages) → the OpenAI request field it comes from,
-# where that is one-to-one. Others (top_k, repetition_penalty, typical_p, truncate, best_of,
-# grammar, ...) are set by the gateway or have no OpenAI field: no `param`.
-_OPENAI_PARAM = {
-    "inputs": "messages",
-    "max_new_tokens": "max_tokens",
-    "stop": "stop",
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "seed": "seed",
-    "frequency_penalty": "frequency_penalty",
-    "top_n_tokens": "top_logprobs",
-}
-# validation.rs: "`inputs` must have less than {max_input} tokens. Given: {n}" and
-# "`inputs` tokens + `max_new_tokens` must be <= {max_total}. Given: ..."
-_CONTEXT_LENGTH = re.compile(
-    r"`inputs` must have less than \d+ tokens|`inputs` tokens \+ `max_new_tokens` must be"
-)
-_FIRST_NAME = re.compile(r"`(\w+)`")
-# axum's Json rejection for a parameter of the wrong type: "...: parameters.temperature: invalid type: ..."
-_EXTRACTOR_PARAM = re.compile(r"\bparameters\.(\w+)")
-_GENERATION_PREFIX = "Request failed during generation: "
-
-
-def map_tgi_error(error_type: str | None, message: str, status: int | None = None) -> UpstreamError:
-    """The gateway error for a TGI error: an ``{"error", "error_type"}`` body or stream event, or
-    (``error_type`` ``None``: a body that is not TGI's JSON) the HTTP ``status`` and body text.
-
-    A known ``error_type`` decides; otherwise the status does; otherwise a plain 502 with TGI's text.
-    """
-    text = (message or "").strip()
-    if error_type == "validation":
-        return _validation_error(text)
-    if error_type == "overloaded":
-        return TGIOverloadedError(f"TGI is overloaded: {text or 'Model is overloaded'}")
-    if error_type in ("generation", "incomplete_generation", "incomplete_generation_stream"):
-        return TGIGenerationError(f"TGI failed during generation: {text.removeprefix(_GENERATION_PREFIX)}")
-    if error_type == "healthcheck":
-        return TGIUnavailableError(f"TGI is unhealthy: {text}")
-    if status is not None:
-        error = _status_error(status, text)
-        if error is not None:
-            return error
-    if error_type:
-        return UpstreamError(f"TGI error ({error_type}): {text}")
-    return UpstreamError(
-        f"TGI answered HTTP {status}: {text}" if status is not None else f"TGI error: {text}"
-    )
-
-
-def _validation_error(text: str) -> TGIValidationError:
-    if _CONTEXT_LENGTH.search(text):
-        return TGIContextLengthError(text, param="messages")
-    name = _FIRST_NAME.search(text)
-    return TGIValidationError(text, param=_OPENAI_PARAM.get(name[1]) if name else None)
-
-
-def _status_error(status: int, text: str) -> UpstreamError | None:
-    detail = f": {text}" if text else ""
-    if status == 422:
-        if text.startswith("Input validation error"):
-            return _validation_error(text)
-        name = _EXTRACTOR_PARAM.search(text)
-        if name:  # a parameter of the wrong type or range: the client's value, passed through
-            return TGIValidationError(text, param=_OPENAI_PARAM.get(name[1]))
-        return TGIRejectedError(f"TGI could not read the gateway's request (HTTP 422){detail}")
-    if status == 413:
-        return TGIContextLengthError(f"The request is too large for TGI (HTTP 413){detail}", param="messages")
-    if status in (400, 415):
-        return TGIRejectedError(f"TGI could not read the gateway's request (HTTP {status}){detail}")
-    if status in (401, 403):
-        return TGIRejectedError(
-            f"TGI refused the gateway's credentials (HTTP {status}): "
-            f"check the API key configured for TGI{detail}"
-        )
-    if status in (404, 405):
-        return TGIRejectedError(f"TGI has no such route (HTTP {status}): is the TGI URL right?{detail}")
-    if status == 424:
-        return TGIGenerationError(f"TGI failed during generation: {text.removeprefix(_GENERATION_PREFIX)}")
-    if status == 429:
-        return TGIOverloadedError(f"TGI is overloaded: {text or 'Model is overloaded'}")
-    if status in (408, 502, 503, 504):  # from a proxy in front of TGI: TGI itself is not there
-        return TGIUnavailableError(f"TGI is not available (HTTP {status}){detail}")
-    return None
-
-
-def _error_from_body(status: int, content_type: str, body: bytes) -> UpstreamError:
-    """Map a non-200 response: TGI's JSON ``{"error", "error_type"}``, or text (axum, proxies)."""
-    text = body.decode("utf-8", "replace")
-    if "json" in content_type.lower():
-        try:
-            obj = json.loads(text)
-        except ValueError:
-            obj = None
-        if isinstance(obj, dict) and "error" in obj:
-            error, error_type = obj["error"], obj.get("error_type")
-            message = error.get("message", "") if isinstance(error, dict) else error
-            return map_tgi_error(
-                error_type if isinstance(error_type, str) else None,
-                message if isinstance(message, str) else json.dumps(message),
-                status,
-            )
-    return map_tgi_error(None, text, status)
+_TOO_LARGE = f"TGI's /generate answer is over {MAX_GENERATE_BODY >> 20} MiB"
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,125 +134,13 @@ def _translated(url: str) -> Iterator[None]:
         raise TGIUnavailableError(f"TGI is not reachable at {url}: {reason}") from exc
 
 
-# --------------------------------------------------------------------------------------------
-# Bodies: the request, the tokens of both routes, the /generate answer
-# --------------------------------------------------------------------------------------------
-
-
-def _request_body(inputs: str, parameters: Mapping[str, Any]) -> bytes:
-    """``{"inputs", "parameters"}`` (``parameters`` as given), as TGI's JSON parser reads it."""
-    for name, value in parameters.items():  # orjson would write NaN and infinity as null
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InvalidRequestError(f"Invalid parameter value: {name} = {value}")
-    return orjson.dumps({"inputs": inputs, "parameters": dict(parameters)})
-
-
-# Tells the OpenAI SDKs not to retry (an answer that is not TGI's protocol would be the same again).
-_NO_RETRY = {"x-should-retry": "false"}
-# What reading a token object that is not one raises (``_token``).
-_NOT_A_TOKEN = (TypeError, KeyError, AttributeError)
-
-
-def _token(raw: Any) -> Token:
-    """TGI's token object ``{"id", "text", "logprob", "special"}`` (a stream event's ``token``, an item of
-    ``/generate``'s ``details.tokens``) → :class:`Token`; raises one of ``_NOT_A_TOKEN`` if it is not
-    one."""
-    text = raw["text"]
-    if not isinstance(text, str):
-        raise TypeError
-    return Token(text, bool(raw.get("special", False)), raw["id"])
-
-
-def _generation(content: bytes, prompt_tokens: str | None) -> Generation:
-    """The body of a 200 ``/generate`` answer (and its ``x-prompt-tokens`` header) → :class:`Generation`."""
-
-    def invalid(what: str) -> TGIProtocolError:  # not TGI's answer: a retry would get the same
-        return TGIProtocolError(f"TGI's /generate answer {what}: {content[:200]!r}", headers=_NO_RETRY)
-
-    try:
-        body = orjson.loads(content)
-    except orjson.JSONDecodeError:
-        raise invalid("is not JSON") from None
-    if not isinstance(body, dict):
-        raise invalid("is not a JSON object")
-    details = body.get("details")
-    if not isinstance(details, dict):
-        raise invalid("has no `details` object (the gateway asks for details)")
-    raw_tokens = details.get("tokens")
-    if not isinstance(raw_tokens, list):
-        raise invalid("has no list of `details.tokens`")
-    try:
-        tokens = [_token(raw) for raw in raw_tokens]
-    except _NOT_A_TOKEN:
-        raise invalid("has an invalid token in `details.tokens`") from None
-    finish_reason, generated = details.get("finish_reason"), details.get("generated_tokens")
-    return Generation(
-        tokens=tokens,
-        finish_reason=finish_reason if isinstance(finish_reason, str) else None,
-        generated_tokens=generated if type(generated) is int else len(tokens),
-        input_length=_count(prompt_tokens),
-    )
-
-
-def _count(header: str | None) -> int | None:
-    """A header holding a number of tokens (``x-prompt-tokens``), or None."""
-    value = (header or "").strip()
-    return int(value) if value.isascii() and value.isdigit() else None
-
-
 def _expect_content_type(response: http1.Response, route: str, media_type: str) -> None:
     """A 200 answer of another type is not TGI's (a proxy's page, a wrong URL): not worth retrying."""
     content_type = response.headers.get("content-type", "")
     if content_type.partition(";")[0].strip().lower() != media_type:
         raise TGIProtocolError(
-            f"TGI answered {route} with Content-Type {content_type!r}, not {media_type}", headers=_NO_RETRY
+            f"TGI answered {route} with Content-Type {content_type!r}, not {media_type}", headers=NO_RETRY
         )
-
-
-# --------------------------------------------------------------------------------------------
-# The stream
-# --------------------------------------------------------------------------------------------
-
-
-class SSEDecoder:
-    """Incremental Server-Sent Events decoder (sans-IO): bytes in any pieces → the events' ``data``.
-
-    Follows the SSE grammar where it matters here: ``\\n``, ``\\r\\n`` or ``\\r`` end lines (also
-    when a ``\\r\\n`` is split between two pieces), a blank line ends an
-    event, ``data:`` lines are joined with ``\\n`` (one leading space dropped), comments (``:``) and
-    other fields are ignored, an event without data is not dispatched. Data stays ``bytes``
-    (orjson parses them directly; a bad UTF-8 sequence is then a JSON error).
-    """
-
-    __slots__ = ("_buf", "_data", "_after_cr")
-
-    def __init__(self) -> None:
-        self._buf = b""  # the unfinished line (line ends already normalised to LF)
-        self._data: list[bytes] = []
-        self._after_cr = False  # the last piece ended with CR: an LF starting the next one is its pair
-
-    def feed(self, chunk: bytes) -> list[bytes]:
-        if self._after_cr and chunk.startswith(b"\n"):
-            chunk = chunk[1:]
-        self._after_cr = chunk.endswith(b"\r")
-        if b"\r" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buf = self._buf + chunk if self._buf else chunk
-        events: list[bytes] = []
-        data = self._data
-        start = 0
-        find = buf.find
-        while (end := find(b"\n", start)) >= 0:
-            if end == start:  # blank line: the event is complete
-                if data:
-                    events.append(data[0] if len(data) == 1 else b"\n".join(data))
-                    data = self._data = []
-            elif buf.startswith(b"data:", start):
-                value = buf[start + 5 : end]
-                data.append(value[1:] if value[:1] == b" " else value)
-            start = end + 1
-        self._buf = buf[start:]
-        return events
 
 
 class TokenStream:
@@ -597,8 +256,8 @@ class TokenStream:
                 message if isinstance(message, str) else json.dumps(message),
             )
         try:
-            token = _token(raw)
-        except _NOT_A_TOKEN:
+            token = parse_token(raw)
+        except NOT_A_TOKEN:
             raise TGIProtocolError(f"TGI sent a stream event without a valid token: {data[:200]!r}") from None
         self._tokens += 1
         generated_text, details = obj.get("generated_text"), obj.get("details")
@@ -708,7 +367,7 @@ class TGIClient:
         with _translated(self.base_url):
             response = await retrying(self._client.get, "/info")
         if response.status_code != 200:
-            raise _error_from_body(
+            raise error_from_body(
                 response.status_code,
                 response.headers.get("content-type", ""),
                 response.content[:_MAX_ERROR_BODY],
@@ -732,7 +391,7 @@ class TGIClient:
         the :class:`TokenStream`. Leaving closes the connection at once — that is what stops the
         generation in TGI — unless the stream was read to its end (it then serves the next request).
         """
-        body = _request_body(inputs, parameters)
+        body = request_body(inputs, parameters)
         timeout = self._first_token_timeout
         response = await self._open(
             "/generate_stream", self._stream_headers, body, time.monotonic() + timeout,
@@ -761,7 +420,7 @@ class TGIClient:
         closes the connection at once, which makes TGI drop the request; once the answer is read whole
         the connection serves the next request.
         """
-        body = _request_body(inputs, parameters)
+        body = request_body(inputs, parameters)
         timeout = self._request_timeout
         deadline = time.monotonic() + timeout
         late = f"TGI did not finish the generation within {timeout:g} s (--request-timeout)"
@@ -769,17 +428,17 @@ class TGIClient:
         try:
             await _raise_for_status(response, min(self._read_timeout, _left(deadline)))
             _expect_content_type(response, "/generate", "application/json")
-            if (_count(response.headers.get("content-length")) or 0) > _MAX_GENERATE_BODY:
-                raise TGIProtocolError(_TOO_LARGE, headers=_NO_RETRY)  # not read at all
+            if (token_count(response.headers.get("content-length")) or 0) > MAX_GENERATE_BODY:
+                raise TGIProtocolError(_TOO_LARGE, headers=NO_RETRY)  # not read at all
             try:
-                content = await response.read_all(_MAX_GENERATE_BODY + 1, _left(deadline))
+                content = await response.read_all(MAX_GENERATE_BODY + 1, _left(deadline))
             except http1.ResponseTimeout as exc:
                 raise TGITimeoutError(late) from exc
             except http1.ConnectionClosed as exc:
                 raise TGIProtocolError(f"TGI closed the connection in the middle of its answer ({exc})") from exc
-            if len(content) > _MAX_GENERATE_BODY:
-                raise TGIProtocolError(_TOO_LARGE, headers=_NO_RETRY)
-            return _generation(content, response.headers.get("x-prompt-tokens"))
+            if len(content) > MAX_GENERATE_BODY:
+                raise TGIProtocolError(_TOO_LARGE, headers=NO_RETRY)
+            return parse_generation(content, response.headers.get("x-prompt-tokens"))
         finally:
             response.close()
 
@@ -831,4 +490,4 @@ async def _raise_for_status(response: http1.Response, timeout: float) -> None:
             content = await response.read_all(_MAX_ERROR_BODY, timeout)
         except http1.HTTPError:
             content = b""
-        raise _error_from_body(response.status, response.headers.get("content-type", ""), content)
+        raise error_from_body(response.status, response.headers.get("content-type", ""), content)

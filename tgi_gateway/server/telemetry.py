@@ -54,13 +54,13 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import TGIOverloadedError, UpstreamError
+from ..errors import TGIOverloadedError, UpstreamError
+from .auth import KEY_ID_SCOPE
 
 if TYPE_CHECKING:  # fastapi itself is not imported: the CLI imports this module for its logging set-up
     from fastapi import FastAPI
 
 RECORD_KEY = "tgi_gateway.record"
-KEY_ID_KEY = "tgi_gateway.key_id"  # set by the authentication middleware for a known client key
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNMATCHED = "unmatched"  # the route label of a path no route matches: the label set stays bounded
 OTHER_MODEL = "other"  # the model label of a model name that is not served (a 404): idem
@@ -222,7 +222,7 @@ class Telemetry:
                     duration_s=_seconds(duration),
                     overhead_s=_seconds(overhead),
                     upstream_error=record.upstream_error,
-                    key_id=scope.get(KEY_ID_KEY),
+                    key_id=scope.get(KEY_ID_SCOPE),
                     disconnected=record.disconnected,
                 )
             )

@@ -27,8 +27,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..errors import PayloadTooLargeError
 from .asgi import send_error
-from .errors import PayloadTooLargeError
 
 __all__ = ["BodySizeLimit", "StrictJSONRoute"]
 

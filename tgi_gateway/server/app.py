@@ -1,0 +1,158 @@
+"""The gateway's ASGI app: ``create_app(settings, template)`` → a FastAPI app serving the OpenAI chat API
+over TGI: its routes, its error handlers and its middlewares, around the chat flow (:mod:`.chat`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..api import openapi
+from ..api.models import ChatCompletionRequest, HealthStatus
+from ..api.validation import invalid_request
+from ..errors import GatewayError
+from ..prompting import Template
+from ..settings import Settings
+from ..tgi.client import TGIClient
+from . import auth
+from .asgi import ClientDisconnected, error_response, json_response
+from .chat import Gateway
+from .draining import Draining
+from .limits import BodySizeLimit, StrictJSONRoute
+from .telemetry import error_kind, instrument, record_of
+
+logger = logging.getLogger("tgi_gateway")
+
+
+def create_app(settings: Settings, template: Template) -> FastAPI:
+    """The gateway app."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with TGIClient(
+            settings.endpoint,
+            connect_timeout=settings.connect_timeout,
+            first_token_timeout=settings.first_token_timeout,
+            read_timeout=settings.read_timeout,
+            request_timeout=settings.request_timeout,
+            connect_retries=settings.connect_retries,
+            api_key=settings.tgi_api_key.get_secret_value() if settings.tgi_api_key else None,
+        ) as client:
+            app.state.gateway = Gateway(settings, template, client)
+            app.state.draining.install()  # SIGTERM: /health says "draining" for --drain-seconds, then stop
+            logger.info(
+                "serving %s (Functionary template %s) from TGI at %s",
+                settings.model_name, template.version, settings.endpoint,
+            )  # fmt: skip
+            yield
+
+    app = FastAPI(
+        title="tgi-gateway",
+        version=__version__,
+        summary="OpenAI-compatible chat completions for MeetKai Functionary models served by TGI.",
+        lifespan=lifespan,
+    )
+    # Access control (API keys, per-key limit; tgi_gateway/server/auth.py). Added first: middlewares added after it
+    # wrap it, so they see every request, the refused ones included, and the key id it puts in the scope.
+    auth.install(app, settings)
+    app.router.route_class = StrictJSONRoute  # request bodies are strict JSON (limits.py)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.state.draining = Draining(settings.drain_seconds)
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError) -> Response:
+        if (rec := record_of(request.scope)) is not None:
+            rec.upstream_error = error_kind(exc)
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(invalid_request(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
+        return json_response(body, exc.status_code, dict(exc.headers or {}) or None)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("unexpected error")
+        return error_response(GatewayError("The gateway failed unexpectedly; see its log."))
+
+    # The error statuses each route really answers, with OpenAI's envelope; no 422 (tgi_gateway/api/openapi.py).
+    guarded = openapi.guarded(settings)
+    openapi.install(app, settings, auth.OPEN_PATHS)
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        summary="Create a chat completion",
+        responses=openapi.error_responses(
+            {400, 404, 413, 429, 500, 502, 503, 504} | guarded,
+            s429="TGI is overloaded, or this API key has its maximum of requests in flight "
+            "(`Retry-After` says when to retry).",
+        ),
+    )
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+        try:
+            return await request.app.state.gateway.chat(request, body)
+        except ClientDisconnected:
+            return Response(status_code=499)
+
+    @app.get("/v1/models", summary="List the served model", responses=openapi.error_responses(guarded))
+    async def list_models(request: Request) -> Response:
+        return json_response({"object": "list", "data": [_model_card(request.app.state.gateway)]})
+
+    @app.get(
+        "/v1/models/{model:path}",
+        summary="Describe the served model",
+        responses=openapi.error_responses({404} | guarded),
+    )
+    async def get_model(request: Request, model: str) -> Response:
+        gateway = request.app.state.gateway
+        gateway.check_model(model)
+        return json_response(_model_card(gateway))
+
+    @app.get(
+        "/health",
+        summary="200 when TGI answers its /health, 503 otherwise, and while draining",
+        response_model=None,
+        responses={
+            200: {"model": HealthStatus, "description": "TGI answers its /health."},
+            503: {"model": HealthStatus, "description": "TGI does not answer, or the gateway is draining."},
+            **openapi.error_responses(openapi.guarded(settings, open_path=True)),
+        },
+    )
+    async def health(request: Request) -> Response:
+        if request.app.state.draining.active:
+            return json_response({"status": "draining", "error": "the gateway is shutting down"}, 503)
+        gateway = request.app.state.gateway
+        if await gateway.client.health():
+            return json_response({"status": "ok"})
+        return json_response(
+            {"status": "unavailable", "error": f"TGI at {gateway.settings.endpoint} does not answer /health"},
+            503,
+        )
+
+    instrument(app, [settings.model_name])  # GET /metrics, and the outermost middleware: counts, logs
+    return app
+
+
+
+def _model_card(gateway: Gateway) -> dict[str, Any]:
+    return {
+        "id": gateway.settings.model_name,
+        "object": "model",
+        "created": gateway.created,
+        "owned_by": "tgi-gateway",
+    }
+

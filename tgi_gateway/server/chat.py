@@ -1,0 +1,281 @@
+"""The chat completion flow: an OpenAI request → a prompt → TGI → an OpenAI message or SSE stream.
+
+Theory of operation
+-------------------
+Everything Functionary- or OpenAI-specific is in pure modules; this one wires them to I/O.
+
+A chat completion request is validated (`ChatCompletionRequest` for the scalar fields, `normalize()` for
+the prompt) and rendered. Both paths then feed TGI's tokens — their literal texts, special tokens included,
+with TGI's `special` flag — through the same `streaming.Answer` (stop sequences, parser, chunks or message),
+so the two cannot disagree; they differ only in the TGI route:
+
+* **stream** requests read TGI's `/generate_stream`. TGI reports request errors (validation, overload) as
+  the *first* stream event, so the gateway reads that first event before it answers: an upstream error
+  found there becomes a proper HTTP error (400, 429 + Retry-After, 502, 503), and only errors after the
+  first token travel in the SSE stream. Three stream flows (docs/architecture.md):
+
+  * normal end — TGI's final event → the finish chunk, the usage chunk if asked, `data: [DONE]`;
+  * client disconnect — the request's `DisconnectWatch` (one watcher of `http.disconnect` per request)
+    cancels the body, which closes the upstream TGI response at once, so TGI drops the request from its
+    batch;
+  * upstream error mid-stream — one `data: {"error": {...}}` event (the OpenAI envelope), then the end.
+
+* **non-stream** requests read TGI's `/generate` with `details: true`: one JSON answer once the generation
+  is complete (`details.tokens`, `finish_reason`, `generated_tokens`; the prompt's tokens in the
+  `x-prompt-tokens` header), bounded in all by `--request-timeout`. TGI's errors are HTTP statuses there;
+  a client that disconnects while TGI generates cancels the call, which closes its TGI connection.
+
+Both race TGI's answer (its first event, or the whole non-stream answer) against the client's disconnect
+(`until_disconnect`, then 499), and both send a request TGI refused with a validation error once more when
+TGI's limits changed (`Gateway._upstream`).
+"""
+
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
+from functools import partial
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import Response
+from starlette.types import Send
+
+from ..api.models import ChatCompletionRequest
+from ..api.params import check_supported, check_token_budget, tgi_parameters
+from ..errors import (
+    GatewayError,
+    ModelNotFoundError,
+    TGIProtocolError,
+    TGIUnavailableError,
+    TGIValidationError,
+    UpstreamError,
+)
+from ..prompting import Template, normalize
+from ..settings import Settings
+from ..streaming import SSE_DONE, Answer, ResponseContext, chat_completion, encode_sse
+from ..tgi.client import StreamEnd, TGIClient, TGIInfo, Token, TokenStream
+from .asgi import EventStreamResponse, json_response, until_disconnect
+from .telemetry import RequestRecord, error_kind, record_of
+
+logger = logging.getLogger("tgi_gateway")
+
+T = TypeVar("T")
+Batch = list[Token | StreamEnd]
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+class Gateway:
+    """The request handling: one per app, created in its lifespan."""
+
+    def __init__(self, settings: Settings, template: Template, client: TGIClient) -> None:
+        self.settings = settings
+        self.template = template
+        self.client = client
+        self.created = int(time.time())
+        self._info: TGIInfo | None = None
+
+    async def info(self) -> TGIInfo:
+        """TGI's limits, read lazily (TGI may come up after the gateway) and kept; forgotten when TGI is
+        found unreachable (it may come back with other limits)."""
+        if self._info is None:
+            self._info = await self.client.info()
+            logger.info(
+                "TGI %s serves %s (max_input_tokens=%d, max_total_tokens=%d, max_stop_sequences=%d)",
+                self._info.version, self._info.model_id, self._info.max_input_tokens,
+                self._info.max_total_tokens, self._info.max_stop_sequences,
+            )  # fmt: skip
+        return self._info
+
+    async def limits_changed(self) -> bool:
+        """Read TGI's /info again (after TGI refused a request); True when it changed, the new one kept."""
+        try:
+            fresh = await self.client.info()
+        except UpstreamError:
+            return False  # the request's own error is the one to report
+        changed, self._info = fresh != self._info, fresh
+        if changed:
+            logger.warning("TGI's /info changed (TGI restarted?): max_stop_sequences=%d, max_total_tokens=%d",
+                           fresh.max_stop_sequences, fresh.max_total_tokens)  # fmt: skip
+        return changed
+
+    def check_model(self, model: str) -> None:
+        """Raise the OpenAI 404 ``model_not_found`` unless ``model`` is the served model's name."""
+        if model != self.settings.model_name:
+            raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
+
+    async def chat(self, request: Request, req: ChatCompletionRequest) -> Response:
+        rec = record_of(request.scope) or RequestRecord("", time.perf_counter())  # telemetry (or detached)
+        rec.model, rec.stream = req.model, bool(req.stream)
+        self.check_model(req.model)
+        check_supported(req)
+        prompt = normalize(
+            {
+                "messages": req.messages,
+                "tools": req.tools,
+                "tool_choice": req.tool_choice,
+                "functions": req.functions,
+                "function_call": req.function_call,
+            }
+        )
+        inputs = self.template.render(prompt)
+        ctx = ResponseContext.for_prompt(
+            prompt,
+            self.settings.model_name,
+            parallel_tool_calls=req.parallel_tool_calls is not False,
+            include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
+        )
+        answer = Answer(self.template.parser(prompt), ctx, req.stop_list, stream=bool(req.stream))
+
+        if req.stream:
+
+            async def open_stream(parameters: dict[str, Any]) -> tuple[AsyncExitStack, TokenStream, Batch]:
+                async with AsyncExitStack() as stack:  # closes the TGI response unless it is returned
+                    tokens = await stack.enter_async_context(self.client.generate_stream(inputs, parameters))
+                    first = await tokens.batch()  # TGI's request errors arrive here: still an HTTP error
+                    return stack.pop_all(), tokens, first
+
+            stack, tokens, first = await self._upstream(request, req, rec, open_stream)
+            body = partial(self._stream, tokens=tokens, batch=first, answer=answer, ctx=ctx, rec=rec)
+            return EventStreamResponse(
+                body, on_close=partial(_close_upstream, stack, tokens), headers=SSE_HEADERS
+            )
+
+        generation = await self._upstream(request, req, rec, partial(self.client.generate, inputs))
+        rec.first_token_at = time.perf_counter()  # telemetry: the whole answer arrived at once
+        rec.prompt_tokens, rec.completion_tokens = generation.input_length, generation.generated_tokens
+        for text, special in _pieces(generation.tokens):
+            answer.feed(text, special)
+        answer.finish(generation.finish_reason)
+        message = answer.message(generation.finish_reason)
+        return json_response(
+            chat_completion(ctx, message, generation.input_length or 0, generation.generated_tokens)
+        )
+
+    async def _upstream(
+        self,
+        request: Request,
+        req: ChatCompletionRequest,
+        rec: RequestRecord,
+        call_tgi: Callable[[dict[str, Any]], Awaitable[T]],
+    ) -> T:
+        """``call_tgi(parameters)`` with TGI's limits applied, raced against the client's disconnect
+        (→ ClientDisconnected, and ``call_tgi`` is cancelled: its TGI request closed).
+
+        TGI may queue the request a long time: a client that leaves meanwhile cancels it. If TGI refuses
+        the request (a validation error, before generating anything) after it was restarted with other
+        limits (fewer stop sequences, a shorter context), the request is sent once more with its new limits.
+        """
+
+        async def once() -> T:
+            waiting = time.perf_counter()
+            try:
+                info = await self.info()
+                check_token_budget(req, info.max_total_tokens)
+                return await call_tgi(tgi_parameters(req, self.template.stop_sequences, info.max_stop_sequences))
+            finally:
+                rec.upstream_wait += time.perf_counter() - waiting  # telemetry
+
+        for attempt in (1, 2):
+            try:
+                return await until_disconnect(request, once())
+            except TGIValidationError:
+                if attempt == 2 or not await self.limits_changed():
+                    raise
+            except TGIUnavailableError:
+                self._info = None  # TGI may come back with other limits
+                raise
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    async def _stream(
+        self,
+        send: Send,
+        tokens: TokenStream,
+        batch: Batch,
+        answer: Answer,
+        ctx: ResponseContext,
+        rec: RequestRecord,
+    ) -> None:
+        """The SSE body: every batch of tokens TGI sent meanwhile becomes one write; the last write also
+        ends the response (TGI's response is then read to its end by `_close_upstream`)."""
+        try:
+            while True:
+                out: list[dict[str, Any]] = []
+                for item in batch:
+                    if isinstance(item, StreamEnd):
+                        rec.prompt_tokens, rec.completion_tokens = item.input_length, item.generated_tokens
+                        out += answer.finish(item.finish_reason)
+                        if rec.first_token_at is None:  # the whole answer was held back until the end
+                            rec.first_token_at = time.perf_counter()
+                        if ctx.include_usage:
+                            out.append(answer.usage_chunk(item.input_length or 0, item.generated_tokens))
+                        await send(_last_body(b"".join(map(encode_sse, out)) + SSE_DONE))
+                        return
+                    out += answer.feed(item.text, item.special)
+                if out:
+                    if rec.first_token_at is None:
+                        rec.first_token_at = time.perf_counter()
+                    chunk = b"".join(map(encode_sse, out))
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                batch = await _next(tokens, rec)
+        except GatewayError as exc:
+            rec.upstream_error = error_kind(exc)
+            logger.warning("TGI failed mid-stream: %s", exc.message)
+            await send(_last_body(encode_sse(exc.to_dict())))
+        except Exception:
+            logger.exception("unexpected error mid-stream")
+            failure = GatewayError("The gateway failed unexpectedly; see its log.")
+            await send(_last_body(encode_sse(failure.to_dict())))
+
+
+async def _close_upstream(stack: AsyncExitStack, tokens: TokenStream) -> None:
+    """After the response: a TGI stream read to its final event is read to its end, so that its
+    connection serves the next request; any other is closed (TGI then drops the request)."""
+    try:
+        if tokens.ended:
+            await _read_to_end(tokens)
+    finally:
+        await stack.aclose()
+
+
+def _last_body(data: bytes) -> dict[str, Any]:
+    return {"type": "http.response.body", "body": data, "more_body": False}
+
+
+def _pieces(tokens: list[Token]) -> Iterator[tuple[str, bool]]:
+    """A whole answer's tokens for `Answer.feed`: each special token alone, with its flag, and each run of
+    plain tokens as one piece. The stop filter and the parsers give the same answer for any split of the
+    text (docs/architecture.md, "Parsing"), so this is the stream's answer, for a few calls instead of one
+    per token."""
+    run: list[str] = []
+    for token in tokens:
+        if token.special:
+            if run:
+                yield "".join(run), False
+                run = []
+            yield token.text, True
+        else:
+            run.append(token.text)
+    if run:
+        yield "".join(run), False
+
+
+async def _next(tokens: TokenStream, rec: RequestRecord) -> Batch:
+    waiting = time.perf_counter()
+    try:
+        return await tokens.batch()
+    except StopAsyncIteration:
+        raise TGIProtocolError("TGI closed the stream before the end of the generation.") from None
+    finally:
+        rec.upstream_wait += time.perf_counter() - waiting
+
+
+async def _read_to_end(tokens: TokenStream) -> None:
+    with contextlib.suppress(StopAsyncIteration):
+        await tokens.batch()
+
