@@ -9,10 +9,9 @@ Both checks run before any field is looked at, so a body that fails them never c
 * :class:`StrictJSONRoute` — request bodies are parsed as RFC 8259 JSON (orjson) instead of Python's
   lenient ``json``: ``NaN``/``Infinity`` literals, lone UTF-16 surrogate escapes (``"\\ud800"``), bytes
   that are not UTF-8 and nesting deeper than 1024 levels are refused with the usual 400 "could not parse
-  the JSON body". Python's parser accepts the first three and they then travel as values that cannot be
-  encoded again (an error message quoting a lone surrogate crashed the error handler with a 500; ``Infinity``
-  passed validation and was only refused when the TGI request was encoded), and deep nesting made it raise
-  ``RecursionError``. A UTF-8 byte order mark is skipped, as RFC 8259 allows and ``json.loads`` did.
+  the JSON body". Python's parser accepts the first three as values that cannot be encoded again (an
+  error message quoting a lone surrogate, an ``Infinity`` in TGI's request), and raises ``RecursionError``
+  on deep nesting. A UTF-8 byte order mark is skipped, as RFC 8259 allows.
 """
 
 from __future__ import annotations

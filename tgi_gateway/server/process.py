@@ -17,11 +17,10 @@ def tune_gc() -> None:
     that builds many apps, a test suite, must keep the defaults).
 
     A request leaves no reference cycle (tested), so the collector only ever finds the rare cycle of an
-    error path; what it costs is its passes over live objects. `gc.freeze()` moves everything alive at
-    start-up (modules, the app, pydantic's schemas: ~80,000 objects) out of its sight, and a first
-    generation of 10,000 allocations instead of 700 makes its passes 14x rarer (the older generations keep
-    their defaults, so the rare cycles of error paths are still freed soon). At 256 streams this took
-    its time over a 40 s run from ~700 ms to ~100–200 ms (docs/performance.md)."""
+    error path; what it costs is its passes over live objects. Everything alive at start-up (modules, the
+    app, pydantic's schemas) is frozen out of its sight, and its first generation is collected every 10,000
+    allocations; the older generations keep their defaults, so the rare cycles of error paths are still
+    freed soon (why and what it saves: docs/performance.md, "Collector tuning")."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 10, 10)

@@ -12,8 +12,8 @@ before the end. When the app returns, raises or is cancelled it observes every m
 access log line (logger ``tgi_gateway.access``) from that one record, so metrics and logs cannot disagree.
 
 A stream sends thousands of body messages per second, so the middleware inspects ``http.response.start``
-only, and of each body message just ``more_body`` (~80 ns a message, no coroutine of its own); the handler
-adds two ``perf_counter()`` calls per upstream event. Each request costs ~20 µs to observe and log.
+only, and of each body message just ``more_body`` (no coroutine of its own); the handler adds two
+``perf_counter()`` calls per upstream event.
 
 Every metric lives in a per-app :class:`~prometheus_client.CollectorRegistry` (several apps in one process,
 tests, do not collide). With ``--workers N`` each scrape reaches one worker, so the CLI points
