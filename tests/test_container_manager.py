@@ -3,23 +3,34 @@ Engine double through the real docker SDK are further below."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
 import pytest
 
+from tgi_gateway.cli import launch_spec
 from tgi_gateway.container_manager import (
-    DEFAULT_IMAGE,
     LaunchSpec,
     PullProgress,
     _hint,
     _split_image,
     is_local_endpoint,
 )
+from tgi_gateway.settings import Settings
+
+DEFAULT_IMAGE = Settings.model_fields["tgi_image"].default
+
+
+def make_spec(model: str = "m", endpoint: str = "http://127.0.0.1:8080", **fields: object) -> LaunchSpec:
+    """The LaunchSpec the CLI builds from the default settings (without HF_TOKEN), `fields` replaced."""
+    return dataclasses.replace(
+        launch_spec(Settings(model=model, endpoint=endpoint)), **{"hf_token": None, **fields}
+    )
 
 
 def test_launch_recipe_for_a_hub_model(tmp_path: Path) -> None:
-    spec = LaunchSpec(
+    spec = make_spec(
         model="meetkai/functionary-small-v3.2",
         endpoint="http://127.0.0.1:8080",
         hf_cache=tmp_path,
@@ -48,7 +59,9 @@ def test_launch_recipe_for_a_hub_model(tmp_path: Path) -> None:
 def test_launch_recipe_for_a_local_model_directory(tmp_path: Path) -> None:
     model = tmp_path / "functionary"
     model.mkdir()
-    spec = LaunchSpec(model=str(model), endpoint="http://localhost:9000", hf_cache=tmp_path / "cache", revision="x")
+    spec = make_spec(
+        model=str(model), endpoint="http://localhost:9000", hf_cache=tmp_path / "cache", revision="x"
+    )
     assert spec.command() == ["--model-id", "/model"], "a local directory is mounted; no revision"
     assert spec.volumes()[str(model)] == {"bind": "/model", "mode": "ro"}
     assert spec.port == 9000 and spec.environment() == {}
@@ -58,14 +71,18 @@ def test_launch_recipe_for_a_local_model_directory(tmp_path: Path) -> None:
     "gpus,count,ids", [("all", -1, []), ("2", 2, []), ("0,1", 0, ["0", "1"]), ("3", 3, [])]
 )
 def test_gpu_device_requests(gpus: str, count: int, ids: list[str]) -> None:
-    [req] = LaunchSpec(model="m", endpoint="http://127.0.0.1:8080", gpus=gpus).device_requests()
+    [req] = make_spec(gpus=gpus).device_requests()
     assert (req["Count"], req["DeviceIDs"], req["Capabilities"]) == (count, ids, [["gpu"]])
 
 
 @pytest.mark.parametrize(
     "image,repo,tag",
     [
-        ("ghcr.io/huggingface/text-generation-inference:3.3.5", "ghcr.io/huggingface/text-generation-inference", "3.3.5"),
+        (
+            "ghcr.io/huggingface/text-generation-inference:3.3.5",
+            "ghcr.io/huggingface/text-generation-inference",
+            "3.3.5",
+        ),
         ("localhost:5000/tgi", "localhost:5000/tgi", "latest"),
         ("localhost:5000/tgi:2", "localhost:5000/tgi", "2"),
         ("tgi", "tgi", "latest"),
@@ -110,14 +127,19 @@ def test_pull_progress_bar_on_a_terminal() -> None:
 @pytest.mark.parametrize(
     "tail,code,oom,fragment",
     [
-        ("torch.cuda.OutOfMemoryError: CUDA out of memory.\nError: ShardCannotStart", 1, False, "--max-total-tokens"),
+        (
+            "torch.cuda.OutOfMemoryError: CUDA out of memory.\nError: ShardCannotStart",
+            1,
+            False,
+            "--max-total-tokens",
+        ),
         ("", 137, True, "host memory"),
         ("401 Client Error ... Cannot access gated repo", 1, False, "HF_TOKEN"),
         ("Error: DownloadError\nRepository Not Found for url", 1, False, "check the model id"),
     ],
 )
 def test_failure_hints(tail: str, code: int, oom: bool, fragment: str) -> None:
-    assert fragment in _hint(tail, code, oom, LaunchSpec(model="org/m", endpoint="http://127.0.0.1:8080"))
+    assert fragment in _hint(tail, code, oom, make_spec(model="org/m"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,7 +181,9 @@ def engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDockerEngine]:
 
 def manager(tmp_path: Path, port: int, **spec: object) -> ContainerManager:
     return ContainerManager(
-        LaunchSpec(model=MODEL, endpoint=f"http://127.0.0.1:{port}", hf_cache=tmp_path, hf_token=TOKEN, **spec),
+        make_spec(
+            model=MODEL, endpoint=f"http://127.0.0.1:{port}", hf_cache=tmp_path, hf_token=TOKEN, **spec
+        ),
         out=io.StringIO(),
         poll_interval=0.05,
     )
@@ -172,15 +196,25 @@ def test_launch_pull_start_wait_and_release(engine, tmp_path, caplog):
     assert m.ensure_tgi() == "started"
     assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
     [pull] = engine.pulls
-    assert pull.outcome == "ok" and f"pulling {DEFAULT_IMAGE}" in caplog.text and f"pulled {DEFAULT_IMAGE}" in caplog.text
+    assert (
+        pull.outcome == "ok"
+        and f"pulling {DEFAULT_IMAGE}" in caplog.text
+        and f"pulled {DEFAULT_IMAGE}" in caplog.text
+    )
     [body] = engine.create_bodies
     assert body["Image"] == DEFAULT_IMAGE
     assert body["Cmd"] == ["--model-id", MODEL, "--max-total-tokens", "4096"]
     assert body["Env"] == [f"HF_TOKEN={TOKEN}"]
-    assert body["Labels"] == {"tgi-gateway.managed": "true", "tgi-gateway.model": MODEL, "tgi-gateway.port": str(port)}
+    assert body["Labels"] == {
+        "tgi-gateway.managed": "true",
+        "tgi-gateway.model": MODEL,
+        "tgi-gateway.port": str(port),
+    }
     host = body["HostConfig"]
     assert host["ShmSize"] == 1 << 30
-    assert host["DeviceRequests"] == [{"Driver": "", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}]
+    assert host["DeviceRequests"] == [
+        {"Driver": "", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}
+    ]
     assert host["PortBindings"] == {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}]}
     assert host["Binds"] == [f"{tmp_path}:/data:rw"]
     assert "tgi | " in caplog.text and "Waiting for shard to be ready" in caplog.text, "TGI's logs are shown"
@@ -240,7 +274,9 @@ def test_oom_killed_and_gated_model(engine, tmp_path):
     engine.set_behavior("oom_killed", model=MODEL)
     with pytest.raises(LaunchError) as e:
         manager(tmp_path, free_port()).ensure_tgi()
-    assert "exit code 137" in str(e.value) and "OOMKilled true" in str(e.value) and "host memory" in str(e.value)
+    assert (
+        "exit code 137" in str(e.value) and "OOMKilled true" in str(e.value) and "host memory" in str(e.value)
+    )
     engine.set_behavior("gated_model", model=MODEL)
     with pytest.raises(LaunchError) as e:
         manager(tmp_path, free_port()).ensure_tgi()
@@ -258,7 +294,9 @@ def test_no_gpu_runtime(engine, tmp_path):
 
 @pytest.mark.parametrize("mid_stream", [False, True])
 def test_pull_errors_carry_the_registry_message(engine, tmp_path, mid_stream):
-    engine.fail_pull(DEFAULT_IMAGE, status=404, message="manifest unknown: no such tag", mid_stream=mid_stream)
+    engine.fail_pull(
+        DEFAULT_IMAGE, status=404, message="manifest unknown: no such tag", mid_stream=mid_stream
+    )
     with pytest.raises(LaunchError) as e:
         manager(tmp_path, free_port()).ensure_tgi()
     assert "Pulling" in str(e.value) and "manifest unknown: no such tag" in str(e.value)
@@ -389,7 +427,9 @@ def test_a_signal_in_a_sleep_stops_at_once_and_a_second_one_forces(engine, tmp_p
     with pytest.raises(StartupInterrupted) as e:
         m.interrupt(signal.SIGTERM)
     assert e.value.forced, "a second signal raises wherever the main thread is"
-    container_manager._join(threading.Thread(target=lambda: None))  # cut short before start(): no RuntimeError
+    container_manager._join(
+        threading.Thread(target=lambda: None)
+    )  # cut short before start(): no RuntimeError
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,7 +437,9 @@ def test_a_signal_in_a_sleep_stops_at_once_and_a_second_one_forces(engine, tmp_p
 # ------------------------------------------------------------------------------------------------
 
 
-def gateway_process(engine: FakeDockerEngine, tmp_path: Path, port: int, *extra: str) -> subprocess.Popen[str]:
+def gateway_process(
+    engine: FakeDockerEngine, tmp_path: Path, port: int, *extra: str
+) -> subprocess.Popen[str]:
     env = {**os.environ, "DOCKER_HOST": engine.docker_host, "NO_PROXY": "127.0.0.1", "HF_TOKEN": TOKEN}
     env.pop("DOCKER_TLS_VERIFY", None)
     gateway_port = free_port()

@@ -13,16 +13,18 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import UnionType
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
-from .container_manager import DEFAULT_IMAGE, ContainerManager, LaunchError, LaunchSpec, StartupInterrupted
+from .container_manager import ContainerManager, LaunchError, LaunchSpec, StartupInterrupted
 from .errors import ConfigurationError
-from .prompting.types import Version
 from .server.telemetry import configure_logging, shared_metrics_dir
-from .settings import Settings
+from .settings import ENV_PREFIX, Flag, Settings
 
 if TYPE_CHECKING:
     from .prompting import Template
@@ -31,67 +33,85 @@ log = logging.getLogger("tgi_gateway")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, one flag per :class:`Settings` field (except environment-only ones), derived from
+    the field: its name (or its :class:`Flag`), its description as help text, its default shown from the
+    field itself, choices from an enum or `Literal` type. Every flag defaults to None: a flag the user did
+    not type leaves the field to its environment variable, then to its default."""
     p = argparse.ArgumentParser(
         prog="server_tgi.py",
         description="OpenAI-compatible gateway for MeetKai Functionary models served by Hugging Face TGI.",
+        epilog=_environment_help(),
     )
-    p.add_argument("--model", help="hub id or local directory of the Functionary model (its tokenizer files)")
-    p.add_argument("--served-model-name", help="the model name clients send and /v1/models lists (default: --model)")
-    p.add_argument("--endpoint", help="base URL of TGI (default http://127.0.0.1:8080)")
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all interfaces)")
-    p.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    p.add_argument(
-        "--template-version",
-        choices=[v.value for v in Version],
-        help="use this Functionary template version instead of detecting it",
-    )
-    p.add_argument("--revision", help="hub revision (branch, tag or commit) of the model's tokenizer files")
-    p.add_argument("--connect-timeout", type=float, help="seconds to connect to TGI (default 2)")
-    p.add_argument(
-        "--first-token-timeout", type=float, help="seconds TGI may take to send the first token (default 120)"
-    )
-    p.add_argument("--read-timeout", type=float, help="seconds to wait between two TGI stream events (default 60)")
-    p.add_argument(
-        "--request-timeout", type=float,
-        help="seconds a non-stream request may wait for TGI's whole answer, queueing included (default 600)",
-    )  # fmt: skip
-    p.add_argument("--connect-retries", type=int, help="connection attempts to TGI before answering 503 (default 3)")
-    p.add_argument("--log-level", help="critical, error, warning, info (default) or debug")
-    p.add_argument("--log-format", choices=["text", "json"], help="text (default) or json: one object a line")
-    p.add_argument("--shutdown-grace", type=float, help="seconds in-flight requests get to finish at shutdown (30)")
-    p.add_argument("--drain-seconds", type=float,
-                   help="on SIGTERM, seconds /health answers 503 while requests are still served (default 0)")
-    p.add_argument("--workers", type=int, help="server processes, one CPU core each (default 1)")
-    p.add_argument("--max-body-bytes", type=int, help="largest request body, 413 above (default 4 MiB)")
-
-    a = p.add_argument_group("access control (see docs/operations.md)")
-    a.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
-                   help="a key clients must send as 'Authorization: Bearer KEY' (repeatable; shows in ps: "
-                        "prefer --api-key-file or TGI_GATEWAY_API_KEYS); no key: the gateway is open")
-    a.add_argument("--api-key-file", metavar="PATH", help="file of keys, one per line (# comments, blank lines)")
-    a.add_argument("--max-concurrent-per-key", type=int, metavar="N",
-                   help="requests in flight per key and worker process; over it: 429 (default unlimited)")
-    a.add_argument("--protect-health", action="store_true", default=None,
-                   help="require a key on /health and /metrics too (open by default)")
-
-    d = p.add_argument_group("launching TGI with Docker (when nothing answers at a local --endpoint)")
-    d.add_argument("--no-launch", dest="launch", action="store_false", default=None,
-                   help="never start TGI; answer 503 until the endpoint is up")
-    d.add_argument("--tgi-image", help=f"TGI image (default {DEFAULT_IMAGE})")
-    d.add_argument("--gpus", help="all (default), a count, or device ids such as 0,1")
-    d.add_argument("--tgi-publish-host", help="host address TGI's port is published on (default 127.0.0.1)")
-    d.add_argument("--hf-cache", help="host directory mounted on /data for downloads (default: your HF home)")
-    d.add_argument("--max-input-tokens", type=int, help="TGI --max-input-tokens")
-    d.add_argument("--max-total-tokens", type=int, help="TGI --max-total-tokens")
-    d.add_argument("--num-shard", type=int, help="TGI --num-shard (GPUs to shard the model over)")
-    d.add_argument("--quantize", help="TGI --quantize (awq, gptq, bitsandbytes-nf4, fp8, ...)")
-    d.add_argument("--dtype", help="TGI --dtype (float16, bfloat16)")
-    d.add_argument("--tgi-arg", dest="tgi_args", action="append", metavar="ARG",
-                   help="extra text-generation-launcher argument (repeatable), e.g. --tgi-arg=--max-batch-prefill-tokens=4096")
-    d.add_argument("--startup-timeout", type=float, help="seconds TGI may take to load (default 1800)")
-    d.add_argument("--keep-tgi", action="store_true", default=None,
-                   help="leave the TGI container this gateway started running at exit")
+    groups: dict[str | None, Any] = {None: p}  # the parser, or one of its argument groups
+    for name, field in Settings.model_fields.items():
+        flag = flag_of(field)
+        if flag.action is None:
+            continue
+        if flag.group not in groups:
+            groups[flag.group] = p.add_argument_group(flag.group)
+        help_text = f"{field.description} ({shown_default(field)})".replace("%", "%%")
+        option: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
+        if flag.action in ("store_true", "store_false"):
+            option["action"] = flag.action
+        else:
+            option["metavar"] = flag.metavar or name.upper()
+            option["action"] = flag.action
+            value_type = _value_type(field.annotation)
+            if isinstance(value_type, type) and issubclass(value_type, Enum):
+                option["choices"] = [member.value for member in value_type]
+                option["metavar"] = flag.metavar  # argparse lists the choices
+            elif get_origin(value_type) is Literal:
+                option["choices"] = list(get_args(value_type))
+                option["metavar"] = flag.metavar
+            elif value_type in (int, float):
+                option["type"] = value_type
+        groups[flag.group].add_argument(flag.name or "--" + name.replace("_", "-"), **option)
     return p
+
+
+def flag_of(field: FieldInfo) -> Flag:
+    """The field's :class:`Flag`, or the default one."""
+    return next((item for item in field.metadata if isinstance(item, Flag)), _PLAIN)
+
+
+_PLAIN = Flag()
+
+
+def _environment_help() -> str:
+    """The help's closing paragraph: the environment variables, named from the settings."""
+    fields = Settings.model_fields.items()
+    renamed = [f"{ENV_PREFIX}{name.upper()} for {flag_of(f).name}" for name, f in fields if flag_of(f).name]
+    only = [f"{ENV_PREFIX}{name.upper()}, {f.description}" for name, f in fields if flag_of(f).action is None]
+    return (
+        f"Every setting can also come from its environment variable: {ENV_PREFIX} and the flag's name in "
+        f"upper case, with _ for - ({ENV_PREFIX}ENDPOINT for --endpoint), but {', '.join(renamed)}. Flags "
+        f"win. Only in the environment: {'; '.join(only)}."
+    )
+
+
+def shown_default(field: FieldInfo) -> str:
+    """The field's default as the help and the documentation show it: ``required``; ``default: off`` for a
+    switch; the :class:`Flag`'s `unset` text for None or an empty list; else the value (``2``, not ``2.0``)."""
+    flag = flag_of(field)
+    if field.is_required():
+        return "required"
+    if flag.action in ("store_true", "store_false"):
+        return "default: off"
+    value = field.default
+    if value is None or value == ():
+        return f"default: {flag.unset}"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"default: {value}"
+
+
+def _value_type(annotation: Any) -> Any:
+    """`X` for ``X``, ``X | None`` and ``tuple[X, ...]``."""
+    if get_origin(annotation) in (Union, UnionType):
+        (annotation,) = [arg for arg in get_args(annotation) if arg is not type(None)]
+    if get_origin(annotation) is tuple:
+        annotation = get_args(annotation)[0]
+    return annotation
 
 
 def main(argv: Sequence[str] | None = None) -> int:
