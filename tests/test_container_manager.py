@@ -24,9 +24,8 @@ DEFAULT_IMAGE = Settings.model_fields["tgi_image"].default
 
 def make_spec(model: str = "m", endpoint: str = "http://127.0.0.1:8080", **fields: object) -> LaunchSpec:
     """The LaunchSpec the CLI builds from the default settings (without HF_TOKEN), `fields` replaced."""
-    return dataclasses.replace(
-        launch_spec(Settings(model=model, endpoint=endpoint)), **{"hf_token": None, **fields}
-    )
+    spec = launch_spec(Settings(model=model, endpoint=endpoint))
+    return dataclasses.replace(spec, **{"hf_token": None, **fields})
 
 
 def test_launch_recipe_for_a_hub_model(tmp_path: Path) -> None:
@@ -78,11 +77,7 @@ def test_gpu_device_requests(gpus: str, count: int, ids: list[str]) -> None:
 @pytest.mark.parametrize(
     "image,repo,tag",
     [
-        (
-            "ghcr.io/huggingface/text-generation-inference:3.3.5",
-            "ghcr.io/huggingface/text-generation-inference",
-            "3.3.5",
-        ),
+        ("ghcr.io/huggingface/text-generation-inference:3.3.5", "ghcr.io/huggingface/text-generation-inference", "3.3.5"),
         ("localhost:5000/tgi", "localhost:5000/tgi", "latest"),
         ("localhost:5000/tgi:2", "localhost:5000/tgi", "2"),
         ("tgi", "tgi", "latest"),
@@ -127,12 +122,7 @@ def test_pull_progress_bar_on_a_terminal() -> None:
 @pytest.mark.parametrize(
     "tail,code,oom,fragment",
     [
-        (
-            "torch.cuda.OutOfMemoryError: CUDA out of memory.\nError: ShardCannotStart",
-            1,
-            False,
-            "--max-total-tokens",
-        ),
+        ("torch.cuda.OutOfMemoryError: CUDA out of memory.\nError: ShardCannotStart", 1, False, "--max-total-tokens"),
         ("", 137, True, "host memory"),
         ("401 Client Error ... Cannot access gated repo", 1, False, "HF_TOKEN"),
         ("Error: DownloadError\nRepository Not Found for url", 1, False, "check the model id"),
@@ -196,25 +186,15 @@ def test_launch_pull_start_wait_and_release(engine, tmp_path, caplog):
     assert m.ensure_tgi() == "started"
     assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
     [pull] = engine.pulls
-    assert (
-        pull.outcome == "ok"
-        and f"pulling {DEFAULT_IMAGE}" in caplog.text
-        and f"pulled {DEFAULT_IMAGE}" in caplog.text
-    )
+    assert pull.outcome == "ok" and f"pulling {DEFAULT_IMAGE}" in caplog.text and f"pulled {DEFAULT_IMAGE}" in caplog.text
     [body] = engine.create_bodies
     assert body["Image"] == DEFAULT_IMAGE
     assert body["Cmd"] == ["--model-id", MODEL, "--max-total-tokens", "4096"]
     assert body["Env"] == [f"HF_TOKEN={TOKEN}"]
-    assert body["Labels"] == {
-        "tgi-gateway.managed": "true",
-        "tgi-gateway.model": MODEL,
-        "tgi-gateway.port": str(port),
-    }
+    assert body["Labels"] == {"tgi-gateway.managed": "true", "tgi-gateway.model": MODEL, "tgi-gateway.port": str(port)}
     host = body["HostConfig"]
     assert host["ShmSize"] == 1 << 30
-    assert host["DeviceRequests"] == [
-        {"Driver": "", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}
-    ]
+    assert host["DeviceRequests"] == [{"Driver": "", "Count": -1, "DeviceIDs": [], "Capabilities": [["gpu"]], "Options": {}}]
     assert host["PortBindings"] == {"80/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}]}
     assert host["Binds"] == [f"{tmp_path}:/data:rw"]
     assert "tgi | " in caplog.text and "Waiting for shard to be ready" in caplog.text, "TGI's logs are shown"
@@ -274,9 +254,7 @@ def test_oom_killed_and_gated_model(engine, tmp_path):
     engine.set_behavior("oom_killed", model=MODEL)
     with pytest.raises(LaunchError) as e:
         manager(tmp_path, free_port()).ensure_tgi()
-    assert (
-        "exit code 137" in str(e.value) and "OOMKilled true" in str(e.value) and "host memory" in str(e.value)
-    )
+    assert "exit code 137" in str(e.value) and "OOMKilled true" in str(e.value) and "host memory" in str(e.value)
     engine.set_behavior("gated_model", model=MODEL)
     with pytest.raises(LaunchError) as e:
         manager(tmp_path, free_port()).ensure_tgi()
@@ -294,9 +272,7 @@ def test_no_gpu_runtime(engine, tmp_path):
 
 @pytest.mark.parametrize("mid_stream", [False, True])
 def test_pull_errors_carry_the_registry_message(engine, tmp_path, mid_stream):
-    engine.fail_pull(
-        DEFAULT_IMAGE, status=404, message="manifest unknown: no such tag", mid_stream=mid_stream
-    )
+    engine.fail_pull(DEFAULT_IMAGE, status=404, message="manifest unknown: no such tag", mid_stream=mid_stream)
     with pytest.raises(LaunchError) as e:
         manager(tmp_path, free_port()).ensure_tgi()
     assert "Pulling" in str(e.value) and "manifest unknown: no such tag" in str(e.value)
@@ -427,9 +403,7 @@ def test_a_signal_in_a_sleep_stops_at_once_and_a_second_one_forces(engine, tmp_p
     with pytest.raises(StartupInterrupted) as e:
         m.interrupt(signal.SIGTERM)
     assert e.value.forced, "a second signal raises wherever the main thread is"
-    container_manager._join(
-        threading.Thread(target=lambda: None)
-    )  # cut short before start(): no RuntimeError
+    container_manager._join(threading.Thread(target=lambda: None))  # cut short before start(): no RuntimeError
 
 
 # ------------------------------------------------------------------------------------------------
@@ -437,9 +411,7 @@ def test_a_signal_in_a_sleep_stops_at_once_and_a_second_one_forces(engine, tmp_p
 # ------------------------------------------------------------------------------------------------
 
 
-def gateway_process(
-    engine: FakeDockerEngine, tmp_path: Path, port: int, *extra: str
-) -> subprocess.Popen[str]:
+def gateway_process(engine: FakeDockerEngine, tmp_path: Path, port: int, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "DOCKER_HOST": engine.docker_host, "NO_PROXY": "127.0.0.1", "HF_TOKEN": TOKEN}
     env.pop("DOCKER_TLS_VERIFY", None)
     gateway_port = free_port()

@@ -33,76 +33,67 @@ log = logging.getLogger("tgi_gateway")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line, one flag per :class:`Settings` field (except environment-only ones), derived from
-    the field: its name (or its :class:`Flag`), its description as help text, its default shown from the
-    field itself, choices from an enum or `Literal` type. Every flag defaults to None: a flag the user did
-    not type leaves the field to its environment variable, then to its default."""
+    """The command line, derived from the :class:`Settings` fields: one flag per field (none for an
+    environment-only one), named by its :class:`Flag` or after the field, the description as help with the
+    field's own default, choices from an enum or `Literal` type, ints and floats converted. Every flag
+    defaults to None, so a flag the user did not type leaves the field to its environment variable, then to
+    its default; the fields' checks stay with `Settings`."""
     p = argparse.ArgumentParser(
         prog="server_tgi.py",
         description="OpenAI-compatible gateway for MeetKai Functionary models served by Hugging Face TGI.",
         epilog=_environment_help(),
     )
-    groups: dict[str | None, Any] = {None: p}  # the parser, or one of its argument groups
+    groups: dict[str | None, Any] = {None: p}  # the parser, then its argument groups in field order
     for name, field in Settings.model_fields.items():
         flag = flag_of(field)
         if flag.action is None:
             continue
         if flag.group not in groups:
             groups[flag.group] = p.add_argument_group(flag.group)
-        help_text = f"{field.description} ({shown_default(field)})".replace("%", "%%")
-        option: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
-        if flag.action in ("store_true", "store_false"):
-            option["action"] = flag.action
-        else:
-            option["metavar"] = flag.metavar or name.upper()
-            option["action"] = flag.action
+        shown = default_text(field)
+        help_text = f"{field.description} ({'required' if shown is None else f'default: {shown}'})"
+        option: dict[str, Any] = {"dest": name, "action": flag.action, "default": None}
+        if flag.metavar:
+            option["metavar"] = flag.metavar
+        if flag.action in ("store", "append"):
             value_type = _value_type(field.annotation)
             if isinstance(value_type, type) and issubclass(value_type, Enum):
                 option["choices"] = [member.value for member in value_type]
-                option["metavar"] = flag.metavar  # argparse lists the choices
             elif get_origin(value_type) is Literal:
                 option["choices"] = list(get_args(value_type))
-                option["metavar"] = flag.metavar
             elif value_type in (int, float):
                 option["type"] = value_type
-        groups[flag.group].add_argument(flag.name or "--" + name.replace("_", "-"), **option)
+        groups[flag.group].add_argument(flag_name(name, field), help=help_text.replace("%", "%%"), **option)
     return p
 
 
 def flag_of(field: FieldInfo) -> Flag:
-    """The field's :class:`Flag`, or the default one."""
+    """The field's :class:`Flag` (the default one if it has none)."""
     return next((item for item in field.metadata if isinstance(item, Flag)), _PLAIN)
 
 
 _PLAIN = Flag()
 
 
-def _environment_help() -> str:
-    """The help's closing paragraph: the environment variables, named from the settings."""
-    fields = Settings.model_fields.items()
-    renamed = [f"{ENV_PREFIX}{name.upper()} for {flag_of(f).name}" for name, f in fields if flag_of(f).name]
-    only = [f"{ENV_PREFIX}{name.upper()}, {f.description}" for name, f in fields if flag_of(f).action is None]
-    return (
-        f"Every setting can also come from its environment variable: {ENV_PREFIX} and the flag's name in "
-        f"upper case, with _ for - ({ENV_PREFIX}ENDPOINT for --endpoint), but {', '.join(renamed)}. Flags "
-        f"win. Only in the environment: {'; '.join(only)}."
-    )
+def flag_name(name: str, field: FieldInfo) -> str:
+    """The command-line flag of the field `name`: its :class:`Flag`'s, else ``--`` and the name with dashes."""
+    return flag_of(field).name or "--" + name.replace("_", "-")
 
 
-def shown_default(field: FieldInfo) -> str:
-    """The field's default as the help and the documentation show it: ``required``; ``default: off`` for a
-    switch; the :class:`Flag`'s `unset` text for None or an empty list; else the value (``2``, not ``2.0``)."""
-    flag = flag_of(field)
+def default_text(field: FieldInfo) -> str | None:
+    """The field's default as the help and the documentation show it: None for a required field, ``off``
+    for a switch, the :class:`Flag`'s `unset` text for None or an empty list, else the value (``2`` for
+    ``2.0``)."""
     if field.is_required():
-        return "required"
+        return None
+    flag, value = flag_of(field), field.default
     if flag.action in ("store_true", "store_false"):
-        return "default: off"
-    value = field.default
+        return "off"
     if value is None or value == ():
-        return f"default: {flag.unset}"
+        return flag.unset
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    return f"default: {value}"
+    return str(value)
 
 
 def _value_type(annotation: Any) -> Any:
@@ -112,6 +103,18 @@ def _value_type(annotation: Any) -> Any:
     if get_origin(annotation) is tuple:
         annotation = get_args(annotation)[0]
     return annotation
+
+
+def _environment_help() -> str:
+    """The help's closing paragraph: how the environment variables are named, from the settings."""
+    fields = Settings.model_fields.items()
+    renamed = [f"{ENV_PREFIX}{name.upper()} for {flag_of(f).name}" for name, f in fields if flag_of(f).name]
+    only = [f"{ENV_PREFIX}{name.upper()}, {f.description}" for name, f in fields if flag_of(f).action is None]
+    return (
+        f"Every setting can also come from its environment variable: {ENV_PREFIX} and the flag's name in "
+        f"upper case, with _ for - ({ENV_PREFIX}ENDPOINT for --endpoint), but {', '.join(renamed)}. Flags "
+        f"win. Only in the environment: {'; '.join(only)}."
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,7 +39,7 @@ class Flag:
     - `action`: ``"store"`` (one value), ``"append"`` (repeatable, each occurrence one item),
       ``"store_true"`` / ``"store_false"`` (a switch that sets the field to True / False), or None: no
       flag at all, the environment variable only (:data:`ENV_ONLY`).
-    - `metavar`: the value's placeholder in the help (default: the field's name upper-cased).
+    - `metavar`: the value's placeholder in the help (default: argparse's, the field's name upper-cased).
     - `group`: the title of the help section the flag is listed in (None: the main options).
     - `unset`: what the gateway does when a field whose default is None is left unset, as the help and the
       documentation show it (``"unlimited"``, ``"detected"``).
