@@ -1,6 +1,7 @@
 """`python3 server_tgi.py --model <hub id or dir> [--endpoint URL] ...`: build Settings, detect the template, serve.
 
-Flags win over ``TGI_GATEWAY_*`` environment variables (see :mod:`tgi_gateway.settings`). Start-up
+The flags are derived from the :class:`Settings` fields (:func:`build_parser`) and win over the
+``TGI_GATEWAY_*`` environment variables (see :mod:`tgi_gateway.settings`). Start-up
 problems (a bad flag, a model that is not a Functionary model, unreadable tokenizer files) are printed as
 one clear line and exit with status 2; nothing is served.
 """
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings(**given)
     except ValidationError as exc:
-        for line in settings_errors(exc, given, parser):
+        for line in settings_errors(exc, given):
             print(line, file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
@@ -234,26 +235,24 @@ def _serve(settings: Settings, template: Template) -> int:
     return 0
 
 
-def settings_errors(
-    exc: ValidationError, given: dict[str, object], parser: argparse.ArgumentParser
-) -> list[str]:
-    """One line per error of `Settings(**given)`, naming where the refused value came from: the flag as the
-    user typed it (``--api-key`` for the field ``api_keys``) when a flag set the field, else its
-    ``TGI_GATEWAY_*`` variable (flags win over the environment, so the value came from there)."""
-    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+def settings_errors(exc: ValidationError, given: dict[str, object]) -> list[str]:
+    """One line per error of `Settings(**given)`, naming where the refused value came from: the field's flag
+    (``--api-key`` for ``api_keys``) when a flag set it, else its ``TGI_GATEWAY_*`` variable (flags win
+    over the environment, so the value came from there)."""
     lines = []
     for err in exc.errors():
         field, *rest = [str(part) for part in err["loc"]] or ["settings"]
-        if err["type"] == "missing" or field in given:
-            source = flags.get(field, "--" + field.replace("_", "-"))
-        elif field in Settings.model_fields:
-            source = f"TGI_GATEWAY_{field.upper()}"
-        else:
+        variable = ENV_PREFIX + field.upper()
+        if field not in Settings.model_fields:
             source = field
+        elif err["type"] == "missing" or field in given:
+            source = flag_name(field, Settings.model_fields[field])
+        else:
+            source = variable
         source += "".join(f"[{part}]" for part in rest)
         # our validators' own message, without pydantic's "Value error, " prefix
         message = str(err["ctx"]["error"]) if err["type"] == "value_error" and "ctx" in err else err["msg"]
-        hint = f" (pass {source} or set TGI_GATEWAY_{field.upper()})" if err["type"] == "missing" else ""
+        hint = f" (pass {source} or set {variable})" if err["type"] == "missing" else ""
         lines.append(f"error: {source}: {message}{hint}")
     return lines
 
@@ -263,6 +262,8 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 
 
 def launch_spec(settings: Settings) -> LaunchSpec:
+    """How the container manager runs TGI: every launch setting, and the Hugging Face token from the
+    environment (``HF_TOKEN``, else ``HUGGING_FACE_HUB_TOKEN``)."""
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
     return LaunchSpec(
         model=settings.model,
