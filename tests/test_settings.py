@@ -56,7 +56,8 @@ def test_the_parser_is_derived_from_the_fields() -> None:
 @pytest.mark.parametrize(
     "name,shown",
     [("model", None), ("port", "8000"), ("connect_timeout", "2"), ("max_body_bytes", "4194304"),
-     ("protect_health", "off"), ("launch", "off"), ("api_keys", "none"), ("max_concurrent_per_key", "unlimited")],
+     ("protect_health", "off"), ("launch", "off"), ("api_keys", "none"),
+     ("max_concurrent_per_key", "unlimited")],
 )  # fmt: skip
 def test_defaults_are_shown_from_the_fields(name: str, shown: str | None) -> None:
     assert default_text(FIELDS[name]) == shown
@@ -82,7 +83,8 @@ def test_settings_survive_the_worker_environment_with_every_field_set(
         "drain_seconds": 1.5, "workers": 3, "max_body_bytes": 1024, "api_keys": ["sk-a", "sk-b"],
         "api_key_file": str(keys), "max_concurrent_per_key": 2, "protect_health": True, "launch": False,
         "tgi_image": "localhost:5000/tgi:1", "gpus": "0,1", "tgi_publish_host": "0.0.0.0", "hf_cache": "/c",
-        "max_input_tokens": 100, "max_total_tokens": 200, "num_shard": 2, "quantize": "awq", "dtype": "bfloat16",
+        "max_input_tokens": 100, "max_total_tokens": 200, "num_shard": 2, "quantize": "awq",
+        "dtype": "bfloat16",
         "tgi_args": ["--x", "1"], "startup_timeout": 7.0, "keep_tgi": True,
     }  # fmt: skip
     assert set(values) == set(FIELDS), "every field is set"

@@ -1,4 +1,4 @@
-"""`python3 server_tgi.py --model <hub id or dir> [--endpoint URL] ...`: build Settings, detect the template, serve.
+"""`python3 server_tgi.py --model <hub id or dir> [--endpoint URL] ...`: settings, the template, serve.
 
 The flags are derived from the :class:`Settings` fields (:func:`build_parser`) and win over the
 ``TGI_GATEWAY_*`` environment variables (see :mod:`tgi_gateway.settings`). Start-up
@@ -77,7 +77,7 @@ _PLAIN = Flag()
 
 
 def flag_name(name: str, field: FieldInfo) -> str:
-    """The command-line flag of the field `name`: its :class:`Flag`'s, else ``--`` and the name with dashes."""
+    """The flag of the field `name`: its :class:`Flag`'s name, else ``--`` and the name with dashes."""
     return flag_of(field).name or "--" + name.replace("_", "-")
 
 

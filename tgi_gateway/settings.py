@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="server processes, one CPU core each")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="largest request body, 413 above")
 
-    # Access control (tgi_gateway/server/auth.py). ---------------------------------------------------------------
+    # Access control (tgi_gateway/server/auth.py). --------------------------------------------------------
     api_keys: Annotated[
         tuple[SecretStr, ...], NoDecode, Flag("--api-key", "append", metavar="KEY", group=ACCESS)
     ] = Field(
@@ -124,7 +124,7 @@ class Settings(BaseSettings):
         False, description="require a key on /health and /metrics too"
     )
 
-    # Launching TGI with Docker (tgi_gateway/container_manager.py). -------------------------------------------
+    # Launching TGI with Docker (tgi_gateway/container_manager.py). ----------------------------------------
     # The flag is --no-launch: the description is its help.
     launch: Annotated[bool, Flag("--no-launch", "store_false", group=LAUNCHING)] = Field(
         True, description="never start TGI; answer 503 until the endpoint is up"
