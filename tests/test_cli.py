@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -30,7 +31,12 @@ def free_port() -> int:
 def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, str(ROOT / "server_tgi.py"), *args], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, str(ROOT / "server_tgi.py"), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 
@@ -63,7 +69,9 @@ def model_dir(tmp_path: Path) -> Path:
 def test_serves_a_local_model_directory(model_dir: Path) -> None:
     with FakeTGI(script=tokens("Hello", "!", EOT)) as tgi:
         started = time.monotonic()
-        proc, url = start_gateway("--model", str(model_dir), "--served-model-name", "fn", "--endpoint", tgi.url)
+        proc, url = start_gateway(
+            "--model", str(model_dir), "--served-model-name", "fn", "--endpoint", tgi.url
+        )
         try:
             ready = time.monotonic() - started
             with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client:
@@ -100,6 +108,37 @@ def test_request_timeout_flag_environment_and_default(monkeypatch: pytest.Monkey
     monkeypatch.setenv("TGI_GATEWAY_REQUEST_TIMEOUT", "90")
     assert settings().request_timeout == 90.0
     assert settings("--request-timeout", "2.5").request_timeout == 2.5  # the flag wins
+
+
+def test_help_shows_each_flag_with_the_default_of_its_setting() -> None:
+    from tgi_gateway.settings import Settings
+
+    r = run_cli("--help")
+    text = re.sub(r"\s+", " ", re.sub(r"-\n\s+", "-", r.stdout))  # argparse wraps long values at dashes
+    assert r.returncode == 0, r.stderr
+    assert "--port PORT port to listen on (default: 8000)" in text
+    assert f"--tgi-image TGI_IMAGE TGI image (default: {Settings.model_fields['tgi_image'].default})" in text
+    assert "--max-concurrent-per-key N requests in flight per key and worker process; over it: 429 " in text
+    assert "(default: unlimited)" in text and "--no-launch never start TGI" in text
+
+
+def test_launch_spec_takes_every_launch_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tgi_gateway.cli import launch_spec
+    from tgi_gateway.container_manager import LaunchSpec
+    from tgi_gateway.settings import Settings
+
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    settings = Settings(
+        model="org/m", endpoint="http://127.0.0.1:8081", revision="r", tgi_image="img:1", gpus="1",
+        tgi_publish_host="0.0.0.0", hf_cache="~/cache", max_input_tokens=10, max_total_tokens=20, num_shard=2,
+        quantize="awq", dtype="bfloat16", tgi_args=["--x"], startup_timeout=5, keep_tgi=True,
+    )  # fmt: skip
+    assert launch_spec(settings) == LaunchSpec(
+        model="org/m", endpoint="http://127.0.0.1:8081", image="img:1", gpus="1", publish_host="0.0.0.0",
+        hf_cache=Path("~/cache").expanduser(), hf_token="hf_x", revision="r", max_input_tokens=10,
+        max_total_tokens=20, num_shard=2, quantize="awq", dtype="bfloat16", extra_args=("--x",),
+        startup_timeout=5.0, keep=True,
+    )  # fmt: skip
 
 
 def test_bad_request_timeout_exits_2(model_dir: Path) -> None:
@@ -152,12 +191,16 @@ def test_workers_serve_from_several_processes(model_dir: Path) -> None:
         try:
             with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as client:
                 for _ in range(6):
-                    r = client.chat.completions.create(model="fn", messages=[{"role": "user", "content": "Hi"}])
+                    r = client.chat.completions.create(
+                        model="fn", messages=[{"role": "user", "content": "Hi"}]
+                    )
                     assert r.choices[0].message.content == "Hello!"
             children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
             workers = [c for c in children if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
             assert len(workers) == 2, children
-            assert tgi.last_generation.inputs.startswith("<|start_header_id|>system"), "workers use the template"
+            assert tgi.last_generation.inputs.startswith("<|start_header_id|>system"), (
+                "workers use the template"
+            )
         finally:
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=20)
@@ -200,7 +243,7 @@ print(status, sorted(packages & {"huggingface_hub", "docker", "tokenizers"}))
 def imported_at_start_up(*args: str) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-c", IMPORTS, *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60, env=env)
     return r.stdout.strip().splitlines()[-1]
 
 

@@ -3,23 +3,33 @@ Engine double through the real docker SDK are further below."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
 import pytest
 
+from tgi_gateway.cli import launch_spec
 from tgi_gateway.container_manager import (
-    DEFAULT_IMAGE,
     LaunchSpec,
     PullProgress,
     _hint,
     _split_image,
     is_local_endpoint,
 )
+from tgi_gateway.settings import Settings
+
+DEFAULT_IMAGE = Settings.model_fields["tgi_image"].default
+
+
+def make_spec(model: str = "m", endpoint: str = "http://127.0.0.1:8080", **fields: object) -> LaunchSpec:
+    """The LaunchSpec the CLI builds from the default settings (without HF_TOKEN), `fields` replaced."""
+    spec = launch_spec(Settings(model=model, endpoint=endpoint))
+    return dataclasses.replace(spec, **{"hf_token": None, **fields})
 
 
 def test_launch_recipe_for_a_hub_model(tmp_path: Path) -> None:
-    spec = LaunchSpec(
+    spec = make_spec(
         model="meetkai/functionary-small-v3.2",
         endpoint="http://127.0.0.1:8080",
         hf_cache=tmp_path,
@@ -48,7 +58,9 @@ def test_launch_recipe_for_a_hub_model(tmp_path: Path) -> None:
 def test_launch_recipe_for_a_local_model_directory(tmp_path: Path) -> None:
     model = tmp_path / "functionary"
     model.mkdir()
-    spec = LaunchSpec(model=str(model), endpoint="http://localhost:9000", hf_cache=tmp_path / "cache", revision="x")
+    spec = make_spec(
+        model=str(model), endpoint="http://localhost:9000", hf_cache=tmp_path / "cache", revision="x"
+    )
     assert spec.command() == ["--model-id", "/model"], "a local directory is mounted; no revision"
     assert spec.volumes()[str(model)] == {"bind": "/model", "mode": "ro"}
     assert spec.port == 9000 and spec.environment() == {}
@@ -58,7 +70,7 @@ def test_launch_recipe_for_a_local_model_directory(tmp_path: Path) -> None:
     "gpus,count,ids", [("all", -1, []), ("2", 2, []), ("0,1", 0, ["0", "1"]), ("3", 3, [])]
 )
 def test_gpu_device_requests(gpus: str, count: int, ids: list[str]) -> None:
-    [req] = LaunchSpec(model="m", endpoint="http://127.0.0.1:8080", gpus=gpus).device_requests()
+    [req] = make_spec(gpus=gpus).device_requests()
     assert (req["Count"], req["DeviceIDs"], req["Capabilities"]) == (count, ids, [["gpu"]])
 
 
@@ -117,7 +129,7 @@ def test_pull_progress_bar_on_a_terminal() -> None:
     ],
 )
 def test_failure_hints(tail: str, code: int, oom: bool, fragment: str) -> None:
-    assert fragment in _hint(tail, code, oom, LaunchSpec(model="org/m", endpoint="http://127.0.0.1:8080"))
+    assert fragment in _hint(tail, code, oom, make_spec(model="org/m"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,7 +171,9 @@ def engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDockerEngine]:
 
 def manager(tmp_path: Path, port: int, **spec: object) -> ContainerManager:
     return ContainerManager(
-        LaunchSpec(model=MODEL, endpoint=f"http://127.0.0.1:{port}", hf_cache=tmp_path, hf_token=TOKEN, **spec),
+        make_spec(
+            model=MODEL, endpoint=f"http://127.0.0.1:{port}", hf_cache=tmp_path, hf_token=TOKEN, **spec
+        ),
         out=io.StringIO(),
         poll_interval=0.05,
     )

@@ -1,6 +1,7 @@
-"""`python3 server_tgi.py --model <hub id or dir> [--endpoint URL] ...`: build Settings, detect the template, serve.
+"""`python3 server_tgi.py --model <hub id or dir> [--endpoint URL] ...`: settings, the template, serve.
 
-Flags win over ``TGI_GATEWAY_*`` environment variables (see :mod:`tgi_gateway.settings`). Start-up
+The flags are derived from the :class:`Settings` fields (:func:`build_parser`) and win over the
+``TGI_GATEWAY_*`` environment variables (see :mod:`tgi_gateway.settings`). Start-up
 problems (a bad flag, a model that is not a Functionary model, unreadable tokenizer files) are printed as
 one clear line and exit with status 2; nothing is served.
 """
@@ -13,16 +14,18 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import UnionType
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
-from .container_manager import DEFAULT_IMAGE, ContainerManager, LaunchError, LaunchSpec, StartupInterrupted
+from .container_manager import ContainerManager, LaunchError, LaunchSpec, StartupInterrupted
 from .errors import ConfigurationError
-from .prompting.types import Version
 from .server.telemetry import configure_logging, shared_metrics_dir
-from .settings import Settings
+from .settings import ENV_PREFIX, Flag, Settings
 
 if TYPE_CHECKING:
     from .prompting import Template
@@ -31,67 +34,88 @@ log = logging.getLogger("tgi_gateway")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, derived from the :class:`Settings` fields: one flag per field (none for an
+    environment-only one), named by its :class:`Flag` or after the field, the description as help with the
+    field's own default, choices from an enum or `Literal` type, ints and floats converted. Every flag
+    defaults to None, so a flag the user did not type leaves the field to its environment variable, then to
+    its default; the fields' checks stay with `Settings`."""
     p = argparse.ArgumentParser(
         prog="server_tgi.py",
         description="OpenAI-compatible gateway for MeetKai Functionary models served by Hugging Face TGI.",
+        epilog=_environment_help(),
     )
-    p.add_argument("--model", help="hub id or local directory of the Functionary model (its tokenizer files)")
-    p.add_argument("--served-model-name", help="the model name clients send and /v1/models lists (default: --model)")
-    p.add_argument("--endpoint", help="base URL of TGI (default http://127.0.0.1:8080)")
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all interfaces)")
-    p.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    p.add_argument(
-        "--template-version",
-        choices=[v.value for v in Version],
-        help="use this Functionary template version instead of detecting it",
-    )
-    p.add_argument("--revision", help="hub revision (branch, tag or commit) of the model's tokenizer files")
-    p.add_argument("--connect-timeout", type=float, help="seconds to connect to TGI (default 2)")
-    p.add_argument(
-        "--first-token-timeout", type=float, help="seconds TGI may take to send the first token (default 120)"
-    )
-    p.add_argument("--read-timeout", type=float, help="seconds to wait between two TGI stream events (default 60)")
-    p.add_argument(
-        "--request-timeout", type=float,
-        help="seconds a non-stream request may wait for TGI's whole answer, queueing included (default 600)",
-    )  # fmt: skip
-    p.add_argument("--connect-retries", type=int, help="connection attempts to TGI before answering 503 (default 3)")
-    p.add_argument("--log-level", help="critical, error, warning, info (default) or debug")
-    p.add_argument("--log-format", choices=["text", "json"], help="text (default) or json: one object a line")
-    p.add_argument("--shutdown-grace", type=float, help="seconds in-flight requests get to finish at shutdown (30)")
-    p.add_argument("--drain-seconds", type=float,
-                   help="on SIGTERM, seconds /health answers 503 while requests are still served (default 0)")
-    p.add_argument("--workers", type=int, help="server processes, one CPU core each (default 1)")
-    p.add_argument("--max-body-bytes", type=int, help="largest request body, 413 above (default 4 MiB)")
-
-    a = p.add_argument_group("access control (see docs/operations.md)")
-    a.add_argument("--api-key", dest="api_keys", action="append", metavar="KEY",
-                   help="a key clients must send as 'Authorization: Bearer KEY' (repeatable; shows in ps: "
-                        "prefer --api-key-file or TGI_GATEWAY_API_KEYS); no key: the gateway is open")
-    a.add_argument("--api-key-file", metavar="PATH", help="file of keys, one per line (# comments, blank lines)")
-    a.add_argument("--max-concurrent-per-key", type=int, metavar="N",
-                   help="requests in flight per key and worker process; over it: 429 (default unlimited)")
-    a.add_argument("--protect-health", action="store_true", default=None,
-                   help="require a key on /health and /metrics too (open by default)")
-
-    d = p.add_argument_group("launching TGI with Docker (when nothing answers at a local --endpoint)")
-    d.add_argument("--no-launch", dest="launch", action="store_false", default=None,
-                   help="never start TGI; answer 503 until the endpoint is up")
-    d.add_argument("--tgi-image", help=f"TGI image (default {DEFAULT_IMAGE})")
-    d.add_argument("--gpus", help="all (default), a count, or device ids such as 0,1")
-    d.add_argument("--tgi-publish-host", help="host address TGI's port is published on (default 127.0.0.1)")
-    d.add_argument("--hf-cache", help="host directory mounted on /data for downloads (default: your HF home)")
-    d.add_argument("--max-input-tokens", type=int, help="TGI --max-input-tokens")
-    d.add_argument("--max-total-tokens", type=int, help="TGI --max-total-tokens")
-    d.add_argument("--num-shard", type=int, help="TGI --num-shard (GPUs to shard the model over)")
-    d.add_argument("--quantize", help="TGI --quantize (awq, gptq, bitsandbytes-nf4, fp8, ...)")
-    d.add_argument("--dtype", help="TGI --dtype (float16, bfloat16)")
-    d.add_argument("--tgi-arg", dest="tgi_args", action="append", metavar="ARG",
-                   help="extra text-generation-launcher argument (repeatable), e.g. --tgi-arg=--max-batch-prefill-tokens=4096")
-    d.add_argument("--startup-timeout", type=float, help="seconds TGI may take to load (default 1800)")
-    d.add_argument("--keep-tgi", action="store_true", default=None,
-                   help="leave the TGI container this gateway started running at exit")
+    groups: dict[str | None, Any] = {None: p}  # the parser, then its argument groups in field order
+    for name, field in Settings.model_fields.items():
+        flag = flag_of(field)
+        if flag.action is None:
+            continue
+        if flag.group not in groups:
+            groups[flag.group] = p.add_argument_group(flag.group)
+        shown = default_text(field)
+        help_text = f"{field.description} ({'required' if shown is None else f'default: {shown}'})"
+        option: dict[str, Any] = {"dest": name, "action": flag.action, "default": None}
+        if flag.metavar:
+            option["metavar"] = flag.metavar
+        if flag.action in ("store", "append"):
+            value_type = _value_type(field.annotation)
+            if isinstance(value_type, type) and issubclass(value_type, Enum):
+                option["choices"] = [member.value for member in value_type]
+            elif get_origin(value_type) is Literal:
+                option["choices"] = list(get_args(value_type))
+            elif value_type in (int, float):
+                option["type"] = value_type
+        groups[flag.group].add_argument(flag_name(name, field), help=help_text.replace("%", "%%"), **option)
     return p
+
+
+def flag_of(field: FieldInfo) -> Flag:
+    """The field's :class:`Flag` (the default one if it has none)."""
+    return next((item for item in field.metadata if isinstance(item, Flag)), _PLAIN)
+
+
+_PLAIN = Flag()
+
+
+def flag_name(name: str, field: FieldInfo) -> str:
+    """The flag of the field `name`: its :class:`Flag`'s name, else ``--`` and the name with dashes."""
+    return flag_of(field).name or "--" + name.replace("_", "-")
+
+
+def default_text(field: FieldInfo) -> str | None:
+    """The field's default as the help and the documentation show it: None for a required field, ``off``
+    for a switch, the :class:`Flag`'s `unset` text for None or an empty list, else the value (``2`` for
+    ``2.0``)."""
+    if field.is_required():
+        return None
+    flag, value = flag_of(field), field.default
+    if flag.action in ("store_true", "store_false"):
+        return "off"
+    if value is None or value == ():
+        return flag.unset
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def _value_type(annotation: Any) -> Any:
+    """`X` for ``X``, ``X | None`` and ``tuple[X, ...]``."""
+    if get_origin(annotation) in (Union, UnionType):
+        (annotation,) = [arg for arg in get_args(annotation) if arg is not type(None)]
+    if get_origin(annotation) is tuple:
+        annotation = get_args(annotation)[0]
+    return annotation
+
+
+def _environment_help() -> str:
+    """The help's closing paragraph: how the environment variables are named, from the settings."""
+    fields = Settings.model_fields.items()
+    renamed = [f"{ENV_PREFIX}{name.upper()} for {flag_of(f).name}" for name, f in fields if flag_of(f).name]
+    only = [f"{ENV_PREFIX}{name.upper()}, {f.description}" for name, f in fields if flag_of(f).action is None]
+    return (
+        f"Every setting can also come from its environment variable: {ENV_PREFIX} and the flag's name in "
+        f"upper case, with _ for - ({ENV_PREFIX}ENDPOINT for --endpoint), but {', '.join(renamed)}. Flags "
+        f"win. Only in the environment: {'; '.join(only)}."
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings(**given)
     except ValidationError as exc:
-        for line in settings_errors(exc, given, parser):
+        for line in settings_errors(exc, given):
             print(line, file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
@@ -211,26 +235,24 @@ def _serve(settings: Settings, template: Template) -> int:
     return 0
 
 
-def settings_errors(
-    exc: ValidationError, given: dict[str, object], parser: argparse.ArgumentParser
-) -> list[str]:
-    """One line per error of `Settings(**given)`, naming where the refused value came from: the flag as the
-    user typed it (``--api-key`` for the field ``api_keys``) when a flag set the field, else its
-    ``TGI_GATEWAY_*`` variable (flags win over the environment, so the value came from there)."""
-    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+def settings_errors(exc: ValidationError, given: dict[str, object]) -> list[str]:
+    """One line per error of `Settings(**given)`, naming where the refused value came from: the field's flag
+    (``--api-key`` for ``api_keys``) when a flag set it, else its ``TGI_GATEWAY_*`` variable (flags win
+    over the environment, so the value came from there)."""
     lines = []
     for err in exc.errors():
         field, *rest = [str(part) for part in err["loc"]] or ["settings"]
-        if err["type"] == "missing" or field in given:
-            source = flags.get(field, "--" + field.replace("_", "-"))
-        elif field in Settings.model_fields:
-            source = f"TGI_GATEWAY_{field.upper()}"
-        else:
+        variable = ENV_PREFIX + field.upper()
+        if field not in Settings.model_fields:
             source = field
+        elif err["type"] == "missing" or field in given:
+            source = flag_name(field, Settings.model_fields[field])
+        else:
+            source = variable
         source += "".join(f"[{part}]" for part in rest)
         # our validators' own message, without pydantic's "Value error, " prefix
         message = str(err["ctx"]["error"]) if err["type"] == "value_error" and "ctx" in err else err["msg"]
-        hint = f" (pass {source} or set TGI_GATEWAY_{field.upper()})" if err["type"] == "missing" else ""
+        hint = f" (pass {source} or set {variable})" if err["type"] == "missing" else ""
         lines.append(f"error: {source}: {message}{hint}")
     return lines
 
@@ -240,6 +262,8 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 
 
 def launch_spec(settings: Settings) -> LaunchSpec:
+    """How the container manager runs TGI: every launch setting, and the Hugging Face token from the
+    environment (``HF_TOKEN``, else ``HUGGING_FACE_HUB_TOKEN``)."""
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
     return LaunchSpec(
         model=settings.model,

@@ -54,7 +54,6 @@ from urllib.parse import urlsplit
 import httpx
 
 __all__ = [
-    "DEFAULT_IMAGE",
     "ContainerManager",
     "LaunchError",
     "LaunchSpec",
@@ -64,8 +63,6 @@ __all__ = [
 
 log = logging.getLogger("tgi_gateway.container")
 
-# The newest documented release (PROTOCOL.md §8). `latest` is built from main: never use it.
-DEFAULT_IMAGE = "ghcr.io/huggingface/text-generation-inference:3.3.5"
 LABEL_MANAGED, LABEL_MODEL, LABEL_PORT = "tgi-gateway.managed", "tgi-gateway.model", "tgi-gateway.port"
 LOG_TAIL = 40  # log lines kept for a failure report
 
@@ -84,26 +81,27 @@ class StartupInterrupted(BaseException):
         self.signum, self.forced = signum, forced
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LaunchSpec:
-    """How to run TGI for one model (built from the gateway's settings)."""
+    """How to run TGI for one model. The fields without a default come from the gateway's settings
+    (`tgi_gateway.cli.launch_spec`), which hold their defaults and meanings; None leaves an option to TGI."""
 
     model: str
     endpoint: str
-    image: str = DEFAULT_IMAGE
-    gpus: str = "all"  # "all", a count ("2") or device ids ("0,1")
-    publish_host: str = "127.0.0.1"
-    hf_cache: Path | None = None  # mounted on /data; default: the user's Hugging Face home
+    image: str
+    gpus: str  # "all", a count ("2") or device ids ("0,1")
+    publish_host: str
+    hf_cache: Path | None  # mounted on /data; None: the user's Hugging Face home
+    revision: str | None
+    max_input_tokens: int | None
+    max_total_tokens: int | None
+    num_shard: int | None
+    quantize: str | None
+    dtype: str | None
+    extra_args: tuple[str, ...]
+    startup_timeout: float
+    keep: bool
     hf_token: str | None = None
-    revision: str | None = None
-    max_input_tokens: int | None = None
-    max_total_tokens: int | None = None
-    num_shard: int | None = None
-    quantize: str | None = None
-    dtype: str | None = None
-    extra_args: tuple[str, ...] = ()
-    startup_timeout: float = 1800.0
-    keep: bool = False
     shm_size: str = "1g"
 
     @property

@@ -1,13 +1,21 @@
 """The gateway's one configuration object, built at the edge (CLI flags over environment) and passed in.
 
-Environment variables are the field names upper-cased with the prefix ``TGI_GATEWAY_`` (e.g.
-``TGI_GATEWAY_ENDPOINT``); command-line flags win over them. Bad values are refused at start-up.
+Each setting is declared once, as a field of :class:`Settings`: its name, type, default, checks and
+description. Its environment variable is the field name upper-cased with the prefix ``TGI_GATEWAY_``
+(``TGI_GATEWAY_ENDPOINT``); its command-line flag is derived from the same field by
+:func:`tgi_gateway.cli.build_parser` (``--endpoint``), with a :class:`Flag` in the field's ``Annotated``
+metadata where the flag needs more than the field says (another name, a switch, an argument group, the
+meaning of an unset value). The description is the flag's help text; the help shows the field's default.
+Command-line flags win over environment variables. Bad values are refused at start-up.
+
+This module is a leaf: of the gateway it imports only :mod:`tgi_gateway.prompting.types`.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -16,62 +24,150 @@ from pydantic import Field, SecretStr, SerializationInfo, field_serializer, fiel
 from pydantic import SerializerFunctionWrapHandler as Serialize
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .container_manager import DEFAULT_IMAGE
 from .prompting.types import Version
+
+ENV_PREFIX = "TGI_GATEWAY_"
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """How a setting appears on the command line (``Annotated`` metadata of a :class:`Settings` field).
+
+    A field without a `Flag` gets ``--<field-name-with-dashes>`` taking one value, in the main group.
+
+    - `name`: the flag when it is not derived from the field's name (``--api-key`` for ``api_keys``).
+    - `action`: ``"store"`` (one value), ``"append"`` (repeatable, each occurrence one item),
+      ``"store_true"`` / ``"store_false"`` (a switch that sets the field to True / False), or None: no
+      flag at all, the environment variable only (:data:`ENV_ONLY`).
+    - `metavar`: the value's placeholder in the help (default: argparse's, the field's name upper-cased).
+    - `group`: the title of the help section the flag is listed in (None: the main options).
+    - `unset`: what the gateway does when a field whose default is None is left unset, as the help and the
+      documentation show it (``"unlimited"``, ``"detected"``).
+    """
+
+    name: str | None = None
+    action: Literal["store", "append", "store_true", "store_false"] | None = "store"
+    metavar: str | None = None
+    group: str | None = None
+    unset: str = "none"
+
+
+ENV_ONLY = Flag(action=None)
+ACCESS = "access control (see docs/operations.md)"
+LAUNCHING = "launching TGI with Docker (when nothing answers at a local --endpoint)"
 
 
 class Settings(BaseSettings):
+    """Every setting of the gateway. Frozen; unknown names are refused; secrets are `SecretStr`."""
+
     # hide_input_in_errors: a validation error must not print the value it refused (it may hold API keys).
     model_config = SettingsConfigDict(
-        env_prefix="TGI_GATEWAY_", extra="forbid", frozen=True, hide_input_in_errors=True
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, hide_input_in_errors=True
     )
 
-    model: str = Field(description="Hub id or local directory of the Functionary model (its tokenizer files).")
-    served_model_name: str | None = Field(None, description="Model name clients use; default: `model`.")
-    endpoint: str = Field("http://127.0.0.1:8080", description="Base URL of TGI.")
-    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
-    port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
-    template_version: Version | None = Field(None, description="Override the detected template version.")
-    revision: str | None = Field(None, description="Hub revision of the model's tokenizer files.")
-    tgi_api_key: SecretStr | None = Field(None, description="Bearer key for a TGI started with --api-key.")
-    connect_timeout: float = Field(2.0, gt=0, description="Seconds to connect to TGI.")
+    model: str = Field(description="hub id or local directory of the Functionary model (its tokenizer files)")
+    served_model_name: Annotated[str | None, Flag(unset="--model")] = Field(
+        None, description="the model name clients send and /v1/models lists"
+    )
+    endpoint: str = Field("http://127.0.0.1:8080", description="base URL of TGI")
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all interfaces)")
+    port: int = Field(8000, ge=1, le=65535, description="port to listen on")
+    template_version: Annotated[Version | None, Flag(unset="detected")] = Field(
+        None, description="use this Functionary template version instead of detecting it"
+    )
+    revision: Annotated[str | None, Flag(unset="main")] = Field(
+        None, description="hub revision (branch, tag or commit) of the model's tokenizer files"
+    )
+    # No flag: a key on the command line shows in `ps`.
+    tgi_api_key: Annotated[SecretStr | None, ENV_ONLY] = Field(
+        None, description="bearer key for a TGI started with --api-key"
+    )
+    connect_timeout: float = Field(2.0, gt=0, description="seconds to connect to TGI")
     first_token_timeout: float = Field(
-        120.0, gt=0, description="Seconds TGI may take to send the first token (queueing included)."
+        120.0, gt=0, description="seconds TGI may take to send the first token, queueing included"
     )
-    read_timeout: float = Field(60.0, gt=0, description="Seconds to wait for TGI between two stream events.")
+    read_timeout: float = Field(60.0, gt=0, description="seconds to wait between two TGI stream events")
     request_timeout: float = Field(
-        600.0, gt=0, description="Seconds a non-stream request may wait for TGI's whole answer (queueing included)."
+        600.0,
+        gt=0,
+        description="seconds a non-stream request may wait for TGI's whole answer, queueing included",
     )
-    connect_retries: int = Field(3, ge=1, le=10, description="Connection attempts to TGI before a 503.")
-    log_level: str = Field("info", description="critical, error, warning, info or debug.")
-    log_format: Literal["text", "json"] = Field("text", description="text, or json: one object a line.")
-    shutdown_grace: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish at shutdown.")
-    workers: int = Field(1, ge=1, le=64, description="Server processes (each one event loop, one CPU core).")
-    drain_seconds: float = Field(0.0, ge=0, description="Seconds /health answers 503 before shutdown.")
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Largest request body (413 above).")
-
-    # Launching TGI with Docker when nothing answers at a local endpoint (tgi_gateway/container_manager.py).
-    launch: bool = Field(True, description="Start TGI in Docker when nothing answers at a local endpoint.")
-    tgi_image: str = Field(DEFAULT_IMAGE, description="TGI image to run.")
-    gpus: str = Field("all", pattern=r"^(all|\d+(,\d+)*)$", description="all, a count, or device ids (0,1).")
-    tgi_publish_host: str = Field("127.0.0.1", description="Host address the TGI port is published on.")
-    hf_cache: str | None = Field(None, description="Host directory mounted on /data (default: the HF home).")
-    max_input_tokens: int | None = Field(None, ge=1)
-    max_total_tokens: int | None = Field(None, ge=2)
-    num_shard: int | None = Field(None, ge=1)
-    quantize: str | None = None
-    dtype: str | None = None
-    tgi_args: tuple[str, ...] = Field((), description="Extra text-generation-launcher arguments.")
-    startup_timeout: float = Field(1800.0, gt=0, description="Seconds TGI may take to become healthy.")
-    keep_tgi: bool = Field(False, description="Leave the TGI container this gateway started running at exit.")
-
-    # Access control (tgi_gateway/server/auth.py). ---------------------------------------------------------------
-    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
-        (), description="Keys clients must send as `Authorization: Bearer`; none: the gateway is open."
+    connect_retries: int = Field(
+        3, ge=1, le=10, description="connection attempts to TGI before answering 503"
     )
-    api_key_file: Path | None = Field(None, description="File of more keys, one per line (# comments).")
-    max_concurrent_per_key: int | None = Field(None, ge=1, description="Requests in flight per key and process.")
-    protect_health: bool = Field(False, description="Require a key on /health and /metrics too.")
+    log_level: str = Field("info", description="critical, error, warning, info or debug")
+    log_format: Literal["text", "json"] = Field("text", description="text, or json: one object a line")
+    shutdown_grace: float = Field(
+        30.0, ge=0, description="seconds in-flight requests get to finish at shutdown"
+    )
+    drain_seconds: float = Field(
+        0.0, ge=0, description="on SIGTERM, seconds /health answers 503 while requests are still served"
+    )
+    workers: int = Field(1, ge=1, le=64, description="server processes, one CPU core each")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="largest request body, 413 above")
+
+    # Access control (tgi_gateway/server/auth.py). --------------------------------------------------------
+    api_keys: Annotated[
+        tuple[SecretStr, ...], NoDecode, Flag("--api-key", "append", metavar="KEY", group=ACCESS)
+    ] = Field(
+        (),
+        description="a key clients must send as 'Authorization: Bearer KEY' (repeatable; shows in ps: prefer "
+        "--api-key-file or TGI_GATEWAY_API_KEYS); no key: the gateway is open",
+    )
+    api_key_file: Annotated[Path | None, Flag(metavar="PATH", group=ACCESS)] = Field(
+        None, description="file of keys, one per line (# comments, blank lines)"
+    )
+    max_concurrent_per_key: Annotated[int | None, Flag(metavar="N", group=ACCESS, unset="unlimited")] = Field(
+        None, ge=1, description="requests in flight per key and worker process; over it: 429"
+    )
+    protect_health: Annotated[bool, Flag(action="store_true", group=ACCESS)] = Field(
+        False, description="require a key on /health and /metrics too"
+    )
+
+    # Launching TGI with Docker (tgi_gateway/container_manager.py). ----------------------------------------
+    # The flag is --no-launch: the description is its help.
+    launch: Annotated[bool, Flag("--no-launch", "store_false", group=LAUNCHING)] = Field(
+        True, description="never start TGI; answer 503 until the endpoint is up"
+    )
+    # Pinned to a release: `latest` is built from TGI's main branch, never use it.
+    tgi_image: Annotated[str, Flag(group=LAUNCHING)] = Field(
+        "ghcr.io/huggingface/text-generation-inference:3.3.5", description="TGI image"
+    )
+    gpus: Annotated[str, Flag(group=LAUNCHING)] = Field(
+        "all", pattern=r"^(all|\d+(,\d+)*)$", description="all, a count, or device ids such as 0,1"
+    )
+    tgi_publish_host: Annotated[str, Flag(group=LAUNCHING)] = Field(
+        "127.0.0.1", description="host address TGI's port is published on"
+    )
+    hf_cache: Annotated[str | None, Flag(group=LAUNCHING, unset="your HF home")] = Field(
+        None, description="host directory mounted on /data for downloads"
+    )
+    max_input_tokens: Annotated[int | None, Flag(group=LAUNCHING, unset="TGI's")] = Field(
+        None, ge=1, description="TGI --max-input-tokens"
+    )
+    max_total_tokens: Annotated[int | None, Flag(group=LAUNCHING, unset="TGI's")] = Field(
+        None, ge=2, description="TGI --max-total-tokens"
+    )
+    num_shard: Annotated[int | None, Flag(group=LAUNCHING, unset="TGI's")] = Field(
+        None, ge=1, description="TGI --num-shard (GPUs to shard the model over)"
+    )
+    quantize: Annotated[str | None, Flag(group=LAUNCHING, unset="TGI's")] = Field(
+        None, description="TGI --quantize (awq, gptq, bitsandbytes-nf4, fp8, ...)"
+    )
+    dtype: Annotated[str | None, Flag(group=LAUNCHING, unset="TGI's")] = Field(
+        None, description="TGI --dtype (float16, bfloat16)"
+    )
+    tgi_args: Annotated[tuple[str, ...], Flag("--tgi-arg", "append", metavar="ARG", group=LAUNCHING)] = Field(
+        (),
+        description="extra text-generation-launcher argument (repeatable), "
+        "e.g. --tgi-arg=--max-batch-prefill-tokens=4096",
+    )
+    startup_timeout: Annotated[float, Flag(group=LAUNCHING)] = Field(
+        1800.0, gt=0, description="seconds TGI may take to load"
+    )
+    keep_tgi: Annotated[bool, Flag(action="store_true", group=LAUNCHING)] = Field(
+        False, description="leave the TGI container this gateway started running at exit"
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -95,7 +191,6 @@ class Settings(BaseSettings):
                 return v.get_secret_value()
             return None if v is None else [key.get_secret_value() for key in v]
         return nxt(v)
-    # ------------------------------------------------------------------------------------------------------
 
     @field_validator("endpoint")
     @classmethod
@@ -118,7 +213,7 @@ class Settings(BaseSettings):
         env = {}
         for name, value in self.model_dump(mode="json", context={"reveal_secrets": True}).items():
             if value is not None:
-                env[f"TGI_GATEWAY_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+                env[ENV_PREFIX + name.upper()] = value if isinstance(value, str) else json.dumps(value)
         return env
 
     @property
