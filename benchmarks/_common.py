@@ -367,11 +367,12 @@ class Exchange:
 
     def abort(self) -> float:
         """Close the socket the way a client that goes away does (FIN in both directions), now rather than at
-        the event loop's next turn; returns the ``time.monotonic()`` right after."""
+        the event loop's next turn; returns the ``time.monotonic()`` right before (taken after, it could
+        follow the gateway's and the double's reaction, when this process is scheduled out in between)."""
         sock = self.writer.get_extra_info("socket")
+        left = time.monotonic()
         with contextlib.suppress(OSError), socket.socket(fileno=os.dup(sock.fileno())) as dup:
             dup.shutdown(socket.SHUT_RDWR)  # acts on the socket itself, whichever descriptor names it
-        left = time.monotonic()
         self.writer.close()
         return left
 
