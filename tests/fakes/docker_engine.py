@@ -57,8 +57,9 @@ decode)``                          compact object + ``\\r\\n`` per chunk (``Pull
 ``remove(force=True)``             ``DELETE /containers/<id>``: kills a running container, 204
 ``api.logs(id, stream=True,        ``GET /containers/<id>/logs``: headers at once, then one multiplexed frame
 follow=True)``                     (8-byte header ``>BxxxL``, stream 1 stdout / 2 stderr) per log line, the
-                                   whole history first; ends when the container exits or is removed. The
-                                   inspect docker-py makes meanwhile (for ``Config.Tty``) is served
+                                   whole history first; with ``follow``, ends when the container exits or
+                                   is removed. The inspect docker-py makes meanwhile (``Config.Tty``) is
+                                   served
 =================================  ==========================================================================
 
 Anything else: 404 ``{"message":"page not found"}``. Every error body is the Engine's ``{"message"}``.
@@ -72,7 +73,7 @@ A started container is a simulated ``text-generation-launcher``. When its port `
 ``--max-total-tokens``): the port refuses connections while the model loads and serves after
 ``Connected`` is logged. The launcher writes TGI 3.3's tracing lines on stdout and its last words
 (``Error: <Variant>``) on stderr; what it does is a :class:`TGIBehavior` chosen at start
-(:meth:`FakeDockerEngine.set_behavior`, by ``--model-id`` or for every model):
+(:meth:`FakeDockerEngine.set_behavior` by ``--model-id``, else the engine's ``behavior``):
 
 ``serve`` (default)
     ``Starting check and download process``, ``Waiting for shard to be ready... rank=0`` every
@@ -100,9 +101,9 @@ Not modelled
 ------------
 
 Other endpoints and query parameters: ``/info``, image list/removal, ``kill``, ``restart``, ``wait``,
-exec, attach, events, build; list filters other than ``label``; ``logs`` ignores its parameters (always
-stdout and stderr, followed, from the first line, no timestamps); ``DELETE`` always forces; a failed
-start leaves no ``State.Error``. No API version check (any ``/vN.N`` is accepted), no reference
+exec, attach, events, build; list filters other than ``label``; ``logs`` parameters other than
+``follow`` (always stdout and stderr, from the first line, no timestamps); ``DELETE`` always forces; a
+failed start leaves no ``State.Error``. No API version check (any ``/vN.N`` is accepted), no reference
 normalisation (``ubuntu`` is ``ubuntu:latest``, not ``docker.io/library/ubuntu:latest``), no generated
 names (an unnamed container is named after its id), no processes, volumes or networks (``Binds``,
 ``ShmSize``, ``DeviceRequests`` are only recorded), no registry or authentication (every pull succeeds
@@ -134,11 +135,13 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.fakes.serve import QuickServer
+from tests.fakes.serve import QuickServer, loopback_socket
 from tests.fakes.tgi import FakeTGI
 
 __all__ = [
     "SCENARIOS",
+    "STDERR",
+    "STDOUT",
     "TGI_IMAGE",
     "DockerRequest",
     "EngineConfig",
@@ -206,7 +209,7 @@ class DockerRequest:
 @dataclass
 class PullRecord:
     reference: str  # "repo:tag"
-    outcome: str = "running"  # running | ok | http_error | stream_error | disconnected
+    outcome: str = "running"  # until the stream has ended: ok | http_error | stream_error
 
 
 @dataclass(eq=False)
@@ -256,10 +259,6 @@ class FakeContainer:
         """The host port TGI's port is published on, while running."""
         return self.tgi.port if self.tgi is not None and self.running else None
 
-    @property
-    def url(self) -> str | None:
-        return None if self.host_port is None else f"http://127.0.0.1:{self.host_port}"
-
     def log_text(self, stream: int | None = None) -> str:
         return "".join(text + "\n" for s, text in list(self.logs) if stream in (None, s))
 
@@ -292,9 +291,8 @@ class FakeDockerEngine:
         self._created: list[FakeContainer] = []
         self._requests: list[DockerRequest] = []
         self._pulls: list[PullRecord] = []
-        self._pull_failures: dict[
-            str, tuple[int, str | None, bool]
-        ] = {}  # reference -> (status, message, mid)
+        # reference -> (status, message, mid_stream), from fail_pull
+        self._pull_failures: dict[str, tuple[int, str | None, bool]] = {}
         self._history: list[tuple[str, str]] = []  # (action, container name)
         self._log_streams_open = 0
         self._changed: asyncio.Event | None = None  # set, and replaced, at every state change
@@ -345,10 +343,7 @@ class FakeDockerEngine:
     def start(self, timeout: float = 5.0) -> Self:
         if self._thread is not None:
             raise RuntimeError("already started")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock = loopback_socket()
         self.port = sock.getsockname()[1]
         self._thread = threading.Thread(
             target=self._thread_main, args=(sock,), name="fake-docker", daemon=True
@@ -444,8 +439,9 @@ class FakeDockerEngine:
             if remaining is not None and remaining <= 0:
                 return False
             assert self._changed is not None
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
         return True
 
     def wait_until(self, predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.005) -> None:
@@ -464,15 +460,11 @@ class FakeDockerEngine:
         return self._images.setdefault(ref, "sha256:" + hashlib.sha256(ref.encode()).hexdigest())
 
     def set_behavior(
-        self, behavior: TGIBehavior | str | None = None, *, model: str | None = None, **fields: Any
+        self, behavior: TGIBehavior | str | None = None, *, model: str, **fields: Any
     ) -> TGIBehavior:
-        """What containers do when started: for the model id ``model`` (``--model-id``), else for every
-        model. ``behavior``: a :class:`TGIBehavior` or a scenario name; ``fields``: TGIBehavior fields."""
-        b = _behavior(behavior, **fields)
-        if model is None:
-            self.behavior = b
-        else:
-            self.behaviors[model] = b
+        """What containers of the model id ``model`` (``--model-id``) do when started (the others: the
+        engine's ``behavior``). ``behavior``: a :class:`TGIBehavior` or a scenario name; ``fields``: its fields."""
+        self.behaviors[model] = b = _behavior(behavior, **fields)
         return b
 
     def fail_pull(
@@ -645,15 +637,11 @@ class FakeDockerEngine:
             lines[3:] = [{"errorDetail": {"message": message}, "error": message}]
 
         async def stream() -> Any:
-            try:
-                for i, line in enumerate(lines):
-                    if i == len(lines) - 1 and not mid_stream:
-                        self.add_image(ref)  # before the last line, which a reader may act on
-                    yield json.dumps(line, separators=(",", ":")).encode() + b"\r\n"
-                record.outcome = "stream_error" if mid_stream else "ok"
-            finally:
-                if record.outcome == "running":
-                    record.outcome = "disconnected"
+            for i, line in enumerate(lines):
+                if i == len(lines) - 1 and not mid_stream:
+                    self.add_image(ref)  # before the last line, which a reader may act on
+                yield json.dumps(line, separators=(",", ":")).encode() + b"\r\n"
+            record.outcome = "stream_error" if mid_stream else "ok"
 
         return StreamingResponse(stream(), media_type="application/json")
 
@@ -683,7 +671,7 @@ class FakeDockerEngine:
 
     async def _list(self, query: dict, body: bytes) -> Response:
         wanted = json.loads(query.get("filters") or "{}").get("label", [])
-        show_all = query.get("all", "").lower() not in ("", "0", "false")
+        show_all = _true(query.get("all"))
 
         def matches(labels: dict[str, str]) -> bool:
             return all(
@@ -775,7 +763,8 @@ class FakeDockerEngine:
                 ) from None
         c.status, c.exit_code, c.oom_killed, c.behavior, c.tgi = "running", 0, False, b, tgi
         c._connected, c._sigterm, c._tgi_stopped = False, asyncio.Event(), None
-        c._process = asyncio.create_task(self._run_container(c, b))
+        c._launcher = asyncio.create_task(self._launch(c, b))  # here: a SIGKILL right after start finds it
+        c._process = asyncio.create_task(self._run_container(c))
         self._event("start", c)
 
     async def _stop_route(self, query: dict, body: bytes, c: FakeContainer) -> Response:
@@ -804,6 +793,8 @@ class FakeDockerEngine:
     # ---------------------------------------------------------------- logs
 
     async def _logs(self, query: dict, body: bytes, c: FakeContainer) -> Response:
+        follow = _true(query.get("follow"))
+
         async def frames() -> Any:
             self._log_streams_open += 1
             self._notify()
@@ -816,7 +807,7 @@ class FakeDockerEngine:
                         yield b"".join(
                             struct.pack(">BxxxL", s, len(t.encode()) + 1) + t.encode() + b"\n" for s, t in new
                         )
-                    if not c.running or c.removed:  # every line was logged before the exit
+                    if not follow or not c.running or c.removed:  # every line was logged before the exit
                         return
                     await self._until(lambda n=sent: len(c.logs) > n or not c.running or c.removed)
             finally:
@@ -847,14 +838,15 @@ class FakeDockerEngine:
     async def _sleep(self, c: FakeContainer, seconds: float) -> None:
         """Sleep; raise _Terminated when SIGTERM arrives."""
         assert c._sigterm is not None
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(c._sigterm.wait(), seconds)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):  # not wait_for: it may swallow a SIGKILL (cancel) on 3.11
+                await c._sigterm.wait()
         if c._sigterm.is_set():
             raise _Terminated
 
-    async def _run_container(self, c: FakeContainer, b: TGIBehavior) -> None:
+    async def _run_container(self, c: FakeContainer) -> None:
         """The container's life from start to exit."""
-        c._launcher = asyncio.create_task(self._launch(c, b))
+        assert c._launcher is not None
         try:
             code, oom = await c._launcher
         except asyncio.CancelledError:  # SIGKILL
@@ -944,6 +936,11 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(
         json.dumps(data, separators=(",", ":")) + "\n", status_code=status, media_type="application/json"
     )
+
+
+def _true(value: str | None) -> bool:
+    """A boolean query parameter as moby's ``BoolValue`` reads it."""
+    return (value or "").strip().lower() not in ("", "0", "no", "false", "none")
 
 
 def _reference(name: str, tag: str | None = None) -> str:
