@@ -751,16 +751,17 @@ class FakeDockerEngine:
             prefix = f"driver failed programming external connectivity on endpoint {endpoint}"
             if any(other.host_port == port for other in self.containers):
                 raise _ApiError(500, f"{prefix}: Bind for {ip}:{port} failed: port is already allocated")
-            load_delay = max(b.load_delay, 0.001) if b.scenario == "serve" else _NEVER  # > 0: start() returns
-            tgi = FakeTGI(port=port, load_delay=load_delay, **_launcher_args(c.cmd))
             try:
-                await asyncio.to_thread(tgi.start)
+                loopback_socket(port).close()
             except OSError:
                 raise _ApiError(
                     500,
                     f"{prefix}: failed to bind port {ip}:{port}/tcp: Error starting userland "
                     f"proxy: listen tcp4 {ip}:{port}: bind: address already in use",
                 ) from None
+            load_delay = max(b.load_delay, 0.001) if b.scenario == "serve" else _NEVER  # > 0: start() returns
+            tgi = FakeTGI(port=port, load_delay=load_delay, **_launcher_args(c.cmd))
+            await asyncio.to_thread(tgi.start)
         c.status, c.exit_code, c.oom_killed, c.behavior, c.tgi = "running", 0, False, b, tgi
         c._connected, c._sigterm, c._tgi_stopped = False, asyncio.Event(), None
         c._launcher = asyncio.create_task(self._launch(c, b))  # here: a SIGKILL right after start finds it

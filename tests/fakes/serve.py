@@ -81,11 +81,16 @@ class QuickServer(uvicorn.Server):
 
 def loopback_socket(port: int = 0) -> socket.socket:
     """A TCP socket bound, not yet listening, on ``127.0.0.1:port`` (0: an ephemeral port), with
-    ``SO_REUSEADDR`` and ``TCP_NODELAY`` (the accepted sockets inherit it: no delayed-ACK waits)."""
+    ``SO_REUSEADDR`` and ``TCP_NODELAY`` (the accepted sockets inherit it: no delayed-ACK waits). OSError
+    (the socket closed) when the port is taken."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
