@@ -28,7 +28,9 @@ class _Server(uvicorn.Server):
 class QuickServer(uvicorn.Server):
     """uvicorn without signal handling, with a quick shutdown that drops open streams."""
 
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None], drain_timeout: float = 1.0) -> None:
+    def __init__(
+        self, config: uvicorn.Config, on_started: Callable[[], None], drain_timeout: float = 1.0
+    ) -> None:
         super().__init__(config)
         self._on_started = on_started
         self._drain_timeout = drain_timeout
@@ -77,12 +79,24 @@ class QuickServer(uvicorn.Server):
                 await asyncio.wait_for(server.wait_closed(), 0.5)
 
 
+def loopback_socket(port: int = 0) -> socket.socket:
+    """A TCP socket bound, not yet listening, on ``127.0.0.1:port`` (0: an ephemeral port), with
+    ``SO_REUSEADDR`` and ``TCP_NODELAY`` (the accepted sockets inherit it: no delayed-ACK waits). OSError
+    (the socket closed) when the port is taken."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 @contextlib.contextmanager
 def serve(app: Any, *, start_timeout: float = 10.0, loop: str = "uvloop") -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock = loopback_socket()
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         app,
