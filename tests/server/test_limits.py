@@ -14,9 +14,9 @@ import pytest
 
 from tests.fakes.serve import serve
 from tests.fakes.tgi import EOT, FakeTGI, tokens
+from tgi_gateway.prompting import Template, Version
 from tgi_gateway.server.app import create_app
 from tgi_gateway.server.limits import BodySizeLimit
-from tgi_gateway.prompting import Template, Version
 from tgi_gateway.settings import Settings
 
 LIMIT = 1000

@@ -25,8 +25,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.serve import serve
 from tests.fakes.tgi import EOT, Fail, FakeTGI, Gate, Pause, tokens
-from tgi_gateway.server.app import create_app
-from tgi_gateway.server.asgi import send_error
 from tgi_gateway.errors import (
     AuthenticationError,
     TGIContextLengthError,
@@ -39,10 +37,18 @@ from tgi_gateway.errors import (
     UpstreamError,
 )
 from tgi_gateway.prompting import Template, Version
+from tgi_gateway.server.app import create_app
+from tgi_gateway.server.asgi import send_error
+from tgi_gateway.server.telemetry import (
+    TEXT_FORMAT,
+    AccessLine,
+    JsonFormatter,
+    error_kind,
+    forget_dead_workers,
+)
 from tgi_gateway.settings import Settings
-from tgi_gateway.server.telemetry import TEXT_FORMAT, AccessLine, JsonFormatter, error_kind, forget_dead_workers
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "functionary-test"
 CHAT = "/v1/chat/completions"
 PROMPT = "Is it raining in Zanzibar today?"  # must never appear in a log line

@@ -13,7 +13,7 @@ from tgi_gateway.cli import build_parser, default_text, flag_name, flag_of
 from tgi_gateway.prompting.types import Version
 from tgi_gateway.settings import ENV_PREFIX, Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIELDS = Settings.model_fields
 FLAGGED = {name: field for name, field in FIELDS.items() if flag_of(field).action is not None}
 

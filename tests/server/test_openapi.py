@@ -11,9 +11,9 @@ import pytest
 
 from tests.fakes.serve import serve
 from tests.fakes.tgi import FakeTGI
-from tgi_gateway.server.app import create_app
 from tgi_gateway.api.models import ErrorResponse, HealthStatus
 from tgi_gateway.prompting import Template, Version
+from tgi_gateway.server.app import create_app
 from tgi_gateway.settings import Settings
 
 MODEL = "functionary-test"

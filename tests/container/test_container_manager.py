@@ -152,7 +152,7 @@ from tgi_gateway.container_manager import ContainerManager, LaunchError  # noqa:
 
 MODEL = "meetkai/functionary-small-v3.2"
 TOKEN = "hf_secret_never_logged"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -316,7 +316,6 @@ from types import FrameType  # noqa: E402
 
 import tgi_gateway.container_manager as container_manager  # noqa: E402
 from tgi_gateway.container_manager import StartupInterrupted  # noqa: E402
-
 
 # The code a signal is swept over: the manager's methods, and threading's code under Thread.start() called by
 # _follow_logs (it waits there for the log follower to run: the window of the once-flaky CLI test below).

@@ -12,8 +12,8 @@ import pytest
 
 from tests.fakes.serve import serve
 from tests.fakes.tgi import EOT, FakeTGI, tokens
-from tgi_gateway.server.app import create_app
 from tgi_gateway.prompting import Template, Version
+from tgi_gateway.server.app import create_app
 from tgi_gateway.settings import Settings
 
 MODEL = "m"

@@ -19,9 +19,9 @@ import openai
 import pytest
 
 from tests.fakes.serve import serve
-from tests.fakes.tgi import EOS, EOT, Drop, FakeTGI, Fail, Gate, Token, special, tokens
-from tgi_gateway.server.app import create_app
+from tests.fakes.tgi import EOS, EOT, Drop, Fail, FakeTGI, Gate, Token, special, tokens
 from tgi_gateway.prompting import Template, Version, normalize
+from tgi_gateway.server.app import create_app
 from tgi_gateway.settings import Settings
 
 MODEL = "functionary-test"

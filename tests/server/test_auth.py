@@ -26,7 +26,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from tests.fakes.serve import serve
 from tests.fakes.tgi import EOT, Fail, FakeTGI, Gate, tokens
-from tests.test_cli import V31_TEMPLATE, start_gateway
+from tests.gateway_process import V31_TEMPLATE, start_gateway
 from tgi_gateway import cli
 from tgi_gateway import settings as settings_module
 from tgi_gateway.cli import build_parser

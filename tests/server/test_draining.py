@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.fakes.tgi import EOT, FakeTGI, Pause, tokens
-from tests.test_cli import model_dir, run_cli, start_gateway  # noqa: F401 (model_dir is a fixture)
+from tests.gateway_process import run_cli, start_gateway
 
 DRAIN = 1.0
 WORDS = [f" w{i}" for i in range(20)]

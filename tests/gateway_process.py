@@ -1,0 +1,61 @@
+"""The gateway as a user runs it, for the tests: ``server_tgi.py`` in a process of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+V31_TEMPLATE = "{# version=v3-llama3.1 #}{%- for message in messages %}...{%- endfor %}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "server_tgi.py"), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def start_gateway(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """`server_tgi.py *args --port <free>` as a user runs it; returns once its /health is 200 (≤ 30 s)."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(ROOT / "server_tgi.py"), *args, "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"the gateway did not become ready:\n{proc.communicate()[0]}")
+
+
+def write_model_dir(path: Path) -> Path:
+    """A model directory whose tokenizer config names the v3-llama3.1 template (no tokenizer: the version is
+    read from the template's comment)."""
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": V31_TEMPLATE}))
+    return path
