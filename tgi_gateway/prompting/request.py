@@ -31,7 +31,6 @@ Example::
 
 from __future__ import annotations
 
-import collections
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,6 +38,7 @@ from typing import Any
 import orjson
 
 from ..errors import InvalidRequestError
+from .lru import LRUCache
 from .schema import SchemaError, resolve_refs, ts_schema
 from .types import ChatPrompt, Function, Message, NamedChoice, Tool, ToolCall, ToolChoice
 
@@ -131,26 +131,16 @@ def _functions(raw: Any) -> tuple[Tool, ...]:
 # Clients send the same tools with every request of a conversation: a function already checked and
 # normalised (its `$ref`s resolved, its schema proven printable) is taken from here. Keyed by the exact
 # JSON of the client's definition; the Functions are immutable and shared (nobody mutates `parameters`).
-_FUNCTION_CACHE: collections.OrderedDict[bytes, Function] = collections.OrderedDict()
 _FUNCTION_CACHE_SIZE = 512
+_FUNCTION_CACHE: LRUCache[bytes, Function] = LRUCache(_FUNCTION_CACHE_SIZE)
 
 
 def _function(raw: Any, param: str) -> Function:
     try:
-        key: bytes | None = orjson.dumps(raw)
+        key = orjson.dumps(raw)
     except (orjson.JSONEncodeError, TypeError):  # not plain JSON (a caller's own Mapping): not cached
-        key = None
-    if key is not None:
-        cached = _FUNCTION_CACHE.get(key)
-        if cached is not None:
-            _FUNCTION_CACHE.move_to_end(key)
-            return cached
-    function = _new_function(raw, param)
-    if key is not None:
-        _FUNCTION_CACHE[key] = function
-        if len(_FUNCTION_CACHE) > _FUNCTION_CACHE_SIZE:
-            _FUNCTION_CACHE.popitem(last=False)
-    return function
+        return _new_function(raw, param)
+    return _FUNCTION_CACHE.get_or_make(key, lambda: _new_function(raw, param))
 
 
 def _new_function(raw: Any, param: str) -> Function:
