@@ -11,6 +11,8 @@ median over runs of (run time / pieces). Stages, each timed on its own:
     +chunks         … and ChunkBuilder.feed(events) / finish()
     +sse orjson     … and encode_sse(chunk) for every chunk (what the gateway ships)
     +sse json       … the same encoding with the standard library (json.dumps, compact), for comparison
+    answer+stop     the server's whole per-answer pipeline, ``streaming.Answer`` (client stop filter → parser
+                    → chunks) with two client stop sequences that never match (CLIENT_STOPS), + orjson SSE
 
 Run from the repository root:
 
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tgi_gateway.prompting.parse import PARSERS  # noqa: E402
 from tgi_gateway.prompting.types import Version  # noqa: E402
-from tgi_gateway.streaming import ChunkBuilder, ResponseContext, collect, encode_sse  # noqa: E402
+from tgi_gateway.streaming import Answer, ChunkBuilder, ResponseContext, collect, encode_sse  # noqa: E402
 
 # Llama-3's pre-tokenizer, approximately (Python's re has no \p{L}): contractions, words with one leading
 # non-letter, 1-3 digits, punctuation runs, newlines, spaces.
@@ -157,11 +159,28 @@ def make_run_sse(encode: Callable[[dict], bytes]) -> Callable[[type, list[tuple[
     return run_sse
 
 
+# An agent's stop sequences: the first character of one of them ("\n") is common in the answers.
+CLIENT_STOPS = ("\nObservation:", "</answer>")
+
+
+def run_answer(parser_cls: type, pieces: list[tuple[str, bool]]) -> int:
+    a = Answer(parser_cls(prefix=""), context(), CLIENT_STOPS, stream=True)
+    feed = a.feed
+    size = 0
+    for text, special in pieces:
+        for chunk in feed(text, special):
+            size += len(encode_sse(chunk))
+    for chunk in a.finish("eos_token"):
+        size += len(encode_sse(chunk))
+    return size
+
+
 STAGES: dict[str, Callable[[type, list[tuple[str, bool]]], int]] = {
     "parse": run_parse,
     "+chunks": run_chunks,
     "+sse orjson": make_run_sse(encode_sse),
     "+sse json": make_run_sse(json_sse),
+    "answer+stop": run_answer,
 }
 
 

@@ -63,6 +63,14 @@ def _quote(value: Any) -> str:
     return text if len(text) <= _QUOTE_MAX else text[: _QUOTE_MAX - 3] + "..."
 
 
+def _not_an_object(param: str) -> InvalidRequestError:
+    return InvalidRequestError(f"'{param}' must be an object.", param=param)
+
+
+def _invalid_schema(param: str, exc: SchemaError) -> InvalidRequestError:
+    return InvalidRequestError(f"Invalid schema in '{param}.parameters': {exc}", param=f"{param}.parameters")
+
+
 def normalize(body: Mapping[str, Any]) -> ChatPrompt:
     """Validate and normalise the prompt-relevant part of a chat completion request."""
     tools_raw, functions_raw = body.get("tools"), body.get("functions")
@@ -107,7 +115,7 @@ def _tools(raw: Any) -> tuple[Tool, ...]:
     for i, item in enumerate(raw):
         param = f"tools[{i}]"
         if not isinstance(item, Mapping):
-            raise InvalidRequestError(f"'{param}' must be an object.", param=param)
+            raise _not_an_object(param)
         kind = item.get("type", "function")
         if kind == "code_interpreter":
             tools.append(Tool("code_interpreter"))
@@ -167,21 +175,25 @@ def _new_function(raw: Any, param: str) -> Function:
         try:
             parameters = resolve_refs(dict(parameters))
         except SchemaError as exc:
-            raise InvalidRequestError(
-                f"Invalid schema in '{param}.parameters': {exc}", param=f"{param}.parameters"
-            ) from None
+            raise _invalid_schema(param, exc) from None
     function = Function(name=name, description=description, parameters=parameters)
     try:  # a schema the TypeScript renderer cannot print is refused here, where we know which one it is
         ts_schema((function,))
     except SchemaError as exc:
-        raise InvalidRequestError(
-            f"Invalid schema in '{param}.parameters': {exc}", param=f"{param}.parameters"
-        ) from None
+        raise _invalid_schema(param, exc) from None
     return function
 
 
 def _function_names(tools: Sequence[Tool]) -> set[str]:
     return {t.function.name for t in tools if t.function is not None}
+
+
+def _unknown_function(field: str, tools_field: str, name: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"Invalid value for '{field}': no function named {_quote(name)} was specified in the "
+        f"'{tools_field}' parameter.",
+        param=field,
+    )
 
 
 def _choice_without_tools(field: str, tools_field: str) -> InvalidRequestError:
@@ -212,11 +224,7 @@ def _tool_choice(raw: Any, tools: Sequence[Tool]) -> ToolChoice:
                 param="tool_choice",
             )
         if name not in _function_names(tools):
-            raise InvalidRequestError(
-                f"Invalid value for 'tool_choice': no function named {_quote(name)} was specified in the "
-                "'tools' parameter.",
-                param="tool_choice",
-            )
+            raise _unknown_function("tool_choice", "tools", name)
         return NamedChoice(name)
     raise InvalidRequestError(
         "Invalid value for 'tool_choice': supported values are 'none', 'auto', 'required' and "
@@ -242,11 +250,7 @@ def _function_call(raw: Any, functions: Sequence[Tool]) -> ToolChoice:
             "Invalid value for 'function_call': expected 'none', 'auto' or {\"name\": ...}.", param="function_call"
         )
     if name not in _function_names(functions):
-        raise InvalidRequestError(
-            f"Invalid value for 'function_call': no function named {_quote(name)} was specified in the "
-            "'functions' parameter.",
-            param="function_call",
-        )
+        raise _unknown_function("function_call", "functions", name)
     return NamedChoice(name)
 
 
@@ -263,7 +267,7 @@ def _messages(raw: Any) -> tuple[Message, ...]:
     for i, item in enumerate(raw):
         param = f"messages[{i}]"
         if not isinstance(item, Mapping):
-            raise InvalidRequestError(f"'{param}' must be an object.", param=param)
+            raise _not_an_object(param)
         role = item.get("role")
         if not isinstance(role, str) or role not in _ROLES:  # (a list or an object is not hashable)
             raise InvalidRequestError(
@@ -335,7 +339,7 @@ def _assistant(item: Mapping[str, Any], param: str) -> Message:
         for j, raw in enumerate(raw_calls):
             call_param = f"{param}.tool_calls[{j}]"
             if not isinstance(raw, Mapping):
-                raise InvalidRequestError(f"'{call_param}' must be an object.", param=call_param)
+                raise _not_an_object(call_param)
             call_id = raw.get("id")
             if call_id is not None and not isinstance(call_id, str):
                 raise InvalidRequestError(f"'{call_param}.id' must be a string.", param=f"{call_param}.id")
