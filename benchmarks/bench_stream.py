@@ -34,9 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tgi_gateway.prompting.parse import PARSERS  # noqa: E402
-from tgi_gateway.prompting.types import Version  # noqa: E402
-from tgi_gateway.streaming import Answer, ChunkBuilder, ResponseContext, collect, encode_sse  # noqa: E402
+from tgi_gateway.prompting.parse import PARSERS
+from tgi_gateway.prompting.types import Version
+from tgi_gateway.streaming import Answer, ChunkBuilder, ResponseContext, collect, encode_sse
 
 # Llama-3's pre-tokenizer, approximately (Python's re has no \p{L}): contractions, words with one leading
 # non-letter, 1-3 digits, punctuation runs, newlines, spaces.
@@ -46,12 +46,13 @@ PRETOKEN = re.compile(
 )
 MAX_PIECE = 8  # BPE splits longer words; cap pieces so the average stays near a real tokenizer's
 
-WORDS = (
+_PROSE = (
     "the weather in Paris is mild today with light winds from the west and a chance of rain later "
     "in the evening temperatures will reach 18 degrees Celsius while humidity stays near 70 percent "
     "I can also check the forecast for the weekend if you like Lyon Marseille Zürich São Paulo café "
     "according to the latest report there are 3 warnings in effect for coastal regions"
-).split()
+)
+WORDS = _PROSE.split()
 
 # The family's markers that are one token in its tokenizer (sent by TGI as one token event).
 SPECIAL = {
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         message = collect(events, "eos_token", context())["message"]
         n_calls = len(message.get("tool_calls") or [])
         n_chunks = run_chunks(parser_cls, pieces)
-        row = f"{str(version):<12} {len(pieces):>6} {n_chunks:>6} {n_calls:>5}"
+        row = f"{version!s:<12} {len(pieces):>6} {n_chunks:>6} {n_calls:>5}"
         times = time_stages(parser_cls, pieces, args.runs)
         for name in STAGES:
             row += f" {statistics.median(times[name]) / len(pieces) / 1000:>12.2f}"

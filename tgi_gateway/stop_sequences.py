@@ -41,7 +41,7 @@ Piece = tuple[str, bool]  # (text, special), as TGI streams tokens
 class StopFilter:
     """Cuts the output at the first occurrence of any of `stops` (the text before it is kept)."""
 
-    __slots__ = ("_stops", "_held", "stopped")
+    __slots__ = ("_held", "_stops", "stopped")
 
     def __init__(self, stops: Sequence[str]) -> None:
         markers = MarkerSet(stops)

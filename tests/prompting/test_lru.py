@@ -94,7 +94,9 @@ def test_render_prints_the_same_function_objects_once():
 
     from tgi_gateway.prompting import Template, normalize
 
-    render_module = importlib.import_module("tgi_gateway.prompting.render")  # (the package's `render` is the function)
+    render_module = importlib.import_module(
+        "tgi_gateway.prompting.render"
+    )  # (the package's `render` is the function)
 
     render_module._TEXTS.clear()
     tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}

@@ -125,13 +125,15 @@ def test_every_parser_state_is_an_unambiguous_set_searched_with_one_regex():
 
 
 def test_a_parser_table_with_an_ambiguous_state_is_refused_when_defined():
+    from typing import ClassVar
+
     from tgi_gateway.prompting.parse import NAME, OPEN, TEXT, _Parser
 
     with pytest.raises(TypeError, match=r"marker '\\n' occurs inside '\\n\\n'"):
 
-        class Broken(_Parser):  # noqa: F841
+        class Broken(_Parser):
             STOPS = ("<|stop|>",)
-            TABLE = {TEXT: {"\n": NAME, "\n\n": NAME}, NAME: {":": OPEN}}
+            TABLE: ClassVar = {TEXT: {"\n": NAME, "\n\n": NAME}, NAME: {":": OPEN}}
 
 
 # ------------------------------------------------------------------------------------------------

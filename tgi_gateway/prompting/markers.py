@@ -29,8 +29,8 @@ is also the one that ends first, and one regular expression (the markers as alte
 finds it in a single C call: that is the parsers' hot path, and their tables must be unambiguous
 (:attr:`MarkerSet.ambiguity` names the offending pair). A client's stop sequences may be ambiguous, and
 may be long: a set that is ambiguous, or longer than :data:`REGEX_MAX_CHARS` in all, is searched marker by
-marker with ``str.find`` (compiling a regular expression costs about a microsecond per character, in
-Python, and the client chooses the length).
+marker with ``str.find`` (Python compiles a regular expression in time proportional to its length, and the
+client chooses the length).
 
 Memory and time are linear in the markers' total length: :meth:`MarkerSet.hold` examines only positions
 that hold the first character of some marker, within the last ``longest marker - 1`` characters, and
@@ -48,13 +48,13 @@ __all__ = ["REGEX_MAX_CHARS", "Found", "MarkerSet"]
 
 REGEX_MAX_CHARS = 1024
 """Sets up to this many characters in all are searched with one compiled regular expression (when
-unambiguous). The parsers' sets are ~100 characters; past this size compiling costs over a millisecond."""
+unambiguous): far above any parser state's markers, small enough to compile at once."""
 
 
 class Found:
     """A marker occurrence found without a regular expression; offers the ``re.Match`` methods used."""
 
-    __slots__ = ("_buf", "_start", "_end")
+    __slots__ = ("_buf", "_end", "_start")
 
     def __init__(self, buf: str, start: int, end: int) -> None:
         self._buf, self._start, self._end = buf, start, end
@@ -81,7 +81,7 @@ class MarkerSet:
     Empty strings are ignored and duplicates dropped; an empty set finds nothing and holds nothing.
     """
 
-    __slots__ = ("markers", "longest", "ambiguity", "search", "_first", "_sorted")
+    __slots__ = ("_first", "_sorted", "ambiguity", "longest", "markers", "search")
 
     markers: tuple[str, ...]
     longest: int  # length of the longest marker (0 for an empty set)

@@ -74,11 +74,13 @@ __all__ = [
     "STOP_TOKENS",
     "Parser",
     "V1Parser",
-    "V2Parser",
     "V2Llama3Parser",
+    "V2Parser",
     "V3Llama3Parser",
     "V31Parser",
 ]
+
+Table = dict[str, dict[str, str]]  # state -> {marker: next state}
 
 # States (see the module docstring) and the pseudo-target "the name is complete".
 TEXT, NAME, ARGS, CODE, ROLE, OPEN = "text", "name", "args", "code", "role", "open"
@@ -101,7 +103,7 @@ class Parser(Protocol):
 class _Field:
     """A streamed, stripped field: assistant text (`index` None) or one call's arguments."""
 
-    __slots__ = ("index", "lead", "pending", "emitted")
+    __slots__ = ("emitted", "index", "lead", "pending")
 
     def __init__(self, index: int | None, lead: bool = True) -> None:
         self.index = index
@@ -115,7 +117,7 @@ class _Parser:
 
     STOPS: ClassVar[tuple[str, ...]] = ()
     START: ClassVar[str] = TEXT
-    TABLE: ClassVar[dict[str, dict[str, str]]] = {}
+    TABLE: ClassVar[Table] = {}
     TEXT_NAME: ClassVar[str | None] = None  # the recipient that means "text" (v2, v3.llama3: "all")
     CODE_NAME: ClassVar[str] = "python"  # the call a CODE state is
     WHOLE_TEXT: ClassVar[bool] = False  # text stripped at the ends of the output, not per segment
@@ -300,7 +302,7 @@ class V1Parser(_Parser):
 
     STOPS = ("<|END_OF_ASSISTANT|>", "<|END_OF_FUNCTION_CALL|>")
     START = TEXT
-    TABLE = {TEXT: {"<|START_OF_FUNCTION_CALL|>": NAME}, NAME: {":": OPEN}, ARGS: {}}
+    TABLE: ClassVar[Table] = {TEXT: {"<|START_OF_FUNCTION_CALL|>": NAME}, NAME: {":": OPEN}, ARGS: {}}
 
 
 class V2Parser(_Parser):
@@ -313,7 +315,7 @@ class V2Parser(_Parser):
     STOPS = ("<|stop|>",)
     START = NAME
     TEXT_NAME = "all"
-    TABLE = {
+    TABLE: ClassVar[Table] = {
         ROLE: {"<|recipient|>": NAME},
         NAME: {"<|content|>": OPEN, "<|from|>": ROLE},
         TEXT: {"<|from|>": ROLE},
@@ -327,7 +329,7 @@ class V2Llama3Parser(_Parser):
     STOPS = LLAMA3_STOPS
     START = TEXT
     _SEP = "<|reserved_special_token_249|>"
-    TABLE = {TEXT: {_SEP: NAME}, NAME: {"\n": OPEN, _SEP: NAME}, ARGS: {_SEP: NAME}}
+    TABLE: ClassVar[Table] = {TEXT: {_SEP: NAME}, NAME: {"\n": OPEN, _SEP: NAME}, ARGS: {_SEP: NAME}}
 
 
 class V3Llama3Parser(_Parser):
@@ -339,7 +341,7 @@ class V3Llama3Parser(_Parser):
     STOPS = LLAMA3_STOPS
     START = NAME
     TEXT_NAME = "all"
-    TABLE = {NAME: {"\n": OPEN, ">>>": NAME}, TEXT: {">>>": NAME}, ARGS: {">>>": NAME}}
+    TABLE: ClassVar[Table] = {NAME: {"\n": OPEN, ">>>": NAME}, TEXT: {">>>": NAME}, ARGS: {">>>": NAME}}
 
 
 class V31Parser(_Parser):
@@ -356,7 +358,7 @@ class V31Parser(_Parser):
     STOPS = LLAMA3_STOPS
     START = TEXT
     WHOLE_TEXT = True
-    TABLE = {
+    TABLE: ClassVar[Table] = {
         TEXT: {"<function=": NAME, "<|python_tag|>": CODE},
         NAME: {">": OPEN, "</function>": TEXT},
         ARGS: {"</function>": TEXT},

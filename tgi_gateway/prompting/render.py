@@ -263,7 +263,9 @@ def _render_v3_llama31(prompt: ChatPrompt) -> str:
     if prompt.functions:
         system += "\nYou have access to the following functions:\n\n"
         for function in prompt.functions:
-            as_json = _printed((function,), "json", lambda f=function: json.dumps(f.as_dict(), ensure_ascii=False))
+            as_json = _printed(
+                (function,), "json", lambda f=function: json.dumps(f.as_dict(), ensure_ascii=False)
+            )
             system += f"Use the function '{function.name}' to '{function.description}'\n{as_json}\n\n"
         system += _V31_INSTRUCTIONS
     out = [_llama3_turn("system", system)]

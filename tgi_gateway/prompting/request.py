@@ -220,7 +220,7 @@ def _tool_choice(raw: Any, tools: Sequence[Tool]) -> ToolChoice:
         name = function.get("name") if isinstance(function, Mapping) else None
         if not isinstance(name, str):
             raise InvalidRequestError(
-                "Invalid value for 'tool_choice': expected {\"type\": \"function\", \"function\": {\"name\": ...}}.",
+                'Invalid value for \'tool_choice\': expected {"type": "function", "function": {"name": ...}}.',
                 param="tool_choice",
             )
         if name not in _function_names(tools):
@@ -228,7 +228,7 @@ def _tool_choice(raw: Any, tools: Sequence[Tool]) -> ToolChoice:
         return NamedChoice(name)
     raise InvalidRequestError(
         "Invalid value for 'tool_choice': supported values are 'none', 'auto', 'required' and "
-        "{\"type\": \"function\", \"function\": {\"name\": ...}}.",
+        '{"type": "function", "function": {"name": ...}}.',
         param="tool_choice",
     )
 
@@ -247,7 +247,8 @@ def _function_call(raw: Any, functions: Sequence[Tool]) -> ToolChoice:
     name = raw.get("name") if isinstance(raw, Mapping) else None
     if not isinstance(name, str):
         raise InvalidRequestError(
-            "Invalid value for 'function_call': expected 'none', 'auto' or {\"name\": ...}.", param="function_call"
+            "Invalid value for 'function_call': expected 'none', 'auto' or {\"name\": ...}.",
+            param="function_call",
         )
     if name not in _function_names(functions):
         raise _unknown_function("function_call", "functions", name)
@@ -314,7 +315,7 @@ def _content(item: Mapping[str, Any], param: str, *, required: bool) -> str | No
             kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
             raise InvalidRequestError(
                 f"Invalid content part '{param}.content[{j}]' of type {_quote(kind)}: Functionary models "
-                "accept text only (a string, or an array of {\"type\": \"text\", \"text\": ...} parts).",
+                'accept text only (a string, or an array of {"type": "text", "text": ...} parts).',
                 param=f"{param}.content[{j}]",
             )
         return "".join(texts)
@@ -328,7 +329,8 @@ def _assistant(item: Mapping[str, Any], param: str) -> Message:
     raw_calls, legacy_call = item.get("tool_calls"), item.get("function_call")
     if raw_calls and legacy_call:
         raise InvalidRequestError(
-            f"'{param}' has both 'tool_calls' and 'function_call'; send one of them.", param=f"{param}.function_call"
+            f"'{param}' has both 'tool_calls' and 'function_call'; send one of them.",
+            param=f"{param}.function_call",
         )
     calls: list[ToolCall] = []
     if legacy_call is not None:
@@ -357,7 +359,8 @@ def _call(raw: Any, param: str, call_id: str | None) -> ToolCall:
         arguments = ""
     if not isinstance(arguments, str):
         raise InvalidRequestError(
-            f"'{param}.arguments' must be a string (JSON text, or code for python).", param=f"{param}.arguments"
+            f"'{param}.arguments' must be a string (JSON text, or code for python).",
+            param=f"{param}.arguments",
         )
     return ToolCall(name=name, arguments=arguments, id=call_id)
 
