@@ -11,8 +11,9 @@ median over runs of (run time / pieces). Stages, each timed on its own:
     +chunks         … and ChunkBuilder.feed(events) / finish()
     +sse orjson     … and encode_sse(chunk) for every chunk (what the gateway ships)
     +sse json       … the same encoding with the standard library (json.dumps, compact), for comparison
-    answer+stop     the server's whole per-answer pipeline, ``streaming.Answer`` (client stop filter → parser
-                    → chunks) with two client stop sequences that never match (CLIENT_STOPS), + orjson SSE
+    answer+stop     the server's whole per-answer pipeline, ``streaming.Answer`` (client stop filter →
+                    parser → chunks) with two client stop sequences that never match (CLIENT_STOPS),
+                    + orjson SSE
 
 ``--micro`` times single steps instead (best of 7 ``timeit`` repeats): one chunk's SSE encoding with orjson
 and with the standard library, a call id's random characters, a chunk built by copy vs as one literal,

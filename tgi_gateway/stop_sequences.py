@@ -12,11 +12,11 @@ and on a match releases the text before it and reports :attr:`StopFilter.stopped
 the answer with finish reason ``stop`` and closes the upstream request.
 
 "First occurrence" is the one completed first as the text streams in: the occurrence that ends first,
-and of those ending at one place the longest (:meth:`~tgi_gateway.prompting.markers.MarkerSet.search`). That is where TGI itself stops,
-and it does not depend on how the text was split into tokens: with ``stop=["b", "abc"]`` the output
-``"abc"`` keeps ``"a"``, whole or in pieces. Searching and holding back are the parsers' own
-:class:`~tgi_gateway.prompting.markers.MarkerSet`, whose memory and time are linear in the length of the
-client's sequences.
+and of those ending at one place the longest (:meth:`~tgi_gateway.prompting.markers.MarkerSet.search`).
+That is where TGI itself stops, and it does not depend on how the text was split into tokens: with
+``stop=["b", "abc"]`` the output ``"abc"`` keeps ``"a"``, whole or in pieces. Searching and holding back
+are the parsers' own :class:`~tgi_gateway.prompting.markers.MarkerSet`, whose memory is linear in the
+length of the client's sequences.
 
 Special tokens (the template's own markers, EOS) are never part of a client stop sequence: they release
 the held text and pass through unchanged.

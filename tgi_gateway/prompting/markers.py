@@ -32,10 +32,12 @@ may be long: a set that is ambiguous, or longer than :data:`REGEX_MAX_CHARS` in 
 marker with ``str.find`` (Python compiles a regular expression in time proportional to its length, and the
 client chooses the length).
 
-Memory and time are linear in the markers' total length: :meth:`MarkerSet.hold` examines only positions
-that hold the first character of some marker, within the last ``longest marker - 1`` characters, and
-checks each against the sorted markers by bisection (no set of all prefixes, which would be quadratic in
-a marker's length).
+Memory is linear in the markers' total length: there is no set of all prefixes (quadratic in a marker's
+length). :meth:`MarkerSet.hold` examines only positions that hold the first character of some marker,
+within the last ``longest marker - 1`` characters (one regex search finds them; in running text there is
+usually none), and checks each against the sorted markers by bisection and ``startswith``. A check costs
+the length of the tail it compares, so only a buffer with many near-misses of a long marker costs more
+than linear time.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import InvalidRequestError
 from .lru import LRUCache
@@ -146,10 +146,10 @@ def _printed(functions: tuple[Function, ...], option: str, make: Callable[[], st
     return _TEXTS.get_or_make(key, lambda: (functions, make()))[1]
 
 
-def _schema(prompt: ChatPrompt, flavor: str = "jinja") -> str:
+def _schema(prompt: ChatPrompt, flavor: Literal["jinja", "python"] = "jinja") -> str:
     try:
         functions = prompt.functions
-        return _printed(functions, flavor, lambda: ts_schema(functions, flavor=flavor))  # type: ignore[arg-type]
+        return _printed(functions, flavor, lambda: ts_schema(functions, flavor=flavor))
     except SchemaError as exc:
         param = "functions" if prompt.legacy_functions else "tools"
         raise InvalidRequestError(f"Invalid function schema: {exc}", param=param) from None
