@@ -11,10 +11,19 @@ median over runs of (run time / pieces). Stages, each timed on its own:
     +chunks         … and ChunkBuilder.feed(events) / finish()
     +sse orjson     … and encode_sse(chunk) for every chunk (what the gateway ships)
     +sse json       … the same encoding with the standard library (json.dumps, compact), for comparison
+    answer+stop     the server's whole per-answer pipeline, ``streaming.Answer`` (client stop filter →
+                    parser → chunks) with two client stop sequences that never match (CLIENT_STOPS),
+                    + orjson SSE
+
+``--micro`` times single steps instead (best of 7 ``timeit`` repeats): one chunk's SSE encoding with orjson
+and with the standard library, a call id's random characters, a chunk built by copy vs as one literal,
+``ChunkBuilder.feed``'s inlined per-token path vs the general one, and building a :class:`StopFilter`
+(typical sequences, new sequences each time, one long sequence: time and peak memory).
 
 Run from the repository root:
 
     .venv/bin/python benchmarks/bench_stream.py [--runs 15] [--family v3.llama3 ...]
+    .venv/bin/python benchmarks/bench_stream.py --micro
 """
 
 from __future__ import annotations
@@ -27,14 +36,17 @@ import re
 import statistics
 import sys
 import time
+import timeit
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tgi_gateway.prompting.parse import PARSERS  # noqa: E402
-from tgi_gateway.prompting.types import Version  # noqa: E402
-from tgi_gateway.streaming import ChunkBuilder, ResponseContext, collect, encode_sse  # noqa: E402
+from tgi_gateway.prompting.parse import PARSERS
+from tgi_gateway.prompting.types import TextDelta, Version
+from tgi_gateway.stop_sequences import StopFilter
+from tgi_gateway.streaming import Answer, ChunkBuilder, ResponseContext, _random_alnum, collect, encode_sse
 
 # Llama-3's pre-tokenizer, approximately (Python's re has no \p{L}): contractions, words with one leading
 # non-letter, 1-3 digits, punctuation runs, newlines, spaces.
@@ -44,12 +56,13 @@ PRETOKEN = re.compile(
 )
 MAX_PIECE = 8  # BPE splits longer words; cap pieces so the average stays near a real tokenizer's
 
-WORDS = (
+_PROSE = (
     "the weather in Paris is mild today with light winds from the west and a chance of rain later "
     "in the evening temperatures will reach 18 degrees Celsius while humidity stays near 70 percent "
     "I can also check the forecast for the weekend if you like Lyon Marseille Zürich São Paulo café "
     "according to the latest report there are 3 warnings in effect for coastal regions"
-).split()
+)
+WORDS = _PROSE.split()
 
 # The family's markers that are one token in its tokenizer (sent by TGI as one token event).
 SPECIAL = {
@@ -157,11 +170,28 @@ def make_run_sse(encode: Callable[[dict], bytes]) -> Callable[[type, list[tuple[
     return run_sse
 
 
+# An agent's stop sequences: the first character of one of them ("\n") is common in the answers.
+CLIENT_STOPS = ("\nObservation:", "</answer>")
+
+
+def run_answer(parser_cls: type, pieces: list[tuple[str, bool]]) -> int:
+    a = Answer(parser_cls(prefix=""), context(), CLIENT_STOPS, stream=True)
+    feed = a.feed
+    size = 0
+    for text, special in pieces:
+        for chunk in feed(text, special):
+            size += len(encode_sse(chunk))
+    for chunk in a.finish("eos_token"):
+        size += len(encode_sse(chunk))
+    return size
+
+
 STAGES: dict[str, Callable[[type, list[tuple[str, bool]]], int]] = {
     "parse": run_parse,
     "+chunks": run_chunks,
     "+sse orjson": make_run_sse(encode_sse),
     "+sse json": make_run_sse(json_sse),
+    "answer+stop": run_answer,
 }
 
 
@@ -180,11 +210,71 @@ def time_stages(parser_cls: type, pieces: list[tuple[str, bool]], runs: int) -> 
     return times
 
 
+def micro() -> None:
+    """Single steps, µs per call (best of 7 repeats)."""
+
+    def best(f: Callable[[], object], n: int = 200_000) -> float:
+        return min(timeit.repeat(f, number=n, repeat=7)) / n * 1e6
+
+    ctx = context()
+    builder = ChunkBuilder(ctx)
+    builder.feed([TextDelta("Hi")])
+    chunk = builder.feed([TextDelta(" weather")])[0]
+    base = {"id": ctx.id, "object": "chat.completion.chunk", "created": ctx.created, "model": ctx.model}
+    one = [TextDelta(" x")]
+
+    def copied() -> dict:
+        c = base.copy()
+        c["choices"] = [{"index": 0, "delta": {"content": "x"}, "logprobs": None, "finish_reason": None}]
+        return c
+
+    def literal() -> dict:
+        return {
+            "id": ctx.id,
+            "object": "chat.completion.chunk",
+            "created": ctx.created,
+            "model": ctx.model,
+            "choices": [{"index": 0, "delta": {"content": "x"}, "logprobs": None, "finish_reason": None}],
+        }
+
+    fresh = iter(range(10**9))
+    rows: list[tuple[str, Callable[[], object], int]] = [
+        ("encode_sse (orjson), one text chunk", lambda: encode_sse(chunk), 200_000),
+        ("json.dumps (compact) + SSE framing, same chunk", lambda: json_sse(chunk), 200_000),
+        ("_random_alnum(24)", lambda: _random_alnum(24), 200_000),
+        ("a chunk as base.copy() + choices", copied, 200_000),
+        ("a chunk as one dict literal", literal, 200_000),
+        ("ChunkBuilder.feed, one TextDelta (inlined path)", lambda: builder.feed(one), 200_000),
+        ("ChunkBuilder._feed, one TextDelta (general path)", lambda: builder._feed(one), 200_000),
+        ("StopFilter(CLIENT_STOPS), the same sequences again", lambda: StopFilter(CLIENT_STOPS), 20_000),
+        (
+            "StopFilter, new sequences each time",
+            lambda: StopFilter([f"\nStep {next(fresh)}:", "</a>"]),
+            2_000,
+        ),
+    ]
+    for name, f, n in rows:
+        print(f"{name:<52} {best(f, n):8.2f} µs")
+    for length in (5_000, 20_000):
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        StopFilter(["x" * length])
+        elapsed = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        label = f"StopFilter(['x' * {length:,}])"
+        print(f"{label:<52} {elapsed * 1e3:8.2f} ms, peak {peak / 1e6:.1f} MB")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=15, help="timed runs per stage (median reported)")
     ap.add_argument("--family", action="append", choices=[str(v) for v in PARSERS], help="default: all")
+    ap.add_argument("--micro", action="store_true", help="time single steps instead (see the docstring)")
     args = ap.parse_args(argv)
+    if args.micro:
+        micro()
+        return 0
     families = [Version(f) for f in args.family] if args.family else list(PARSERS)
 
     print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
@@ -202,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         message = collect(events, "eos_token", context())["message"]
         n_calls = len(message.get("tool_calls") or [])
         n_chunks = run_chunks(parser_cls, pieces)
-        row = f"{str(version):<12} {len(pieces):>6} {n_chunks:>6} {n_calls:>5}"
+        row = f"{version!s:<12} {len(pieces):>6} {n_chunks:>6} {n_calls:>5}"
         times = time_stages(parser_cls, pieces, args.runs)
         for name in STAGES:
             row += f" {statistics.median(times[name]) / len(pieces) / 1000:>12.2f}"

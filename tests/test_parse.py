@@ -410,12 +410,14 @@ def test_v31_pending_whitespace_at_markers():
 # Fuzz: any text is valid input
 # ---------------------------------------------------------------------------------------------
 
+# fmt: off
 FRAGMENTS = [
     START, EOA, EOF, ":", FROM, REC, CONT, STOP, "assistant", SEP, "<|reserved_special_token_24",
     "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|eot", ">>>", ">>", ">", "<function=", "<function",
     "</function>", "</func", PY, "<|", "|>", "<", "=", "all", "python", "f", "get", "{", "}", '"a"', "\n",
     " ", "  ", "\t", "x", "é", "</s>",
 ]
+# fmt: on
 SPECIALS = [START, FROM, REC, CONT, STOP, SEP, "<|eot_id|>", "<|eom_id|>", PY, "</s>", "<|endoftext|>"]
 PREFIXES = ["", "all\n", "f\n", f"all\n{CONT}", f"f\n{CONT}", SEP, f"{SEP}f\n", "<function=", "<function=f>"]
 

@@ -28,7 +28,10 @@ WEATHER = {
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     },
 }
-TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+TIME = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
 USER = [{"role": "user", "content": "Weather and time in Hanoi?"}]
 TOOLS = {"messages": USER, "tools": [WEATHER, TIME]}
 CODE = {"messages": USER, "tools": [{"type": "code_interpreter"}]}
@@ -63,6 +66,7 @@ EOT, EOM = special("<|eot_id|>"), special("<|eom_id|>")
 SEP = special("<|reserved_special_token_249|>")
 V1, V2, V2L, V3, V31 = Version.V1, Version.V2, Version.V2_LLAMA3, Version.V3_LLAMA3, Version.V3_LLAMA31
 
+# fmt: off
 CASES = [
     # v1 (functions only, one call)
     Case("v1 text", V1, FUNCTIONS, ["It is sunny.", special("<|END_OF_ASSISTANT|>")],
@@ -123,6 +127,7 @@ CASES = [
     Case("v3-llama3.1 required", V31, {**TOOLS, "tool_choice": "required"}, ["get_time>{}</function>", EOM],
          {"content": None, "tool_calls": calls(("get_time", "{}"))}, "tool_calls"),
 ]
+# fmt: on
 
 
 def context(case: Case, prompt) -> ResponseContext:
@@ -173,7 +178,8 @@ def test_answer_client_stop_sequence_ends_the_answer() -> None:
     ctx = ResponseContext.for_prompt(prompt, "m")
     for stream in (False, True):
         answer = Answer(template.parser(prompt), ctx, ["STOP"], stream=stream)
-        chunks = [c for t in ("One, two, ST", "OP", " three") for c in answer.feed(t)] + answer.finish("length")
+        chunks = [c for t in ("One, two, ST", "OP", " three") for c in answer.feed(t)]
+        chunks += answer.finish("length")
         if stream:
             _, choice = sdk_rebuild(chunks)
             assert (choice.message.content, choice.finish_reason) == ("One, two,", "stop")

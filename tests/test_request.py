@@ -95,7 +95,9 @@ def test_refs_are_resolved_inside_parameters():
         "properties": {"where": {"$ref": "#/$defs/place"}},
         "$defs": {"place": {"type": "string", "description": "a city"}},
     }
-    prompt = normalize({"messages": [USER], "tools": [{"type": "function", "function": {"name": "f", "parameters": params}}]})
+    prompt = normalize(
+        {"messages": [USER], "tools": [{"type": "function", "function": {"name": "f", "parameters": params}}]}
+    )
     resolved = prompt.tools[0].function.parameters
     assert resolved["properties"]["where"] == {"type": "string", "description": "a city"}
     assert params["properties"]["where"] == {"$ref": "#/$defs/place"}, "the request must not be mutated"
@@ -106,7 +108,10 @@ def test_content_parts_are_joined_and_developer_is_system():
         {
             "messages": [
                 {"role": "developer", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}],
+                },
             ]
         }
     )
@@ -115,7 +120,11 @@ def test_content_parts_are_joined_and_developer_is_system():
 
 def test_tool_results_get_their_call_name_and_are_reordered_by_call_id():
     calls = [
-        {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Hanoi"}'}},
+        {
+            "id": "call_a",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Hanoi"}'},
+        },
         {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
     ]
     prompt = normalize(
@@ -150,7 +159,10 @@ def test_tool_results_without_ids_keep_their_order_and_name():
         {
             "messages": [
                 USER,
-                {"role": "assistant", "tool_calls": [{"function": {"name": "python", "arguments": "print(1)"}}]},
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"function": {"name": "python", "arguments": "print(1)"}}],
+                },
                 {"role": "tool", "name": "python", "content": "1"},
             ]
         }
@@ -164,7 +176,11 @@ def test_legacy_function_call_and_function_role():
         {
             "messages": [
                 USER,
-                {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": "{}"}},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "function_call": {"name": "get_weather", "arguments": "{}"},
+                },
                 {"role": "function", "name": "get_weather", "content": "sunny"},
             ],
             "functions": [WEATHER["function"]],
@@ -179,13 +195,29 @@ BAD_REQUESTS = [
     ({"messages": []}, "messages", "non-empty"),
     ({}, "messages", "non-empty"),
     ({"messages": "hi"}, "messages", "non-empty"),
-    ({"messages": [USER], "tools": [WEATHER], "functions": [WEATHER["function"]]}, "functions", "cannot both"),
-    ({"messages": [USER], "tool_choice": "auto"}, "tool_choice", "only allowed when 'tools'"),
-    ({"messages": [USER], "tools": [], "tool_choice": "required"}, "tool_choice", "only allowed when 'tools'"),
-    ({"messages": [USER], "function_call": "auto"}, "function_call", "only allowed when 'functions'"),
-    ({"messages": [USER], "tools": [WEATHER], "tool_choice": "always"}, "tool_choice", "'none', 'auto', and 'required'"),
     (
-        {"messages": [USER], "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+        {"messages": [USER], "tools": [WEATHER], "functions": [WEATHER["function"]]},
+        "functions",
+        "cannot both",
+    ),
+    ({"messages": [USER], "tool_choice": "auto"}, "tool_choice", "only allowed when 'tools'"),
+    (
+        {"messages": [USER], "tools": [], "tool_choice": "required"},
+        "tool_choice",
+        "only allowed when 'tools'",
+    ),
+    ({"messages": [USER], "function_call": "auto"}, "function_call", "only allowed when 'functions'"),
+    (
+        {"messages": [USER], "tools": [WEATHER], "tool_choice": "always"},
+        "tool_choice",
+        "'none', 'auto', and 'required'",
+    ),
+    (
+        {
+            "messages": [USER],
+            "tools": [WEATHER],
+            "tool_choice": {"type": "function", "function": {"name": "nope"}},
+        },
         "tool_choice",
         "no function named 'nope'",
     ),
@@ -199,8 +231,16 @@ BAD_REQUESTS = [
         "function_call",
         "no function named 'nope'",
     ),
-    ({"messages": [USER], "tools": [{"type": "retrieval"}]}, "tools[0].type", "'function' and 'code_interpreter'"),
-    ({"messages": [USER], "tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name", "1 to 64"),
+    (
+        {"messages": [USER], "tools": [{"type": "retrieval"}]},
+        "tools[0].type",
+        "'function' and 'code_interpreter'",
+    ),
+    (
+        {"messages": [USER], "tools": [{"type": "function", "function": {"name": "a b"}}]},
+        "tools[0].function.name",
+        "1 to 64",
+    ),
     ({"messages": [USER], "tools": [{"type": "function"}]}, "tools[0].function", "must be an object"),
     (
         {"messages": [USER], "tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
@@ -210,7 +250,9 @@ BAD_REQUESTS = [
     (
         {
             "messages": [USER],
-            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "https://x/y.json"}}}],
+            "tools": [
+                {"type": "function", "function": {"name": "f", "parameters": {"$ref": "https://x/y.json"}}}
+            ],
         },
         "tools[0].function.parameters",
         "Invalid schema",
@@ -218,7 +260,10 @@ BAD_REQUESTS = [
     (
         {
             "messages": [USER],
-            "tools": [WEATHER, {"type": "function", "function": {"name": "f", "parameters": {"properties": [1]}}}],
+            "tools": [
+                WEATHER,
+                {"type": "function", "function": {"name": "f", "parameters": {"properties": [1]}}},
+            ],
         },
         "tools[1].function.parameters",
         "Invalid schema",
@@ -238,7 +283,15 @@ BAD_REQUESTS = [
     ),
     ({"messages": [USER, {"role": "tool", "content": "1"}]}, "messages[1].tool_call_id", "is required"),
     (
-        {"messages": [USER, {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": {}}}]}]},
+        {
+            "messages": [
+                USER,
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": {}}}],
+                },
+            ]
+        },
         "messages[1].tool_calls[0].function.arguments",
         "must be a string",
     ),
@@ -281,7 +334,7 @@ def test_identical_tool_definitions_share_one_function_and_one_rendering() -> No
     other = prompt([reordered, TIME])
     assert other.tools[0].function is not first.tools[0].function  # key order is part of the schema
     assert other.tools[0].function.parameters is not None
-    assert list(other.tools[0].function.parameters)[0] == "required"
+    assert next(iter(other.tools[0].function.parameters)) == "required"
 
     for version in ("v2", "v3.llama3", "v3-llama3.1"):
         template = Template(version)

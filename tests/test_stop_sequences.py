@@ -19,7 +19,16 @@ CASES = [
     ([], ["anything END"], "anything END", False),
     (["END"], ["no stop here, E N D"], "no stop here, E N D", False),
     (["<|eot_id|>x"], ["hi", special("<|eot_id|>"), "x"], "hi<|eot_id|>x", False),
-    (["END"], ["a E", special("<|reserved_special_token_249|>"), "ND b END c"], "a E<|reserved_special_token_249|>ND b ", True),
+    (
+        ["END"],
+        ["a E", special("<|reserved_special_token_249|>"), "ND b END c"],
+        "a E<|reserved_special_token_249|>ND b ",
+        True,
+    ),
+    # One sequence inside another: the one completed first wins, however the text is split.
+    (["b", "abc"], ["abc"], "a", True),
+    (["ab", "xaby"], ["xaby z"], "x", True),
+    (["\n", "\n\n"], ["a\n\nb"], "a", True),
 ]
 
 
@@ -52,3 +61,10 @@ def test_special_tokens_pass_through_and_release_held_text():
     f = StopFilter(["END"])
     assert f.feed("a E") == [("a ", False)]
     assert f.feed("<|eot_id|>", True) == [("E", False), ("<|eot_id|>", True)]
+
+
+def test_a_long_stop_sequence_costs_memory_linear_in_its_length():
+    # A set of all its proper prefixes would hold ~2e11 characters.
+    f = StopFilter(["x" * 600_000 + "END"])
+    assert f.feed("abc " + "x" * 1000) == [("abc ", False)]
+    assert f.feed("y") == [("x" * 1000 + "y", False)]

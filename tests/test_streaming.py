@@ -593,10 +593,12 @@ def sdk_client(body: bytes) -> openai.OpenAI:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_sdk_client_stream_over_sse(case: Case) -> None:
     """The real client parses our SSE bytes (`.stream()` helper) and rebuilds collect()'s message."""
-    with sdk_client(sse_body(case, include_usage=True)) as client:
-        with client.chat.completions.stream(model=MODEL, messages=[{"role": "user", "content": "hi"}]) as s:
-            events = list(s)
-            completion = final_completion(s)
+    with (
+        sdk_client(sse_body(case, include_usage=True)) as client,
+        client.chat.completions.stream(model=MODEL, messages=[{"role": "user", "content": "hi"}]) as s,
+    ):
+        events = list(s)
+        completion = final_completion(s)
     assert events and completion.usage is not None
     assert (
         completion.usage.prompt_tokens,

@@ -41,6 +41,10 @@ from typing import Any, ClassVar
 
 
 class GatewayError(Exception):
+    """An error the client sees: `message` and `param` as given; HTTP status, OpenAI ``type`` and ``code``
+    from the class (``code`` may be overridden per instance). :meth:`to_dict` is the response body,
+    :attr:`headers` the extra response headers."""
+
     status_code: int = 500
     type: str = "server_error"
     code: str | None = None
@@ -66,15 +70,22 @@ class GatewayError(Exception):
 
 
 class InvalidRequestError(GatewayError):
+    """The request is wrong (400); `param` names the offending field in OpenAI's notation
+    (``messages[3].tool_call_id``), or is None when no single field is at fault."""
+
     status_code = 400
     type = "invalid_request_error"
 
 
 class ContextLengthExceededError(InvalidRequestError):
+    """The prompt, or the prompt plus ``max_tokens``, is longer than the model's context (400)."""
+
     code = "context_length_exceeded"
 
 
 class ModelNotFoundError(GatewayError):
+    """The request names a model this gateway does not serve (404, like OpenAI's)."""
+
     status_code = 404
     type = "invalid_request_error"
     code = "model_not_found"

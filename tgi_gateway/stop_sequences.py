@@ -11,6 +11,13 @@ text as soon as it cannot be the start of a stop sequence, holds back only a suf
 and on a match releases the text before it and reports :attr:`StopFilter.stopped` — the caller then ends
 the answer with finish reason ``stop`` and closes the upstream request.
 
+"First occurrence" is the one completed first as the text streams in: the occurrence that ends first,
+and of those ending at one place the longest (:meth:`~tgi_gateway.prompting.markers.MarkerSet.search`).
+That is where TGI itself stops, and it does not depend on how the text was split into tokens: with
+``stop=["b", "abc"]`` the output ``"abc"`` keeps ``"a"``, whole or in pieces. Searching and holding back
+are the parsers' own :class:`~tgi_gateway.prompting.markers.MarkerSet`, whose memory is linear in the
+length of the client's sequences.
+
 Special tokens (the template's own markers, EOS) are never part of a client stop sequence: they release
 the held text and pass through unchanged.
 
@@ -24,6 +31,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tgi_gateway.prompting.markers import MarkerSet
+
 __all__ = ["StopFilter"]
 
 Piece = tuple[str, bool]  # (text, special), as TGI streams tokens
@@ -32,32 +41,33 @@ Piece = tuple[str, bool]  # (text, special), as TGI streams tokens
 class StopFilter:
     """Cuts the output at the first occurrence of any of `stops` (the text before it is kept)."""
 
-    __slots__ = ("_stops", "_prefixes", "_span", "_held", "stopped")
+    __slots__ = ("_held", "_stops", "stopped")
 
     def __init__(self, stops: Sequence[str]) -> None:
-        self._stops = tuple(s for s in stops if s)
-        self._prefixes = frozenset(s[:i] for s in self._stops for i in range(1, len(s)))
-        self._span = max((len(s) for s in self._stops), default=1) - 1
+        markers = MarkerSet(stops)
+        self._stops = markers if markers.markers else None
         self._held = ""
         self.stopped = False
 
     def feed(self, text: str, special: bool = False) -> list[Piece]:
         """The pieces that are certain to come before any stop sequence."""
+        stops = self._stops
+        if stops is None:
+            return [(text, special)]
         if self.stopped:
             return []
-        if not self._stops:
-            return [(text, special)]
         if special:
             out = [(self._held, False)] if self._held else []
             self._held = ""
             return out + [(text, True)]
         buf = self._held + text
-        cut = self._find(buf)
-        if cut is not None:
+        m = stops.search(buf)
+        if m is not None:
             self.stopped = True
             self._held = ""
+            cut = m.start()
             return [(buf[:cut], False)] if cut else []
-        keep = self._hold_from(buf)
+        keep = stops.hold(buf)
         self._held = buf[keep:]
         return [(buf[:keep], False)] if keep else []
 
@@ -65,15 +75,3 @@ class StopFilter:
         """The output ended: release what was held (it never became a stop sequence)."""
         held, self._held = self._held, ""
         return [(held, False)] if held and not self.stopped else []
-
-    def _find(self, buf: str) -> int | None:
-        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
-        return min(hits) if hits else None
-
-    def _hold_from(self, buf: str) -> int:
-        """Start of the longest suffix of `buf` that is a proper prefix of a stop sequence."""
-        n = len(buf)
-        for i in range(max(0, n - self._span), n):
-            if buf[i:] in self._prefixes:
-                return i
-        return n

@@ -39,7 +39,8 @@ Worked example (``parallel_tool_calls`` true, ``tool_choice: "auto"``)::
     finish("eos_token")              → {} with finish_reason "tool_calls"
 
 Chunks are plain dicts, built fresh for each call (callers may keep or mutate them). JSON is encoded with
-orjson: about 0.5 µs per token chunk against 4.5 µs for the standard library (``benchmarks/bench_stream.py``).
+orjson, with the standard library as the fallback for strings orjson refuses (:func:`encode_sse`); the cost
+per token of each stage is in ``docs/performance.md`` (``benchmarks/bench_stream.py``).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ _REJECTED = bytes(range(248, 256))
 
 
 def _random_alnum(n: int) -> str:
-    """`n` characters from [A-Za-z0-9], uniform, from the OS CSPRNG (fork-safe, ~1 µs)."""
+    """`n` characters from [A-Za-z0-9], uniform, from the OS CSPRNG (fork-safe)."""
     while True:
         # n + n//4 + 4 bytes: fewer than n survive with probability ~4e-9 for n = 24 (then draw again).
         s = os.urandom(n + n // 4 + 4).translate(_TO_ALNUM, _REJECTED)
@@ -269,8 +270,7 @@ class ChunkBuilder:
 
     def __init__(self, ctx: ResponseContext) -> None:
         self._ctx = ctx
-        # The constant part of every chunk, copied per chunk: copy + "choices" is ~2x faster than
-        # writing the whole chunk as one dict literal.
+        # The constant part of every chunk, copied per chunk (cheaper than a literal of the whole chunk).
         self._base: dict[str, Any] = {
             "id": ctx.id,
             "object": "chat.completion.chunk",
@@ -338,7 +338,7 @@ class ChunkBuilder:
         if self._finished:
             raise RuntimeError("ChunkBuilder.feed() after finish()")
         if len(events) == 1 and self._started:
-            # The per-token case, a text or an arguments fragment, inlined: ~0.4 µs instead of ~1 µs.
+            # The per-token case, a text or an arguments fragment, inlined: the same chunk `_feed` makes.
             ev = events[0]
             t = type(ev)
             if t is TextDelta:

@@ -10,11 +10,11 @@ Two steps, so the startup code can report what it read and the tests can feed ei
   tokens (``<|eom_id|>`` = 128008 → v3-llama3.1; ``<|reserved_special_token_249|>`` = 128254 → the
   Llama-3 family, split by the template; ``<|from|>`` → v2; ``<|START_OF_FUNCTION_CALL|>`` → v1).
 
-Speed: a Llama-3 ``tokenizer.json`` is 9 MB, most of it the BPE vocabulary and merges. Only its leading
-``added_tokens`` array is parsed (the JSON is decoded key by key and stops there: ~10 ms instead of ~0.3 s
-for ``json.load`` and ~0.7 s for ``tokenizers.Tokenizer.from_file``). The ``tokenizers`` library is loaded
-only when a known marker string occurs in the file without being an added token (a plain vocabulary
-entry): then whether it encodes to one token depends on the pre-tokenizer, and only the library can tell.
+A Llama-3 ``tokenizer.json`` is 9 MB, most of it the BPE vocabulary and merges. Only its leading
+``added_tokens`` array is parsed: the JSON is decoded key by key and decoding stops there (the cost against
+``json.load`` and ``tokenizers`` is in ``docs/performance.md``). The ``tokenizers`` library is loaded only
+when a known marker string occurs in the file without being an added token (a plain vocabulary entry): then
+whether it encodes to one token depends on the pre-tokenizer, and only the library can tell.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ _KNOWN_MARKERS = _DETECTION_MARKERS + (
 )  # fmt: skip
 
 _SUPPORTED = tuple(v.value for v in Version)
+_SERVED = ", ".join(_SUPPORTED)
 
 # functionary: re.search(r"\{\# version=(?P<version_name>.+) \#\}", chat_template); whitespace-tolerant here.
 _VERSION_COMMENT = re.compile(r"\{#-?\s*version\s*=\s*(?P<name>[^\s#]+?)\s*-?#\}")
@@ -144,7 +145,7 @@ def _resolve_directory(
             "(expected 'organisation/name', e.g. meetkai/functionary-small-v3.2). Check the path, or pass a "
             "hub id."
         )
-    if download is None:  # imported only for a hub id: huggingface_hub costs ~0.1-0.2 s of start-up
+    if download is None:  # imported only for a hub id: importing huggingface_hub slows start-up
         from huggingface_hub import snapshot_download as download
     where = f"hub model {model!r}" + (f" at revision {revision!r}" if revision else "")
     try:
@@ -215,7 +216,7 @@ def _read_directory(source: str, directory: Path) -> ModelFiles:
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise ConfigurationError(f"Cannot read {p}: {exc}") from exc
+            raise _unreadable(p, exc) from exc
         files_read.append(p)
         return data
 
@@ -236,7 +237,7 @@ def _read_directory(source: str, directory: Path) -> ModelFiles:
         try:
             tokenizer_raw = tokenizer_json.read_bytes()
         except OSError as exc:
-            raise ConfigurationError(f"Cannot read {tokenizer_json}: {exc}") from exc
+            raise _unreadable(tokenizer_json, exc) from exc
         files_read.append(tokenizer_json)
         for entry in _leading_added_tokens(tokenizer_raw, tokenizer_json):
             if isinstance(entry, dict):
@@ -326,7 +327,7 @@ def _leading_added_tokens(raw: bytes, path: Path) -> list[Any]:
     try:
         return _parse_added_tokens(raw.decode("utf-8"))
     except (ValueError, IndexError) as exc:  # UnicodeDecodeError is a ValueError
-        raise ConfigurationError(f"Cannot read {path}: not a valid tokenizer.json ({exc}).") from exc
+        raise _unreadable(path, f"not a valid tokenizer.json ({exc}).") from exc
 
 
 def _parse_added_tokens(text: str) -> list[Any]:
@@ -355,7 +356,7 @@ def _parse_added_tokens(text: str) -> list[Any]:
 
 
 def _occurring(strings: list[str], raw: bytes) -> list[str]:
-    """Those of `strings` that occur in `raw`: one regex pass (~5 ms over 9 MB; `in` is ~1 ms per string).
+    """Those of `strings` that occur in `raw`: one regex pass over the file, not one ``in`` per string.
 
     A pre-filter only. Matches do not overlap, which cannot hide a `<|...|>` marker; it could at worst
     hide a special-token name inside another one, and then only that token's id stays unknown.
@@ -408,7 +409,7 @@ def _separate_chat_template(directory: Path, files_read: list[Path]) -> str | No
         try:
             text = jinja.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigurationError(f"Cannot read {jinja}: {exc}") from exc
+            raise _unreadable(jinja, exc) from exc
         files_read.append(jinja)
         return text
     as_json = directory / "chat_template.json"
@@ -416,7 +417,7 @@ def _separate_chat_template(directory: Path, files_read: list[Path]) -> str | No
         try:
             data = json.loads(as_json.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise ConfigurationError(f"Cannot read {as_json}: {exc}") from exc
+            raise _unreadable(as_json, exc) from exc
         files_read.append(as_json)
         return _chat_template(_as_dict(data, as_json).get("chat_template"), as_json)
     return None
@@ -443,7 +444,11 @@ def detect_version(files: ModelFiles, override: str | None = None) -> Version:
         name = m.group("name")
         if name in _SUPPORTED:
             return _found(files, Version(name), f"the chat template's {{# version={name} #}} comment")
-        raise ConfigurationError(_unserved_version_message(files, name))
+        raise ConfigurationError(
+            _unserved_message(
+                files, f"the chat template declares {{# version={name} #}}, a Functionary template version"
+            )
+        )
 
     release = _RELEASE_COMMENT.match(template)
     if release and release.group("name") in _V2_RELEASES:
@@ -456,9 +461,11 @@ def detect_version(files: ModelFiles, override: str | None = None) -> Version:
         why = f"{RESERVED_249} is the single token {RESERVED_249_ID} (Llama 3)"
         if "image_url" in template and ">>>" in template:
             raise ConfigurationError(
-                f"{files.source}: a Llama-3 tokenizer whose chat template mentions image_url and '>>>' is "
-                "Functionary's vision template (v3.llava_llama), which this gateway does not serve "
-                f"(it serves {', '.join(_SUPPORTED)}). {_override_hint()}"
+                _unserved_message(
+                    files,
+                    "a Llama-3 tokenizer whose chat template mentions image_url and '>>>' is Functionary's "
+                    "vision template (v3.llava_llama), which",
+                )
             )
         if RESERVED_249 in template:
             return _found(files, Version.V2_LLAMA3, why + " and the chat template uses it")
@@ -478,7 +485,7 @@ def _parse_override(override: str) -> Version:
     if value in _SUPPORTED:
         return Version(value)
     raise ConfigurationError(
-        f"{OVERRIDE_FLAG} {override!r} is not a template version; use one of: {', '.join(_SUPPORTED)}."
+        f"{OVERRIDE_FLAG} {override!r} is not a template version; use one of: {_SERVED}."
     )
 
 
@@ -487,15 +494,16 @@ def _found(files: ModelFiles, version: Version, why: str) -> Version:
     return version
 
 
-def _override_hint() -> str:
-    return f"If the model really uses one of those formats, pass {OVERRIDE_FLAG} VERSION."
-
-
-def _unserved_version_message(files: ModelFiles, name: str) -> str:
+def _unserved_message(files: ModelFiles, what: str) -> str:
+    """`what` names a template this gateway does not serve; the versions it serves and the override follow."""
     return (
-        f"{files.source}: the chat template declares {{# version={name} #}}, a Functionary template version "
-        f"this gateway does not serve (it serves {', '.join(_SUPPORTED)}). {_override_hint()}"
+        f"{files.source}: {what} this gateway does not serve (it serves {_SERVED}). If the model really uses "
+        f"one of those formats, pass {OVERRIDE_FLAG} VERSION."
     )
+
+
+def _unreadable(path: Path, why: object) -> ConfigurationError:
+    return ConfigurationError(f"Cannot read {path}: {why}")
 
 
 def _undetected_message(files: ModelFiles, release: str | None) -> str:
@@ -531,6 +539,6 @@ def _undetected_message(files: ModelFiles, release: str | None) -> str:
         f"  marker tokens present: {present} "
         f"(looked for {', '.join(_DETECTION_MARKERS)} as single tokens)\n"
         f"  files read: {read}\n"
-        f"Accepted versions: {', '.join(_SUPPORTED)}. If this is a Functionary model, pass "
+        f"Accepted versions: {_SERVED}. If this is a Functionary model, pass "
         f"{OVERRIDE_FLAG} VERSION."
     )

@@ -40,9 +40,11 @@ is dropped). Several text segments are joined with ``"\\n"``. v3-llama3.1 text i
 segment, only at the ends of the whole output (see :class:`V31Parser`).
 
 Only an ambiguous suffix is ever held back: the longest tail of the buffer that is a proper prefix of
-a marker live in the current state, so the buffer never holds more than 29 characters (the longest
-marker, ``<|reserved_special_token_249|>``, has 30). Names are collected whole; only the model's
-token limit bounds them.
+a marker live in the current state (:meth:`.markers.MarkerSet.hold`), so the buffer never holds more than
+29 characters (the longest marker, ``<|reserved_special_token_249|>``, has 30). Names are collected
+whole; only the model's token limit bounds them. Each state's markers are one unambiguous
+:class:`~.markers.MarkerSet` (no marker occurs inside another before its end, checked when the family's
+class is defined), so the first complete marker in the buffer is always the one to act on.
 
 Worked example: v3.llama3 with tool choice auto (the prompt ended with ``>>>``), fed token by token::
 
@@ -62,9 +64,9 @@ Worked example: v3.llama3 with tool choice auto (the prompt ended with ``>>>``),
 
 from __future__ import annotations
 
-import re
 from typing import ClassVar, Protocol
 
+from .markers import MarkerSet
 from .types import Event, TextDelta, ToolCallArgs, ToolCallEnd, ToolCallStart, Version
 
 __all__ = [
@@ -72,11 +74,13 @@ __all__ = [
     "STOP_TOKENS",
     "Parser",
     "V1Parser",
-    "V2Parser",
     "V2Llama3Parser",
+    "V2Parser",
     "V3Llama3Parser",
     "V31Parser",
 ]
+
+Table = dict[str, dict[str, str]]  # state -> {marker: next state}
 
 # States (see the module docstring) and the pseudo-target "the name is complete".
 TEXT, NAME, ARGS, CODE, ROLE, OPEN = "text", "name", "args", "code", "role", "open"
@@ -96,41 +100,10 @@ class Parser(Protocol):
     def finish(self) -> list[Event]: ...
 
 
-class _Scanner:
-    """Finds the markers of one state in a buffer and knows which tail of it to hold back."""
-
-    __slots__ = ("search", "_first", "_prefixes", "_span")
-
-    def __init__(self, markers: tuple[str, ...]) -> None:
-        prefixes = {m[:i] for m in markers for i in range(1, len(m))}
-        for p in prefixes:  # else the leftmost complete marker would not be the right one to act on
-            if any(m in p for m in markers):
-                raise ValueError(f"a proper prefix of a marker contains a marker: {p!r}")
-        longest_first = sorted(set(markers), key=len, reverse=True)
-        self.search = re.compile("|".join(map(re.escape, longest_first))).search
-        firsts = sorted({p[0] for p in prefixes})
-        self._first = re.compile(f"[{''.join(map(re.escape, firsts))}]").search if firsts else None
-        self._prefixes = frozenset(prefixes)
-        self._span = max(map(len, markers)) - 1
-
-    def hold(self, buf: str) -> int:
-        """Where the held-back tail of `buf` (which holds no complete marker) starts; len(buf) if none."""
-        n = len(buf)
-        if self._first is None:
-            return n
-        m = self._first(buf, max(0, n - self._span))
-        while m is not None:  # earliest candidate first: the longest ambiguous suffix wins
-            i = m.start()
-            if buf[i:] in self._prefixes:
-                return i
-            m = self._first(buf, i + 1)
-        return n
-
-
 class _Field:
     """A streamed, stripped field: assistant text (`index` None) or one call's arguments."""
 
-    __slots__ = ("index", "lead", "pending", "emitted")
+    __slots__ = ("emitted", "index", "lead", "pending")
 
     def __init__(self, index: int | None, lead: bool = True) -> None:
         self.index = index
@@ -144,11 +117,11 @@ class _Parser:
 
     STOPS: ClassVar[tuple[str, ...]] = ()
     START: ClassVar[str] = TEXT
-    TABLE: ClassVar[dict[str, dict[str, str]]] = {}
+    TABLE: ClassVar[Table] = {}
     TEXT_NAME: ClassVar[str | None] = None  # the recipient that means "text" (v2, v3.llama3: "all")
     CODE_NAME: ClassVar[str] = "python"  # the call a CODE state is
     WHOLE_TEXT: ClassVar[bool] = False  # text stripped at the ends of the output, not per segment
-    _scanners: ClassVar[dict[str, _Scanner]]
+    _scanners: ClassVar[dict[str, MarkerSet]]
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -156,7 +129,11 @@ class _Parser:
             for target in moves.values():
                 if target not in cls.TABLE and not (target == OPEN and state == NAME):
                     raise TypeError(f"{cls.__name__}: {state} → {target} leads nowhere")
-        cls._scanners = {state: _Scanner(cls.STOPS + tuple(moves)) for state, moves in cls.TABLE.items()}
+        cls._scanners = {state: MarkerSet(cls.STOPS + tuple(moves)) for state, moves in cls.TABLE.items()}
+        for state, markers in cls._scanners.items():
+            if markers.ambiguity:  # the first complete marker would not always be the one to act on
+                inner, outer = markers.ambiguity
+                raise TypeError(f"{cls.__name__}: in {state}, marker {inner!r} occurs inside {outer!r}")
 
     def __init__(self, prefix: str = "") -> None:
         self.stopped = False
@@ -325,7 +302,7 @@ class V1Parser(_Parser):
 
     STOPS = ("<|END_OF_ASSISTANT|>", "<|END_OF_FUNCTION_CALL|>")
     START = TEXT
-    TABLE = {TEXT: {"<|START_OF_FUNCTION_CALL|>": NAME}, NAME: {":": OPEN}, ARGS: {}}
+    TABLE: ClassVar[Table] = {TEXT: {"<|START_OF_FUNCTION_CALL|>": NAME}, NAME: {":": OPEN}, ARGS: {}}
 
 
 class V2Parser(_Parser):
@@ -338,7 +315,7 @@ class V2Parser(_Parser):
     STOPS = ("<|stop|>",)
     START = NAME
     TEXT_NAME = "all"
-    TABLE = {
+    TABLE: ClassVar[Table] = {
         ROLE: {"<|recipient|>": NAME},
         NAME: {"<|content|>": OPEN, "<|from|>": ROLE},
         TEXT: {"<|from|>": ROLE},
@@ -352,7 +329,7 @@ class V2Llama3Parser(_Parser):
     STOPS = LLAMA3_STOPS
     START = TEXT
     _SEP = "<|reserved_special_token_249|>"
-    TABLE = {TEXT: {_SEP: NAME}, NAME: {"\n": OPEN, _SEP: NAME}, ARGS: {_SEP: NAME}}
+    TABLE: ClassVar[Table] = {TEXT: {_SEP: NAME}, NAME: {"\n": OPEN, _SEP: NAME}, ARGS: {_SEP: NAME}}
 
 
 class V3Llama3Parser(_Parser):
@@ -364,7 +341,7 @@ class V3Llama3Parser(_Parser):
     STOPS = LLAMA3_STOPS
     START = NAME
     TEXT_NAME = "all"
-    TABLE = {NAME: {"\n": OPEN, ">>>": NAME}, TEXT: {">>>": NAME}, ARGS: {">>>": NAME}}
+    TABLE: ClassVar[Table] = {NAME: {"\n": OPEN, ">>>": NAME}, TEXT: {">>>": NAME}, ARGS: {">>>": NAME}}
 
 
 class V31Parser(_Parser):
@@ -381,7 +358,7 @@ class V31Parser(_Parser):
     STOPS = LLAMA3_STOPS
     START = TEXT
     WHOLE_TEXT = True
-    TABLE = {
+    TABLE: ClassVar[Table] = {
         TEXT: {"<function=": NAME, "<|python_tag|>": CODE},
         NAME: {">": OPEN, "</function>": TEXT},
         ARGS: {"</function>": TEXT},

@@ -31,14 +31,14 @@ call per turn), are client errors: :class:`InvalidRequestError`.
 
 from __future__ import annotations
 
-import collections
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import InvalidRequestError
+from .lru import LRUCache
 from .schema import SchemaError, ts_schema
-from .types import ChatPrompt, Message, NamedChoice, ToolCall, ToolChoice, Version
+from .types import ChatPrompt, Function, Message, NamedChoice, ToolCall, ToolChoice, Version
 
 __all__ = ["generation_prefix", "render"]
 
@@ -134,38 +134,22 @@ def _system_text(prompt: ChatPrompt) -> str:
     return CODE_INTERPRETER_SYSTEM if prompt.has_code_interpreter else DEFAULT_SYSTEM
 
 
-class _Memo:
-    """Texts computed from immutable objects, remembered by the objects' identity (they are kept alive
-    with their text, so an identity is never reused while remembered); least recently used forgotten.
-    `normalize` hands out the same Function objects for the same tool definitions, so a conversation's
-    tools are printed once."""
-
-    def __init__(self, size: int = 512) -> None:
-        self._size = size
-        self._texts: collections.OrderedDict[tuple[Any, ...], tuple[tuple[Any, ...], str]] = (
-            collections.OrderedDict()
-        )
-
-    def get(self, objects: tuple[Any, ...], make: Callable[[], str], *extra: Any) -> str:
-        key = (*map(id, objects), *extra)
-        hit = self._texts.get(key)
-        if hit is not None and all(a is b for a, b in zip(hit[0], objects, strict=True)):
-            self._texts.move_to_end(key)
-            return hit[1]
-        text = make()
-        self._texts[key] = (objects, text)
-        if len(self._texts) > self._size:
-            self._texts.popitem(last=False)
-        return text
+# Texts printed from Function objects, keyed by the objects' identity plus any option. The value keeps the
+# objects alive, so while an entry is remembered no other object can have its ids. `normalize` hands out
+# the same Function objects for the same tool definitions, so a conversation's tools are printed once.
+_TEXTS: LRUCache[tuple[Any, ...], tuple[tuple[Function, ...], str]] = LRUCache(1024)
 
 
-_SCHEMAS = _Memo()
-_JSON = _Memo()
+def _printed(functions: tuple[Function, ...], option: str, make: Callable[[], str]) -> str:
+    """`make()` remembered for these very objects (and `option`)."""
+    key = (*map(id, functions), option)
+    return _TEXTS.get_or_make(key, lambda: (functions, make()))[1]
 
 
-def _schema(prompt: ChatPrompt, flavor: str = "jinja") -> str:
+def _schema(prompt: ChatPrompt, flavor: Literal["jinja", "python"] = "jinja") -> str:
     try:
-        return _SCHEMAS.get(prompt.functions, lambda: ts_schema(prompt.functions, flavor=flavor), flavor)  # type: ignore[arg-type]
+        functions = prompt.functions
+        return _printed(functions, flavor, lambda: ts_schema(functions, flavor=flavor))
     except SchemaError as exc:
         param = "functions" if prompt.legacy_functions else "tools"
         raise InvalidRequestError(f"Invalid function schema: {exc}", param=param) from None
@@ -279,7 +263,9 @@ def _render_v3_llama31(prompt: ChatPrompt) -> str:
     if prompt.functions:
         system += "\nYou have access to the following functions:\n\n"
         for function in prompt.functions:
-            as_json = _JSON.get((function,), lambda f=function: json.dumps(f.as_dict(), ensure_ascii=False))
+            as_json = _printed(
+                (function,), "json", lambda f=function: json.dumps(f.as_dict(), ensure_ascii=False)
+            )
             system += f"Use the function '{function.name}' to '{function.description}'\n{as_json}\n\n"
         system += _V31_INSTRUCTIONS
     out = [_llama3_turn("system", system)]

@@ -31,7 +31,6 @@ Example::
 
 from __future__ import annotations
 
-import collections
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,6 +38,7 @@ from typing import Any
 import orjson
 
 from ..errors import InvalidRequestError
+from .lru import LRUCache
 from .schema import SchemaError, resolve_refs, ts_schema
 from .types import ChatPrompt, Function, Message, NamedChoice, Tool, ToolCall, ToolChoice
 
@@ -61,6 +61,14 @@ def _quote(value: Any) -> str:
         return "an array"
     text = repr(value)
     return text if len(text) <= _QUOTE_MAX else text[: _QUOTE_MAX - 3] + "..."
+
+
+def _not_an_object(param: str) -> InvalidRequestError:
+    return InvalidRequestError(f"'{param}' must be an object.", param=param)
+
+
+def _invalid_schema(param: str, exc: SchemaError) -> InvalidRequestError:
+    return InvalidRequestError(f"Invalid schema in '{param}.parameters': {exc}", param=f"{param}.parameters")
 
 
 def normalize(body: Mapping[str, Any]) -> ChatPrompt:
@@ -107,7 +115,7 @@ def _tools(raw: Any) -> tuple[Tool, ...]:
     for i, item in enumerate(raw):
         param = f"tools[{i}]"
         if not isinstance(item, Mapping):
-            raise InvalidRequestError(f"'{param}' must be an object.", param=param)
+            raise _not_an_object(param)
         kind = item.get("type", "function")
         if kind == "code_interpreter":
             tools.append(Tool("code_interpreter"))
@@ -131,26 +139,16 @@ def _functions(raw: Any) -> tuple[Tool, ...]:
 # Clients send the same tools with every request of a conversation: a function already checked and
 # normalised (its `$ref`s resolved, its schema proven printable) is taken from here. Keyed by the exact
 # JSON of the client's definition; the Functions are immutable and shared (nobody mutates `parameters`).
-_FUNCTION_CACHE: collections.OrderedDict[bytes, Function] = collections.OrderedDict()
 _FUNCTION_CACHE_SIZE = 512
+_FUNCTION_CACHE: LRUCache[bytes, Function] = LRUCache(_FUNCTION_CACHE_SIZE)
 
 
 def _function(raw: Any, param: str) -> Function:
     try:
-        key: bytes | None = orjson.dumps(raw)
+        key = orjson.dumps(raw)
     except (orjson.JSONEncodeError, TypeError):  # not plain JSON (a caller's own Mapping): not cached
-        key = None
-    if key is not None:
-        cached = _FUNCTION_CACHE.get(key)
-        if cached is not None:
-            _FUNCTION_CACHE.move_to_end(key)
-            return cached
-    function = _new_function(raw, param)
-    if key is not None:
-        _FUNCTION_CACHE[key] = function
-        if len(_FUNCTION_CACHE) > _FUNCTION_CACHE_SIZE:
-            _FUNCTION_CACHE.popitem(last=False)
-    return function
+        return _new_function(raw, param)
+    return _FUNCTION_CACHE.get_or_make(key, lambda: _new_function(raw, param))
 
 
 def _new_function(raw: Any, param: str) -> Function:
@@ -177,21 +175,25 @@ def _new_function(raw: Any, param: str) -> Function:
         try:
             parameters = resolve_refs(dict(parameters))
         except SchemaError as exc:
-            raise InvalidRequestError(
-                f"Invalid schema in '{param}.parameters': {exc}", param=f"{param}.parameters"
-            ) from None
+            raise _invalid_schema(param, exc) from None
     function = Function(name=name, description=description, parameters=parameters)
     try:  # a schema the TypeScript renderer cannot print is refused here, where we know which one it is
         ts_schema((function,))
     except SchemaError as exc:
-        raise InvalidRequestError(
-            f"Invalid schema in '{param}.parameters': {exc}", param=f"{param}.parameters"
-        ) from None
+        raise _invalid_schema(param, exc) from None
     return function
 
 
 def _function_names(tools: Sequence[Tool]) -> set[str]:
     return {t.function.name for t in tools if t.function is not None}
+
+
+def _unknown_function(field: str, tools_field: str, name: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"Invalid value for '{field}': no function named {_quote(name)} was specified in the "
+        f"'{tools_field}' parameter.",
+        param=field,
+    )
 
 
 def _choice_without_tools(field: str, tools_field: str) -> InvalidRequestError:
@@ -218,19 +220,15 @@ def _tool_choice(raw: Any, tools: Sequence[Tool]) -> ToolChoice:
         name = function.get("name") if isinstance(function, Mapping) else None
         if not isinstance(name, str):
             raise InvalidRequestError(
-                "Invalid value for 'tool_choice': expected {\"type\": \"function\", \"function\": {\"name\": ...}}.",
+                'Invalid value for \'tool_choice\': expected {"type": "function", "function": {"name": ...}}.',
                 param="tool_choice",
             )
         if name not in _function_names(tools):
-            raise InvalidRequestError(
-                f"Invalid value for 'tool_choice': no function named {_quote(name)} was specified in the "
-                "'tools' parameter.",
-                param="tool_choice",
-            )
+            raise _unknown_function("tool_choice", "tools", name)
         return NamedChoice(name)
     raise InvalidRequestError(
         "Invalid value for 'tool_choice': supported values are 'none', 'auto', 'required' and "
-        "{\"type\": \"function\", \"function\": {\"name\": ...}}.",
+        '{"type": "function", "function": {"name": ...}}.',
         param="tool_choice",
     )
 
@@ -249,14 +247,11 @@ def _function_call(raw: Any, functions: Sequence[Tool]) -> ToolChoice:
     name = raw.get("name") if isinstance(raw, Mapping) else None
     if not isinstance(name, str):
         raise InvalidRequestError(
-            "Invalid value for 'function_call': expected 'none', 'auto' or {\"name\": ...}.", param="function_call"
-        )
-    if name not in _function_names(functions):
-        raise InvalidRequestError(
-            f"Invalid value for 'function_call': no function named {_quote(name)} was specified in the "
-            "'functions' parameter.",
+            "Invalid value for 'function_call': expected 'none', 'auto' or {\"name\": ...}.",
             param="function_call",
         )
+    if name not in _function_names(functions):
+        raise _unknown_function("function_call", "functions", name)
     return NamedChoice(name)
 
 
@@ -273,7 +268,7 @@ def _messages(raw: Any) -> tuple[Message, ...]:
     for i, item in enumerate(raw):
         param = f"messages[{i}]"
         if not isinstance(item, Mapping):
-            raise InvalidRequestError(f"'{param}' must be an object.", param=param)
+            raise _not_an_object(param)
         role = item.get("role")
         if not isinstance(role, str) or role not in _ROLES:  # (a list or an object is not hashable)
             raise InvalidRequestError(
@@ -320,7 +315,7 @@ def _content(item: Mapping[str, Any], param: str, *, required: bool) -> str | No
             kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
             raise InvalidRequestError(
                 f"Invalid content part '{param}.content[{j}]' of type {_quote(kind)}: Functionary models "
-                "accept text only (a string, or an array of {\"type\": \"text\", \"text\": ...} parts).",
+                'accept text only (a string, or an array of {"type": "text", "text": ...} parts).',
                 param=f"{param}.content[{j}]",
             )
         return "".join(texts)
@@ -334,7 +329,8 @@ def _assistant(item: Mapping[str, Any], param: str) -> Message:
     raw_calls, legacy_call = item.get("tool_calls"), item.get("function_call")
     if raw_calls and legacy_call:
         raise InvalidRequestError(
-            f"'{param}' has both 'tool_calls' and 'function_call'; send one of them.", param=f"{param}.function_call"
+            f"'{param}' has both 'tool_calls' and 'function_call'; send one of them.",
+            param=f"{param}.function_call",
         )
     calls: list[ToolCall] = []
     if legacy_call is not None:
@@ -345,7 +341,7 @@ def _assistant(item: Mapping[str, Any], param: str) -> Message:
         for j, raw in enumerate(raw_calls):
             call_param = f"{param}.tool_calls[{j}]"
             if not isinstance(raw, Mapping):
-                raise InvalidRequestError(f"'{call_param}' must be an object.", param=call_param)
+                raise _not_an_object(call_param)
             call_id = raw.get("id")
             if call_id is not None and not isinstance(call_id, str):
                 raise InvalidRequestError(f"'{call_param}.id' must be a string.", param=f"{call_param}.id")
@@ -363,7 +359,8 @@ def _call(raw: Any, param: str, call_id: str | None) -> ToolCall:
         arguments = ""
     if not isinstance(arguments, str):
         raise InvalidRequestError(
-            f"'{param}.arguments' must be a string (JSON text, or code for python).", param=f"{param}.arguments"
+            f"'{param}.arguments' must be a string (JSON text, or code for python).",
+            param=f"{param}.arguments",
         )
     return ToolCall(name=name, arguments=arguments, id=call_id)
 

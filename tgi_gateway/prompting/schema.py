@@ -56,6 +56,18 @@ __all__ = ["SchemaError", "resolve_refs", "ts_schema"]
 class SchemaError(ValueError):
     """A function schema that cannot be rendered (or whose ``$ref``\\ s cannot be resolved)."""
 
+    @classmethod
+    def too_deep(cls) -> SchemaError:
+        return cls("schema is nested too deeply")
+
+    @classmethod
+    def cyclic(cls, ref: Mapping[str, Any]) -> SchemaError:
+        return cls(f"cyclic $ref {ref['$ref']!r}")
+
+    @classmethod
+    def bad_items(cls) -> SchemaError:
+        return cls("'items' must be a schema object")
+
 
 # ------------------------------------------------------------------------------------------------
 # $ref resolution
@@ -79,7 +91,7 @@ def resolve_refs(parameters: dict) -> dict:
     try:
         result = _RefResolver(parameters).copy(parameters, ())
     except RecursionError:
-        raise SchemaError("schema is nested too deeply") from None
+        raise SchemaError.too_deep() from None
     if not isinstance(result, dict):
         raise SchemaError("parameters must resolve to a JSON object")
     return result
@@ -106,7 +118,7 @@ class _RefResolver:
         self._spend()
         if _is_ref(node):
             if id(node) in expanding:
-                raise SchemaError(f"cyclic $ref {node['$ref']!r}")
+                raise SchemaError.cyclic(node)
             target = self.lookup(node, frozenset())
             return self.copy(target, expanding + (id(node),))
         if isinstance(node, Mapping):
@@ -147,7 +159,7 @@ class _RefResolver:
     def _follow(self, node: Any, resolving: frozenset[int]) -> Any:
         while _is_ref(node):
             if id(node) in resolving:
-                raise SchemaError(f"cyclic $ref {node['$ref']!r}")
+                raise SchemaError.cyclic(node)
             resolving = resolving | {id(node)}
             node = self.lookup(node, resolving)
         return node
@@ -188,7 +200,7 @@ def ts_schema(functions: Iterable[Function], *, flavor: Literal["jinja", "python
     try:
         return macros.generate_schema_from_functions(functions)
     except RecursionError:
-        raise SchemaError("schema is nested too deeply") from None
+        raise SchemaError.too_deep() from None
 
 
 def _is_iterable(value: Any) -> bool:
@@ -415,7 +427,7 @@ class _Macros:
             return "type" in items
         if isinstance(items, (list, str)) and "type" not in items:
             return False  # e.g. tuple-style "items": [...] renders as an untyped array
-        raise SchemaError("'items' must be a schema object")
+        raise SchemaError.bad_items()
 
     def get_array_typescript(self, name: str | None, param: Mapping[str, Any], depth: int) -> str:
         """`name` is the declaration (``"tags?"``), or None for an array nested in an array."""
@@ -431,7 +443,7 @@ class _Macros:
                 return "\n" + offset + (name + ": []" if name else "[]")
             array_type, items = self.untyped, {}
         else:
-            raise SchemaError("'items' must be a schema object")
+            raise SchemaError.bad_items()
         if array_type == "object":
             children = self.get_parameter_typescript(
                 items.get("properties", {}), items.get("required", []), depth + 1

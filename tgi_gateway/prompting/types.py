@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 
 class Version(str, enum.Enum):
@@ -86,7 +86,7 @@ class NamedChoice:
     name: str
 
 
-ToolChoice = Union[Literal["none", "auto", "required"], NamedChoice]
+ToolChoice = Literal["none", "auto", "required"] | NamedChoice
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +106,9 @@ class ChatPrompt:
     has_code_interpreter: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "has_code_interpreter", any(t.type == "code_interpreter" for t in self.tools))
+        object.__setattr__(
+            self, "has_code_interpreter", any(t.type == "code_interpreter" for t in self.tools)
+        )
 
     @property
     def functions(self) -> tuple[Function, ...]:
@@ -149,4 +151,4 @@ class ToolCallEnd:
     index: int
 
 
-Event = Union[TextDelta, ToolCallStart, ToolCallArgs, ToolCallEnd]
+Event = TextDelta | ToolCallStart | ToolCallArgs | ToolCallEnd
