@@ -8,7 +8,7 @@ uvicorn binding its socket, and the first ``/health`` (which asks TGI's ``/healt
 * ``version``: ``--model bench-model --template-version v3-llama3.1``: no model file is read;
 * ``detect``: ``--model <dir>``: the version is detected from a local model directory made here, a tiny
   tokenizer (Llama-3.1's special tokens at their ids) and a ``tokenizer_config.json`` with a v3-llama3.1 chat
-  template, built with the helpers of ``tests/test_detect.py``.
+  template, built with the helpers of ``tests/prompting/test_detect.py``.
 
 Each start is timed from just before ``Popen`` to the first 200, polling ``/health`` every 5 ms on a new
 connection; the gateway is then stopped (SIGTERM) before the next run. Runs alternate the two ways. Reports
@@ -31,9 +31,9 @@ from _common import GATEWAY_ARGS, ROOT, GatewayProcess, tagged_double
 
 
 def model_dir(parent: Path) -> Path:
-    """A v3-llama3.1 model directory as tests/test_detect.py writes them: tokenizer.json + tokenizer_config.json."""
+    """A v3-llama3.1 model directory as tests/prompting/test_detect.py writes them: tokenizer.json + tokenizer_config.json."""
     sys.path.insert(0, str(ROOT))
-    from tests.test_detect import LLAMA31, T_V31, write_model
+    from tests.prompting.test_detect import LLAMA31, T_V31, write_model
 
     return write_model(parent / "functionary-v3.1", specials=LLAMA31, template=T_V31)
 

@@ -22,7 +22,7 @@ from tgi_gateway.prompting.render import generation_prefix, render
 from tgi_gateway.prompting.schema import resolve_refs
 from tgi_gateway.prompting.types import ChatPrompt, Function, Message, NamedChoice, Tool, ToolCall, Version
 
-GOLDEN = Path(__file__).parent / "golden" / "functionary"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "functionary"
 
 V1, V2, V2L3, V3L3, V31 = Version.V1, Version.V2, Version.V2_LLAMA3, Version.V3_LLAMA3, Version.V3_LLAMA31
 ALL_VERSIONS = [V1, V2, V2L3, V3L3, V31]

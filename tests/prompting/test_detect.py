@@ -832,7 +832,7 @@ def test_env_variables_are_honoured_by_a_fresh_process(tmp_path):
     home = tmp_path / "hf-home"
     cache_model(home / "hub", "meetkai/functionary-medium-v3.1", specials=LLAMA31, template=T_V31)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     script = (
         "from tgi_gateway.prompting.detect import load_model_files, detect_version\n"
         "print(detect_version(load_model_files('meetkai/functionary-medium-v3.1')))\n"
