@@ -449,14 +449,13 @@ async def test_each_framing_in_pieces_gives_the_same_items(name, body):
 
 async def test_batches_hold_what_has_arrived():
     body = [data(HELLO[0]) + data(HELLO[1]), 0.05, data(HELLO[2])]
-    async with mock(lambda r: sse(body)) as (client, _):
-        async with client.generate_stream("Hi", {}) as tokens:
-            assert await tokens.batch() == HELLO_ITEMS[:2]
-            assert not tokens.ended
-            assert await tokens.batch() == HELLO_ITEMS[2:]
-            assert tokens.ended
-            with pytest.raises(StopAsyncIteration):
-                await tokens.batch()
+    async with mock(lambda r: sse(body)) as (client, _), client.generate_stream("Hi", {}) as tokens:
+        assert await tokens.batch() == HELLO_ITEMS[:2]
+        assert not tokens.ended
+        assert await tokens.batch() == HELLO_ITEMS[2:]
+        assert tokens.ended
+        with pytest.raises(StopAsyncIteration):
+            await tokens.batch()
 
 
 @pytest.mark.parametrize(
@@ -756,30 +755,33 @@ async def test_read_timeouts_count_from_each_wait_not_from_the_first():
     pieces: list[bytes | float] = [data(tok(1, "x"))]
     for i in range(2, 22):  # 0.6 s of tokens 30 ms apart: longer than the timeout, never silent that long
         pieces += [gap, data(tok(i, "x"))]
-    async with mock(lambda r: sse(pieces, then="hang"), first_token_timeout=10.0, read_timeout=timeout) as (
-        client,
-        _,
+    settings = {"first_token_timeout": 10.0, "read_timeout": timeout}
+    async with (
+        mock(lambda r: sse(pieces, then="hang"), **settings) as (client, _),
+        client.generate_stream("Hi", {}) as tokens,
     ):
-        async with client.generate_stream("Hi", {}) as tokens:
-            received = len(await tokens.batch())  # the first read armed the timer 10 s ahead
-            while received < 21:
-                received += len(await tokens.batch())
-            started = time.monotonic()
-            with pytest.raises(TGITimeoutError, match="read timeout"):
-                await tokens.batch()
-            waited = time.monotonic() - started
+        received = len(await tokens.batch())  # the first read armed the timer 10 s ahead
+        while received < 21:
+            received += len(await tokens.batch())
+        started = time.monotonic()
+        with pytest.raises(TGITimeoutError, match="read timeout"):
+            await tokens.batch()
+        waited = time.monotonic() - started
     assert timeout - 0.01 <= waited < timeout + 0.2, waited
 
 
 async def test_a_deadline_does_not_swallow_a_cancellation_from_elsewhere():
-    async with mock(lambda r: sse([data(HELLO[0])], then="hang"), read_timeout=0.1) as (client, _):
-        async with client.generate_stream("Hi", {}) as tokens:
-            await tokens.batch()
-            task = asyncio.ensure_future(tokens.batch())
-            await asyncio.sleep(0.1)  # the deadline and the cancellation together
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+    reply = sse([data(HELLO[0])], then="hang")
+    async with (
+        mock(lambda r: reply, read_timeout=0.1) as (client, _),
+        client.generate_stream("Hi", {}) as tokens,
+    ):
+        await tokens.batch()
+        task = asyncio.ensure_future(tokens.batch())
+        await asyncio.sleep(0.1)  # the deadline and the cancellation together
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
 
 # ------------------------------------------------------------------------------------------ lifecycle
