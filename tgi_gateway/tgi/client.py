@@ -28,7 +28,7 @@ and whether the request may be sent again). Every failure leaves this module as 
 
 Timeouts are the gateway's own, not aiohttp's ``sock_read``: a deadline per wait (TGI's first event
 may take ``first_token_timeout``, each later one ``read_timeout``), kept by one timer per stream
-(:class:`_Deadline`) rather than one per read. Buffering is bounded by aiohttp's ``StreamReader`` flow
+(:class:`_Deadline`) rather than one per read; the head and whole-answer deadlines are ``asyncio.timeout``. Buffering is bounded by aiohttp's ``StreamReader`` flow
 control: the connection stops reading its socket while more than twice ``_READ_BUFSIZE`` bytes wait
 unread, and resumes below ``_READ_BUFSIZE``.
 """
@@ -164,37 +164,33 @@ def _translate(exc: BaseException, phases: tuple[Phase, ...], **context: Any) ->
 
 
 class _Deadline:
-    """A deadline for each wait of one reader, kept by one timer that is re-armed only when it fires
+    """A deadline for each wait on one response body, kept by one timer that is re-armed only when it fires
     before the current deadline (about once per timeout on a live stream), not one timer per read.
 
-    ``await deadline.wait(awaitable, timeout)`` raises :class:`TimeoutError` when ``awaitable`` takes
-    longer than ``timeout`` seconds: the timer cancels the waiting task, and the cancellation is turned into
-    a timeout only if it was the deadline's own (a cancellation from elsewhere passes through)."""
+    Around each wait: :meth:`start` (``timeout`` seconds from now), then :meth:`stop`. When the deadline passes
+    during a wait with no byte received since it started, the body's reader is failed with
+    :class:`TimeoutError`, which the wait raises."""
 
-    __slots__ = ("_at", "_expired", "_loop", "_task", "_timer", "_timer_at")
+    __slots__ = ("_at", "_content", "_loop", "_mark", "_timer", "_timer_at", "_waiting")
 
-    def __init__(self) -> None:
+    def __init__(self, content: aiohttp.StreamReader) -> None:
+        self._content = content
         self._loop = asyncio.get_running_loop()
         self._at = math.inf
-        self._task: asyncio.Task[Any] | None = None  # the task waiting now, if any
+        self._waiting = False
+        self._mark = 0  # the body's byte count when the wait started
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
-        self._expired = False
 
-    async def wait(self, awaitable: Any, timeout: float) -> Any:
+    def start(self, timeout: float) -> None:
         self._at = at = self._loop.time() + timeout
         if self._timer_at > at:
             self._arm(at)
-        task = self._task = asyncio.current_task()
-        try:
-            return await awaitable
-        except asyncio.CancelledError:
-            if self._expired and task is not None and task.uncancel() == 0:
-                raise TimeoutError from None
-            raise
-        finally:
-            self._task = None
-            self._expired = False
+        self._mark = self._content.total_bytes
+        self._waiting = True
+
+    def stop(self) -> None:
+        self._waiting = False
 
     def _arm(self, at: float) -> None:
         if self._timer is not None:
@@ -204,11 +200,11 @@ class _Deadline:
 
     def _fire(self) -> None:
         self._timer, self._timer_at = None, math.inf
-        if self._task is None:
-            return  # nobody waits: the next wait arms the timer again
+        content = self._content
+        if not self._waiting or content.total_bytes != self._mark or content.is_eof():
+            return  # nobody waits, or what they wait for has arrived: the next wait arms the timer again
         if self._loop.time() >= self._at:
-            self._expired = True
-            self._task.cancel()
+            content.set_exception(TimeoutError("no data in time"))
         else:
             self._arm(self._at)
 
@@ -246,7 +242,7 @@ class TokenStream:
     ) -> None:
         self._content = response.content
         self._decoder = StreamDecoder()
-        self._deadline = _Deadline()
+        self._deadline = _Deadline(self._content)
         self._timeout = first_token_timeout
         self._read_timeout = read_timeout
         self._items: collections.deque[Token | StreamEnd] = collections.deque()  # for __anext__
@@ -294,11 +290,15 @@ class TokenStream:
         return out
 
     async def _read(self) -> bytes:
+        deadline = self._deadline
+        deadline.start(self._timeout)
         try:
-            chunk = await self._deadline.wait(self._content.readany(), self._timeout)
+            chunk = await self._content.readany()
         except _FOREIGN as exc:
             self._done = True
             raise _translate(exc, ("body",), late=self._late(), cut=STREAM_CUT) from exc
+        finally:
+            deadline.stop()
         if not chunk:
             self._done = True
             raise self._decoder.end_of_body() or TGIProtocolError(STREAM_CUT)
@@ -312,12 +312,15 @@ class TokenStream:
     async def _read_to_end(self) -> None:
         """After the final event TGI ends the body at once; reading that end lets the connection serve
         another request instead of being closed. Anything unexpected: give up (it is then closed)."""
-        extra = 0
+        deadline = self._deadline
         with contextlib.suppress(*_FOREIGN):
-            while extra <= _MAX_CHUNKS_AFTER_END:
-                if not await self._deadline.wait(self._content.readany(), self._read_timeout):
-                    return
-                extra += 1
+            for _ in range(_MAX_CHUNKS_AFTER_END):
+                deadline.start(self._read_timeout)
+                try:
+                    if not await self._content.readany():
+                        return
+                finally:
+                    deadline.stop()
 
     def _leave(self) -> None:
         self._left = True
