@@ -113,7 +113,10 @@ _FAILURES: dict[Phase, tuple[_Failure, ...]] = {
             retry=True,
         ),
         _Failure(
-            aiohttp.ClientConnectorError, TGIUnavailableError, "TGI is not reachable at {url}: {reason}", True
+            aiohttp.ClientConnectorError,
+            TGIUnavailableError,
+            "TGI is not reachable at {url}: {reason}",
+            retry=True,
         ),
     ),
     # the request sent, waiting for the status line and headers

@@ -37,8 +37,13 @@ header; the details carry no ``input_length``)::
     → Generation(tokens=[Token("Hi", False, 9906), Token("<|eot_id|>", True, 128009)],
                  finish_reason="eos_token", generated_tokens=2, input_length=5)
 
-TGI's own errors — ``{"error", "error_type"}`` bodies and stream events, and bare HTTP statuses — become
-the gateway's :class:`~tgi_gateway.errors.UpstreamError` tree in one function, :func:`map_tgi_error`.
+:class:`StreamDecoder` turns a ``/generate_stream`` body, in whatever pieces it arrives, into those items
+(:class:`SSEDecoder` below it); :func:`parse_generation` and :func:`parse_info` read the two JSON answers.
+
+TGI's own errors — ``{"error", "error_type"}`` bodies and stream events (decoded in one place,
+``_error_of``), and bare HTTP statuses — become the gateway's :class:`~tgi_gateway.errors.UpstreamError`
+tree in one function, :func:`map_tgi_error`, from two tables: by ``error_type`` (``_BY_TYPE``), else by
+status (``_BY_STATUS``); each message is written once.
 """
 
 from __future__ import annotations
