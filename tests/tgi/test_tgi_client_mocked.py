@@ -369,7 +369,7 @@ async def test_the_stream_request_sent_and_its_items():
     assert request.headers["accept"] == "text/event-stream"
     assert request.headers["user-agent"].startswith("tgi-gateway/")
     assert "authorization" not in request.headers
-    assert "accept-encoding" not in request.headers  # no compression asked for: none to decode
+    assert request.headers["accept-encoding"] == "identity"  # no compression asked for: none to decode
     assert "cookie" not in request.headers
     assert request.json() == {"inputs": "Hello <|eot_id|>", "parameters": params}
 
@@ -408,6 +408,22 @@ async def test_a_base_path_in_the_url_is_kept():
         assert await client.generate("Hi", {"details": True}) == GENERATION
     assert [r.path for r in tgi.requests] == ["/base/generate_stream", "/base/generate"]
     assert tgi.requests[0].headers["host"] == "tgi.test"
+
+
+@pytest.mark.parametrize(
+    "base,host",
+    [("http://[::1]:8080", "[::1]:8080"), ("https://tgi.example", "tgi.example"), ("http://h:80/", "h")],
+)
+async def test_the_host_header(base, host):
+    async with mock(generation_of, base=base) as (client, tgi):
+        await client.generate("Hi", {"details": True})
+    assert tgi.requests[0].headers["host"] == host
+
+
+@pytest.mark.parametrize("base", ["ftp://tgi.test", "tgi.test:8080", "http://"])
+async def test_a_url_that_is_not_http_is_refused_at_once(base):
+    with pytest.raises(ValueError, match="not an http"):
+        TGIClient(base, **SETTINGS)
 
 
 @pytest.mark.parametrize("route", ["generate_stream", "generate"])

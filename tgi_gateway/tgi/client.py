@@ -170,17 +170,17 @@ class _Deadline:
     """A deadline for each wait on one response body, kept by one timer that is re-armed only when it fires
     before the current deadline (about once per timeout on a live stream), not one timer per read.
 
-    Around each wait: :meth:`start` (``timeout`` seconds from now), then :meth:`stop`. When the deadline passes
+    Around each wait: :meth:`start` (``timeout`` seconds from now), then ``waiting = False``. When the deadline passes
     during a wait with no byte received since it started, the body's reader is failed with
     :class:`TimeoutError`, which the wait raises."""
 
-    __slots__ = ("_at", "_content", "_loop", "_mark", "_timer", "_timer_at", "_waiting")
+    __slots__ = ("_at", "_content", "_loop", "_mark", "_timer", "_timer_at", "waiting")
 
     def __init__(self, content: aiohttp.StreamReader) -> None:
         self._content = content
         self._loop = asyncio.get_running_loop()
         self._at = math.inf
-        self._waiting = False
+        self.waiting = False
         self._mark = 0  # the body's byte count when the wait started
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
@@ -190,10 +190,7 @@ class _Deadline:
         if self._timer_at > at:
             self._arm(at)
         self._mark = self._content.total_bytes
-        self._waiting = True
-
-    def stop(self) -> None:
-        self._waiting = False
+        self.waiting = True
 
     def _arm(self, at: float) -> None:
         if self._timer is not None:
@@ -204,7 +201,7 @@ class _Deadline:
     def _fire(self) -> None:
         self._timer, self._timer_at = None, math.inf
         content = self._content
-        if not self._waiting or content.total_bytes != self._mark or content.is_eof():
+        if not self.waiting or content.total_bytes != self._mark or content.is_eof():
             return  # nobody waits, or what they wait for has arrived: the next wait arms the timer again
         if self._loop.time() >= self._at:
             content.set_exception(TimeoutError("no data in time"))
@@ -280,32 +277,28 @@ class TokenStream:
             if self._decoder.ended:
                 await self._read_to_end()
             raise StopAsyncIteration
-        decoder = self._decoder
-        while True:
+        decoder, content, deadline = self._decoder, self._content, self._deadline
+        while True:  # one coroutine per read: this is the gateway's hot loop
             if decoder.error is not None:
                 self._done = True
                 raise decoder.error
-            out = decoder.feed(await self._read())
+            deadline.start(self._timeout)
+            try:
+                chunk = await content.readany()
+            except _FOREIGN as exc:
+                self._done = True
+                raise _translate(exc, ("body",), late=self._late(), cut=STREAM_CUT) from exc
+            finally:
+                deadline.waiting = False
+            if not chunk:
+                self._done = True
+                raise decoder.end_of_body() or TGIProtocolError(STREAM_CUT)
+            out = decoder.feed(chunk)
             if out:
                 break
         self._done = decoder.ended
         self._timeout = self._read_timeout
         return out
-
-    async def _read(self) -> bytes:
-        deadline = self._deadline
-        deadline.start(self._timeout)
-        try:
-            chunk = await self._content.readany()
-        except _FOREIGN as exc:
-            self._done = True
-            raise _translate(exc, ("body",), late=self._late(), cut=STREAM_CUT) from exc
-        finally:
-            deadline.stop()
-        if not chunk:
-            self._done = True
-            raise self._decoder.end_of_body() or TGIProtocolError(STREAM_CUT)
-        return chunk
 
     def _late(self) -> str:
         if self._decoder.tokens:
@@ -323,7 +316,7 @@ class TokenStream:
                     if not await self._content.readany():
                         return
                 finally:
-                    deadline.stop()
+                    deadline.waiting = False
 
     def _leave(self) -> None:
         self._left = True
@@ -368,6 +361,9 @@ class TGIClient:
         connector: aiohttp.BaseConnector | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        url = URL(self.base_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
         self._attempts = max(1, connect_retries)
         self._connect_timeout = connect_timeout
         self._first_token_timeout = first_token_timeout
@@ -377,7 +373,9 @@ class TGIClient:
             route: URL(self.base_url + route)
             for route in ("/generate_stream", "/generate", "/info", "/health")
         }
-        headers = {"User-Agent": f"tgi-gateway/{__version__}"}
+        # Accept-Encoding named, rather than left out with skip_auto_headers (which costs aiohttp a header
+        # copy per request): no compression asked for, none to decode.
+        headers = {"User-Agent": f"tgi-gateway/{__version__}", "Accept-Encoding": "identity"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self._stream_headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
@@ -387,7 +385,6 @@ class TGIClient:
             connector=connector or aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_EXPIRY),
             timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout),
             headers=headers,
-            skip_auto_headers=("Accept-Encoding",),
             auto_decompress=False,
             trust_env=False,
             cookie_jar=aiohttp.DummyCookieJar(),
