@@ -71,11 +71,17 @@ async def serve(tokens: int, delay: float) -> None:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 length = next(
-                    (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")),
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    ),
                     0,
                 )
                 await reader.readexactly(length)
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                )
                 for _ in range(tokens):
                     await asyncio.sleep(delay)
                     writer.write(chunk(EVENT))
@@ -134,7 +140,9 @@ async def read_aiohttp(url: str, streams: int, requests: int) -> int:
     count = 0
     body = orjson.dumps({"inputs": "x" * 1500, "parameters": {"details": True}})
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(sock_read=60)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(sock_read=60)
+    ) as session:
 
         async def one() -> None:
             nonlocal count
@@ -182,7 +190,9 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--delay-ms", type=float, default=20.0)
     p.add_argument("--clients", nargs="+", choices=sorted(CLIENTS), default=["gateway", "httpx", "aiohttp"])
-    p.add_argument("--baseline", metavar="DIR", help="the checkout whose gateway client is the `baseline` client")
+    p.add_argument(
+        "--baseline", metavar="DIR", help="the checkout whose gateway client is the `baseline` client"
+    )
     p.add_argument("--rounds", type=int, default=1, help="runs of each client, in alternation")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--run", choices=sorted(CLIENTS), help=argparse.SUPPRESS)
