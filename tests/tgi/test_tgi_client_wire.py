@@ -511,6 +511,7 @@ async def test_a_slow_reader_stops_the_socket_and_loses_nothing():
         await writer.drain()
 
     async with RawServer(big) as url, client_to(url) as client, client.generate_stream("Hi", {}) as events:
+        assert isinstance(events._content._protocol, tgi_client._ResponseHandler)  # resumes only when paused
         await asyncio.sleep(0.5)
         assert written[0] < count * len(comment) // 2, "the server is held back"
         buffered = events._content.total_bytes  # what the client took from its socket

@@ -45,6 +45,7 @@ from functools import partial
 from typing import Any, Literal, Self
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 from yarl import URL
 
@@ -164,6 +165,29 @@ def _translate(exc: BaseException, phases: tuple[Phase, ...], **context: Any) ->
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
+
+
+class _ResponseHandler(ResponseHandler):
+    """aiohttp's connection protocol, except that a read resumes the socket only if it was paused.
+
+    aiohttp's ``StreamReader`` calls ``resume_reading()`` after every chunk it hands out while its buffer is
+    below the low-water mark -- that is, after every token event -- and aiohttp resumes by feeding its parser
+    an empty piece and resuming the transport, paused or not. Only a paused protocol has anything to resume
+    (``pause_reading`` is what pauses the parser and the transport), so the others return at once.
+    Flow control is unchanged: above the high-water mark the protocol pauses, and the read that brings the
+    buffer below the low-water mark resumes it."""
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """The keep-alive ``TCPConnector`` whose connections use :class:`_ResponseHandler`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._factory = partial(_ResponseHandler, loop=self._loop)
 
 
 class _Deadline:
@@ -382,7 +406,7 @@ class TGIClient:
         self._generate_headers = {"Content-Type": "application/json", "Accept": "application/json"}
         self._loop = asyncio.get_running_loop()
         self._session = aiohttp.ClientSession(
-            connector=connector or aiohttp.TCPConnector(limit=0, keepalive_timeout=_KEEPALIVE_EXPIRY),
+            connector=connector or _Connector(limit=0, keepalive_timeout=_KEEPALIVE_EXPIRY),
             timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout),
             headers=headers,
             auto_decompress=False,
