@@ -22,7 +22,9 @@ speed drifts affects them alike; the table gives each run, then each client's mi
 Run from the repository root::
 
     .venv/bin/python benchmarks/bench_upstream.py --streams 128 --requests 3 --tokens 64 --delay-ms 20
-    .venv/bin/python benchmarks/bench_upstream.py --clients gateway baseline aiohttp --baseline ../before --rounds 5
+    git worktree add ../before <commit>     # the baseline checkout
+    .venv/bin/python benchmarks/bench_upstream.py --clients gateway baseline aiohttp --baseline ../before \\
+        --rounds 5
 
 Results: docs/performance.md.
 """

@@ -28,9 +28,13 @@ and whether the request may be sent again). Every failure leaves this module as 
 
 Timeouts are the gateway's own, not aiohttp's ``sock_read``: a deadline per wait (TGI's first event
 may take ``first_token_timeout``, each later one ``read_timeout``), kept by one timer per stream
-(:class:`_Deadline`) rather than one per read; the head and whole-answer deadlines are ``asyncio.timeout``. Buffering is bounded by aiohttp's ``StreamReader`` flow
+(:class:`_Deadline`) rather than one per read; the deadlines of a response head and of a whole
+``/generate`` answer are ``asyncio.timeout``. Buffering is bounded by aiohttp's ``StreamReader`` flow
 control: the connection stops reading its socket while more than twice ``_READ_BUFSIZE`` bytes wait
 unread, and resumes below ``_READ_BUFSIZE``.
+
+The I/O is aiohttp's, except one detail of its connection protocol (:class:`_ResponseHandler`: a read
+resumes the socket only when it was paused).
 """
 
 from __future__ import annotations
@@ -194,8 +198,8 @@ class _Deadline:
     """A deadline for each wait on one response body, kept by one timer that is re-armed only when it fires
     before the current deadline (about once per timeout on a live stream), not one timer per read.
 
-    Around each wait: :meth:`start` (``timeout`` seconds from now), then ``waiting = False``. When the deadline passes
-    during a wait with no byte received since it started, the body's reader is failed with
+    Around each wait: :meth:`start` (``timeout`` seconds from now), then ``waiting = False``. When the
+    deadline passes during a wait with no byte received since it started, the body's reader is failed with
     :class:`TimeoutError`, which the wait raises."""
 
     __slots__ = ("_at", "_content", "_loop", "_mark", "_timer", "_timer_at", "waiting")
@@ -364,8 +368,8 @@ class TGIClient:
     arrives before the end there, so the other two cannot apply). ``api_key`` is sent as
     ``Authorization: Bearer`` on every route, for a TGI started with ``--api-key``.
 
-    The connections: one aiohttp ``ClientSession`` over a keep-alive ``TCPConnector`` without a limit
-    (TGI's own ``max_concurrent_requests`` answers 429), idle connections closed after 30 s; no proxies
+    The connections: one aiohttp ``ClientSession`` over a keep-alive ``TCPConnector`` (:class:`_Connector`)
+    without a limit (TGI's own ``max_concurrent_requests`` answers 429), idle connections closed after 30 s; no proxies
     from the environment, no cookies, no redirects, no compression asked for or decoded. ``connector``
     replaces the ``TCPConnector`` (the tests' in-process TGI); the session owns and closes it. aiohttp
     itself sends a ``GET`` (``/health``, ``/info``) once more when its connection closes before any
@@ -571,7 +575,8 @@ class TGIClient:
 
     @staticmethod
     async def _error(response: aiohttp.ClientResponse, deadline: float) -> UpstreamError:
-        """A non-200 answer → its mapped error, from the short error body read by ``deadline`` (loop time)."""
+        """A non-200 answer → its mapped error, from the short error body read by ``deadline``
+        (loop time)."""
         try:
             async with asyncio.timeout_at(deadline):
                 content = await _read_at_most(response.content, _MAX_ERROR_BODY)

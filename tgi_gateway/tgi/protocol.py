@@ -233,7 +233,8 @@ def _unreadable(text: str, status: int | None) -> UpstreamError:
 
 def _credentials(text: str, status: int | None) -> UpstreamError:
     return TGIRejectedError(
-        f"TGI refused the gateway's credentials (HTTP {status}): check the API key configured for TGI{_detail(text)}"
+        f"TGI refused the gateway's credentials (HTTP {status}): "
+        f"check the API key configured for TGI{_detail(text)}"
     )
 
 
