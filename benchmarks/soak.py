@@ -45,7 +45,6 @@ import orjson
 from _common import MODEL, DoubleProcess, Exchange, GatewayProcess, RawClient, tag, tagged_double
 from bench_gateway import TOOL, answer_pieces
 
-from tgi_gateway.tgi.client import CONTROL_LIMITS
 
 RSS_GROWTH_LIMIT = 0.05
 REQUEST_TIMEOUT = 15.0
@@ -345,8 +344,9 @@ async def run(args: argparse.Namespace, double: DoubleProcess, gateway: GatewayP
     fds0 = median_of(s, base_lo, base_lo + window, lambda x: x.fds)
     fds1 = median_of(s, seconds - window, seconds, lambda x: x.fds)
     growth = (rss1 - rss0) / rss0
-    # idle sockets the gateway may keep: one per stream in flight at most (the streams' pool), plus httpx's
-    keep = args.concurrency + (CONTROL_LIMITS.max_keepalive_connections or 0)
+    # idle sockets the gateway may keep in its one pool: one per request in flight at most, plus one each for
+    # /health and /info, which may overlap with them
+    keep = args.concurrency + 2
     total = sum(soak.done.values())
     print(f"\n{total:,} requests in {seconds:g} s ({total / seconds:.1f}/s) at concurrency {args.concurrency}, "
           f"{args.tokens} tokens {args.token_delay_ms:g} ms apart; {len(s)} samples")  # fmt: skip

@@ -38,7 +38,7 @@ ATTEMPTS = 3  # --connect-retries (attempts in all)
 READ_TIMEOUT = 2.0  # --read-timeout: a TGI silent this long is hung (a real one sends keep-alives every 15 s)
 REQUEST_TIMEOUT = 1.5  # --request-timeout: a non-stream answer (TGI's /generate) taking longer is given up
 # The gateway's longest wait between two connection attempts: 50, 100, then at most 200 ms, plus up to
-# 20 ms of jitter (tgi_client._BACKOFF).
+# 20 ms of jitter (tgi_gateway/tgi/client.py, _BACKOFF).
 MAX_BACKOFF = 0.22
 SLACK = 0.5  # scheduling on a loaded CI machine
 # A refused connection fails at once: only the backoff between attempts remains.

@@ -47,11 +47,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.client import HTTPException
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.error import HTTPError
 from urllib.parse import urlsplit
-
-import httpx
+from urllib.request import ProxyHandler, build_opener
 
 __all__ = [
     "ContainerManager",
@@ -170,10 +171,18 @@ def is_local_endpoint(endpoint: str) -> bool:
     return host in ("localhost", "127.0.0.1", "::1", "0.0.0.0") or host.startswith("127.")
 
 
+_NO_PROXY = build_opener(ProxyHandler({}))  # proxies from the environment are not used
+
+
 def tgi_healthy(endpoint: str, timeout: float = 2.0) -> bool:
+    """``GET <endpoint>/health`` answers 200 within ``timeout`` seconds."""
     try:
-        return httpx.get(endpoint.rstrip("/") + "/health", timeout=timeout, trust_env=False).status_code == 200
-    except httpx.HTTPError:
+        with _NO_PROXY.open(endpoint.rstrip("/") + "/health", timeout=timeout) as response:
+            return response.status == 200
+    except HTTPError as error:  # a 4xx/5xx answer
+        error.close()
+        return False
+    except (OSError, ValueError, HTTPException):  # unreachable, timed out, not an http URL, not HTTP
         return False
 
 

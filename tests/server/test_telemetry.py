@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import httpx
 import openai
 import pytest
@@ -404,10 +405,10 @@ def test_error_kind_of_timeouts() -> None:
         exc.__cause__ = cause
         return exc
 
-    assert error_kind(caused(TGIProtocolError("x"), httpx.ReadTimeout("r"))) == "timeout"
-    assert error_kind(caused(TGIUnavailableError("x"), httpx.ConnectTimeout("c"))) == "timeout"
-    assert error_kind(caused(TGIOverloadedError("x"), httpx.PoolTimeout("p"))) == "overloaded"
-    assert error_kind(caused(TGIUnavailableError("x"), httpx.ConnectError("c"))) == "unavailable"
+    assert error_kind(caused(TGIProtocolError("x"), TimeoutError("r"))) == "timeout"
+    assert error_kind(caused(TGIUnavailableError("x"), aiohttp.ConnectionTimeoutError("c"))) == "timeout"
+    assert error_kind(caused(TGIOverloadedError("x"), TimeoutError("p"))) == "overloaded"
+    assert error_kind(caused(TGIUnavailableError("x"), aiohttp.ServerDisconnectedError())) == "unavailable"
 
 
 def test_forget_dead_workers_drops_only_their_live_gauges(tmp_path: Path) -> None:

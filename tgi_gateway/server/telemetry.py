@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import orjson
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -101,10 +100,11 @@ def record_of(scope: Scope) -> RequestRecord | None:
 def error_kind(exc: BaseException) -> str | None:
     """The metric label of an upstream error: its class name in snake case without ``TGI``/``Error``
     (``TGIOverloadedError`` → ``overloaded``, ``TGITimeoutError`` → ``timeout``), also ``timeout`` for an
-    httpx timeout on the control routes (``/info``). None for an error that is not TGI's."""
+    error caused by a timeout (``TimeoutError``, which aiohttp's timeouts are: a connection not opened in
+    time is a ``TGIUnavailableError``). None for an error that is not TGI's."""
     if not isinstance(exc, UpstreamError):
         return None
-    if isinstance(exc.__cause__, httpx.TimeoutException) and not isinstance(exc, TGIOverloadedError):
+    if isinstance(exc.__cause__, TimeoutError) and not isinstance(exc, TGIOverloadedError):
         return "timeout"
     name = type(exc).__name__.removeprefix("TGI").removesuffix("Error")
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()

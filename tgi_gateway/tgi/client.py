@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-:class:`TGIClient` lives as long as the app. It speaks four routes of TGI's router; what goes over the
-wire — the values, the event stream, the bodies, TGI's errors — is :mod:`tgi_gateway.tgi.protocol`.
+:class:`TGIClient` lives as long as the app. It speaks four routes of TGI's router through one aiohttp
+``ClientSession`` (one pool of keep-alive connections); what goes over the wire -- the values, the event
+stream, the bodies, TGI's errors -- is :mod:`tgi_gateway.tgi.protocol`.
 
 * ``POST /generate_stream`` (stream requests) -- :meth:`TGIClient.generate_stream` is an async
   context manager. Entering it sends ``{"inputs", "parameters"}`` and waits for the response *head*
@@ -20,127 +21,238 @@ wire — the values, the event stream, the bodies, TGI's errors — is :mod:`tgi
 * ``GET /health`` -- :meth:`TGIClient.health`, a quick yes/no.
 * ``GET /info`` -- :meth:`TGIClient.info`, the limits the router enforces, as :class:`TGIInfo`.
 
-A stream that ends before its final event is a :class:`TGIProtocolError`; an error event raises the
-error :func:`map_tgi_error` makes of it (the caller knows whether tokens were already sent). Every
-failure leaves this module as an :class:`~tgi_gateway.errors.UpstreamError`.
+Every exception aiohttp, asyncio or the OS raises is translated in one place, :func:`_translate`, from one
+table (``_FAILURES``: by phase of the exchange -- connect, head, body -- the gateway error, its message,
+and whether the request may be sent again). Every failure leaves this module as an
+:class:`~tgi_gateway.errors.UpstreamError`.
+
+Timeouts are the gateway's own, not aiohttp's ``sock_read``: a deadline per wait (TGI's first event
+may take ``first_token_timeout``, each later one ``read_timeout``), kept by one timer per stream
+(:class:`_Deadline`) rather than one per read; the deadlines of a response head and of a whole
+``/generate`` answer are ``asyncio.timeout``. Buffering is bounded by aiohttp's ``StreamReader`` flow
+control: the connection stops reading its socket while more than twice ``_READ_BUFSIZE`` bytes wait
+unread, and resumes below ``_READ_BUFSIZE``.
+
+The I/O is aiohttp's, except one detail of its connection protocol (:class:`_ResponseHandler`: a read
+resumes the socket only when it was paused).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
-import json
-import time
-from collections.abc import AsyncIterator, Iterator, Mapping
-from typing import Any
+import math
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal, Self
 
-import httpx
-import orjson
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
+import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
+from yarl import URL
 
 from .. import __version__
-from ..errors import (
-    TGIProtocolError,
-    TGITimeoutError,
-    TGIUnavailableError,
-    UpstreamError,
-)
-from . import http1
+from ..errors import TGIProtocolError, TGITimeoutError, TGIUnavailableError, UpstreamError
+from . import protocol
 from .protocol import (
-    MAX_GENERATE_BODY,
-    NO_RETRY,
-    NOT_A_TOKEN,
+    STREAM_CUT,
     Generation,
-    SSEDecoder,
+    StreamDecoder,
     StreamEnd,
     TGIInfo,
     Token,
     error_from_body,
-    map_tgi_error,
+    expect_content_type,
     parse_generation,
-    parse_token,
+    parse_info,
     request_body,
-    token_count,
 )
 
-__all__ = [
-    "HEALTH_TIMEOUT",
-    "Generation",
-    "SSEDecoder",
-    "StreamEnd",
-    "TGIClient",
-    "TGIInfo",
-    "Token",
-    "TokenStream",
-    "map_tgi_error",
-]
+__all__ = ["HEALTH_TIMEOUT", "Generation", "StreamEnd", "TGIClient", "TGIInfo", "Token", "TokenStream"]
 
-#: Connect quickly or report TGI unreachable.
-
-DEFAULT_CONNECT_TIMEOUT = 2.0
-#: The first event may wait for a place in TGI's batch (TGI queues what it cannot batch yet, and
-#: sends keep-alive comments meanwhile — they do not count as the first token).
-DEFAULT_FIRST_TOKEN_TIMEOUT = 120.0
-#: Between two events: TGI sends a keep-alive comment after 15 s without a token, so 60 s is only
-#: reached by a TGI that hangs.
-DEFAULT_READ_TIMEOUT = 60.0
-#: A non-stream generation in all, queueing included (``/generate`` answers only once it is complete):
-#: the OpenAI SDK's own default total timeout.
-DEFAULT_REQUEST_TIMEOUT = 600.0
-#: httpx's pool serves only the control routes (/health, /info): a few connections are plenty.
-CONTROL_LIMITS = httpx.Limits(max_connections=16, max_keepalive_connections=4, keepalive_expiry=30.0)
 #: /health is a readiness probe: a slow answer counts as "not healthy".
 HEALTH_TIMEOUT = 2.0
-
-# Failures that happen before any response byte: the request cannot have started a generation that
-# goes on (a reset connection is a disconnect for TGI), so sending it again is safe. Timeouts while
-# waiting for the response, and everything after it, are not retried.
-_RETRIED = (
-    httpx.ConnectError,
-    httpx.ConnectTimeout,
-    httpx.RemoteProtocolError,
-    httpx.ReadError,
-    httpx.WriteError,
-)
+# An idle keep-alive connection is closed after this long (below the idle timeouts of the usual proxies,
+# so that the gateway, not the proxy, closes it).
+_KEEPALIVE_EXPIRY = 30.0
+# aiohttp's StreamReader stops reading the socket above twice this many unread bytes (then resumes below it).
+_READ_BUFSIZE = 128 * 1024
 # Backoff between attempts: 50 ms, 100 ms, then 200 ms at most, plus up to 20 ms of jitter so that
 # many streams failing together do not retry in step. Three attempts wait about 0.15-0.19 s in all.
 _BACKOFF = wait_exponential(multiplier=0.05, max=0.2) + wait_random(0, 0.02)
 # An error body is short (TGI's JSON, axum's one-line text, a proxy's small page); read no more.
 _MAX_ERROR_BODY = 8192
+# /info is about a kilobyte.
+_MAX_INFO_BODY = 1 << 20
 # Body pieces read after the final event while reading to the end of the body (which lets the
 # connection go back to the pool); past this many something is wrong and the connection is dropped.
 _MAX_CHUNKS_AFTER_END = 16
-_TOO_LARGE = f"TGI's /generate answer is over {MAX_GENERATE_BODY >> 20} MiB"
 
 
 # --------------------------------------------------------------------------------------------
-# httpx exceptions → the gateway's tree (the one translation)
+# aiohttp / asyncio / OS exceptions → the gateway's tree (the one translation)
+# --------------------------------------------------------------------------------------------
+
+Phase = Literal["connect", "head", "body"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    raised: type[BaseException] | tuple[type[BaseException], ...]
+    error: type[UpstreamError]
+    message: str  # formatted with `reason` (the exception's text) and the caller's context
+    retry: bool = False  # no response byte yet: TGI cannot have started the request, so it may be sent again
+
+
+# The first row of the phase whose class matches wins. Context: `url`, `connect_timeout`, `late` (what
+# a timeout means for this request), `cut` (what a broken body means for it).
+_FAILURES: dict[Phase, tuple[_Failure, ...]] = {
+    # opening a connection (refused, unresolvable, TLS, no answer to the SYN)
+    "connect": (
+        _Failure(
+            aiohttp.ConnectionTimeoutError,
+            TGIUnavailableError,
+            "TGI is not reachable at {url}: connection timed out after {connect_timeout:g} s",
+            retry=True,
+        ),
+        _Failure(
+            aiohttp.ClientConnectorError,
+            TGIUnavailableError,
+            "TGI is not reachable at {url}: {reason}",
+            retry=True,
+        ),
+    ),
+    # the request sent, waiting for the status line and headers
+    "head": (
+        _Failure(TimeoutError, TGITimeoutError, "{late}"),
+        _Failure(
+            (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, OSError),
+            TGIUnavailableError,
+            "TGI is not reachable at {url}: connection closed before any response ({reason})",
+            retry=True,
+        ),
+        _Failure(aiohttp.ClientError, TGIProtocolError, "TGI sent no valid response head ({reason})"),
+    ),
+    # reading the body
+    "body": (
+        _Failure(TimeoutError, TGITimeoutError, "{late}"),
+        _Failure((aiohttp.ClientError, OSError), TGIProtocolError, "{cut} ({reason})"),
+    ),
+}
+_OPENING: tuple[Phase, ...] = ("connect", "head")
+#: What the I/O below raises; anything else (a bug, a cancellation) passes untranslated.
+_FOREIGN = (TimeoutError, aiohttp.ClientError, OSError)
+
+
+def _failure(exc: BaseException, phases: tuple[Phase, ...]) -> _Failure | None:
+    for phase in phases:
+        for row in _FAILURES[phase]:
+            if isinstance(exc, row.raised):
+                return row
+    return None
+
+
+def _retriable(exc: BaseException) -> bool:
+    row = _failure(exc, _OPENING)
+    return row is not None and row.retry
+
+
+def _translate(exc: BaseException, phases: tuple[Phase, ...], **context: Any) -> UpstreamError:
+    """The gateway error for ``exc``, one of :data:`_FOREIGN`, raised in one of ``phases``."""
+    row = _failure(exc, phases)
+    assert row is not None, f"no translation for {exc!r} in {phases}"  # every phase's last row takes OSError
+    return row.error(row.message.format(reason=str(exc) or type(exc).__name__, **context))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _translated(url: str) -> Iterator[None]:
-    """Translate httpx's exceptions on the control routes (``/info``) into the gateway's tree."""
-    try:
-        yield
-    except httpx.HTTPError as exc:
-        reason = str(exc) or type(exc).__name__
-        if isinstance(exc, httpx.ConnectTimeout):
-            reason = "connection timed out"
-        elif isinstance(exc, httpx.TimeoutException):
-            reason = f"no response in time ({reason})"
-        elif isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
-            reason = f"connection closed before any response ({reason})"
-        raise TGIUnavailableError(f"TGI is not reachable at {url}: {reason}") from exc
+class _ResponseHandler(ResponseHandler):
+    """aiohttp's connection protocol, except that a read resumes the socket only if it was paused.
+
+    aiohttp's ``StreamReader`` calls ``resume_reading()`` after every chunk it hands out while its buffer is
+    below the low-water mark -- that is, after every token event -- and aiohttp resumes by feeding its parser
+    an empty piece and resuming the transport, paused or not. Only a paused protocol has anything to resume
+    (``pause_reading`` is what pauses the parser and the transport), so the others return at once.
+    Flow control is unchanged: above the high-water mark the protocol pauses, and the read that brings the
+    buffer below the low-water mark resumes it."""
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
 
 
-def _expect_content_type(response: http1.Response, route: str, media_type: str) -> None:
-    """A 200 answer of another type is not TGI's (a proxy's page, a wrong URL): not worth retrying."""
-    content_type = response.headers.get("content-type", "")
-    if content_type.partition(";")[0].strip().lower() != media_type:
-        raise TGIProtocolError(
-            f"TGI answered {route} with Content-Type {content_type!r}, not {media_type}", headers=NO_RETRY
-        )
+class _Connector(aiohttp.TCPConnector):
+    """The keep-alive ``TCPConnector`` whose connections use :class:`_ResponseHandler`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._factory = partial(_ResponseHandler, loop=self._loop)
+
+
+class _Deadline:
+    """A deadline for each wait on one response body, kept by one timer that is re-armed only when it fires
+    before the current deadline (about once per timeout on a live stream), not one timer per read.
+
+    Around each wait: :meth:`start` (``timeout`` seconds from now), then ``waiting = False``. When the
+    deadline passes during a wait with no byte received since it started, the body's reader is failed with
+    :class:`TimeoutError`, which the wait raises."""
+
+    __slots__ = ("_at", "_content", "_loop", "_mark", "_timer", "_timer_at", "waiting")
+
+    def __init__(self, content: aiohttp.StreamReader) -> None:
+        self._content = content
+        self._loop = asyncio.get_running_loop()
+        self._at = math.inf
+        self.waiting = False
+        self._mark = 0  # the body's byte count when the wait started
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+
+    def start(self, timeout: float) -> None:
+        self._at = at = self._loop.time() + timeout
+        if self._timer_at > at:
+            self._arm(at)
+        self._mark = self._content.total_bytes
+        self.waiting = True
+
+    def _arm(self, at: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        content = self._content
+        if not self.waiting or content.total_bytes != self._mark or content.is_eof():
+            return  # nobody waits, or what they wait for has arrived: the next wait arms the timer again
+        if self._loop.time() >= self._at:
+            content.set_exception(TimeoutError("no data in time"))
+        else:
+            self._arm(self._at)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, math.inf
+
+
+async def _read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body up to its end or until more than ``limit`` bytes were read (then at most one read more)."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await content.readany()
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
 
 
 class TokenStream:
@@ -148,25 +260,22 @@ class TokenStream:
 
     Read it with ``async for`` (one item at a time) or :meth:`batch` (every item that has arrived,
     waiting only when none has: the gateway's hot loop turns one batch into one write). The first
-    item may take ``first_token_timeout`` seconds (TGI queues requests), later ones ``read_timeout``
-    each; a longer silence is a :class:`TGITimeoutError`. Errors are raised after the items that
-    arrived before them.
+    item may take ``first_token_timeout`` seconds (TGI queues requests; keep-alive comments do not count
+    as an item), later ones ``read_timeout`` each; a longer silence is a :class:`TGITimeoutError`. Errors
+    are raised after the items that arrived before them.
     """
 
     def __init__(
-        self, response: http1.Response, url: str, *, first_token_timeout: float, read_timeout: float
+        self, response: aiohttp.ClientResponse, *, first_token_timeout: float, read_timeout: float
     ) -> None:
-        self._response = response
-        self._url = url
-        self._decoder = SSEDecoder()
+        self._content = response.content
+        self._decoder = StreamDecoder()
+        self._deadline = _Deadline(self._content)
         self._timeout = first_token_timeout
         self._read_timeout = read_timeout
-        self._tokens = 0
         self._items: collections.deque[Token | StreamEnd] = collections.deque()  # for __anext__
-        self._end: StreamEnd | None = None  # set by the final event
-        self._ended = False  # the final event was seen
-        self._finished = False  # StreamEnd handed out, or the stream failed
-        self._error: UpstreamError | None = None  # raised at the next read, after the items before it
+        self._done = False  # StreamEnd handed out, or the stream failed
+        self._left = False  # the generate_stream() context was left
 
     def __aiter__(self) -> TokenStream:
         return self
@@ -174,7 +283,7 @@ class TokenStream:
     @property
     def ended(self) -> bool:
         """TGI's final event has arrived (the rest of the body is its end)."""
-        return self._ended
+        return self._decoder.ended
 
     async def __anext__(self) -> Token | StreamEnd:
         items = self._items
@@ -185,102 +294,61 @@ class TokenStream:
     async def batch(self) -> list[Token | StreamEnd]:
         """The items that have arrived (at least one), in order; :class:`StopAsyncIteration` after
         the StreamEnd was handed out (the rest of the body is read first, so that the connection
-        can serve another request)."""
-        if self._response.closed:
+        can serve another request) or after an error."""
+        if self._left:
             raise RuntimeError("TGI stream used after its generate_stream() context was left")
         if self._items:
             out = list(self._items)
             self._items.clear()
             return out
-        if self._finished:
-            await self._read_to_end()
+        if self._done:
+            if self._decoder.ended:
+                await self._read_to_end()
             raise StopAsyncIteration
-        out: list[Token | StreamEnd] = []
-        while not out:
-            if self._error is not None:
-                self._finished = True
-                raise self._error
-            for data in self._decoder.feed(await self._read()):
-                if self._ended:
-                    continue  # TGI sends nothing after the final event
-                try:
-                    item = self._parse(data)
-                except UpstreamError as exc:
-                    self._error = exc
-                    break
-                if item is not None:
-                    out.append(item)
-                    if self._end is not None:
-                        out.append(self._end)
-                        self._ended = True
-        if self._ended and out and isinstance(out[-1], StreamEnd):
-            self._finished = True
+        decoder, content, deadline = self._decoder, self._content, self._deadline
+        while True:  # one coroutine per read: this is the gateway's hot loop
+            if decoder.error is not None:
+                self._done = True
+                raise decoder.error
+            deadline.start(self._timeout)
+            try:
+                chunk = await content.readany()
+            except _FOREIGN as exc:
+                self._done = True
+                raise _translate(exc, ("body",), late=self._late(), cut=STREAM_CUT) from exc
+            finally:
+                deadline.waiting = False
+            if not chunk:
+                self._done = True
+                raise decoder.end_of_body() or TGIProtocolError(STREAM_CUT)
+            out = decoder.feed(chunk)
+            if out:
+                break
+        self._done = decoder.ended
         self._timeout = self._read_timeout
         return out
 
-    async def _read(self) -> bytes:
-        try:
-            chunk = await self._response.read(self._timeout)
-        except http1.ResponseTimeout:
-            self._finished = True
-            if self._tokens:
-                raise TGITimeoutError(
-                    f"TGI sent nothing for {self._timeout:g} s in the middle of the generation (read timeout)"
-                ) from None
-            raise TGITimeoutError(
-                f"TGI sent no token within {self._timeout:g} s (first-token timeout): it may be overloaded"
-            ) from None
-        except http1.ConnectionClosed as exc:
-            self._finished = True
-            raise TGIProtocolError(f"TGI closed the stream before the end of the generation ({exc})") from exc
-        if not chunk:
-            self._finished = True
-            raise TGIProtocolError("TGI closed the stream before the end of the generation")
-        return chunk
-
-    def _parse(self, data: bytes) -> Token | None:
-        if data.startswith(b"[DONE]"):  # a proxy's sentinel
-            return None
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise TGIProtocolError(f"TGI sent a stream event that is not JSON: {data[:200]!r}") from None
-        if not isinstance(obj, dict):
-            raise TGIProtocolError(f"TGI sent a stream event that is not an object: {data[:200]!r}")
-        raw = obj.get("token")
-        if raw is None and "error" in obj:
-            error, error_type = obj["error"], obj.get("error_type")
-            message = error.get("message", "") if isinstance(error, dict) else error
-            raise map_tgi_error(
-                error_type if isinstance(error_type, str) else None,
-                message if isinstance(message, str) else json.dumps(message),
-            )
-        try:
-            token = parse_token(raw)
-        except NOT_A_TOKEN:
-            raise TGIProtocolError(f"TGI sent a stream event without a valid token: {data[:200]!r}") from None
-        self._tokens += 1
-        generated_text, details = obj.get("generated_text"), obj.get("details")
-        if generated_text is not None or details is not None:
-            if isinstance(details, dict):
-                generated = details.get("generated_tokens")
-                self._end = StreamEnd(
-                    finish_reason=details.get("finish_reason"),
-                    generated_tokens=generated if isinstance(generated, int) else self._tokens,
-                    input_length=details.get("input_length"),
-                    generated_text=generated_text,
-                )
-            else:
-                self._end = StreamEnd(None, self._tokens, None, generated_text)
-        return token
+    def _late(self) -> str:
+        if self._decoder.tokens:
+            return f"TGI sent nothing for {self._timeout:g} s in the middle of the generation (read timeout)"
+        return f"TGI sent no token within {self._timeout:g} s (first-token timeout): it may be overloaded"
 
     async def _read_to_end(self) -> None:
         """After the final event TGI ends the body at once; reading that end lets the connection serve
         another request instead of being closed. Anything unexpected: give up (it is then closed)."""
-        extra = 0
-        with contextlib.suppress(http1.HTTPError):
-            while extra <= _MAX_CHUNKS_AFTER_END and await self._response.read(self._read_timeout):
-                extra += 1
+        deadline = self._deadline
+        with contextlib.suppress(*_FOREIGN):
+            for _ in range(_MAX_CHUNKS_AFTER_END):
+                deadline.start(self._read_timeout)
+                try:
+                    if not await self._content.readany():
+                        return
+                finally:
+                    deadline.waiting = False
+
+    def _leave(self) -> None:
+        self._left = True
+        self._deadline.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,58 +357,72 @@ class TokenStream:
 
 
 class TGIClient:
-    """One pooled async client to one TGI router. Create it once (app lifespan), share it, ``aclose`` it.
-
-    Two connection pools to the same router: the generations (``/generate_stream``, ``/generate``) go
-    through :mod:`tgi_gateway.http1` (lean: a read per token costs ~12 µs, not ~360 µs), ``/health`` and
-    ``/info`` through httpx.
+    """One pooled async client to one TGI router. Create it once, in a running event loop (the app's
+    lifespan), share it, ``aclose`` it.
 
     ``connect_retries`` is the number of *attempts* for a request whose connection fails before any
     response (at least one). Timeouts: ``connect_timeout`` to open a connection,
     ``first_token_timeout`` for TGI's first event (requests queue in TGI while the batch is full),
-    ``read_timeout`` between two events (TGI sends a keep-alive after 15 s of silence, so only a
-    hung TGI reaches 60 s), ``request_timeout`` for a whole ``/generate`` answer (no token arrives
-    before the end there, so the other two cannot apply). ``transport`` replaces httpx's network for
-    ``/health`` and ``/info`` (tests). ``api_key`` is sent as ``Authorization: Bearer`` for a TGI
-    started with ``--api-key``. Proxies from the environment are not used.
+    ``read_timeout`` between two events (TGI sends a keep-alive after 15 s of silence, so only a hung
+    TGI reaches it) and for ``/info``, ``request_timeout`` for a whole ``/generate`` answer (no token
+    arrives before the end there, so the other two cannot apply). ``api_key`` is sent as
+    ``Authorization: Bearer`` on every route, for a TGI started with ``--api-key``.
+
+    The connections: one aiohttp ``ClientSession`` over a keep-alive ``TCPConnector`` (:class:`_Connector`)
+    without a limit (TGI's own ``max_concurrent_requests`` answers 429), idle connections closed after 30 s; no proxies
+    from the environment, no cookies, no redirects, no compression asked for or decoded. ``connector``
+    replaces the ``TCPConnector`` (the tests' in-process TGI); the session owns and closes it. aiohttp
+    itself sends a ``GET`` (``/health``, ``/info``) once more when its connection closes before any
+    response (RFC 9112 §9.3.1); a ``POST`` is only retried here.
     """
 
     def __init__(
         self,
         base_url: str,
         *,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-        first_token_timeout: float = DEFAULT_FIRST_TOKEN_TIMEOUT,
-        read_timeout: float = DEFAULT_READ_TIMEOUT,
-        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-        connect_retries: int = 3,
-        transport: httpx.AsyncBaseTransport | None = None,
+        connect_timeout: float,
+        first_token_timeout: float,
+        read_timeout: float,
+        request_timeout: float,
+        connect_retries: int,
         api_key: str | None = None,
+        connector: aiohttp.BaseConnector | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        url = URL(self.base_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"not an http(s) URL: {base_url!r}")
         self._attempts = max(1, connect_retries)
+        self._connect_timeout = connect_timeout
         self._first_token_timeout = first_token_timeout
         self._read_timeout = read_timeout
         self._request_timeout = request_timeout
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        posts = {**headers, "Content-Type": "application/json", "User-Agent": f"tgi-gateway/{__version__}"}
-        self._stream_headers = {**posts, "Accept": "text/event-stream"}
-        self._generate_headers = {**posts, "Accept": "application/json"}
-        self._pool = http1.Pool(self.base_url, connect_timeout=connect_timeout)
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            timeout=httpx.Timeout(connect=connect_timeout, read=read_timeout, write=10.0, pool=5.0),
-            limits=CONTROL_LIMITS,
-            transport=transport,
+        self._urls = {
+            route: URL(self.base_url + route)
+            for route in ("/generate_stream", "/generate", "/info", "/health")
+        }
+        # Accept-Encoding named, rather than left out with skip_auto_headers (which costs aiohttp a header
+        # copy per request): no compression asked for, none to decode.
+        headers = {"User-Agent": f"tgi-gateway/{__version__}", "Accept-Encoding": "identity"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._stream_headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        self._generate_headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        self._loop = asyncio.get_running_loop()
+        self._session = aiohttp.ClientSession(
+            connector=connector or _Connector(limit=0, keepalive_timeout=_KEEPALIVE_EXPIRY),
+            timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout),
             headers=headers,
+            auto_decompress=False,
             trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            read_bufsize=_READ_BUFSIZE,
         )
 
     async def aclose(self) -> None:
-        await self._pool.aclose()
-        await self._client.aclose()
+        await self._session.close()
 
-    async def __aenter__(self) -> TGIClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -351,36 +433,33 @@ class TGIClient:
     async def health(self, *, timeout: float = HEALTH_TIMEOUT) -> bool:
         """``GET /health``: True on 200; False on anything else, including no answer within ``timeout``."""
         try:
-            response = await self._client.get("/health", timeout=timeout)
-        except httpx.HTTPError:
+            async with asyncio.timeout(timeout):
+                request = self._session.get(self._urls["/health"], allow_redirects=False)
+                async with request as response:
+                    await _read_at_most(response.content, _MAX_ERROR_BODY)
+                    return response.status == 200
+        except _FOREIGN:
             return False
-        return response.status_code == 200
 
     async def info(self) -> TGIInfo:
-        """``GET /info``. Raises :class:`TGIUnavailableError` when TGI cannot be reached."""
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._attempts),
-            wait=_BACKOFF,
-            retry=retry_if_exception_type(_RETRIED),
-            reraise=True,
-        )
-        with _translated(self.base_url):
-            response = await retrying(self._client.get, "/info")
-        if response.status_code != 200:
-            raise error_from_body(
-                response.status_code,
-                response.headers.get("content-type", ""),
-                response.content[:_MAX_ERROR_BODY],
-            )
+        """``GET /info``, within ``read_timeout``. Raises :class:`TGIUnavailableError` when TGI cannot be
+        reached."""
+        late = f"TGI did not answer /info within {self._read_timeout:g} s"
+        deadline = self._loop.time() + self._read_timeout
+        response = await self._open("GET", "/info", None, None, deadline, late)
         try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            raise TGIProtocolError(
-                f"TGI answered /info with something that is not a JSON object: {response.text[:200]!r}"
-            )
-        return TGIInfo.from_json(body)
+            if response.status != 200:
+                raise await self._error(response, deadline)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    content = await _read_at_most(response.content, _MAX_INFO_BODY)
+            except _FOREIGN as exc:
+                raise _translate(
+                    exc, ("body",), late=late, cut="TGI closed the connection in its /info answer"
+                ) from exc
+            return parse_info(content)
+        finally:
+            response.close()
 
     @contextlib.asynccontextmanager
     async def generate_stream(self, inputs: str, parameters: Mapping[str, Any]) -> AsyncIterator[TokenStream]:
@@ -394,20 +473,24 @@ class TGIClient:
         body = request_body(inputs, parameters)
         timeout = self._first_token_timeout
         response = await self._open(
-            "/generate_stream", self._stream_headers, body, time.monotonic() + timeout,
+            "POST", "/generate_stream", self._stream_headers, body, self._loop.time() + timeout,
             f"TGI did not answer within {timeout:g} s (first-token timeout)",
         )  # fmt: skip
+        stream: TokenStream | None = None
         try:
-            await _raise_for_status(response, self._read_timeout)
-            _expect_content_type(response, "/generate_stream", "text/event-stream")
-            yield TokenStream(
-                response,
-                self.base_url,
-                first_token_timeout=self._first_token_timeout,
-                read_timeout=self._read_timeout,
+            if response.status != 200:
+                raise await self._error(response, self._loop.time() + self._read_timeout)
+            expect_content_type(
+                "/generate_stream", response.headers.get("content-type", ""), "text/event-stream"
             )
+            stream = TokenStream(
+                response, first_token_timeout=self._first_token_timeout, read_timeout=self._read_timeout
+            )
+            yield stream
         finally:
-            response.close()
+            if stream is not None:
+                stream._leave()
+            response.close()  # a body read to its end has already given its connection back
 
     async def generate(self, inputs: str, parameters: Mapping[str, Any]) -> Generation:
         """``POST /generate`` with ``{"inputs", "parameters"}`` (``parameters`` as given: the caller asks
@@ -422,22 +505,23 @@ class TGIClient:
         """
         body = request_body(inputs, parameters)
         timeout = self._request_timeout
-        deadline = time.monotonic() + timeout
+        deadline = self._loop.time() + timeout
         late = f"TGI did not finish the generation within {timeout:g} s (--request-timeout)"
-        response = await self._open("/generate", self._generate_headers, body, deadline, late)
+        response = await self._open("POST", "/generate", self._generate_headers, body, deadline, late)
         try:
-            await _raise_for_status(response, min(self._read_timeout, _left(deadline)))
-            _expect_content_type(response, "/generate", "application/json")
-            if (token_count(response.headers.get("content-length")) or 0) > MAX_GENERATE_BODY:
-                raise TGIProtocolError(_TOO_LARGE, headers=NO_RETRY)  # not read at all
+            if response.status != 200:
+                raise await self._error(response, min(deadline, self._loop.time() + self._read_timeout))
+            expect_content_type("/generate", response.headers.get("content-type", ""), "application/json")
+            if (response.content_length or 0) > protocol.MAX_GENERATE_BODY:
+                raise protocol.generate_too_large()  # not read at all
             try:
-                content = await response.read_all(MAX_GENERATE_BODY + 1, _left(deadline))
-            except http1.ResponseTimeout as exc:
-                raise TGITimeoutError(late) from exc
-            except http1.ConnectionClosed as exc:
-                raise TGIProtocolError(f"TGI closed the connection in the middle of its answer ({exc})") from exc
-            if len(content) > MAX_GENERATE_BODY:
-                raise TGIProtocolError(_TOO_LARGE, headers=NO_RETRY)
+                async with asyncio.timeout_at(deadline):
+                    content = await _read_at_most(response.content, protocol.MAX_GENERATE_BODY)
+            except _FOREIGN as exc:
+                cut = "TGI closed the connection in the middle of its answer"
+                raise _translate(exc, ("body",), late=late, cut=cut) from exc
+            if len(content) > protocol.MAX_GENERATE_BODY:
+                raise protocol.generate_too_large()
             return parse_generation(content, response.headers.get("x-prompt-tokens"))
         finally:
             response.close()
@@ -445,49 +529,59 @@ class TGIClient:
     # ---------------------------------------------------------------- transport
 
     async def _open(
-        self, path: str, headers: Mapping[str, str], body: bytes, deadline: float, late: str
-    ) -> http1.Response:
-        """Send the request, up to the response head, which must arrive by ``deadline``
-        (``time.monotonic()``; else :class:`TGITimeoutError` with the message ``late``); retry only
-        failures before any response byte."""
-        first_failure: list[http1.ConnectFailed] = []
+        self,
+        method: str,
+        route: str,
+        headers: Mapping[str, str] | None,
+        body: bytes | None,
+        deadline: float,
+        late: str,
+    ) -> aiohttp.ClientResponse:
+        """Send the request, up to the response head, which must arrive by ``deadline`` (loop time; else
+        :class:`TGITimeoutError` with the message ``late``); retry only failures before any response byte."""
+        send = partial(
+            self._session.request,
+            method,
+            self._urls[route],
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+        )
+        failed: list[BaseException] = []
 
-        async def attempt() -> http1.Response:  # tenacity's first attempt: the one that failed below
-            if first_failure:
-                raise first_failure.pop()
-            return await self._pool.request("POST", path, headers, body, timeout=_left(deadline))
+        async def attempt() -> aiohttp.ClientResponse:  # tenacity's first attempt: the one that failed below
+            if failed:
+                raise failed.pop()
+            return await send()
 
         try:
-            try:  # the usual case, without tenacity's machinery (~30 µs a call)
-                return await attempt()
-            except http1.ConnectFailed as exc:
-                if self._attempts == 1:
-                    raise
-                first_failure.append(exc)
-            retrying = AsyncRetrying(
-                stop=stop_after_attempt(self._attempts),
-                wait=_BACKOFF,
-                retry=retry_if_exception_type(http1.ConnectFailed),
-                reraise=True,
-            )
-            return await retrying(attempt)
-        except http1.ConnectFailed as exc:
-            raise TGIUnavailableError(f"TGI is not reachable at {self.base_url}: {exc}") from exc
-        except http1.ResponseTimeout as exc:
-            raise TGITimeoutError(late) from exc
-        except http1.ConnectionClosed as exc:
-            raise TGIProtocolError(f"TGI closed the connection in the middle of its answer's head ({exc})") from exc
+            async with asyncio.timeout_at(deadline):
+                try:  # the usual case, without tenacity's machinery (~30 µs a call)
+                    return await send()
+                except _FOREIGN as exc:
+                    if self._attempts == 1 or not _retriable(exc):
+                        raise
+                    failed.append(exc)
+                retrying = AsyncRetrying(
+                    stop=stop_after_attempt(self._attempts),
+                    wait=_BACKOFF,
+                    retry=retry_if_exception(_retriable),
+                    reraise=True,
+                )
+                return await retrying(attempt)
+        except _FOREIGN as exc:
+            context = {"url": self.base_url, "connect_timeout": self._connect_timeout, "late": late}
+            raise _translate(exc, _OPENING, **context) from exc
 
-
-def _left(deadline: float) -> float:
-    return max(0.0, deadline - time.monotonic())
-
-
-async def _raise_for_status(response: http1.Response, timeout: float) -> None:
-    """A non-200 answer → its mapped error (the short error body read within ``timeout`` seconds)."""
-    if response.status != 200:
+    @staticmethod
+    async def _error(response: aiohttp.ClientResponse, deadline: float) -> UpstreamError:
+        """A non-200 answer → its mapped error, from the short error body read by ``deadline``
+        (loop time)."""
         try:
-            content = await response.read_all(_MAX_ERROR_BODY, timeout)
-        except http1.HTTPError:
+            async with asyncio.timeout_at(deadline):
+                content = await _read_at_most(response.content, _MAX_ERROR_BODY)
+        except _FOREIGN:
             content = b""
-        raise error_from_body(response.status, response.headers.get("content-type", ""), content)
+        return error_from_body(
+            response.status, response.headers.get("content-type", ""), content[:_MAX_ERROR_BODY]
+        )

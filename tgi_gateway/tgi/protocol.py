@@ -37,16 +37,20 @@ header; the details carry no ``input_length``)::
     → Generation(tokens=[Token("Hi", False, 9906), Token("<|eot_id|>", True, 128009)],
                  finish_reason="eos_token", generated_tokens=2, input_length=5)
 
-TGI's own errors — ``{"error", "error_type"}`` bodies and stream events, and bare HTTP statuses — become
-the gateway's :class:`~tgi_gateway.errors.UpstreamError` tree in one function, :func:`map_tgi_error`.
+:class:`StreamDecoder` turns a ``/generate_stream`` body, in whatever pieces it arrives, into those items
+(:class:`SSEDecoder` below it); :func:`parse_generation` and :func:`parse_info` read the two JSON answers.
+
+TGI's own errors — ``{"error", "error_type"}`` bodies and stream events (decoded in one place,
+``_error_of``), and bare HTTP statuses — become the gateway's :class:`~tgi_gateway.errors.UpstreamError`
+tree in one function, :func:`map_tgi_error`, from two tables: by ``error_type`` (``_BY_TYPE``), else by
+status (``_BY_STATUS``); each message is written once.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +74,8 @@ MAX_GENERATE_BODY = 64 * 1024 * 1024
 NO_RETRY = {"x-should-retry": "false"}
 # What reading a token object that is not one raises (``parse_token``).
 NOT_A_TOKEN = (TypeError, KeyError, AttributeError)
+#: The error message of a token stream that ends before TGI's final event (the body ended, or broke).
+STREAM_CUT = "TGI closed the stream before the end of the generation"
 
 # --------------------------------------------------------------------------------------------
 # Values
@@ -183,25 +189,106 @@ _EXTRACTOR_PARAM = re.compile(r"\bparameters\.(\w+)")
 _GENERATION_PREFIX = "Request failed during generation: "
 
 
+def _validation(text: str, status: int | None) -> TGIValidationError:
+    if _CONTEXT_LENGTH.search(text):
+        return TGIContextLengthError(text, param="messages")
+    name = _FIRST_NAME.search(text)
+    return TGIValidationError(text, param=_OPENAI_PARAM.get(name[1]) if name else None)
+
+
+def _overloaded(text: str, status: int | None) -> UpstreamError:
+    return TGIOverloadedError(f"TGI is overloaded: {text or 'Model is overloaded'}")
+
+
+def _generation(text: str, status: int | None) -> UpstreamError:
+    return TGIGenerationError(f"TGI failed during generation: {text.removeprefix(_GENERATION_PREFIX)}")
+
+
+def _unhealthy(text: str, status: int | None) -> UpstreamError:
+    return TGIUnavailableError(f"TGI is unhealthy: {text}")
+
+
+def _detail(text: str) -> str:
+    return f": {text}" if text else ""
+
+
+def _unprocessable(text: str, status: int | None) -> UpstreamError:
+    if text.startswith("Input validation error"):
+        return _validation(text, status)
+    name = _EXTRACTOR_PARAM.search(text)
+    if name:  # a parameter of the wrong type or range: the client's value, passed through
+        return TGIValidationError(text, param=_OPENAI_PARAM.get(name[1]))
+    return _unreadable(text, status)
+
+
+def _too_large(text: str, status: int | None) -> UpstreamError:
+    return TGIContextLengthError(
+        f"The request is too large for TGI (HTTP {status}){_detail(text)}", param="messages"
+    )
+
+
+def _unreadable(text: str, status: int | None) -> UpstreamError:
+    return TGIRejectedError(f"TGI could not read the gateway's request (HTTP {status}){_detail(text)}")
+
+
+def _credentials(text: str, status: int | None) -> UpstreamError:
+    return TGIRejectedError(
+        f"TGI refused the gateway's credentials (HTTP {status}): "
+        f"check the API key configured for TGI{_detail(text)}"
+    )
+
+
+def _no_route(text: str, status: int | None) -> UpstreamError:
+    return TGIRejectedError(f"TGI has no such route (HTTP {status}): is the TGI URL right?{_detail(text)}")
+
+
+def _not_there(text: str, status: int | None) -> UpstreamError:  # a proxy in front of TGI answered
+    return TGIUnavailableError(f"TGI is not available (HTTP {status}){_detail(text)}")
+
+
+_Make = Callable[[str, int | None], UpstreamError]
+#: TGI's ``error_type`` (its ``InferError``/``ValidationError`` kinds) → the gateway's error.
+_BY_TYPE: dict[str, _Make] = {
+    "validation": _validation,
+    "overloaded": _overloaded,
+    "generation": _generation,
+    "incomplete_generation": _generation,
+    "incomplete_generation_stream": _generation,
+    "healthcheck": _unhealthy,
+}
+#: An HTTP status whose body names no known ``error_type`` (axum's text rejections, a proxy's page) →
+#: the gateway's error. 424 and 429 are the statuses TGI gives generation errors and overload.
+_BY_STATUS: dict[int, _Make] = {
+    400: _unreadable,
+    401: _credentials,
+    403: _credentials,
+    404: _no_route,
+    405: _no_route,
+    408: _not_there,
+    413: _too_large,
+    415: _unreadable,
+    422: _unprocessable,
+    424: _generation,
+    429: _overloaded,
+    502: _not_there,
+    503: _not_there,
+    504: _not_there,
+}
+
+
 def map_tgi_error(error_type: str | None, message: str, status: int | None = None) -> UpstreamError:
     """The gateway error for a TGI error: an ``{"error", "error_type"}`` body or stream event, or
     (``error_type`` ``None``: a body that is not TGI's JSON) the HTTP ``status`` and body text.
 
-    A known ``error_type`` decides; otherwise the status does; otherwise a plain 502 with TGI's text.
+    A known ``error_type`` decides (``_BY_TYPE``); otherwise the status does (``_BY_STATUS``); otherwise a
+    plain 502 with TGI's text.
     """
     text = (message or "").strip()
-    if error_type == "validation":
-        return _validation_error(text)
-    if error_type == "overloaded":
-        return TGIOverloadedError(f"TGI is overloaded: {text or 'Model is overloaded'}")
-    if error_type in ("generation", "incomplete_generation", "incomplete_generation_stream"):
-        return TGIGenerationError(f"TGI failed during generation: {text.removeprefix(_GENERATION_PREFIX)}")
-    if error_type == "healthcheck":
-        return TGIUnavailableError(f"TGI is unhealthy: {text}")
-    if status is not None:
-        error = _status_error(status, text)
-        if error is not None:
-            return error
+    make = _BY_TYPE.get(error_type) if error_type else None
+    if make is None and status is not None:
+        make = _BY_STATUS.get(status)
+    if make is not None:
+        return make(text, status)
     if error_type:
         return UpstreamError(f"TGI error ({error_type}): {text}")
     return UpstreamError(
@@ -209,40 +296,16 @@ def map_tgi_error(error_type: str | None, message: str, status: int | None = Non
     )
 
 
-def _validation_error(text: str) -> TGIValidationError:
-    if _CONTEXT_LENGTH.search(text):
-        return TGIContextLengthError(text, param="messages")
-    name = _FIRST_NAME.search(text)
-    return TGIValidationError(text, param=_OPENAI_PARAM.get(name[1]) if name else None)
-
-
-def _status_error(status: int, text: str) -> UpstreamError | None:
-    detail = f": {text}" if text else ""
-    if status == 422:
-        if text.startswith("Input validation error"):
-            return _validation_error(text)
-        name = _EXTRACTOR_PARAM.search(text)
-        if name:  # a parameter of the wrong type or range: the client's value, passed through
-            return TGIValidationError(text, param=_OPENAI_PARAM.get(name[1]))
-        return TGIRejectedError(f"TGI could not read the gateway's request (HTTP 422){detail}")
-    if status == 413:
-        return TGIContextLengthError(f"The request is too large for TGI (HTTP 413){detail}", param="messages")
-    if status in (400, 415):
-        return TGIRejectedError(f"TGI could not read the gateway's request (HTTP {status}){detail}")
-    if status in (401, 403):
-        return TGIRejectedError(
-            f"TGI refused the gateway's credentials (HTTP {status}): "
-            f"check the API key configured for TGI{detail}"
-        )
-    if status in (404, 405):
-        return TGIRejectedError(f"TGI has no such route (HTTP {status}): is the TGI URL right?{detail}")
-    if status == 424:
-        return TGIGenerationError(f"TGI failed during generation: {text.removeprefix(_GENERATION_PREFIX)}")
-    if status == 429:
-        return TGIOverloadedError(f"TGI is overloaded: {text or 'Model is overloaded'}")
-    if status in (408, 502, 503, 504):  # from a proxy in front of TGI: TGI itself is not there
-        return TGIUnavailableError(f"TGI is not available (HTTP {status}){detail}")
-    return None
+def _error_of(obj: Mapping[str, Any], status: int | None) -> UpstreamError:
+    """TGI's error object, in a body or a stream event: ``{"error": <text, or {"message": <text>}>,
+    "error_type": <kind>}`` → its gateway error."""
+    error, error_type = obj["error"], obj.get("error_type")
+    message = error.get("message", "") if isinstance(error, dict) else error
+    return map_tgi_error(
+        error_type if isinstance(error_type, str) else None,
+        message if isinstance(message, str) else orjson.dumps(message).decode(),
+        status,
+    )
 
 
 def error_from_body(status: int, content_type: str, body: bytes) -> UpstreamError:
@@ -250,18 +313,20 @@ def error_from_body(status: int, content_type: str, body: bytes) -> UpstreamErro
     text = body.decode("utf-8", "replace")
     if "json" in content_type.lower():
         try:
-            obj = json.loads(text)
-        except ValueError:
+            obj = orjson.loads(text)
+        except orjson.JSONDecodeError:
             obj = None
         if isinstance(obj, dict) and "error" in obj:
-            error, error_type = obj["error"], obj.get("error_type")
-            message = error.get("message", "") if isinstance(error, dict) else error
-            return map_tgi_error(
-                error_type if isinstance(error_type, str) else None,
-                message if isinstance(message, str) else json.dumps(message),
-                status,
-            )
+            return _error_of(obj, status)
     return map_tgi_error(None, text, status)
+
+
+def expect_content_type(route: str, content_type: str, media_type: str) -> None:
+    """A 200 answer of another type is not TGI's (a proxy's page, a wrong URL): not worth retrying."""
+    if content_type.partition(";")[0].strip().lower() != media_type:
+        raise TGIProtocolError(
+            f"TGI answered {route} with Content-Type {content_type!r}, not {media_type}", headers=NO_RETRY
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,8 +340,6 @@ def request_body(inputs: str, parameters: Mapping[str, Any]) -> bytes:
         if isinstance(value, float) and not math.isfinite(value):
             raise InvalidRequestError(f"Invalid parameter value: {name} = {value}")
     return orjson.dumps({"inputs": inputs, "parameters": dict(parameters)})
-
-
 
 
 def parse_token(raw: Any) -> Token:
@@ -326,6 +389,23 @@ def token_count(header: str | None) -> int | None:
     return int(value) if value.isascii() and value.isdigit() else None
 
 
+def generate_too_large() -> TGIProtocolError:
+    """A ``/generate`` answer over :data:`MAX_GENERATE_BODY` (announced, or read): not TGI's."""
+    return TGIProtocolError(f"TGI's /generate answer is over {MAX_GENERATE_BODY >> 20} MiB", headers=NO_RETRY)
+
+
+def parse_info(content: bytes) -> TGIInfo:
+    """The body of a 200 ``/info`` answer → :class:`TGIInfo`."""
+    try:
+        body = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict):
+        text = content.decode("utf-8", "replace")
+        raise TGIProtocolError(f"TGI answered /info with something that is not a JSON object: {text[:200]!r}")
+    return TGIInfo.from_json(body)
+
+
 # --------------------------------------------------------------------------------------------
 # The stream
 # --------------------------------------------------------------------------------------------
@@ -341,7 +421,7 @@ class SSEDecoder:
     (orjson parses them directly; a bad UTF-8 sequence is then a JSON error).
     """
 
-    __slots__ = ("_buf", "_data", "_after_cr")
+    __slots__ = ("_after_cr", "_buf", "_data")
 
     def __init__(self) -> None:
         self._buf = b""  # the unfinished line (line ends already normalised to LF)
@@ -372,3 +452,79 @@ class SSEDecoder:
         return events
 
 
+class StreamDecoder:
+    """The items of a ``/generate_stream`` body fed in any pieces (sans-IO): a :class:`Token` per token
+    event, then one :class:`StreamEnd` right after the final event's token.
+
+    :meth:`feed` returns the items a piece completes, in order. After the final event nothing more is
+    decoded (:attr:`ended`). An error event, or an event that is not TGI's (not JSON, not an object, no valid
+    token), sets :attr:`error` -- the :class:`~tgi_gateway.errors.UpstreamError` the reader raises once it
+    has handed out the items before it -- and ends the decoding too. :meth:`end_of_body` is the error of a
+    body that ends where it is (``None`` after the final event). :attr:`tokens` counts the token events.
+
+    Worked example (the stream of the module docstring, cut inside its second event)::
+
+        feed(b'data: {"index":1,"token":{"id":9906,"text":"Hi",...},...}\\n\\n:\\n\\ndata: {"index":2,"tok')
+            → [Token("Hi", False, 9906)]
+        feed(b'en":{"id":128009,...,"special":true},"generated_text":"Hi","details":{...}}\\n\\n')
+            → [Token("<|eot_id|>", True, 128009), StreamEnd("eos_token", 2, 5, "Hi")]        (ended)
+    """
+
+    __slots__ = ("_sse", "ended", "error", "tokens")
+
+    def __init__(self) -> None:
+        self._sse = SSEDecoder()
+        self.tokens = 0
+        self.ended = False
+        self.error: UpstreamError | None = None
+
+    def feed(self, chunk: bytes) -> list[Token | StreamEnd]:
+        out: list[Token | StreamEnd] = []
+        if self.ended or self.error is not None:
+            return out
+        for data in self._sse.feed(chunk):
+            try:
+                self._event(data, out)
+            except UpstreamError as exc:
+                self.error = exc
+                break
+            if self.ended:
+                break  # TGI sends nothing after the final event
+        return out
+
+    def end_of_body(self) -> TGIProtocolError | None:
+        return None if self.ended else TGIProtocolError(STREAM_CUT)
+
+    def _event(self, data: bytes, out: list[Token | StreamEnd]) -> None:
+        if data.startswith(b"[DONE]"):  # a proxy's sentinel
+            return
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise TGIProtocolError(f"TGI sent a stream event that is not JSON: {data[:200]!r}") from None
+        if not isinstance(obj, dict):
+            raise TGIProtocolError(f"TGI sent a stream event that is not an object: {data[:200]!r}")
+        raw = obj.get("token")
+        if raw is None and "error" in obj:
+            raise _error_of(obj, None)
+        try:
+            out.append(parse_token(raw))
+        except NOT_A_TOKEN:
+            raise TGIProtocolError(f"TGI sent a stream event without a valid token: {data[:200]!r}") from None
+        self.tokens += 1
+        generated_text, details = obj.get("generated_text"), obj.get("details")
+        if generated_text is None and details is None:
+            return
+        self.ended = True
+        if isinstance(details, dict):
+            generated = details.get("generated_tokens")
+            out.append(
+                StreamEnd(
+                    finish_reason=details.get("finish_reason"),
+                    generated_tokens=generated if isinstance(generated, int) else self.tokens,
+                    input_length=details.get("input_length"),
+                    generated_text=generated_text,
+                )
+            )
+        else:
+            out.append(StreamEnd(None, self.tokens, None, generated_text))
