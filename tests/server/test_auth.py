@@ -612,8 +612,8 @@ def test_keys_never_reach_the_log(tgi: FakeTGI, caplog: pytest.LogCaptureFixture
 
 
 def test_tgi_key_is_sent_to_tgi_as_a_bearer_token(tgi: FakeTGI) -> None:
-    """Generations (http1 pool: /generate and /generate_stream) and control routes (httpx): every request to
-    TGI carries the key."""
+    """Every request to TGI carries the key: the generations (/generate, /generate_stream) and the control
+    routes (/health, /info)."""
     tgi.config.api_key = TGI_KEY
     try:
         with gateway(tgi, tgi_api_key=TGI_KEY) as url, sdk(url, "unused") as client:
