@@ -799,14 +799,15 @@ class _Generation:
         self.delay = c.token_delay
         self.keepalive = c.keepalive_interval if record.stream else None
         self.eos_texts = c.eos_texts
+        self.max_new_tokens = valid.max_new_tokens
         self.fault = fake._faults.popleft() if fake._faults else None
-        self.stops = [(s, s + "\n") for s in valid.stop]
+        self.stops = tuple(valid.stop) + tuple(s + "\n" for s in valid.stop)  # `$` matches before a last "\n"
         self.window_size = max((len(s) for s in valid.stop), default=0) + 1
         self.window = ""
         self.eos_appended = False
         self.due = self.loop.time()  # when the last token was (or the next after a wait is) due
         self.last_event = self.due
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.Handle | None = None
         self.gate: Gate | None = None
         self.pending: Token | None = None
         self.received_at, self.t_valid = received_at, time.monotonic()
@@ -821,7 +822,7 @@ class _Generation:
             return
         self.pull()
 
-    # ---- the loop: pull, wait, emit
+    # ---- the loop: pull an item, act on it (a token: emit it when due), pull the next
     def pull(self) -> None:
         try:
             while True:
@@ -830,39 +831,51 @@ class _Generation:
                 except Exception as e:
                     self.fake.errors.append(e)
                     raise _generation(f"script raised {e!r}") from e
-                if item is _END:
-                    if self.eos_appended:
-                        raise _InferError("incomplete_generation", "Incomplete generation")
-                    item, self.eos_appended = EOT, True
-                if isinstance(item, (Token, str)):
-                    self.pending = _as_token(item)
-                    if self.record.tokens:
-                        self.due += self.delay
-                    self.wait(self.due, self.emit)
-                    return
-                if isinstance(item, Pause):
-                    self.due = self.loop.time() + item.seconds
-                    self.wait(self.due, self.resume)
-                    return
-                if isinstance(item, Gate):
-                    if item._wait(self.loop, self.gate_opened):
-                        self.gate = item
-                        self.wait(math.inf, None)
+                if type(item) is not Token:
+                    if isinstance(item, str):
+                        item = _text_token(item)
+                    elif not self.marker(item):
                         return
-                    continue
-                if isinstance(item, Fail):
-                    raise _generation(item.message)
-                if isinstance(item, Incomplete):
-                    raise _InferError("incomplete_generation", "Incomplete generation")
-                if isinstance(item, Drop):
-                    self.end("dropped")
-                    self.conn.transport.abort()  # type: ignore[union-attr]
-                    return
-                raise TypeError(f"not a script item: {item!r}")
+                    else:
+                        continue
+                self.pending = item
+                if self.delay and self.record.tokens:
+                    self.due += self.delay
+                    self.wait(self.due, self.emit)
+                else:
+                    self.timer = self.loop.call_soon(self.emit)  # type: ignore[assignment]
+                return
         except _InferError as e:
             self.fail(e)
         except Exception as e:  # noqa: BLE001 - a bug in the double (or a bad item): make it visible
             self.crash(e)
+
+    def marker(self, item: Any) -> bool:
+        """Act on a script item that is not a token; True: pull the next one at once."""
+        if item is _END:
+            if self.eos_appended:
+                raise _InferError("incomplete_generation", "Incomplete generation")
+            self.eos_appended = True
+            self.items = iter([EOT])
+            return True
+        if isinstance(item, Pause):
+            self.due = self.loop.time() + item.seconds
+            self.wait(self.due, self.resume)
+        elif isinstance(item, Gate):
+            if not item._wait(self.loop, self.gate_opened):
+                return True
+            self.gate = item
+            self.wait(math.inf, None)
+        elif isinstance(item, Fail):
+            raise _generation(item.message)
+        elif isinstance(item, Incomplete):
+            raise _InferError("incomplete_generation", "Incomplete generation")
+        elif isinstance(item, Drop):
+            self.end("dropped")
+            self.conn.transport.abort()  # type: ignore[union-attr]
+        else:
+            raise TypeError(f"not a script item: {item!r}")
+        return False
 
     def wait(self, due: float, then: Callable[[], None] | None) -> None:
         """Call ``then`` at ``due`` (loop time); keep-alives in between when a stream waits that long."""
@@ -873,7 +886,9 @@ class _Generation:
             self.timer = self.loop.call_at(due, then)  # type: ignore[arg-type]
 
     def keep_alive(self, due: float, then: Callable[[], None] | None) -> None:
-        self.write(_KEEPALIVE)
+        self.record.events.append(_KEEPALIVE)
+        self.last_event = self.loop.time()
+        self.conn.transport.write(_chunk(_KEEPALIVE))  # type: ignore[union-attr]
         self.wait(due, then)
 
     def resume(self) -> None:
@@ -890,13 +905,14 @@ class _Generation:
     def emit(self) -> None:
         self.timer = None
         tok, record = self.pending, self.record
+        toks = record.tokens
         try:
-            n = len(record.tokens)
+            n = len(toks)
             if self.fault is not None and n >= self.fault[0]:
                 raise _generation(self.fault[1])
-            record.tokens.append(tok)  # type: ignore[arg-type]
+            toks.append(tok)  # type: ignore[arg-type]
             n += 1
-            if n >= self.valid.max_new_tokens:
+            if n >= self.max_new_tokens:
                 self.finish("length")
             elif tok.text in self.eos_texts:  # type: ignore[union-attr]
                 self.finish("eos_token")
@@ -904,9 +920,13 @@ class _Generation:
                 self.finish("stop_sequence")
             else:
                 if self.stream:
-                    self.write(_TOKEN_EVENT % (n, tok.wire))  # type: ignore[union-attr]
-                    if self.conn.paused:  # the client does not read: wait for it (TGI's stream backs up too)
-                        self.conn.on_resume = self.pull
+                    event = _TOKEN_EVENT % (n, tok.wire)  # type: ignore[union-attr]
+                    record.events.append(event)
+                    self.last_event = self.loop.time()
+                    conn = self.conn
+                    conn.transport.write(b"%x\r\n%b\r\n" % (len(event), event))  # type: ignore[union-attr]
+                    if conn.paused:  # the client does not read: wait for it (TGI's stream backs up too)
+                        conn.on_resume = self.pull
                         return
                 self.pull()
         except _InferError as e:
@@ -916,12 +936,7 @@ class _Generation:
 
     def stopped(self, text: str) -> bool:
         self.window = w = (self.window + text)[-self.window_size :]
-        return any(w.endswith((s, nl)) for s, nl in self.stops)
-
-    def write(self, event: bytes) -> None:
-        self.record.events.append(event)
-        self.last_event = self.loop.time()
-        self.conn.transport.write(_chunk(event))  # type: ignore[union-attr]
+        return w.endswith(self.stops)
 
     # ---- the ends
     def finish(self, reason: str) -> None:
