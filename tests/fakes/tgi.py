@@ -500,9 +500,7 @@ def _generation(message: str) -> _InferError:
 class _Reply(Exception):
     """A response decided before generation (a rejection): ``(status, content type, body)``."""
 
-    def __init__(
-        self, status: int, body: str = "", content_type: bytes = b"text/plain; charset=utf-8"
-    ) -> None:
+    def __init__(self, status: int, body: str = "", content_type: str = "text/plain; charset=utf-8") -> None:
         super().__init__(status, body)
         self.status, self.body, self.content_type = status, body.encode(), content_type
 
@@ -661,6 +659,7 @@ def _validate(c: TGIConfig, inputs: str, params: dict | None) -> _Valid:
 # --------------------------------------------------------------------------------------------
 
 _TOKEN_EVENT = b'data: {"index":%d,"token":%b,"generated_text":null,"details":null}\n\n'
+_FINAL_EVENT = b'data: {"index":%d,"token":%b,"generated_text":%b,"details":%b}\n\n'
 _KEEPALIVE = b":\n\n"
 
 
@@ -669,30 +668,29 @@ def _chunk(data: bytes) -> bytes:
 
 
 def _head(status: int, headers: Iterable[tuple[str, str]], close: bool) -> bytes:
-    lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}"]
-    lines += [f"{k}: {v}" for k, v in headers]
+    lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", *(f"{k}: {v}" for k, v in headers)]
     if close:
         lines.append("connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 class _Connection(asyncio.Protocol):
-    """One client connection: requests are parsed as they arrive and answered one after the other."""
+    """One client connection: requests are parsed (httptools) as they arrive and answered one after the
+    other; the generation being answered learns at once when the connection goes."""
+
+    transport: asyncio.Transport
 
     def __init__(self, fake: FakeTGI) -> None:
         self.fake = fake
-        self.transport: asyncio.Transport | None = None
         self.peer: tuple[str, int] | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.pending: collections.deque[tuple[RecordedRequest, bytes, bool]] = collections.deque()
         self.busy = False  # a response is being written
         self.close_after = False
         self.generation: _Generation | None = None
-        self.paused = False
+        self.paused = False  # the client does not read: the transport's buffer is full
         self.on_resume: Callable[[], None] | None = None
-        self._url = b""
-        self._headers: dict[str, str] = {}
-        self._body: list[bytes] = []
+        self._url, self._headers, self._body = b"", {}, []
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -705,11 +703,11 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            if not self.busy:
-                self.busy = True
-                self.respond(400, b"", close=True)
+            if self.busy:
+                self.transport.close()
             else:
-                self.transport.close()  # type: ignore[union-attr]
+                self.busy = True
+                self.respond(400, close=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fake._connections.discard(self)
@@ -725,7 +723,7 @@ class _Connection(asyncio.Protocol):
         if resume is not None:
             resume()
 
-    # httptools callbacks
+    # httptools' callbacks
     def on_message_begin(self) -> None:
         self._url, self._headers, self._body = b"", {}, []
 
@@ -741,39 +739,40 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         body = b"".join(self._body)
-        request = RecordedRequest(self.parser.get_method().decode(), self._url.decode("latin-1").partition("?")[0],
-                                  self._headers, _parse_json(body)[0] if body else None, self.peer)  # fmt: skip
+        path = self._url.decode("latin-1").partition("?")[0]
+        parsed = _parse_json(body)[0] if body else None
+        request = RecordedRequest(self.parser.get_method().decode(), path, self._headers, parsed, self.peer)
         self.pending.append((request, body, self.parser.should_keep_alive()))
-        if not self.busy:
-            self.next_request()
+        self.next_request()
 
     # responses
     def next_request(self) -> None:
-        if self.pending and not self.busy and not self.transport.is_closing():  # type: ignore[union-attr]
+        if self.pending and not self.busy and not self.transport.is_closing():
             request, body, keep_alive = self.pending.popleft()
             self.busy, self.close_after = True, not keep_alive
             self.fake._dispatch(self, request, body)
 
-    def respond(self, status: int, body: bytes, headers: Iterable[tuple[str, str]] = (), *,
-                content_type: bytes | None = None, close: bool = False) -> None:  # fmt: skip
-        """A whole response; then the next request."""
-        hs = [("content-type", content_type.decode())] if content_type is not None else []
+    def respond(self, status: int, body: bytes = b"", content_type: str | None = None,
+                headers: Iterable[tuple[str, str]] = (), close: bool = False) -> None:  # fmt: skip
+        """A whole response (``content-length``)."""
+        hs = [("content-type", content_type)] if content_type else []
         hs += [*headers, ("content-length", str(len(body)))]
         self.close_after |= close
-        self.transport.write(_head(status, hs, self.close_after) + body)  # type: ignore[union-attr]
+        self.transport.write(_head(status, hs, self.close_after) + body)
         self.done()
 
     def start_stream(self, headers: Iterable[tuple[str, str]]) -> None:
-        self.transport.write(_head(200, [*headers, ("transfer-encoding", "chunked")], self.close_after))  # type: ignore[union-attr]
+        self.transport.write(_head(200, [*headers, ("transfer-encoding", "chunked")], self.close_after))
 
     def end_stream(self, last: bytes) -> None:
-        self.transport.write(_chunk(last) + b"0\r\n\r\n")  # type: ignore[union-attr]
+        self.transport.write(_chunk(last) + b"0\r\n\r\n")
         self.done()
 
     def done(self) -> None:
+        """The response is written: the next request, if any (a pipelining client)."""
         self.busy, self.generation = False, None
         if self.close_after:
-            self.transport.close()  # type: ignore[union-attr]
+            self.transport.close()
         elif self.pending:
             self.fake._loop.call_soon(self.next_request)  # type: ignore[union-attr]
 
@@ -786,43 +785,63 @@ _END = object()
 
 
 class _Generation:
-    """One generation, driven by the server loop's timers: pull a script item, act on it (a token is
-    emitted when due), pull the next; no task and no coroutine per token."""
+    """One generation request, from its response head to its end, driven by the server loop's callbacks:
+    pull a script item, act on it (a token: emit it when due), pull the next. No task, no coroutine."""
 
-    def __init__(self, fake: FakeTGI, conn: _Connection, record: GenerationRecord, valid: _Valid,
-                 received_at: float) -> None:  # fmt: skip
+    valid: _Valid
+
+    def __init__(self, fake: FakeTGI, conn: _Connection, record: GenerationRecord) -> None:
         c = fake.config
-        self.fake, self.conn, self.record, self.valid = fake, conn, record, valid
-        self.items: Iterator[Any] = iter(())
+        self.fake, self.conn, self.record, self.stream = fake, conn, record, record.stream
         self.loop: asyncio.AbstractEventLoop = fake._loop  # type: ignore[assignment]
-        self.stream = record.stream
-        self.delay = c.token_delay
+        self.delay, self.eos_texts = c.token_delay, c.eos_texts
         self.keepalive = c.keepalive_interval if record.stream else None
-        self.eos_texts = c.eos_texts
-        self.max_new_tokens = valid.max_new_tokens
-        self.fault = fake._faults.popleft() if fake._faults else None
-        self.stops = tuple(valid.stop) + tuple(s + "\n" for s in valid.stop)  # `$` matches before a last "\n"
-        self.window_size = max((len(s) for s in valid.stop), default=0) + 1
-        self.window = ""
-        self.eos_appended = False
-        self.due = self.loop.time()  # when the last token was (or the next after a wait is) due
-        self.last_event = self.due
+        self.items: Iterator[Any] = iter(())
+        self.permit = self.eos_appended = False
+        self.fault: tuple[int, str] | None = None
+        self.stops: tuple[str, ...] = ()
+        self.window, self.window_size = "", 1
         self.timer: asyncio.Handle | None = None
         self.gate: Gate | None = None
-        self.pending: Token | None = None
-        self.received_at, self.t_valid = received_at, time.monotonic()
+        self.pending: Token = EOT  # the token that is waiting to be emitted
+        self.received_at = self.validated_at = time.monotonic()
+        self.due = self.last_event = self.loop.time()  # when the last token was due; the last write
 
-    def start(self, script: Script, inputs: str, parameters: dict) -> None:
+    def run(self, params: dict | None) -> None:
+        """Answer: head (stream), permit, validation, the script; then tokens as they come due."""
+        fake, c, record = self.fake, self.fake.config, self.record
+        if self.stream:
+            self.conn.start_stream([("content-type", "text/event-stream"), ("cache-control", "no-cache"),
+                                    ("x-compute-type", COMPUTE_TYPE), ("x-compute-characters", str(len(record.inputs))),
+                                    ("x-accel-buffering", "no")])  # fmt: skip
+            fake._streams_open += 1
+        else:
+            fake._generate_open += 1
+        fake._running.add(self)
         try:
-            produced = script(inputs, parameters) if callable(script) else script
-            self.items = iter(tokenize_text(produced) if isinstance(produced, str) else produced)
-        except Exception as e:  # noqa: BLE001 - the script's bug is the generation's error
-            self.fake.errors.append(e)
-            self.fail(_generation(f"script raised {e!r}"))
+            if fake._in_flight >= c.max_concurrent_requests:
+                raise _InferError("overloaded", "Model is overloaded")
+            valid = self.valid = _validate(c, record.inputs, params)
+            record.input_length, self.validated_at = valid.input_length, time.monotonic()
+            fake._in_flight += 1
+            fake._peak_in_flight = max(fake._peak_in_flight, fake._in_flight)
+            self.permit = True
+            self.fault = fake._faults.popleft() if fake._faults else None
+            self.stops = (*valid.stop, *(s + "\n" for s in valid.stop))  # `$` also matches before a last "\n"
+            self.window_size = max(map(len, valid.stop), default=0) + 1
+            script = fake.script
+            try:
+                produced = script(record.inputs, dict(record.parameters)) if callable(script) else script
+                self.items = iter(tokenize_text(produced) if isinstance(produced, str) else produced)
+            except Exception as e:
+                fake.errors.append(e)
+                raise _generation(f"script raised {e!r}") from e
+        except _InferError as e:
+            self.fail(e)
             return
         self.pull()
 
-    # ---- the loop: pull an item, act on it (a token: emit it when due), pull the next
+    # ---- the loop
     def pull(self) -> None:
         try:
             while True:
@@ -834,16 +853,16 @@ class _Generation:
                 if type(item) is not Token:
                     if isinstance(item, str):
                         item = _text_token(item)
-                    elif not self.marker(item):
-                        return
-                    else:
+                    elif self.marker(item):
                         continue
+                    else:
+                        return
                 self.pending = item
                 if self.delay and self.record.tokens:
                     self.due += self.delay
                     self.wait(self.due, self.emit)
                 else:
-                    self.timer = self.loop.call_soon(self.emit)  # type: ignore[assignment]
+                    self.timer = self.loop.call_soon(self.emit)
                 return
         except _InferError as e:
             self.fail(e)
@@ -852,11 +871,10 @@ class _Generation:
 
     def marker(self, item: Any) -> bool:
         """Act on a script item that is not a token; True: pull the next one at once."""
-        if item is _END:
+        if item is _END:  # the script ran out: EOS, as a model would say
             if self.eos_appended:
                 raise _InferError("incomplete_generation", "Incomplete generation")
-            self.eos_appended = True
-            self.items = iter([EOT])
+            self.eos_appended, self.items = True, iter([EOT])
             return True
         if isinstance(item, Pause):
             self.due = self.loop.time() + item.seconds
@@ -872,7 +890,7 @@ class _Generation:
             raise _InferError("incomplete_generation", "Incomplete generation")
         elif isinstance(item, Drop):
             self.end("dropped")
-            self.conn.transport.abort()  # type: ignore[union-attr]
+            self.conn.transport.abort()
         else:
             raise TypeError(f"not a script item: {item!r}")
         return False
@@ -888,7 +906,7 @@ class _Generation:
     def keep_alive(self, due: float, then: Callable[[], None] | None) -> None:
         self.record.events.append(_KEEPALIVE)
         self.last_event = self.loop.time()
-        self.conn.transport.write(_chunk(_KEEPALIVE))  # type: ignore[union-attr]
+        self.conn.transport.write(_chunk(_KEEPALIVE))
         self.wait(due, then)
 
     def resume(self) -> None:
@@ -907,24 +925,23 @@ class _Generation:
         tok, record = self.pending, self.record
         toks = record.tokens
         try:
-            n = len(toks)
-            if self.fault is not None and n >= self.fault[0]:
+            if self.fault is not None and len(toks) >= self.fault[0]:
                 raise _generation(self.fault[1])
-            toks.append(tok)  # type: ignore[arg-type]
-            n += 1
-            if n >= self.max_new_tokens:
+            toks.append(tok)
+            n = len(toks)
+            if n >= self.valid.max_new_tokens:
                 self.finish("length")
-            elif tok.text in self.eos_texts:  # type: ignore[union-attr]
+            elif tok.text in self.eos_texts:
                 self.finish("eos_token")
-            elif self.stops and self.stopped(tok.text):  # type: ignore[union-attr]
+            elif self.stops and self.stopped(tok.text):
                 self.finish("stop_sequence")
             else:
                 if self.stream:
-                    event = _TOKEN_EVENT % (n, tok.wire)  # type: ignore[union-attr]
+                    event = _TOKEN_EVENT % (n, tok.wire)
                     record.events.append(event)
                     self.last_event = self.loop.time()
                     conn = self.conn
-                    conn.transport.write(b"%x\r\n%b\r\n" % (len(event), event))  # type: ignore[union-attr]
+                    conn.transport.write(b"%x\r\n%b\r\n" % (len(event), event))
                     if conn.paused:  # the client does not read: wait for it (TGI's stream backs up too)
                         conn.on_resume = self.pull
                         return
@@ -940,42 +957,48 @@ class _Generation:
 
     # ---- the ends
     def finish(self, reason: str) -> None:
-        record, valid = self.record, self.valid
-        toks = record.tokens
-        text = "".join(t.text for t in toks if not t.skipped)
+        record, valid, toks = self.record, self.valid, self.record.tokens
+        n, text = len(toks), "".join(t.text for t in toks if not t.skipped)
         record.finish_reason, record.generated_text = reason, text
         self.end("completed")
         if self.stream:
-            details = ({"finish_reason": reason, "generated_tokens": len(toks), "seed": valid.seed,
-                        "input_length": valid.input_length} if valid.details else None)  # fmt: skip
-            final = b'data: {"index":%d,"token":%b,"generated_text":%b,"details":%b}\n\n' % (
-                len(toks), toks[-1].wire, _dumps(text), _dumps(details))  # fmt: skip
-            record.events.append(final)
-            self.conn.end_stream(final)
+            details = {"finish_reason": reason, "generated_tokens": n, "seed": valid.seed,
+                       "input_length": valid.input_length} if valid.details else None  # fmt: skip
+            event = _FINAL_EVENT % (n, toks[-1].wire, _dumps(text), _dumps(details))
+            record.events.append(event)
+            self.conn.end_stream(event)
             return
         body = b'{"generated_text":%b' % _dumps(text)
         if valid.details:
             body += b',"details":{"finish_reason":%b,"generated_tokens":%d,"seed":%b,"prefill":[],"tokens":[%b]}' % (
-                _dumps(reason), len(toks), _dumps(valid.seed), b",".join(t.wire for t in toks))  # fmt: skip
-        total, inference = time.monotonic() - self.received_at, time.monotonic() - self.t_valid
-        headers = [("x-compute-type", COMPUTE_TYPE), ("x-compute-time", repr(total)),
-                   ("x-compute-characters", str(len(record.inputs))), ("x-total-time", str(int(total * 1000))),
-                   ("x-validation-time", str(int((self.t_valid - self.received_at) * 1000))), ("x-queue-time", "0"),
-                   ("x-inference-time", str(int(inference * 1000))),
-                   ("x-time-per-token", str(int(inference * 1000 / len(toks)))),
-                   ("x-prompt-tokens", str(valid.input_length)), ("x-generated-tokens", str(len(toks)))]  # fmt: skip
-        self.conn.respond(200, body + b"}", headers, content_type=b"application/json")
+                _dumps(reason), n, _dumps(valid.seed), b",".join(t.wire for t in toks))  # fmt: skip
+        now = time.monotonic()
+        total, inference = now - self.received_at, now - self.validated_at
+        headers = {"x-compute-type": COMPUTE_TYPE, "x-compute-time": repr(total),
+                   "x-compute-characters": len(record.inputs), "x-total-time": int(total * 1000),
+                   "x-validation-time": int((self.validated_at - self.received_at) * 1000), "x-queue-time": 0,
+                   "x-inference-time": int(inference * 1000), "x-time-per-token": int(inference * 1000 / n),
+                   "x-prompt-tokens": valid.input_length, "x-generated-tokens": n}  # fmt: skip
+        self.conn.respond(200, body + b"}", "application/json", [(k, str(v)) for k, v in headers.items()])
 
     def fail(self, e: _InferError) -> None:
+        """TGI's error: one event that ends the stream, or a JSON answer with its status."""
+        if self.record.ended_at is not None:
+            return
         if e.error_type == "incomplete_generation" and self.stream:
             e = _InferError("incomplete_generation_stream", "Incomplete generation stream")
         self.end(e.outcome, e.message)
-        self.fake._answer_error(self.conn, self.stream, e, self.record)
+        if self.stream:
+            event = b"data: " + e.body() + b"\n\n"
+            self.record.events.append(event)
+            self.conn.end_stream(event)
+        else:
+            self.conn.respond(_STATUS[e.error_type], e.body(), "application/json")
 
     def crash(self, e: Exception) -> None:
         self.fake.errors.append(e)
         self.end("aborted", repr(e))
-        self.conn.transport.abort()  # type: ignore[union-attr]
+        self.conn.transport.abort()
 
     def client_left(self) -> None:
         if self.record.ended_at is None:
@@ -983,8 +1006,8 @@ class _Generation:
             self.end("disconnected")
 
     def end(self, outcome: str, error: str | None = None) -> None:
-        """Record the outcome and let go of everything the generation holds (once)."""
-        record = self.record
+        """Record the outcome and let go of all the generation holds (once)."""
+        record, fake = self.record, self.fake
         if record.ended_at is not None:
             return
         record.outcome, record.error, record.ended_at = outcome, error, time.monotonic()
@@ -993,7 +1016,12 @@ class _Generation:
         if self.gate is not None:
             self.gate._forget(self.gate_opened)
         self.conn.on_resume = None
-        self.fake._release(self)
+        fake._running.discard(self)
+        fake._in_flight -= self.permit
+        if self.stream:
+            fake._streams_open -= 1
+        else:
+            fake._generate_open -= 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -1009,8 +1037,7 @@ class FakeTGI:
     def __init__(self, script: Script | None = None, *, port: int = 0, **config: Any) -> None:
         self.config = TGIConfig(**config)
         self.script: Script = script if script is not None else echo_script
-        self.host = "127.0.0.1"
-        self.port = port
+        self.host, self.port = "127.0.0.1", port
         self.errors: list[BaseException] = []  # raised by scripts, or by the double itself
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
@@ -1032,7 +1059,6 @@ class FakeTGI:
             ("POST", "/generate"): self._generate,
             ("POST", "/generate_stream"): self._generate,
         }
-        self._paths = {path for _, path in self._routes}
 
     # ---------------------------------------------------------------- life cycle
 
@@ -1074,7 +1100,7 @@ class FakeTGI:
         try:
             asyncio.run(self._serve())
         except BaseException as e:  # noqa: BLE001 - reported through wait_ready
-            self._error = self._error or e
+            self._error = e
         finally:
             self._listening = False
             self._ready.set()
@@ -1098,7 +1124,7 @@ class FakeTGI:
             for gen in list(self._running):
                 gen.end("aborted")
             for conn in list(self._connections):
-                conn.transport.abort()  # type: ignore[union-attr]
+                conn.transport.abort()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         finally:
@@ -1106,16 +1132,15 @@ class FakeTGI:
 
     def stop(self) -> None:
         """Stop the server (idempotent, bounded)."""
-        thread, loop, stopping = self._thread, self._loop, self._stopping
+        thread = self._thread
         if thread is None:
             return
         deadline = time.monotonic() + STOP_TIMEOUT
-        while stopping is None and thread.is_alive() and time.monotonic() < deadline:
+        while self._stopping is None and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.001)
-            loop, stopping = self._loop, self._stopping
-        if loop is not None and stopping is not None:
+        if self._loop is not None and self._stopping is not None:
             with contextlib.suppress(RuntimeError):  # the loop has closed already
-                loop.call_soon_threadsafe(stopping.set)
+                self._loop.call_soon_threadsafe(self._stopping.set)
         thread.join(max(0.0, deadline - time.monotonic()))
         self._thread = None
         if thread.is_alive():
@@ -1209,7 +1234,7 @@ class FakeTGI:
             await asyncio.sleep(interval)
         return True
 
-    # ---------------------------------------------------------------- routes
+    # ---------------------------------------------------------------- routes (on the server's loop)
 
     def _dispatch(self, conn: _Connection, request: RecordedRequest, body: bytes) -> None:
         with self._lock:
@@ -1217,26 +1242,23 @@ class FakeTGI:
         route = self._routes.get((request.method, request.path))
         try:
             if route is None:
-                raise _Reply(405 if request.path in self._paths else 404)
+                raise _Reply(405 if any(request.path == path for _, path in self._routes) else 404)
             route(conn, request, body)
         except _Reply as r:
-            conn.respond(r.status, r.body, content_type=r.content_type if r.body else None)
+            conn.respond(r.status, r.body, r.content_type if r.body else None)
         except Exception as e:  # noqa: BLE001 - a bug in the double: make it visible
             self.errors.append(e)
-            conn.respond(
-                500, f"fake TGI internal error: {e!r}".encode(), content_type=b"text/plain", close=True
-            )
+            conn.respond(500, f"fake TGI internal error: {e!r}".encode(), "text/plain", close=True)
 
     def _health(self, conn: _Connection, request: RecordedRequest, body: bytes) -> None:
         if not self.config.healthy:
-            raise _Reply(503, '{"error":"unhealthy","error_type":"healthcheck"}', b"application/json")
-        conn.respond(200, b"")
+            raise _Reply(503, '{"error":"unhealthy","error_type":"healthcheck"}', "application/json")
+        conn.respond(200)
 
     def _info(self, conn: _Connection, request: RecordedRequest, body: bytes) -> None:
-        c = self.config
-        info = {name: getattr(c, name, None) for name in _INFO_FIELDS}
+        info = {name: getattr(self.config, name, None) for name in _INFO_FIELDS}
         info["router"] = "text-generation-router"
-        conn.respond(200, _dumps(info), content_type=b"application/json")
+        conn.respond(200, _dumps(info), "application/json")
 
     def _generate(self, conn: _Connection, request: RecordedRequest, body: bytes) -> None:
         c = self.config
@@ -1246,53 +1268,10 @@ class FakeTGI:
         ):
             raise _Reply(401)
         obj = _extract(request, body, c.payload_limit, self.errors)
+        params = obj.get("parameters")
         stream = request.path == "/generate_stream"
-        inputs, params = obj["inputs"], obj.get("parameters")
-        record = GenerationRecord(request, request.path[1:], stream, inputs, dict(params or {}))
+        record = GenerationRecord(request, request.path[1:], stream, obj["inputs"], dict(params or {}))
         with self._lock:
             self._generations.append(record)
-        received_at = time.monotonic()
-        if stream:
-            conn.start_stream([("content-type", "text/event-stream"), ("cache-control", "no-cache"),
-                               ("x-compute-type", COMPUTE_TYPE), ("x-compute-characters", str(len(inputs))),
-                               ("x-accel-buffering", "no")])  # fmt: skip
-            self._streams_open += 1
-        else:
-            self._generate_open += 1
-        try:
-            if self._in_flight >= c.max_concurrent_requests:
-                raise _InferError("overloaded", "Model is overloaded")
-            valid = _validate(c, inputs, params)
-        except _InferError as e:
-            record.outcome, record.error, record.ended_at = e.outcome, e.message, time.monotonic()
-            self._close_route(stream)
-            self._answer_error(conn, stream, e, record)
-            return
-        record.input_length = valid.input_length
-        self._in_flight += 1
-        self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
-        gen = conn.generation = _Generation(self, conn, record, valid, received_at)
-        self._running.add(gen)
-        gen.start(self.script, inputs, dict(params or {}))
-
-    def _answer_error(
-        self, conn: _Connection, stream: bool, e: _InferError, record: GenerationRecord
-    ) -> None:
-        if stream:
-            event = b"data: " + e.body() + b"\n\n"
-            record.events.append(event)
-            conn.end_stream(event)
-        else:
-            conn.respond(_STATUS[e.error_type], e.body(), content_type=b"application/json")
-
-    def _release(self, gen: _Generation) -> None:
-        """A running generation has ended."""
-        self._running.discard(gen)
-        self._in_flight -= 1
-        self._close_route(gen.stream)
-
-    def _close_route(self, stream: bool) -> None:
-        if stream:
-            self._streams_open -= 1
-        else:
-            self._generate_open -= 1
+        gen = conn.generation = _Generation(self, conn, record)
+        gen.run(params)
