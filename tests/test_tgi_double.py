@@ -688,3 +688,24 @@ def test_200_concurrent_streams_complete():
         assert tgi.peak_in_flight >= n // 2
         assert tgi.in_flight == 0
     assert elapsed < 8
+
+
+def test_a_client_that_does_not_read_holds_its_generation_back():
+    """The stream waits for a reader that falls behind (as TGI's backs up) instead of buffering the answer."""
+    script = ["x" * 2500] * 8000  # 20 MB: more than the socket buffers hold
+    with FakeTGI(script=script) as tgi, socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", tgi.port))
+        body = b'{"inputs": "x"}'
+        sock.sendall(b"POST /generate_stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        assert tgi.wait_until(lambda: tgi.generations and len(tgi.last_generation.tokens) > 10)
+        time.sleep(0.2)
+        assert len(tgi.last_generation.tokens) < 4000 and tgi.last_generation.outcome == "running"
+        sock.settimeout(5)
+        tail = b""
+        while not tail.endswith(b"\r\n0\r\n\r\n"):
+            data = sock.recv(1 << 20)
+            assert data
+            tail = (tail + data)[-16:]
+        assert tgi.last_generation.outcome == "completed" and len(tgi.last_generation.tokens) == 8001

@@ -422,8 +422,6 @@ class TGIConfig:
     max_top_n_tokens: int = 5
     disable_grammar_support: bool = False
     enable_prefill_logprobs: bool = False
-    # Read by nothing: benchmarks/bench_gateway.py still passes it (uvicorn's HTTP implementation, gone).
-    http_impl: str = "httptools"
 
 
 _INFO_FIELDS = ("model_id", "model_sha", "model_pipeline_tag", "max_concurrent_requests", "max_best_of",
