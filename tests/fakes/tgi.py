@@ -9,7 +9,7 @@ given): an asyncio protocol parsing requests with httptools, on its own event lo
 (``with FakeTGI(...) as tgi:``; the loop follows the process's asyncio policy, so a benchmark that installs
 uvloop's gets uvloop). Start and stop are bounded (a few seconds); stop ends whatever is still running.
 
-It serves what the gateway calls, with TGI's bytes (``/work/shared/reference/tgi/PROTOCOL.md``):
+It serves what the gateway calls, with the bytes, status codes and error bodies of TGI's router:
 
 * ``POST /generate_stream``: ``200`` with ``content-type: text/event-stream``, ``cache-control: no-cache``,
   ``x-compute-type``, ``x-compute-characters``, ``x-accel-buffering: no``, chunked, sent before anything
@@ -25,8 +25,8 @@ It serves what the gateway calls, with TGI's bytes (``/work/shared/reference/tgi
 * ``GET /health``: 200 with an empty body, or 503 ``{"error":"unhealthy","error_type":"healthcheck"}``
   when ``config.healthy`` is false. ``GET /info``: TGI's fields in TGI's order, from :class:`TGIConfig`.
 * Before a generation route runs: ``config.api_key`` (a bare 401 unless ``Authorization: Bearer <key>``,
-  compared case-insensitively; never on ``/health`` and ``/info``); a body over ``config.payload_limit``
-  is 413; then axum's ``Json`` extractor, in plain text: 415 without a JSON content type, 400 for bad
+  compared case-insensitively; never on ``/health`` and ``/info``); then axum's ``Json`` extractor, in
+  plain text: 415 without a JSON content type, 413 for a body over ``config.payload_limit``, 400 for bad
   JSON, 422 ``Failed to deserialize the JSON body into the target type: <serde-like message>`` for a
   wrong shape (no ``inputs``, a modelled parameter of the wrong type). Unknown fields are ignored.
 * Then, in TGI's order: the ``max_concurrent_requests`` permit (``Model is overloaded``), validation
