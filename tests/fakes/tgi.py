@@ -802,6 +802,8 @@ class _Generation:
         self.timer: asyncio.Handle | None = None
         self.gate: Gate | None = None
         self.pending: Token = EOT  # the token that is waiting to be emitted
+        self.max_new_tokens = 0
+        self._emit = self.emit  # (one bound method for every token's callback)
         self.received_at = self.validated_at = time.monotonic()
         self.due = self.last_event = self.loop.time()  # when the last token was due; the last write
 
@@ -821,6 +823,7 @@ class _Generation:
                 raise _InferError("overloaded", "Model is overloaded")
             valid = self.valid = _validate(c, record.inputs, params)
             record.input_length, self.validated_at = valid.input_length, time.monotonic()
+            self.max_new_tokens = valid.max_new_tokens
             fake._in_flight += 1
             fake._peak_in_flight = max(fake._peak_in_flight, fake._in_flight)
             self.permit = True
@@ -858,9 +861,9 @@ class _Generation:
                 self.pending = item
                 if self.delay and self.record.tokens:
                     self.due += self.delay
-                    self.wait(self.due, self.emit)
+                    self.wait(self.due, self._emit)
                 else:
-                    self.timer = self.loop.call_soon(self.emit)
+                    self.timer = self.loop.call_soon(self._emit)
                 return
         except _InferError as e:
             self.fail(e)
@@ -919,7 +922,6 @@ class _Generation:
             self.resume()
 
     def emit(self) -> None:
-        self.timer = None
         tok, record = self.pending, self.record
         toks = record.tokens
         try:
@@ -927,7 +929,7 @@ class _Generation:
                 raise _generation(self.fault[1])
             toks.append(tok)
             n = len(toks)
-            if n >= self.valid.max_new_tokens:
+            if n >= self.max_new_tokens:
                 self.finish("length")
             elif tok.text in self.eos_texts:
                 self.finish("eos_token")
