@@ -169,17 +169,11 @@ def serve_double(args: argparse.Namespace) -> int:
     from tests.fakes.tgi import FakeTGI, tokens
 
     scripts = {kind: tokens(*answer_pieces(kind, args.tokens)[0]) for kind in args.answers}
-    if args.double == "lean":
-        from lean_tgi import LeanTGI
-
-        tgi: Any = LeanTGI(scripts[args.answers[0]], model_id="meetkai/functionary-small-v3.1")
-    else:
-        tgi = FakeTGI(
-            script=scripts[args.answers[0]],
-            max_concurrent_requests=100_000,  # TGI's overload (429) never triggers
-            model_id="meetkai/functionary-small-v3.1",
-            http_impl=args.double_http,
-        )
+    tgi = FakeTGI(
+        script=scripts[args.answers[0]],
+        max_concurrent_requests=100_000,  # TGI's overload (429) never triggers
+        model_id="meetkai/functionary-small-v3.1",
+    )
 
     def set_answer(cmd: dict) -> Any:
         if "answer" in cmd:
@@ -207,9 +201,9 @@ def serve_double(args: argparse.Namespace) -> int:
 class Double(DoubleProcess):
     """This script's double in its child process (``--serve-double``): the answers of ``tokens`` tokens."""
 
-    def __init__(self, tokens: int, loop: str, http: str, answers: list[str], kind: str = "fake") -> None:
-        super().__init__([str(Path(__file__).resolve()), "--serve-double", "--tokens", str(tokens), "--double", kind,
-                          "--double-loop", loop, "--double-http", http, "--answers", *answers])  # fmt: skip
+    def __init__(self, tokens: int, loop: str, answers: list[str]) -> None:
+        super().__init__([str(Path(__file__).resolve()), "--serve-double", "--tokens", str(tokens),
+                          "--double-loop", loop, "--answers", *answers])  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -782,25 +776,12 @@ def main() -> int:
         "--profile", type=float, default=0, metavar="SECONDS", help="py-spy the gateway at the end"
     )
     p.add_argument(
-        "--double",
-        choices=["fake", "lean"],
-        default="fake",
-        help="fake: tests/fakes/tgi.py (FakeTGI, ~55 µs of CPU per token); lean: benchmarks/lean_tgi.py "
-        "(the same bytes at a few µs per token, so that the double takes less of the gateway's CPU)",
-    )
-    p.add_argument(
         "--pin",
         action="store_true",
         help="give the gateway CPU 1 to itself; the double and the load generator share CPU 0",
     )
     p.add_argument(
         "--double-loop", choices=["uvloop", "asyncio"], default="uvloop", help="the double's event loop"
-    )
-    p.add_argument(
-        "--double-http",
-        choices=["httptools", "h11"],
-        default="httptools",
-        help="the double's HTTP implementation (httptools: less CPU per token, closer to TGI's Rust router)",
     )
     p.add_argument(
         "--wait-idle",
@@ -826,7 +807,7 @@ def main() -> int:
     try:
         for answer in args.answers:
             answer_pieces(answer, args.tokens)  # refuse a --tokens too small before starting anything
-        double = Double(args.tokens, args.double_loop, args.double_http, args.answers, args.double)
+        double = Double(args.tokens, args.double_loop, args.answers)
         if not args.direct_only:
             gateway = GatewayProcess(double.url)
             gateway.wait_healthy()
@@ -841,15 +822,14 @@ def main() -> int:
             f"# before the start, other processes kept {other:.2f} of {os.cpu_count()} cores busy"
             + ("  <-- WARNING: the machine is not idle, the numbers will be lower" if other > 0.2 else "")
         )
-        print(f"# machine: {os.cpu_count()} cores; {args.double} double {double.url} (pid {double.pid}, {args.double_loop}, "
-              f"{args.double_http}); " + ("pinned: gateway on CPU 1, double and load generator on CPU 0; " if args.pin else "") +
+        print(f"# machine: {os.cpu_count()} cores; double {double.url} (pid {double.pid}, {args.double_loop}); " + ("pinned: gateway on CPU 1, double and load generator on CPU 0; " if args.pin else "") +
               f"gateway {gateway.url if gateway else '-'} (pid {gateway.pid if gateway else '-'}); "
               f"client {args.client}", flush=True)  # fmt: skip
         return uvloop.run(guarded(args, double, gateway))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted", file=sys.stderr)
         return 130
-    except asyncio.TimeoutError:
+    except TimeoutError:
         print(f"gave up: the benchmark ran past --max-seconds {args.max_seconds:g} + 600 s", file=sys.stderr)
         return 1
     finally:

@@ -67,14 +67,18 @@ async def learn_direct_body(double: Double, gateway_url: str, gateway_body: byte
     last = double.call("stats")["last"]
     if last is None or last["route"] != "generate":  # the baseline is a client of TGI's own /generate
         raise RuntimeError(f"the gateway's non-stream request did not reach TGI's /generate: {last}")
-    return json.dumps({"inputs": last["inputs"], "parameters": last["parameters"]}, separators=(",", ":")).encode()
+    return json.dumps(
+        {"inputs": last["inputs"], "parameters": last["parameters"]}, separators=(",", ":")
+    ).encode()
 
 
 async def run(args: argparse.Namespace, double: Double, gateway: GatewayProcess) -> None:
     gateway_body = orjson.dumps(
         {
             "model": MODEL,
-            "messages": [{"role": "user", "content": "What is the weather like in Paris today, and tomorrow?"}],
+            "messages": [
+                {"role": "user", "content": "What is the weather like in Paris today, and tomorrow?"}
+            ],
             "tools": [TOOL],
         }
     )
@@ -108,14 +112,10 @@ def main() -> int:
     p.add_argument("--delay-ms", type=float, default=0.0, help="per token (0: as fast as the double goes)")
     p.add_argument("--seconds", type=float, default=10.0, help="per run")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument(
-        "--double", choices=["fake", "lean"], default="fake",
-        help="fake: tests/fakes/tgi.py (FakeTGI); lean: benchmarks/lean_tgi.py (same bytes, far less CPU)",
-    )  # fmt: skip
     args = p.parse_args()
     import uvloop
 
-    with Double(args.tokens, "uvloop", "httptools", ["text"], args.double) as double:
+    with Double(args.tokens, "uvloop", ["text"]) as double:
         double.call("set", token_delay=args.delay_ms / 1000)
         with GatewayProcess(double.url) as gateway:
             gateway.wait_healthy()

@@ -1,91 +1,82 @@
-"""A test double of Hugging Face Text-Generation-Inference's HTTP router (TGI 3.3.x).
+"""A test double of Hugging Face Text-Generation-Inference's HTTP router (TGI 3.3.x), for the gateway's tests
+and benchmarks.
 
-Theory of operation
-===================
+Contract
+========
 
-:class:`FakeTGI` is a real HTTP/1.1 server (Starlette app on uvicorn's h11 protocol) bound to
-``127.0.0.1`` on an ephemeral port. ``with FakeTGI(...) as tgi:`` runs it on its own event loop in a
-daemon thread (the usual way: it is independent of whatever loop the test or the gateway uses);
-``async with FakeTGI(...) as tgi:`` runs it as a task on the *current* loop instead. Start and stop
-are bounded (``start_timeout``/``stop_timeout``, a few seconds at most) and stop cancels whatever is
-still streaming.
+:class:`FakeTGI` is a real HTTP/1.1 server bound to ``127.0.0.1`` (an ephemeral port unless ``port`` is
+given): an asyncio protocol parsing requests with httptools, on its own event loop in a daemon thread
+(``with FakeTGI(...) as tgi:``; the loop follows the process's asyncio policy, so a benchmark that installs
+uvloop's gets uvloop). Start and stop are bounded (a few seconds); stop ends whatever is still running.
 
-What the "model" says is decided by the test: a *script* (see :data:`Script`) gives the tokens, the
-double does everything TGI's router and stopping criteria do around them:
+It serves what the gateway calls, with the bytes, status codes and error bodies of TGI's router:
 
-* token events, ``index`` from 1, the final event with ``generated_text`` and, only when
-  ``parameters.details`` is true, ``details`` ``{finish_reason, generated_tokens, seed,
-  input_length}``; no ``[DONE]``; ``:\\n\\n`` keep-alive comments after ``keepalive_interval`` s
-  without an event (TGI/axum: 15 s);
-* stopping exactly like ``StoppingCriteria`` (text-generation-server ``utils/tokens.py``): after
-  each token, first the length limit (``length``), then EOS (``eos_token``), then the stop
-  sequences, each matched as the regex ``re.escape(stop) + "$"`` against the decoded text so far
-  (special tokens' text included, a window of the last 200-300 characters). The stop text stays in
-  ``generated_text``; a stop that ends *inside* a token does not match; Python's ``$`` also
-  matches before one trailing ``"\\n"``. When the script runs out without EOS the double appends
-  ``config.eos_token`` (``auto_eos``) -- a real model always ends somehow;
-* ``generated_text`` drops the tokens whose :attr:`Token.skipped` is true (TGI decodes it with
-  ``skip_special_tokens=True``) while every token event carries its literal text and ``special``
-  flag; ``return_full_text`` prepends ``inputs``;
-* ``seed`` is echoed in details only when sampling is in effect (``do_sample``, ``temperature``
-  != 1, ``top_k``, ``top_p`` < 1 or ``typical_p`` < 1; ``do_sample`` defaults to *true* when
-  ``parameters`` is absent altogether); a missing seed is then a random u64, else ``null``;
-* validation: the axum ``Json`` extractor rejections as plain text (415 missing/foreign
-  content-type, 400 bad JSON, 422 wrong shape, 413 over ``payload_limit``), then, in TGI's own
-  order (``validation.rs::validate``/``validate_input``; stream-only checks first; the
-  ``max_concurrent_requests`` permit is taken *before* validation) every rule with TGI's exact
-  message prefixed ``Input validation error: ``. On ``/generate_stream`` the HTTP status is always
-  200 and an error is one ``data: {"error","error_type"}`` event; on ``/generate`` it is JSON with
-  422/424/429/500;
-* ``max_new_tokens``: an explicit value is checked in full against ``max_total_tokens``; when it
-  is absent the check uses ``min(max_total_tokens - input_length, 1024)`` (TGI then re-queues
-  rounds of 1024 until ``max_total_tokens``; the double simply allows ``max_total_tokens -
-  input_length`` tokens in one go);
-* ``/generate`` returns ``{"generated_text", "details"?}`` with ``details.tokens``, ``prefill``
-  (``[]`` unless ``decoder_input_details`` and ``config.enable_prefill_logprobs``),
-  ``top_tokens``/``best_of_sequences`` only when non-empty, and the ``x-*`` headers of TGI
-  (errors carry none); ``/generate_stream`` sends ``x-compute-type``, ``x-compute-characters`` and
-  ``x-accel-buffering: no`` before anything is validated;
-* ``GET /health`` (also ``/ping``, ``GET /``) 200 empty, or 503 ``{"error":"unhealthy",
-  "error_type":"healthcheck"}`` when ``config.healthy`` is false; ``GET /info`` in TGI's field
-  order; ``POST /tokenize``; ``POST /`` (compat route); ``GET /v1/models``; ``GET /metrics``
-  (a handful of counters); ``--api-key`` semantics (bare 401 on generation routes only);
-* with ``load_delay`` the port is bound but not listening until "warm-up" ends: connections are
-  refused, exactly like TGI before ``Connected``;
-* a client that goes away is noticed at once, on ``/generate_stream`` and ``/generate`` alike (the ASGI
-  ``http.disconnect`` arrives as soon as the socket closes, whether the generation is sleeping between
-  tokens, paused or waiting on a :class:`Gate`; TGI's hyper drops the handler of a closed connection
-  the same way, non-stream included); generation stops, the permit is released and the time is
-  recorded (outcome ``disconnected``).
+* ``POST /generate_stream``: ``200`` with ``content-type: text/event-stream``, ``cache-control: no-cache``,
+  ``x-compute-type``, ``x-compute-characters``, ``x-accel-buffering: no``, chunked, sent before anything
+  is validated; then one ``data: {json}\\n\\n`` event per token (``index`` from 1, ``generated_text`` and
+  ``details`` null), the last one with ``generated_text`` and, only when ``parameters.details``,
+  ``details`` ``{finish_reason, generated_tokens, seed, input_length}``; no ``[DONE]``; ``:\\n\\n``
+  keep-alive comments after ``config.keepalive_interval`` s without an event (TGI: 15 s). An error is
+  one ``data: {"error","error_type"}`` event that ends the stream (status still 200).
+* ``POST /generate``: ``{"generated_text", "details"?}`` (``details`` only when asked: ``finish_reason``,
+  ``generated_tokens``, ``seed``, ``prefill: []``, ``tokens``) with TGI's ``x-*`` timing and count headers;
+  errors as JSON ``{"error","error_type"}`` with 422 (validation), 424 (generation), 429 (overloaded) or
+  500 (incomplete), without ``x-*`` headers.
+* ``GET /health``: 200 with an empty body, or 503 ``{"error":"unhealthy","error_type":"healthcheck"}``
+  when ``config.healthy`` is false. ``GET /info``: TGI's fields in TGI's order, from :class:`TGIConfig`.
+* Before a generation route runs: ``config.api_key`` (a bare 401 unless ``Authorization: Bearer <key>``,
+  compared case-insensitively; never on ``/health`` and ``/info``); then axum's ``Json`` extractor, in
+  plain text: 415 without a JSON content type, 413 for a body over ``config.payload_limit``, 400 for bad
+  JSON, 422 ``Failed to deserialize the JSON body into the target type: <serde-like message>`` for a
+  wrong shape (no ``inputs``, a modelled parameter of the wrong type). Unknown fields are ignored.
+* Then, in TGI's order: the ``max_concurrent_requests`` permit (``Model is overloaded``), validation
+  (``validation.rs``) of the parameters the gateway sends (``temperature``, ``repetition_penalty``,
+  ``frequency_penalty``, ``top_p``, ``top_k``, ``max_new_tokens``, ``stop`` count, empty ``inputs``,
+  input and total lengths) with TGI's messages prefixed ``Input validation error: ``; an absent
+  ``max_new_tokens`` is checked as ``min(max_total_tokens - input_length, 1024)`` and allows
+  ``max_total_tokens - input_length`` tokens.
+* Generation from a *script* (:data:`Script`) chosen by the test, stopped as TGI's ``StoppingCriteria``
+  does after each token: first the length limit (``length``), then an EOS text (``config.eos_texts``:
+  ``eos_token``), then the stop sequences, each matched as ``re.escape(stop) + "$"`` against the text so
+  far (special tokens' text included: the stop text stays in ``generated_text``, a stop ending *inside* a
+  token does not match, ``$`` also matches before one trailing ``"\\n"``). A script that runs out is
+  followed by ``<|eot_id|>``; ``generated_text`` leaves out the tokens whose :attr:`Token.skipped` is
+  true (``skip_special_tokens=True``) while each token event carries its literal text and ``special``.
+  ``seed`` is echoed only when sampling (``do_sample``, which defaults to true when ``parameters`` is
+  absent, ``temperature`` != 1, ``top_k``, ``top_p`` < 1), a random u64 when the request has none.
+* Pacing: the first token at once, each next one ``config.token_delay`` s after the previous one was due.
+* Faults: the script markers ``Pause(seconds)``, ``Gate`` (held until ``gate.open()``, from any thread),
+  ``Fail(message)`` (``Request failed during generation: ...``), ``Incomplete`` (``Incomplete generation
+  [stream]``), ``Drop`` (the connection is reset: no error event, no end of the chunked body, or no
+  answer at all on ``/generate``); :meth:`FakeTGI.fail_next`; a script that raises is a generation error
+  (the exception lands in :attr:`FakeTGI.errors`); ``config.max_concurrent_requests`` for overload;
+  ``config.healthy``; ``load_delay``: the port is bound but not listening for that long (connections are
+  refused, as before TGI logs ``Connected``).
+* A client that goes away (FIN or RST) is noticed at once, whether the generation is waiting for its next
+  token, paused or held by a gate, on both routes (hyper drops a closed connection's handler): the
+  generation stops, its permit is released, the time is recorded (outcome ``disconnected``).
+* Keep-alive connections, requests answered in order; a client that stops reading pauses its generation.
 
-Simplified / not modelled
--------------------------
+Not modelled (the gateway does not use it)
+------------------------------------------
 
-* Tokenizer. Input tokens are counted by a fixed rule (:func:`tokenize_input`): one BOS token
-  (``config.bos_token``, ``None`` for none; TGI always adds the tokenizer's special tokens, so a
-  prompt that already starts with the BOS text counts it twice, as with a real doubled BOS), one
-  token per known special-token text (:func:`special_info`), and ``ceil(n / 4)`` tokens for each
-  run of ``n`` other characters. Generated tokens are whatever the script says; their ``id`` and
-  ``logprob`` default to stable values derived from the text (ids of the Llama-3 specials are the
-  real ones).
-* The ``special`` flag: TGI sets it from ``tokenizer.all_special_ids`` (BOS/EOS/UNK/PAD and the
-  checkpoint's ``additional_special_tokens``) but drops from ``generated_text`` every added token
-  the *tokenizer* marks special, a larger set. The defaults model a plain Llama-3 tokenizer:
-  ``<|begin_of_text|>``, ``<|eot_id|>``, ``<s>``, ``</s>``, ``<unk>``, ``<|endoftext|>`` are
-  ``special: true``; the other ``<|...|>`` Llama-3 tokens (headers, ``<|eom_id|>``,
-  ``<|python_tag|>``, ``<|reserved_special_token_N|>``) are ``special: false`` yet skipped from
-  ``generated_text``. A checkpoint may differ: build the token yourself
-  (``Token(text, special=..., skip=...)``) to test the other case.
-* No real sampling, grammar or LoRA: ``grammar`` is validated (type, JSON, ``properties``) but
-  does not constrain the script; ``adapter_id`` is accepted and ignored; ``seed``/``do_sample``
-  only affect what is echoed (scripts see ``parameters`` and may use them).
-* ``best_of`` on ``/generate`` runs the script ``best_of`` times (one permit each) and returns the
-  sequence with the best mean logprob, the others in ``details.best_of_sequences``.
-* ``top_n_tokens``: the chosen token followed by ``n - 1`` invented alternatives.
-* serde's error texts in 400/422 plain-text rejections are approximations (same prefix, a
-  serde-like message, no ``at line L column C`` position for shape errors).
-* Unknown routes are an empty 404, wrong methods an empty 405; the chat/completions routes,
-  ``/invocations``, ``/vertex``, ``/chat_tokenize`` and the docs are not served.
+* The other routes (``/``, ``/ping``, ``/tokenize``, ``/metrics``, ``/v1/*``, ...): an empty 404 (405 for
+  a known path with another method). TGI's ``date``/CORS headers, ``Expect: 100-continue``.
+* The parameters ``best_of``, ``decoder_input_details``, ``grammar``, ``return_full_text``,
+  ``top_n_tokens``, ``truncate``, ``typical_p``, ``watermark``, ``adapter_id``: a request that sets one
+  (to anything but null/false) is refused with a 501 naming it, and a ``NotImplementedError`` in
+  :attr:`FakeTGI.errors`, so that a gateway starting to send one fails loudly instead of passing.
+* The tokenizer. Prompts are counted by a fixed rule (:func:`count_tokens`): one BOS token, one token per
+  known special-token text (:func:`special_info`), ``ceil(n / 4)`` per run of ``n`` other characters.
+  Generated tokens are the script's; their ``id``/``logprob`` default to stable values derived from the
+  text (the Llama-3 specials' ids are the real ones). The ``special`` flags model a plain Llama-3
+  tokenizer: ``<|begin_of_text|>``, ``<|eot_id|>``, ``<s>``, ``</s>``, ``<unk>``, ``<|endoftext|>`` are
+  ``special: true``; the other ``<|...|>`` Llama-3 tokens (headers, ``<|eom_id|>``, ``<|python_tag|>``,
+  ``<|reserved_special_token_N|>``) are ``special: false`` yet skipped from ``generated_text``; build a
+  :class:`Token` yourself for another checkpoint.
+* Sampling: ``seed``/``do_sample``/``temperature``... only decide what is echoed (scripts see the
+  ``parameters`` and may use them). TGI's rounds of 1024 tokens; serde's ``at line L column C`` on shape
+  errors.
 
 Usage
 -----
@@ -93,37 +84,24 @@ Usage
 ::
 
     with FakeTGI(script=tokens("Hel", "lo", "<|eot_id|>"), token_delay=0.02, max_total_tokens=4096) as tgi:
-        gateway = start_gateway(tgi_url=tgi.url)          # whatever the gateway needs
-        ...
-        tgi.script = lambda inputs, parameters: tokenize_text("It is sunny.<|eot_id|>")
+        gateway = start_gateway(tgi_url=tgi.url)
+        tgi.script = lambda inputs, parameters: "It is sunny.<|eot_id|>"
         tgi.config.max_concurrent_requests = 1            # any TGIConfig field, at any time
         tgi.fail_next(after_tokens=3, message="CUDA out of memory")
-        tgi.script = ["a", Gate(), "b"]                   # hold the stream until gate.open()
+        tgi.script = ["a", gate := Gate(), "b"]           # held until gate.open()
         assert tgi.last_generation.parameters["stop"] == ["<|eot_id|>"]
 
-Faults: ``fail_next``/``incomplete_next`` (next generations), or the script markers ``Fail``,
-``Incomplete``, ``Drop`` (connection reset, like a dying TGI), ``Pause(seconds)`` and ``Gate``;
-``config.healthy = False`` for a 503 ``/health``; ``config.max_concurrent_requests`` for
-overload; ``load_delay`` for a server still warming up.
+Observations
+------------
 
-Observations (for tests)
-------------------------
-
-Every request lands in :attr:`FakeTGI.requests` (:class:`RecordedRequest`, with the peer
-address: the same port means a reused connection); every request that reached generation logic
-(i.e. passed the extractor) also in :attr:`FakeTGI.generations` (:class:`GenerationRecord`:
-outcome, tokens sent, raw SSE bytes, ``disconnected_at`` ...). Times are ``time.monotonic()``
-values, comparable with the test's own. :attr:`FakeTGI.in_flight` counts held permits (TGI's
-semaphore; :attr:`FakeTGI.peak_in_flight` its maximum), :attr:`FakeTGI.streams_open` open SSE
-responses, :attr:`FakeTGI.generate_open` non-stream requests being answered,
-:attr:`FakeTGI.connections_open` TCP connections. :meth:`FakeTGI.wait_until` polls a
-predicate. Exceptions raised by scripts (answered as generation errors) or by the double itself
-collect in :attr:`FakeTGI.errors`. Records are appended by the server thread; read them from the
-test freely (lists are copied on access).
-
-Scripts run on the server's event loop: they must not block. Defaults are TGI's launcher
-defaults (``max_concurrent_requests=128``!) except ``max_input_tokens``/``max_total_tokens``
-(8191/8192).
+:attr:`FakeTGI.requests` (:class:`RecordedRequest`, with the peer address: the same port means a reused
+connection); :attr:`FakeTGI.generations` (:class:`GenerationRecord`: every generation request that passed
+the extractor, its outcome, tokens, raw SSE bytes, ``disconnected_at``, ...; times are ``time.monotonic()``);
+:attr:`FakeTGI.in_flight` (permits held) and :attr:`FakeTGI.peak_in_flight`, :attr:`FakeTGI.streams_open`,
+:attr:`FakeTGI.generate_open`; :meth:`FakeTGI.wait_until` polls a predicate. Records are appended by the
+server's thread; the properties return copies. A generation reads ``script`` and ``config`` when it starts.
+Scripts run on the server's loop: they must not block. Defaults are TGI's launcher defaults
+(``max_concurrent_requests=128``) except ``max_input_tokens``/``max_total_tokens`` (8191/8192).
 """
 
 from __future__ import annotations
@@ -131,6 +109,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
+import http
 import json
 import math
 import random
@@ -139,21 +119,13 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
-import uvicorn
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
-
-from tests.fakes.serve import QuickServer
+import httptools
 
 __all__ = [
-    "BOS",
     "EOS",
     "EOT",
     "Drop",
@@ -162,7 +134,6 @@ __all__ = [
     "Gate",
     "GenerationRecord",
     "Incomplete",
-    "InputToken",
     "Pause",
     "RecordedRequest",
     "Script",
@@ -172,23 +143,31 @@ __all__ = [
     "echo_script",
     "special",
     "special_info",
-    "tokenize_input",
     "tokenize_text",
     "tokens",
 ]
+
+START_TIMEOUT = 5.0
+STOP_TIMEOUT = 5.0
+COMPUTE_TYPE = "gpu+optimized"  # TGI's default x-compute-type
+BOS_TEXT = "<|begin_of_text|>"  # the tokenizer adds it to every prompt
 
 # --------------------------------------------------------------------------------------------
 # Tokens
 # --------------------------------------------------------------------------------------------
 
 
+def _dumps(obj: Any) -> bytes:
+    """serde_json's compact encoding."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 @dataclass(frozen=True)
 class Token:
     """One generated token.
 
-    ``special`` is the flag sent on the wire; ``skip`` says whether ``generated_text`` drops the
-    token (``None``: same as ``special``). ``id``/``logprob`` default to stable values derived
-    from the text.
+    ``special`` is the flag sent on the wire; ``skip`` says whether ``generated_text`` drops the token
+    (``None``: same as ``special``). ``id``/``logprob`` default to stable values derived from the text.
     """
 
     text: str
@@ -216,12 +195,13 @@ class Token:
 
     def as_dict(self) -> dict[str, Any]:
         lp = self.token_logprob
-        return {
-            "id": self.token_id,
-            "text": self.text,
-            "logprob": None if math.isnan(lp) else lp,
-            "special": self.special,
-        }
+        return {"id": self.token_id, "text": self.text, "logprob": None if math.isnan(lp) else lp,
+                "special": self.special}  # fmt: skip
+
+    @functools.cached_property
+    def wire(self) -> bytes:
+        """:meth:`as_dict` as compact JSON (computed once per token object)."""
+        return _dumps(self.as_dict())
 
 
 def _text_id(text: str) -> int:
@@ -266,16 +246,17 @@ def special_info(text: str) -> tuple[int, bool, bool] | None:
     return None
 
 
-def _as_token(item: Any) -> Token:
+@functools.lru_cache(maxsize=4096)
+def _text_token(text: str) -> Token:
+    info = special_info(text)
+    return Token(text, special=info[1], id=info[0], skip=info[2]) if info else Token(text)
+
+
+def _as_token(item: str | Token) -> Token:
     if isinstance(item, Token):
         return item
     if isinstance(item, str):
-        info = special_info(item)
-        if info:
-            return Token(item, special=info[1], id=info[0], skip=info[2])
-        return Token(item)
-    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-        return Token(item[0], special=bool(item[1]))
+        return _text_token(item)
     raise TypeError(f"not a token: {item!r}")
 
 
@@ -285,110 +266,43 @@ def special(text: str, *, id: int | None = None, skip: bool | None = True) -> To
     return Token(text, special=True, id=id if id is not None else (info[0] if info else None), skip=skip)
 
 
-def tokens(*pieces: str | Token | tuple[str, bool]) -> list[Token]:
+def tokens(*pieces: str | Token) -> list[Token]:
     """One token per piece. Known special-token texts get their table flags (:func:`special_info`)."""
     return [_as_token(p) for p in pieces]
 
 
 EOT = special("<|eot_id|>")
 EOS = special("</s>")
-BOS = special("<|begin_of_text|>")
 
 _WORDS = re.compile(r"\s*\S+|\s+")
 
 
-def tokenize_text(
-    text: str,
-    split: str | int | Callable[[str], list[str]] = "words",
-) -> list[Token]:
-    """Cut ``text`` into tokens the way a BPE model would emit it.
-
-    Every known special-token text (:func:`special_info`) becomes one token with its flags; the
-    text between them is cut by ``split``: ``"words"`` (leading whitespace stays with the next
-    word: ``"Hi there"`` -> ``"Hi"``, ``" there"``), ``"chars"``, an ``int`` n (n characters per
-    token) or a callable returning the pieces.
-    """
+def tokenize_text(text: str) -> list[Token]:
+    """Cut ``text`` the way a BPE model would emit it: each known special-token text is one token with its
+    flags, the text between is cut into words that keep their leading whitespace (``" there"``)."""
     out: list[Token] = []
     pos = 0
     for m in _SPECIAL_SCAN.finditer(text):
-        if special_info(m.group(0)) is None:
-            continue
-        out.extend(_split_plain(text[pos : m.start()], split))
-        out.append(_as_token(m.group(0)))
-        pos = m.end()
-    out.extend(_split_plain(text[pos:], split))
-    return out
+        if special_info(m.group(0)) is not None:
+            out += [Token(w) for w in _WORDS.findall(text[pos : m.start()])]
+            out.append(_as_token(m.group(0)))
+            pos = m.end()
+    return out + [Token(w) for w in _WORDS.findall(text[pos:])]
 
 
-def _split_plain(text: str, split: str | int | Callable[[str], list[str]]) -> list[Token]:
-    if not text:
-        return []
-    if callable(split):
-        pieces = list(split(text))
-        if "".join(pieces) != text:
-            raise ValueError("split callable must return pieces that join back to the text")
-    elif split == "words":
-        pieces = _WORDS.findall(text)
-    elif split == "chars":
-        pieces = list(text)
-    elif isinstance(split, int) and split > 0:
-        pieces = [text[i : i + split] for i in range(0, len(text), split)]
-    else:
-        raise ValueError(f"bad split: {split!r}")
-    return [Token(p) for p in pieces if p]
-
-
-# --------------------------------------------------------------------------------------------
-# Input tokenization (deterministic counting rule)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InputToken:
-    id: int
-    text: str
-    start: int  # byte offsets into inputs, like /tokenize
-    stop: int
-
-
-def tokenize_input(inputs: str, bos: str | None = "<|begin_of_text|>") -> list[InputToken]:
-    """The double's tokenizer for prompts: BOS, then one token per special-token text and
-    ``ceil(n/4)`` tokens (4 characters each) per run of ``n`` other characters."""
-    out: list[InputToken] = []
-    if bos:
-        info = special_info(bos)
-        out.append(InputToken(info[0] if info else _text_id(bos), bos, 0, 0))
-    byte_pos = 0
-
-    def plain(segment: str) -> None:
-        nonlocal byte_pos
-        for i in range(0, len(segment), 4):
-            piece = segment[i : i + 4]
-            n = len(piece.encode())
-            out.append(InputToken(_text_id(piece), piece, byte_pos, byte_pos + n))
-            byte_pos += n
-
-    pos = 0
+def count_tokens(inputs: str) -> int:
+    """A prompt's length in tokens, as the double counts it: BOS, one token per special-token text,
+    ``ceil(n / 4)`` per run of ``n`` other characters."""
+    n, pos = 1, 0
     for m in _SPECIAL_SCAN.finditer(inputs):
-        info = special_info(m.group(0))
-        if info is None:
-            continue
-        plain(inputs[pos : m.start()])
-        n = len(m.group(0).encode())
-        out.append(InputToken(info[0], m.group(0), byte_pos, byte_pos + n))
-        byte_pos += n
-        pos = m.end()
-    plain(inputs[pos:])
-    return out
-
-
-def count_tokens(inputs: str, bos: str | None = "<|begin_of_text|>") -> int:
-    """Input length in tokens as the double counts it (see :func:`tokenize_input`)."""
-    return len(tokenize_input(inputs, bos))
+        if special_info(m.group(0)) is not None:
+            n += -(-(m.start() - pos) // 4) + 1
+            pos = m.end()
+    return n - (-(len(inputs) - pos) // 4)
 
 
 # --------------------------------------------------------------------------------------------
-# Script items
+# Scripts
 # --------------------------------------------------------------------------------------------
 
 
@@ -413,42 +327,59 @@ class Incomplete:
 
 @dataclass(frozen=True)
 class Drop:
-    """Reset the TCP connection here, as when TGI dies mid-response: no error event, no end of
-    the chunked body (on ``/generate``: no response at all)."""
+    """Reset the TCP connection here, as when TGI dies mid-response."""
 
 
 class Gate:
-    """Holds the stream at this point until :meth:`open` is called (from any thread)."""
+    """Holds the generation at this point until :meth:`open` is called (from any thread); :meth:`close`
+    re-arms it."""
 
     def __init__(self, opened: bool = False) -> None:
-        self._event = threading.Event()
-        if opened:
-            self._event.set()
+        self._lock = threading.Lock()
+        self._open = opened
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, Callable[[], None]]] = []
 
     def open(self) -> None:
-        self._event.set()
+        with self._lock:
+            self._open = True
+            waiters, self._waiters = self._waiters, []
+        for loop, wake in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop has stopped
+                loop.call_soon_threadsafe(wake)
 
     def close(self) -> None:
-        self._event.clear()
+        with self._lock:
+            self._open = False
 
     @property
     def is_open(self) -> bool:
-        return self._event.is_set()
+        return self._open
+
+    def _wait(self, loop: asyncio.AbstractEventLoop, wake: Callable[[], None]) -> bool:
+        """Call ``wake`` on ``loop`` once open; False (and no call) if it is open already."""
+        with self._lock:
+            if self._open:
+                return False
+            self._waiters.append((loop, wake))
+            return True
+
+    def _forget(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            self._waiters = [w for w in self._waiters if w[1] != wake]
 
 
-ScriptItem = Token | str | tuple[str, bool] | Pause | Fail | Incomplete | Drop | Gate
-#: What the model generates: a string (cut by :func:`tokenize_text`), a list of items, or a
-#: callable ``(inputs, parameters) -> str | Iterable[ScriptItem]`` called once per generation
-#: (``parameters`` is the request's raw ``parameters`` object, ``{}`` when absent). Items are
-#: tokens (``Token``, ``str`` = one token, ``(text, special)``) or the markers ``Pause``, ``Gate``,
-#: ``Fail``, ``Incomplete``, ``Drop``. Generators are consumed lazily, one item per token.
+ScriptItem = Token | str | Pause | Fail | Incomplete | Drop | Gate
+#: What the model generates: a string (cut by :func:`tokenize_text`), a list of items, or a callable
+#: ``(inputs, parameters) -> str | Iterable[ScriptItem]`` called once per generation (``parameters``: a
+#: copy of the request's, ``{}`` when absent). Items are tokens (``Token``, or ``str`` = one token) or the
+#: markers ``Pause``, ``Gate``, ``Fail``, ``Incomplete``, ``Drop``. Iterators are consumed one item at a
+#: time, as the generation reaches them.
 Script = str | Iterable[ScriptItem] | Callable[[str, dict], str | Iterable[ScriptItem]]
 
 
 def echo_script(inputs: str, parameters: dict) -> list[Token]:
-    """Default script: ``"echo:"`` and the last eight words of the prompt (specials removed)."""
-    plain = _SPECIAL_SCAN.sub(" ", inputs)
-    words = plain.split()[-8:]
+    """The default script: ``"echo:"`` and the last eight words of the prompt (special tokens removed)."""
+    words = _SPECIAL_SCAN.sub(" ", inputs).split()[-8:]
     return tokenize_text("echo: " + " ".join(words) if words else "Hello!")
 
 
@@ -459,16 +390,15 @@ def echo_script(inputs: str, parameters: dict) -> list[Token]:
 
 @dataclass
 class TGIConfig:
-    """Everything the launcher would decide, plus the double's knobs. Mutable at run time."""
+    """The launcher's settings and the double's knobs; mutable at run time."""
 
-    # /info and router limits (launcher defaults unless noted)
+    # /info, in TGI's order (launcher defaults unless noted)
     model_id: str = "meetkai/functionary-small-v3.2"
     model_sha: str | None = "0123456789abcdef0123456789abcdef01234567"
     model_pipeline_tag: str | None = "text-generation"
     max_concurrent_requests: int = 128
     max_best_of: int = 2
     max_stop_sequences: int = 4
-    max_top_n_tokens: int = 5
     max_input_tokens: int = 8191
     max_total_tokens: int = 8192
     validation_workers: int = 2
@@ -476,62 +406,57 @@ class TGIConfig:
     version: str = "3.3.6-dev0"
     sha: str | None = None
     docker_label: str | None = None
-    compute_type: str = "gpu+optimized"
+    # the router
     payload_limit: int = 2_000_000
     api_key: str | None = None
-    disable_grammar_support: bool = False
-    enable_prefill_logprobs: bool = False
-    # health
     healthy: bool = True
-    # tokenizer model
-    bos_token: str | None = "<|begin_of_text|>"
-    eos_token: Token = EOT
     eos_texts: frozenset[str] = frozenset(
         {"<|eot_id|>", "<|end_of_text|>", "<|eom_id|>", "</s>", "<|endoftext|>"}
     )
-    auto_eos: bool = True
     # timing
-    first_token_delay: float = 0.0  # after validation, before the first token
-    token_delay: float = 0.0  # before each following token
+    token_delay: float = 0.0  # between tokens (the first one comes at once)
     keepalive_interval: float | None = 15.0  # ":\n\n" after this long without an event; None: never
-    load_delay: float = 0.0  # port refuses connections this long after start()
-    # uvicorn's HTTP implementation: h11 (tests) or httptools (benchmarks: about half the CPU per token,
-    # closer to a real TGI whose router spends almost none). Read at start().
-    http_impl: str = "h11"
+    load_delay: float = 0.0  # the port refuses connections this long after start()
+    # Launcher flags that tests/fakes/docker_engine.py passes on; they govern parameters the double does not
+    # model (top_n_tokens, grammar, decoder_input_details), so nothing reads them.
+    max_top_n_tokens: int = 5
+    disable_grammar_support: bool = False
+    enable_prefill_logprobs: bool = False
+
+
+_INFO_FIELDS = ("model_id", "model_sha", "model_pipeline_tag", "max_concurrent_requests", "max_best_of",
+                "max_stop_sequences", "max_input_tokens", "max_total_tokens", "validation_workers",
+                "max_client_batch_size", "router", "version", "sha", "docker_label")  # fmt: skip
 
 
 @dataclass
 class RecordedRequest:
     method: str
-    path: str
-    headers: dict[str, str]  # lower-case names
-    body: bytes
-    json: Any  # parsed body, or None when it is not JSON
-    at: float  # time.monotonic() when the body was read
+    path: str  # without the query
+    headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
+    json: Any  # the parsed body, or None when it is not JSON
     client: tuple[str, int] | None = None  # peer address: same port = same (reused) connection
 
 
 @dataclass
 class GenerationRecord:
-    """One generation request that got past the JSON extractor."""
+    """One generation request that got past the extractor."""
 
     request: RecordedRequest
-    route: str  # "generate" | "generate_stream" | "compat"
+    route: str  # "generate" | "generate_stream"
     stream: bool
     inputs: str
     parameters: dict
-    started_at: float
-    outcome: str = "running"  # running | completed | validation | overloaded | generation |
-    # incomplete | dropped (Drop marker) | disconnected | aborted (double stopped)
+    outcome: str = "running"  # running | completed | validation | overloaded | generation | incomplete |
+    # dropped (the Drop marker) | disconnected | aborted (the double stopped, or a bug in it)
     error: str | None = None
     input_length: int | None = None
     finish_reason: str | None = None
     generated_text: str | None = None
-    tokens: list[Token] = field(default_factory=list)  # tokens generated (sent, for a stream;
-    # every sequence's, interleaved, for best_of > 1)
-    events: list[bytes] = field(default_factory=list)  # raw SSE bytes written, keep-alives included
+    tokens: list[Token] = field(default_factory=list)  # generated (for a stream: sent)
+    events: list[bytes] = field(default_factory=list)  # the raw SSE events written, keep-alives included
     ended_at: float | None = None
-    disconnected_at: float | None = None  # when the double noticed the client had gone
+    disconnected_at: float | None = None  # when the double noticed that the client had gone
 
     @property
     def disconnected(self) -> bool:
@@ -543,118 +468,64 @@ class GenerationRecord:
 
 
 # --------------------------------------------------------------------------------------------
-# Errors
+# Errors, extraction and validation (axum's Json extractor, router/src/validation.rs)
 # --------------------------------------------------------------------------------------------
 
-_STATUS = {
-    "validation": 422,
-    "generation": 424,
-    "overloaded": 429,
-    "incomplete_generation": 500,
-    "incomplete_generation_stream": 500,
-}
+_STATUS = {"validation": 422, "generation": 424, "overloaded": 429, "incomplete_generation": 500}
 
 
 class _InferError(Exception):
     def __init__(self, error_type: str, message: str) -> None:
         super().__init__(message)
-        self.error_type = error_type
-        self.message = message
+        self.error_type, self.message = error_type, message
 
     @property
     def outcome(self) -> str:
         return "incomplete" if self.error_type.startswith("incomplete") else self.error_type
 
-    def body(self) -> dict[str, str]:
-        return {"error": self.message, "error_type": self.error_type}
+    def body(self) -> bytes:
+        return _dumps({"error": self.message, "error_type": self.error_type})
 
 
-def _validation(msg: str) -> _InferError:
-    return _InferError("validation", f"Input validation error: {msg}")
+def _validation(message: str) -> _InferError:
+    return _InferError("validation", f"Input validation error: {message}")
 
 
-class _IncompleteSignal(Exception):
-    pass
+def _generation(message: str) -> _InferError:
+    return _InferError("generation", f"Request failed during generation: {message}")
 
 
-class _DropSignal(Exception):
-    pass
+class _Reply(Exception):
+    """A response decided before generation (a rejection): ``(status, content type, body)``."""
+
+    def __init__(self, status: int, body: str = "", content_type: str = "text/plain; charset=utf-8") -> None:
+        super().__init__(status, body)
+        self.status, self.body, self.content_type = status, body.encode(), content_type
 
 
-def _abort_connection(server: uvicorn.Server | None, scope: dict) -> bool:
-    """Reset the TCP connection that carries ``scope`` (uvicorn internals, h11 and httptools alike)."""
-    if server is None:
-        return False
-    for connection in list(server.server_state.connections):
-        cycle = getattr(connection, "cycle", None)
-        if cycle is not None and cycle.scope is scope:
-            connection.transport.abort()
-            return True
-    return False
-
-
-_KEEPALIVE = object()
-
-
-def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-# --------------------------------------------------------------------------------------------
-# Request extraction (axum Json<GenerateRequest> semantics)
-# --------------------------------------------------------------------------------------------
-
-_U32 = 2**32 - 1
-_U64 = 2**64 - 1
-_PARAM_KINDS = {
-    "adapter_id": "?string",
-    "best_of": "?usize",
-    "decoder_input_details": "bool",
-    "details": "bool",
-    "do_sample": "bool",
-    "frequency_penalty": "?f32",
-    "grammar": "?grammar",
-    "max_new_tokens": "?u32",
-    "repetition_penalty": "?f32",
-    "return_full_text": "?bool",
-    "seed": "?u64",
-    "stop": "vec_string",
-    "temperature": "?f32",
-    "top_k": "?i32",
-    "top_n_tokens": "?u32",
-    "top_p": "?f32",
-    "truncate": "?usize",
-    "typical_p": "?f32",
-    "watermark": "bool",
-}
-_EXPECTED = {
-    "string": "a string",
-    "bool": "a boolean",
-    "f32": "f32",
-    "u32": "u32",
-    "u64": "u64",
-    "usize": "usize",
-    "i32": "i32",
-    "vec_string": "a sequence",
-    "grammar": "internally tagged enum GrammarType",
-}
-_INT_RANGES = {"u32": (0, _U32), "u64": (0, _U64), "usize": (0, _U64), "i32": (-(2**31), 2**31 - 1)}
+# serde's types of the parameters the double models, for the extractor's 422s
+_KINDS = {"details": "bool", "do_sample": "bool", "frequency_penalty": "?f32", "max_new_tokens": "?u32",
+          "repetition_penalty": "?f32", "seed": "?u64", "stop": "seq", "temperature": "?f32", "top_k": "?i32",
+          "top_p": "?f32"}  # fmt: skip
+_UNMODELLED = ("adapter_id", "best_of", "decoder_input_details", "grammar", "return_full_text", "top_n_tokens",
+               "truncate", "typical_p", "watermark")  # fmt: skip
+_EXPECTED = {"bool": "a boolean", "f32": "f32", "u32": "u32", "u64": "u64", "i32": "i32", "seq": "a sequence"}
+_RANGES = {"u32": (0, 2**32 - 1), "u64": (0, 2**64 - 1), "i32": (-(2**31), 2**31 - 1)}
 
 
 def _unexpected(v: Any) -> str:
+    """serde's name of a JSON value's type."""
     if v is None:
         return "null"
     if isinstance(v, bool):
-        return f"boolean `{'true' if v else 'false'}`"
+        return f"boolean `{str(v).lower()}`"
     if isinstance(v, int):
         return f"integer `{v}`"
     if isinstance(v, float):
         return f"floating point `{v!r}`"
     if isinstance(v, str):
         return "string " + json.dumps(v, ensure_ascii=False)
-    if isinstance(v, list):
-        return "sequence"
-    return "map"
+    return "sequence" if isinstance(v, list) else "map"
 
 
 def _type_error(kind: str, v: Any) -> str | None:
@@ -662,144 +533,495 @@ def _type_error(kind: str, v: Any) -> str | None:
         if v is None:
             return None
         kind = kind[1:]
-    bad = f"invalid type: {_unexpected(v)}, expected {_EXPECTED[kind]}"
-    if kind == "string":
-        return None if isinstance(v, str) else bad
     if kind == "bool":
-        return None if isinstance(v, bool) else bad
-    if kind == "f32":
-        return None if isinstance(v, (int, float)) and not isinstance(v, bool) else bad
-    if kind in _INT_RANGES:
-        if isinstance(v, bool) or not isinstance(v, int):
-            return bad
-        lo, hi = _INT_RANGES[kind]
-        if not lo <= v <= hi:
-            return f"invalid value: integer `{v}`, expected {kind}"
-        return None
-    if kind == "vec_string":
-        if not isinstance(v, list):
-            return bad
-        for i, item in enumerate(v):
-            if not isinstance(item, str):
-                return f"[{i}]: invalid type: {_unexpected(item)}, expected a string"
-        return None
-    if kind == "grammar":
-        if not isinstance(v, dict):
-            return bad
-        if "type" not in v:
-            return "missing field `type`"
-        if v["type"] not in ("json", "json_object", "regex", "json_schema"):
-            return (
-                f"unknown variant `{v['type']}`, expected one of `json`, `json_object`, `regex`, "
-                "`json_schema`"
-            )
-        if "value" not in v:
-            return "missing field `value`"
-        if v["type"] == "regex" and not isinstance(v["value"], str):
-            return f"value: invalid type: {_unexpected(v['value'])}, expected a string"
-        if v["type"] == "json_schema":
-            if not isinstance(v["value"], dict):
-                return f"value: invalid type: {_unexpected(v['value'])}, expected struct JsonSchemaConfig"
-            if "schema" not in v["value"]:
-                return "value: missing field `schema`"
-        return None
-    raise AssertionError(kind)
-
-
-def _json_content_type(ct: str | None) -> bool:
-    if not ct:
-        return False
-    mime = ct.split(";", 1)[0].strip().lower()
-    if "/" not in mime:
-        return False
-    typ, sub = mime.split("/", 1)
-    return typ == "application" and (sub == "json" or sub.endswith("+json"))
+        ok = isinstance(v, bool)
+    elif kind == "f32":
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    elif kind == "seq":
+        if isinstance(v, list):
+            bad = next((i for i, item in enumerate(v) if not isinstance(item, str)), None)
+            return None if bad is None else f"[{bad}]: invalid type: {_unexpected(v[bad])}, expected a string"
+        ok = False
+    else:  # an integer
+        if isinstance(v, int) and not isinstance(v, bool):
+            lo, hi = _RANGES[kind]
+            return None if lo <= v <= hi else f"invalid value: integer `{v}`, expected {kind}"
+        ok = False
+    return None if ok else f"invalid type: {_unexpected(v)}, expected {_EXPECTED[kind]}"
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"invalid number `{name}`")
 
 
-def _extract(request_headers: dict[str, str], body: bytes, *, compat: bool = False) -> dict | Response:
-    """Mimic ``axum::Json<GenerateRequest>``: returns the parsed object or the rejection."""
-    if not _json_content_type(request_headers.get("content-type")):
-        return PlainTextResponse("Expected request with `Content-Type: application/json`", status_code=415)
+def _parse_json(body: bytes) -> tuple[Any, str | None]:
+    """``(value, None)``, or ``(None, serde-like error)``."""
     try:
-        obj = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except UnicodeDecodeError as e:
-        return PlainTextResponse(f"Failed to parse the request body as JSON: {e}", status_code=400)
+        return json.loads(body.decode(), parse_constant=_reject_constant), None
     except json.JSONDecodeError as e:
         what = "EOF while parsing a value" if e.pos >= len(e.doc.rstrip()) else e.msg.lower()
-        return PlainTextResponse(
-            f"Failed to parse the request body as JSON: {what} at line {e.lineno} column {e.colno}",
-            status_code=400,
-        )
-    except ValueError as e:
-        return PlainTextResponse(f"Failed to parse the request body as JSON: {e}", status_code=400)
+        return None, f"{what} at line {e.lineno} column {e.colno}"
+    except ValueError as e:  # UnicodeDecodeError included
+        return None, str(e)
 
-    def shape(msg: str) -> Response:
-        return PlainTextResponse(
-            f"Failed to deserialize the JSON body into the target type: {msg}", status_code=422
-        )
 
-    target = "CompatGenerateRequest" if compat else "GenerateRequest"
+def _extract(request: RecordedRequest, body: bytes, payload_limit: int, errors: list) -> dict:
+    """``axum::Json<GenerateRequest>``: the request object, or raises the :class:`_Reply` of its rejection."""
+    mime = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if not (mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))):
+        raise _Reply(415, "Expected request with `Content-Type: application/json`")
+    if len(body) > payload_limit:
+        raise _Reply(413, "Failed to buffer the request body: length limit exceeded")
+    obj, error = (request.json, None) if request.json is not None else _parse_json(body)
+    if error is not None:
+        raise _Reply(400, f"Failed to parse the request body as JSON: {error}")
+
+    def shape(message: str) -> _Reply:
+        return _Reply(422, f"Failed to deserialize the JSON body into the target type: {message}")
+
     if not isinstance(obj, dict):
-        return shape(f"invalid type: {_unexpected(obj)}, expected struct {target}")
+        raise shape(f"invalid type: {_unexpected(obj)}, expected struct GenerateRequest")
     if "inputs" not in obj:
-        return shape("missing field `inputs`")
+        raise shape("missing field `inputs`")
     if not isinstance(obj["inputs"], str):
-        return shape(f"inputs: invalid type: {_unexpected(obj['inputs'])}, expected a string")
-    if compat and "stream" in obj and not isinstance(obj["stream"], bool):
-        return shape(f"stream: invalid type: {_unexpected(obj['stream'])}, expected a boolean")
-    if "parameters" in obj:
-        params = obj["parameters"]
-        if not isinstance(params, dict):
-            return shape(
-                f"parameters: invalid type: {_unexpected(params)}, expected struct GenerateParameters"
-            )
-        for name, kind in _PARAM_KINDS.items():
-            if name in params:
-                err = _type_error(kind, params[name])
-                if err is not None:
-                    sep = "" if err.startswith("[") else ": "
-                    return shape(f"parameters.{name}{sep}{err}")
+        raise shape(f"inputs: invalid type: {_unexpected(obj['inputs'])}, expected a string")
+    if "parameters" not in obj:
+        return obj
+    params = obj["parameters"]
+    if not isinstance(params, dict):
+        raise shape(f"parameters: invalid type: {_unexpected(params)}, expected struct GenerateParameters")
+    for name, kind in _KINDS.items():
+        if name in params and (err := _type_error(kind, params[name])) is not None:
+            raise shape(f"parameters.{name}{'' if err.startswith('[') else ': '}{err}")
+    for name in _UNMODELLED:
+        if params.get(name) not in (None, False):
+            errors.append(NotImplementedError(f"the TGI double does not model parameters.{name}"))
+            raise _Reply(501, f"the TGI double does not model parameters.{name}")
     return obj
-
-
-# --------------------------------------------------------------------------------------------
-# Validation (router/src/validation.rs)
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass
 class _Valid:
-    inputs: str
-    parameters: dict
     input_length: int
     max_new_tokens: int
     stop: list[str]
     details: bool
-    decoder_input_details: bool
-    return_full_text: bool
-    sampling: bool
-    seed: int
-    top_n_tokens: int
+    seed: int | None  # echoed in details: only when sampling
 
 
-class _Permit:
+# TGI's per-parameter rules, in validation.rs's order: (parameter, refused when, message)
+_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("temperature", lambda v: v <= 0, "`temperature` must be strictly positive"),
+    ("repetition_penalty", lambda v: v <= 0, "`repetition_penalty` must be strictly positive"),
+    ("frequency_penalty", lambda v: not -2 <= v <= 2, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
+    ("top_p", lambda v: not 0 < v < 1, "`top_p` must be > 0.0 and < 1.0"),
+    ("top_k", lambda v: v <= 0, "`top_k` must be strictly positive"),
+    ("max_new_tokens", lambda v: v == 0, "`max_new_tokens` must be strictly positive"),
+]
+
+
+def _validate(c: TGIConfig, inputs: str, params: dict | None) -> _Valid:
+    p = params or {}
+    for name, refused, message in _RULES:
+        if p.get(name) is not None and refused(p[name]):
+            raise _validation(message)
+    stop = p.get("stop") or []
+    if len(stop) > c.max_stop_sequences:
+        raise _validation(f"`stop` supports up to {c.max_stop_sequences} stop sequences. Given: {len(stop)}")
+    if inputs == "":
+        raise _validation("`inputs` cannot be empty")
+    input_length = count_tokens(inputs)
+    max_new = p.get("max_new_tokens")
+    cap = max_new if max_new is not None else max(0, c.max_total_tokens - input_length)
+    checked = max_new if max_new is not None else min(cap, 1024)
+    if input_length + checked > c.max_total_tokens:
+        raise _validation(
+            f"`inputs` tokens + `max_new_tokens` must be <= {c.max_total_tokens}. "
+            f"Given: {input_length} `inputs` tokens and {checked} `max_new_tokens`"
+        )
+    if input_length > c.max_input_tokens:
+        raise _validation(f"`inputs` must have less than {c.max_input_tokens} tokens. Given: {input_length}")
+    t, top_p = p.get("temperature"), p.get("top_p")
+    sampling = (
+        (p.get("do_sample", False) if params is not None else True)
+        or (t is not None and t != 1.0)
+        or bool(p.get("top_k"))
+        or (top_p is not None and top_p < 1.0)
+    )
+    seed = (p["seed"] if p.get("seed") is not None else random.getrandbits(64)) if sampling else None
+    return _Valid(input_length, cap, stop, bool(p.get("details")), seed)
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP/1.1
+# --------------------------------------------------------------------------------------------
+
+_TOKEN_EVENT = b'data: {"index":%d,"token":%b,"generated_text":null,"details":null}\n\n'
+_FINAL_EVENT = b'data: {"index":%d,"token":%b,"generated_text":%b,"details":%b}\n\n'
+_KEEPALIVE = b":\n\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def _head(status: int, headers: Iterable[tuple[str, str]], close: bool) -> bytes:
+    lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", *(f"{k}: {v}" for k, v in headers)]
+    if close:
+        lines.append("connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: requests are parsed (httptools) as they arrive and answered one after the
+    other; the generation being answered learns at once when the connection goes."""
+
+    transport: asyncio.Transport
+
     def __init__(self, fake: FakeTGI) -> None:
         self.fake = fake
+        self.peer: tuple[str, int] | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.pending: collections.deque[tuple[RecordedRequest, bytes, bool]] = collections.deque()
+        self.busy = False  # a response is being written
+        self.close_after = False
+        self.generation: _Generation | None = None
+        self.paused = False  # the client does not read: the transport's buffer is full
+        self.on_resume: Callable[[], None] | None = None
+        self._url, self._headers, self._body = b"", {}, []
 
-    def __enter__(self) -> _Permit:
-        fake = self.fake
-        if fake._in_flight >= fake.config.max_concurrent_requests:
-            raise _InferError("overloaded", "Model is overloaded")
-        fake._in_flight += 1
-        fake._peak_in_flight = max(fake._peak_in_flight, fake._in_flight)
-        return self
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = (peer[0], peer[1]) if peer else None
+        self.fake._connections.add(self)
 
-    def __exit__(self, *exc: object) -> None:
-        self.fake._in_flight -= 1
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self.busy:
+                self.transport.close()
+            else:
+                self.busy = True
+                self.respond(400, close=True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fake._connections.discard(self)
+        if self.generation is not None:
+            self.generation.client_left()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        resume, self.on_resume = self.on_resume, None
+        if resume is not None:
+            resume()
+
+    # httptools' callbacks
+    def on_message_begin(self) -> None:
+        self._url, self._headers, self._body = b"", {}, []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+        self._headers[key] = f"{self._headers[key]}, {text}" if key in self._headers else text
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        body = b"".join(self._body)
+        path = self._url.decode("latin-1").partition("?")[0]
+        parsed = _parse_json(body)[0] if body else None
+        request = RecordedRequest(self.parser.get_method().decode(), path, self._headers, parsed, self.peer)
+        self.pending.append((request, body, self.parser.should_keep_alive()))
+        self.next_request()
+
+    # responses
+    def next_request(self) -> None:
+        if self.pending and not self.busy and not self.transport.is_closing():
+            request, body, keep_alive = self.pending.popleft()
+            self.busy, self.close_after = True, not keep_alive
+            self.fake._dispatch(self, request, body)
+
+    def respond(self, status: int, body: bytes = b"", content_type: str | None = None,
+                headers: Iterable[tuple[str, str]] = (), close: bool = False) -> None:  # fmt: skip
+        """A whole response (``content-length``)."""
+        hs = [("content-type", content_type)] if content_type else []
+        hs += [*headers, ("content-length", str(len(body)))]
+        self.close_after |= close
+        self.transport.write(_head(status, hs, self.close_after) + body)
+        self.done()
+
+    def start_stream(self, headers: Iterable[tuple[str, str]]) -> None:
+        self.transport.write(_head(200, [*headers, ("transfer-encoding", "chunked")], self.close_after))
+
+    def end_stream(self, last: bytes) -> None:
+        self.transport.write(_chunk(last) + b"0\r\n\r\n")
+        self.done()
+
+    def done(self) -> None:
+        """The response is written: the next request, if any (a pipelining client)."""
+        self.busy, self.generation = False, None
+        if self.close_after:
+            self.transport.close()
+        elif self.pending:
+            self.fake._loop.call_soon(self.next_request)  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+
+_END = object()
+
+
+class _Generation:
+    """One generation request, from its response head to its end, driven by the server loop's callbacks:
+    pull a script item, act on it (a token: emit it when due), pull the next. No task, no coroutine."""
+
+    valid: _Valid
+
+    def __init__(self, fake: FakeTGI, conn: _Connection, record: GenerationRecord) -> None:
+        c = fake.config
+        self.fake, self.conn, self.record, self.stream = fake, conn, record, record.stream
+        self.loop: asyncio.AbstractEventLoop = fake._loop  # type: ignore[assignment]
+        self.delay, self.eos_texts = c.token_delay, c.eos_texts
+        self.keepalive = c.keepalive_interval if record.stream else None
+        self.items: Iterator[Any] = iter(())
+        self.permit = self.eos_appended = False
+        self.fault: tuple[int, str] | None = None
+        self.stops: tuple[str, ...] = ()
+        self.window, self.window_size = "", 1
+        self.timer: asyncio.Handle | None = None
+        self.gate: Gate | None = None
+        self.pending: Token = EOT  # the token that is waiting to be emitted
+        self.max_new_tokens = 0
+        self._emit = self.emit  # (one bound method for every token's callback)
+        self.received_at = self.validated_at = time.monotonic()
+        self.due = self.last_event = self.loop.time()  # when the last token was due; the last write
+
+    def run(self, params: dict | None) -> None:
+        """Answer: head (stream), permit, validation, the script; then tokens as they come due."""
+        fake, c, record = self.fake, self.fake.config, self.record
+        if self.stream:
+            self.conn.start_stream([("content-type", "text/event-stream"), ("cache-control", "no-cache"),
+                                    ("x-compute-type", COMPUTE_TYPE), ("x-compute-characters", str(len(record.inputs))),
+                                    ("x-accel-buffering", "no")])  # fmt: skip
+            fake._streams_open += 1
+        else:
+            fake._generate_open += 1
+        fake._running.add(self)
+        try:
+            if fake._in_flight >= c.max_concurrent_requests:
+                raise _InferError("overloaded", "Model is overloaded")
+            valid = self.valid = _validate(c, record.inputs, params)
+            record.input_length, self.validated_at = valid.input_length, time.monotonic()
+            self.max_new_tokens = valid.max_new_tokens
+            fake._in_flight += 1
+            fake._peak_in_flight = max(fake._peak_in_flight, fake._in_flight)
+            self.permit = True
+            self.fault = fake._faults.popleft() if fake._faults else None
+            self.stops = (*valid.stop, *(s + "\n" for s in valid.stop))  # `$` also matches before a last "\n"
+            self.window_size = max(map(len, valid.stop), default=0) + 1
+            script = fake.script
+            try:
+                produced = script(record.inputs, dict(record.parameters)) if callable(script) else script
+                self.items = iter(tokenize_text(produced) if isinstance(produced, str) else produced)
+            except Exception as e:
+                fake.errors.append(e)
+                raise _generation(f"script raised {e!r}") from e
+        except _InferError as e:
+            self.fail(e)
+            return
+        self.pull()
+
+    # ---- the loop
+    def pull(self) -> None:
+        try:
+            while True:
+                try:
+                    item = next(self.items, _END)
+                except Exception as e:
+                    self.fake.errors.append(e)
+                    raise _generation(f"script raised {e!r}") from e
+                if type(item) is not Token:
+                    if isinstance(item, str):
+                        item = _text_token(item)
+                    elif self.marker(item):
+                        continue
+                    else:
+                        return
+                self.pending = item
+                if self.delay and self.record.tokens:
+                    self.due += self.delay
+                    self.wait(self.due, self._emit)
+                else:
+                    self.timer = self.loop.call_soon(self._emit)
+                return
+        except _InferError as e:
+            self.fail(e)
+        except Exception as e:  # noqa: BLE001 - a bug in the double (or a bad item): make it visible
+            self.crash(e)
+
+    def marker(self, item: Any) -> bool:
+        """Act on a script item that is not a token; True: pull the next one at once."""
+        if item is _END:  # the script ran out: EOS, as a model would say
+            if self.eos_appended:
+                raise _InferError("incomplete_generation", "Incomplete generation")
+            self.eos_appended, self.items = True, iter([EOT])
+            return True
+        if isinstance(item, Pause):
+            self.due = self.loop.time() + item.seconds
+            self.wait(self.due, self.resume)
+        elif isinstance(item, Gate):
+            if not item._wait(self.loop, self.gate_opened):
+                return True
+            self.gate = item
+            self.wait(math.inf, None)
+        elif isinstance(item, Fail):
+            raise _generation(item.message)
+        elif isinstance(item, Incomplete):
+            raise _InferError("incomplete_generation", "Incomplete generation")
+        elif isinstance(item, Drop):
+            self.end("dropped")
+            self.conn.transport.abort()
+        else:
+            raise TypeError(f"not a script item: {item!r}")
+        return False
+
+    def wait(self, due: float, then: Callable[[], None] | None) -> None:
+        """Call ``then`` at ``due`` (loop time); keep-alives in between when a stream waits that long."""
+        ka = self.keepalive
+        if ka is not None and due > self.last_event + ka:
+            self.timer = self.loop.call_at(self.last_event + ka, self.keep_alive, due, then)
+        elif due < math.inf:
+            self.timer = self.loop.call_at(due, then)  # type: ignore[arg-type]
+
+    def keep_alive(self, due: float, then: Callable[[], None] | None) -> None:
+        self.record.events.append(_KEEPALIVE)
+        self.last_event = self.loop.time()
+        self.conn.transport.write(_chunk(_KEEPALIVE))
+        self.wait(due, then)
+
+    def resume(self) -> None:
+        self.due = self.loop.time()
+        self.pull()
+
+    def gate_opened(self) -> None:
+        if self.gate is not None and self.record.ended_at is None:
+            self.gate = None
+            if self.timer is not None:
+                self.timer.cancel()
+            self.resume()
+
+    def emit(self) -> None:
+        tok, record = self.pending, self.record
+        toks = record.tokens
+        try:
+            if self.fault is not None and len(toks) >= self.fault[0]:
+                raise _generation(self.fault[1])
+            toks.append(tok)
+            n = len(toks)
+            if n >= self.max_new_tokens:
+                self.finish("length")
+            elif tok.text in self.eos_texts:
+                self.finish("eos_token")
+            elif self.stops and self.stopped(tok.text):
+                self.finish("stop_sequence")
+            else:
+                if self.stream:
+                    event = _TOKEN_EVENT % (n, tok.wire)
+                    record.events.append(event)
+                    self.last_event = self.loop.time()
+                    conn = self.conn
+                    conn.transport.write(b"%x\r\n%b\r\n" % (len(event), event))
+                    if conn.paused:  # the client does not read: wait for it (TGI's stream backs up too)
+                        conn.on_resume = self.pull
+                        return
+                self.pull()
+        except _InferError as e:
+            self.fail(e)
+        except Exception as e:  # noqa: BLE001 - a bug in the double: make it visible
+            self.crash(e)
+
+    def stopped(self, text: str) -> bool:
+        self.window = w = (self.window + text)[-self.window_size :]
+        return w.endswith(self.stops)
+
+    # ---- the ends
+    def finish(self, reason: str) -> None:
+        record, valid, toks = self.record, self.valid, self.record.tokens
+        n, text = len(toks), "".join(t.text for t in toks if not t.skipped)
+        record.finish_reason, record.generated_text = reason, text
+        self.end("completed")
+        if self.stream:
+            details = {"finish_reason": reason, "generated_tokens": n, "seed": valid.seed,
+                       "input_length": valid.input_length} if valid.details else None  # fmt: skip
+            event = _FINAL_EVENT % (n, toks[-1].wire, _dumps(text), _dumps(details))
+            record.events.append(event)
+            self.conn.end_stream(event)
+            return
+        body = b'{"generated_text":%b' % _dumps(text)
+        if valid.details:
+            body += b',"details":{"finish_reason":%b,"generated_tokens":%d,"seed":%b,"prefill":[],"tokens":[%b]}' % (
+                _dumps(reason), n, _dumps(valid.seed), b",".join(t.wire for t in toks))  # fmt: skip
+        now = time.monotonic()
+        total, inference = now - self.received_at, now - self.validated_at
+        headers = {"x-compute-type": COMPUTE_TYPE, "x-compute-time": repr(total),
+                   "x-compute-characters": len(record.inputs), "x-total-time": int(total * 1000),
+                   "x-validation-time": int((self.validated_at - self.received_at) * 1000), "x-queue-time": 0,
+                   "x-inference-time": int(inference * 1000), "x-time-per-token": int(inference * 1000 / n),
+                   "x-prompt-tokens": valid.input_length, "x-generated-tokens": n}  # fmt: skip
+        self.conn.respond(200, body + b"}", "application/json", [(k, str(v)) for k, v in headers.items()])
+
+    def fail(self, e: _InferError) -> None:
+        """TGI's error: one event that ends the stream, or a JSON answer with its status."""
+        if self.record.ended_at is not None:
+            return
+        if e.error_type == "incomplete_generation" and self.stream:
+            e = _InferError("incomplete_generation_stream", "Incomplete generation stream")
+        self.end(e.outcome, e.message)
+        if self.stream:
+            event = b"data: " + e.body() + b"\n\n"
+            self.record.events.append(event)
+            self.conn.end_stream(event)
+        else:
+            self.conn.respond(_STATUS[e.error_type], e.body(), "application/json")
+
+    def crash(self, e: Exception) -> None:
+        self.fake.errors.append(e)
+        self.end("aborted", repr(e))
+        self.conn.transport.abort()
+
+    def client_left(self) -> None:
+        if self.record.ended_at is None:
+            self.record.disconnected_at = time.monotonic()
+            self.end("disconnected")
+
+    def end(self, outcome: str, error: str | None = None) -> None:
+        """Record the outcome and let go of all the generation holds (once)."""
+        record, fake = self.record, self.fake
+        if record.ended_at is not None:
+            return
+        record.outcome, record.error, record.ended_at = outcome, error, time.monotonic()
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.gate is not None:
+            self.gate._forget(self.gate_opened)
+        self.conn.on_resume = None
+        fake._running.discard(self)
+        fake._in_flight -= self.permit
+        if self.stream:
+            fake._streams_open -= 1
+        else:
+            fake._generate_open -= 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -808,52 +1030,37 @@ class _Permit:
 
 
 class FakeTGI:
-    """The TGI double. See the module docstring.
+    """The TGI double (see the module docstring). ``FakeTGI(script=None, *, port=0, **config)``: ``config``
+    keywords are :class:`TGIConfig` fields; ``script`` (default :func:`echo_script`) and ``config`` may
+    change at any time."""
 
-    ``FakeTGI(script=None, *, host="127.0.0.1", port=0, start_timeout=5, stop_timeout=5,
-    **config)`` -- ``config`` keywords are :class:`TGIConfig` fields. ``script`` (and
-    ``config``) can be changed at any time; each generation reads them when it starts.
-    """
-
-    def __init__(
-        self,
-        script: Script | None = None,
-        *,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        start_timeout: float = 5.0,
-        stop_timeout: float = 5.0,
-        **config: Any,
-    ) -> None:
+    def __init__(self, script: Script | None = None, *, port: int = 0, **config: Any) -> None:
         self.config = TGIConfig(**config)
         self.script: Script = script if script is not None else echo_script
-        self.host = host
-        self.port = port
-        self.start_timeout = start_timeout
-        self.stop_timeout = stop_timeout
+        self.host, self.port = "127.0.0.1", port
         self.errors: list[BaseException] = []  # raised by scripts, or by the double itself
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
         self._generations: list[GenerationRecord] = []
-        self._faults: collections.deque[tuple[int, str, str]] = collections.deque()
-        self._counters: collections.Counter[tuple[str, str]] = collections.Counter()
-        self._in_flight = 0
-        self._peak_in_flight = 0
-        self._streams_open = 0
-        self._generate_open = 0
-        self._active: set[asyncio.Task] = set()
+        self._faults: collections.deque[tuple[int, str]] = collections.deque()  # (after tokens, message)
+        self._running: set[_Generation] = set()
+        self._connections: set[_Connection] = set()
+        self._in_flight = self._peak_in_flight = self._streams_open = self._generate_open = 0
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: QuickServer | None = None
         self._thread: threading.Thread | None = None
-        self._task: asyncio.Task | None = None
+        self._stopping: asyncio.Event | None = None
         self._ready = threading.Event()
         self._listening = False
-        self._stop_requested: asyncio.Event | None = None
         self._error: BaseException | None = None
-        self._app = self._build_app()
+        self._routes: dict[tuple[str, str], Callable[[_Connection, RecordedRequest, bytes], None]] = {
+            ("GET", "/health"): self._health,
+            ("GET", "/info"): self._info,
+            ("POST", "/generate"): self._generate,
+            ("POST", "/generate_stream"): self._generate,
+        }
 
-    # ---------------------------------------------------------------- lifecycle
+    # ---------------------------------------------------------------- life cycle
 
     @property
     def url(self) -> str:
@@ -864,32 +1071,25 @@ class FakeTGI:
         """True while the port accepts connections."""
         return self._listening
 
-    def _bind(self) -> None:
+    def start(self, wait: bool | None = None) -> FakeTGI:
+        """Start in a background thread; return once the port listens (with ``load_delay`` and ``wait`` not
+        true: at once, while the port refuses connections until "warm-up" ends; see :meth:`wait_ready`)."""
+        if self._thread is not None:
+            raise RuntimeError("already started")
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Accepted sockets inherit this on Linux: uvicorn writes the status line/headers and the
-        # body separately, and with Nagle on each small response would wait for a delayed ACK
-        # (~40 ms), a latency TGI does not have and the gateway's tests must not see.
+        # Accepted sockets inherit it (Linux): a small response must not wait for a delayed ACK (~40 ms).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((self.host, self.port))  # bound, not listening: connections are refused
-        self.port = sock.getsockname()[1]
-        self._sock = sock
-
-    def start(self, wait: bool | None = None) -> FakeTGI:
-        """Start in a background thread. Waits until the port listens (unless ``load_delay`` is
-        set and ``wait`` is not true: then returns at once and the port refuses connections until
-        "warm-up" ends; use :meth:`wait_ready`)."""
-        if self._thread is not None or self._task is not None:
-            raise RuntimeError("already started")
-        self._bind()
+        self.port, self._sock = sock.getsockname()[1], sock
         self._thread = threading.Thread(target=self._thread_main, name=f"fake-tgi-{self.port}", daemon=True)
         self._thread.start()
         if wait or (wait is None and self.config.load_delay <= 0):
-            self.wait_ready(self.start_timeout + max(0.0, self.config.load_delay))
+            self.wait_ready()
         return self
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        timeout = self.start_timeout + max(0.0, self.config.load_delay) if timeout is None else timeout
+        timeout = START_TIMEOUT + max(0.0, self.config.load_delay) if timeout is None else timeout
         if not self._ready.wait(timeout):
             self.stop()
             raise TimeoutError(f"fake TGI did not start within {timeout} s")
@@ -901,162 +1101,76 @@ class FakeTGI:
             asyncio.run(self._serve())
         except BaseException as e:  # noqa: BLE001 - reported through wait_ready
             self._error = e
+        finally:
+            self._listening = False
             self._ready.set()
 
     async def _serve(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop_requested = asyncio.Event()
+        loop = self._loop = asyncio.get_running_loop()
+        stopping = self._stopping = asyncio.Event()
+        assert self._sock is not None
         try:
             if self.config.load_delay > 0:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stop_requested.wait(), self.config.load_delay)
-                if self._stop_requested.is_set():
-                    return
-            config = uvicorn.Config(
-                self._app,
-                lifespan="off",
-                http=self.config.http_impl,
-                ws="none",
-                log_config=None,  # leave the process's logging (and any other uvicorn) alone
-                log_level=None,
-                server_header=False,
-                timeout_graceful_shutdown=1,
-                timeout_keep_alive=3600,  # hyper keeps idle keep-alive connections open
-                backlog=4096,
-            )
-            self._server = QuickServer(config, on_started=self._on_started, drain_timeout=1.0)
-            if self._stop_requested.is_set():
+                    await asyncio.wait_for(stopping.wait(), self.config.load_delay)
+            if stopping.is_set():
                 return
-            assert self._sock is not None
-            await self._server.serve(sockets=[self._sock])
-        except BaseException as e:
-            if not self._ready.is_set():
-                self._error = e
-            raise
-        finally:
-            self._listening = False
-            if not self._ready.is_set() and self._error is None:
-                self._error = RuntimeError("stopped before it was ready")
+            server = await loop.create_server(lambda: _Connection(self), sock=self._sock, backlog=4096)
+            self._listening = True
             self._ready.set()
-            if self._sock is not None:
-                self._sock.close()
-
-    def _on_started(self) -> None:
-        self._listening = True
-        self._ready.set()
-
-    def _request_stop(self) -> None:
-        """On the server loop: cancel generations, then let uvicorn exit."""
-        if self._stop_requested is not None:
-            self._stop_requested.set()
-        for task in list(self._active):
-            task.cancel()
-        if self._server is not None:
-            self._server.request_exit()
+            await stopping.wait()
+            self._listening = False
+            server.close()
+            for gen in list(self._running):
+                gen.end("aborted")
+            for conn in list(self._connections):
+                conn.transport.abort()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+        finally:
+            self._sock.close()
 
     def stop(self) -> None:
-        """Stop the thread-mode server (idempotent, bounded by ``stop_timeout``)."""
+        """Stop the server (idempotent, bounded)."""
         thread = self._thread
         if thread is None:
             return
-        loop = self._loop
-        deadline = time.monotonic() + self.stop_timeout
-        while loop is None and thread.is_alive() and time.monotonic() < deadline:
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self._stopping is None and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.001)
-            loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(self._request_stop)
+        if self._loop is not None and self._stopping is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed already
+                self._loop.call_soon_threadsafe(self._stopping.set)
         thread.join(max(0.0, deadline - time.monotonic()))
-        if thread.is_alive() and self._server is not None:
-            self._server.force_exit = True
-            thread.join(1.0)
         self._thread = None
         if thread.is_alive():
             raise RuntimeError("fake TGI did not stop in time")
 
-    def __enter__(self) -> FakeTGI:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    async def astart(self) -> FakeTGI:
-        """Start as a task on the running loop (``async with FakeTGI() as tgi``)."""
-        if self._thread is not None or self._task is not None:
-            raise RuntimeError("already started")
-        self._bind()
-        self._task = asyncio.ensure_future(self._serve())
-        if self.config.load_delay <= 0:
-            await self.await_ready()
-        return self
-
-    async def await_ready(self, timeout: float | None = None) -> None:
-        timeout = self.start_timeout + max(0.0, self.config.load_delay) if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        while not self._ready.is_set():
-            if time.monotonic() > deadline:
-                await self.astop()
-                raise TimeoutError(f"fake TGI did not start within {timeout} s")
-            await asyncio.sleep(0.002)
-        if self._error is not None:
-            raise RuntimeError("fake TGI failed to start") from self._error
-
-    async def astop(self) -> None:
-        task = self._task
-        if task is None:
-            return
-        if self._loop is not None:
-            self._request_stop()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), self.stop_timeout)
-        except asyncio.TimeoutError:
-            if self._server is not None:
-                self._server.force_exit = True
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-        except BaseException:  # noqa: BLE001, S110 - startup errors were reported already
-            pass
-        self._task = None
-
-    async def __aenter__(self) -> FakeTGI:
-        return await self.astart()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.astop()
-
     # ---------------------------------------------------------------- test controls
 
-    def fail_next(
-        self, after_tokens: int = 0, message: str = "CUDA out of memory", *, times: int = 1
-    ) -> None:
-        """The next ``times`` generations fail after ``after_tokens`` tokens with
-        ``Request failed during generation: <message>``."""
-        for _ in range(times):
-            self._faults.append((after_tokens, "generation", message))
-
-    def incomplete_next(self, after_tokens: int = 0, *, times: int = 1) -> None:
-        """The next ``times`` generations end after ``after_tokens`` tokens without an end
-        message (stream: ``Incomplete generation stream``; /generate: 500 ``Incomplete generation``)."""
-        for _ in range(times):
-            self._faults.append((after_tokens, "incomplete", ""))
+    def fail_next(self, after_tokens: int = 0, message: str = "CUDA out of memory") -> None:
+        """The next generation fails after ``after_tokens`` tokens: ``Request failed during generation:
+        <message>``."""
+        self._faults.append((after_tokens, message))
 
     def reset(self) -> None:
-        """Forget recorded requests/generations, pending faults and counters."""
+        """Forget the recorded requests, generations and errors, and pending faults."""
         with self._lock:
             self._requests.clear()
             self._generations.clear()
             self._faults.clear()
-            self._counters.clear()
             self.errors.clear()
             self._peak_in_flight = self._in_flight
 
     def forget_finished(self) -> list[GenerationRecord]:
-        """Forget the recorded requests and the generations that have ended; returns those generations.
-
-        For long runs (benchmarks/soak.py): every record keeps its request body and SSE bytes, so a double
-        serving for minutes would otherwise grow by megabytes a minute. Running generations stay recorded."""
+        """Forget the recorded requests and the generations that have ended (returned): for long runs, whose
+        records would otherwise grow by megabytes a minute. Running generations stay recorded."""
         with self._lock:
             done = [g for g in self._generations if g.done]
             self._generations = [g for g in self._generations if not g.done]
@@ -1076,10 +1190,6 @@ class FakeTGI:
             return list(self._generations)
 
     @property
-    def streams(self) -> list[GenerationRecord]:
-        return [g for g in self.generations if g.stream]
-
-    @property
     def last_generation(self) -> GenerationRecord:
         gens = self.generations
         if not gens:
@@ -1096,724 +1206,72 @@ class FakeTGI:
         return self._peak_in_flight
 
     @property
-    def connections_open(self) -> int:
-        """TCP connections currently open to the double."""
-        server = self._server
-        return len(server.server_state.connections) if server is not None else 0
-
-    @property
     def streams_open(self) -> int:
-        """SSE responses currently open."""
+        """``/generate_stream`` responses being written."""
         return self._streams_open
 
     @property
     def generate_open(self) -> int:
-        """Non-stream requests (``/generate``, ``POST /`` without ``stream``) being answered: queued for a
-        permit or generating. The non-stream counterpart of :attr:`streams_open`."""
+        """``/generate`` requests being answered (waiting for a permit or generating)."""
         return self._generate_open
 
     def wait_until(self, predicate: Callable[[], Any], timeout: float = 2.0, interval: float = 0.002) -> bool:
         """Poll ``predicate`` until true (returns True) or ``timeout`` (returns False)."""
         deadline = time.monotonic() + timeout
-        while True:
-            if predicate():
-                return True
+        while not predicate():
             if time.monotonic() >= deadline:
                 return False
             time.sleep(interval)
+        return True
 
     async def wait_until_async(
         self, predicate: Callable[[], Any], timeout: float = 2.0, interval: float = 0.002
     ) -> bool:
         deadline = time.monotonic() + timeout
-        while True:
-            if predicate():
-                return True
+        while not predicate():
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(interval)
+        return True
 
-    # ---------------------------------------------------------------- app
+    # ---------------------------------------------------------------- routes (on the server's loop)
 
-    def _build_app(self) -> Starlette:
-        async def empty(request: Request, exc: HTTPException) -> Response:
-            return Response(status_code=exc.status_code, headers=exc.headers)
-
-        routes = [
-            Route("/generate", self._ep_generate, methods=["POST"]),
-            Route("/generate_stream", self._ep_generate_stream, methods=["POST"]),
-            Route("/", self._ep_compat, methods=["POST"]),
-            Route("/tokenize", self._ep_tokenize, methods=["POST"]),
-            Route("/", self._ep_health, methods=["GET"]),
-            Route("/health", self._ep_health, methods=["GET"]),
-            Route("/ping", self._ep_health, methods=["GET"]),
-            Route("/info", self._ep_info, methods=["GET"]),
-            Route("/v1/models", self._ep_models, methods=["GET"]),
-            Route("/metrics", self._ep_metrics, methods=["GET"]),
-        ]
-        return Starlette(routes=routes, exception_handlers={404: empty, 405: empty})
-
-    def _count(self, what: str, err: str = "") -> None:
-        self._counters[(what, err)] += 1
-
-    async def _record(self, request: Request) -> RecordedRequest:
-        body = await request.body()
-        try:
-            parsed = json.loads(body) if body else None
-        except ValueError:
-            parsed = None
-        headers: dict[str, str] = {}
-        for k, v in request.headers.items():
-            headers[k] = f"{headers[k]}, {v}" if k in headers else v
-        peer = (request.client.host, request.client.port) if request.client else None
-        rec = RecordedRequest(request.method, request.url.path, headers, body, parsed, time.monotonic(), peer)
+    def _dispatch(self, conn: _Connection, request: RecordedRequest, body: bytes) -> None:
         with self._lock:
-            self._requests.append(rec)
-        return rec
-
-    def _unauthorized(self, rec: RecordedRequest) -> Response | None:
-        key = self.config.api_key
-        if key is None:
-            return None
-        if rec.headers.get("authorization", "").lower() == f"bearer {key}".lower():
-            return None
-        return Response(status_code=401)
-
-    async def _prepare(
-        self, request: Request, compat: bool = False
-    ) -> tuple[RecordedRequest, dict | Response]:
-        rec = await self._record(request)
-        denied = self._unauthorized(rec)
-        if denied is not None:
-            return rec, denied
-        if len(rec.body) > self.config.payload_limit:
-            if not _json_content_type(rec.headers.get("content-type")):
-                return rec, _extract(rec.headers, rec.body)
-            return rec, PlainTextResponse(
-                "Failed to buffer the request body: length limit exceeded", status_code=413
-            )
-        return rec, _extract(rec.headers, rec.body, compat=compat)
-
-    def _new_generation(self, rec: RecordedRequest, obj: dict, route: str, stream: bool) -> GenerationRecord:
-        params = obj.get("parameters")
-        gen = GenerationRecord(
-            request=rec,
-            route=route,
-            stream=stream,
-            inputs=obj["inputs"],
-            parameters=dict(params) if isinstance(params, dict) else {},
-            started_at=time.monotonic(),
-        )
-        with self._lock:
-            self._generations.append(gen)
-        self._count("request")
-        return gen
-
-    # ---------------------------------------------------------------- endpoints
-
-    async def _ep_generate_stream(self, request: Request) -> Any:
-        rec, obj = await self._prepare(request)
-        if isinstance(obj, Response):
-            return obj
-        return _SSEResponse(self, self._new_generation(rec, obj, "generate_stream", True), obj)
-
-    async def _ep_generate(self, request: Request) -> Response:
-        rec, obj = await self._prepare(request)
-        if isinstance(obj, Response):
-            return obj
-        return await self._generate_json(request, self._new_generation(rec, obj, "generate", False), obj)
-
-    async def _ep_compat(self, request: Request) -> Any:
-        rec, obj = await self._prepare(request, compat=True)
-        if isinstance(obj, Response):
-            return obj
-        if obj.get("stream", False):
-            return _SSEResponse(self, self._new_generation(rec, obj, "compat", True), obj)
-        gen = self._new_generation(rec, obj, "compat", False)
-        return await self._generate_json(request, gen, obj, as_list=True)
-
-    async def _ep_tokenize(self, request: Request) -> Response:
-        _, obj = await self._prepare(request)
-        if isinstance(obj, Response):
-            return obj
-        toks = tokenize_input(obj["inputs"], self.config.bos_token)
-        truncate = (obj.get("parameters") or {}).get("truncate")
-        if truncate is not None:
-            toks = toks[max(0, len(toks) - truncate) :]
-        return JSONResponse([{"id": t.id, "text": t.text, "start": t.start, "stop": t.stop} for t in toks])
-
-    async def _ep_health(self, request: Request) -> Response:
-        await self._record(request)
-        if not self.config.healthy:
-            return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)
-        return Response(status_code=200)
-
-    async def _ep_info(self, request: Request) -> Response:
-        await self._record(request)
-        c = self.config
-        return JSONResponse(
-            {
-                "model_id": c.model_id,
-                "model_sha": c.model_sha,
-                "model_pipeline_tag": c.model_pipeline_tag,
-                "max_concurrent_requests": c.max_concurrent_requests,
-                "max_best_of": c.max_best_of,
-                "max_stop_sequences": c.max_stop_sequences,
-                "max_input_tokens": c.max_input_tokens,
-                "max_total_tokens": c.max_total_tokens,
-                "validation_workers": c.validation_workers,
-                "max_client_batch_size": c.max_client_batch_size,
-                "router": "text-generation-router",
-                "version": c.version,
-                "sha": c.sha,
-                "docker_label": c.docker_label,
-            }
-        )
-
-    async def _ep_models(self, request: Request) -> Response:
-        await self._record(request)
-        mid = self.config.model_id
-        return JSONResponse(
-            {"object": "list", "data": [{"id": mid, "object": "model", "created": 0, "owned_by": mid}]}
-        )
-
-    async def _ep_metrics(self, request: Request) -> Response:
-        await self._record(request)
-        lines = [f"tgi_request_count {self._counters[('request', '')]}"]
-        lines.append(f"tgi_request_success {self._counters[('success', '')]}")
-        for (what, err), n in sorted(self._counters.items()):
-            if what == "failure":
-                lines.append(f'tgi_request_failure{{err="{err}"}} {n}')
-        lines.append(f"tgi_queue_size {0}")
-        return PlainTextResponse("\n".join(lines) + "\n")
-
-    # ---------------------------------------------------------------- validation
-
-    def _validate(self, inputs: str, params: dict | None) -> _Valid:
-        c = self.config
-        p = params if params is not None else {}
-        do_sample = bool(p.get("do_sample", False)) if params is not None else True
-        best_of = p.get("best_of")
-        best_of = 1 if best_of is None else best_of
-        temperature, top_k, top_p, typical_p = (
-            p.get(k) for k in ("temperature", "top_k", "top_p", "typical_p")
-        )
-        flagged = do_sample or any(v is not None for v in (temperature, top_k, top_p, typical_p))
-        if best_of > 1 and not flagged:
-            raise _validation("you must use sampling when `best_of` is > 1")
-        t = 1.0 if temperature is None else temperature
-        if t <= 0.0:
-            raise _validation("`temperature` must be strictly positive")
-        rp = p.get("repetition_penalty")
-        if rp is not None and rp <= 0.0:
-            raise _validation("`repetition_penalty` must be strictly positive")
-        fp = p.get("frequency_penalty")
-        if fp is not None and not -2.0 <= fp <= 2.0:
-            raise _validation("`frequency_penalty` must be >= -2.0 and <= 2.0")
-        if top_p is not None and (top_p <= 0.0 or top_p >= 1.0):
-            raise _validation("`top_p` must be > 0.0 and < 1.0")
-        if typical_p is not None and (typical_p <= 0.0 or typical_p >= 1.0):
-            raise _validation("`typical_p` must be > 0.0 and < 1.0")
-        if top_k is not None and top_k <= 0:
-            raise _validation("`top_k` must be strictly positive")
-        max_new = p.get("max_new_tokens")
-        if max_new == 0:
-            raise _validation("`max_new_tokens` must be strictly positive")
-        stop = list(p.get("stop") or [])
-        if len(stop) > c.max_stop_sequences:
-            raise _validation(
-                f"`stop` supports up to {c.max_stop_sequences} stop sequences. Given: {len(stop)}"
-            )
-        seed = p.get("seed")
-        if seed is None:
-            seed = random.getrandbits(64)
-        elif best_of > 1:
-            raise _validation("`seed` must not be set when `best_of` > 1")
-        top_n = p.get("top_n_tokens")
-        if top_n is not None and top_n > c.max_top_n_tokens:
-            raise _validation(f"`top_n_tokens` must be >= 0 and <= {c.max_top_n_tokens}. Given: {top_n}")
-        if inputs == "":
-            raise _validation("`inputs` cannot be empty")
-        truncate = p.get("truncate")
-        if truncate is not None and (truncate == 0 or truncate > c.max_input_tokens):
-            raise _validation(
-                f"`truncate` must be strictly positive and less than {c.max_input_tokens}. Given: {truncate}"
-            )
-        # validate_input
-        n = count_tokens(inputs, c.bos_token)
-        input_length = min(n, truncate) if truncate is not None else n
-        if max_new is not None:
-            checked = cap = max_new
-        else:
-            cap = max(0, c.max_total_tokens - input_length)
-            checked = min(cap, 1024)
-        if input_length + checked > c.max_total_tokens:
-            raise _validation(
-                f"`inputs` tokens + `max_new_tokens` must be <= {c.max_total_tokens}. "
-                f"Given: {input_length} `inputs` tokens and {checked} `max_new_tokens`"
-            )
-        if input_length > c.max_input_tokens:
-            raise _validation(
-                f"`inputs` must have less than {c.max_input_tokens} tokens. Given: {input_length}"
-            )
-        grammar = p.get("grammar")
-        if grammar is not None:
-            self._validate_grammar(grammar)
-        sampling = (
-            do_sample
-            or t != 1.0
-            or (top_k is not None and top_k != 0)
-            or (top_p is not None and top_p < 1.0)
-            or (typical_p is not None and typical_p < 1.0)
-        )
-        return _Valid(
-            inputs=inputs,
-            parameters=p,
-            input_length=input_length,
-            max_new_tokens=cap,
-            stop=stop,
-            details=bool(p.get("details", False)),
-            decoder_input_details=bool(p.get("decoder_input_details", False)),
-            return_full_text=bool(p.get("return_full_text") or False),
-            sampling=sampling,
-            seed=seed,
-            top_n_tokens=top_n or 0,
-        )
-
-    def _validate_grammar(self, grammar: dict) -> None:
-        if self.config.disable_grammar_support:
-            raise _validation("grammar is not supported")
-        kind, value = grammar["type"], grammar["value"]
-        if kind == "regex":
-            return
-        if kind == "json_schema":
-            value = value["schema"]
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError as e:
-                raise _validation(f"grammar is not valid: {e}") from None
-        elif not isinstance(value, dict):
-            raise _validation("grammar is not supported")
-        if not isinstance(value, dict) or "properties" not in value:
-            raise _validation("grammar is not valid: Grammar must have a 'properties' field")
-
-    # ---------------------------------------------------------------- generation engine
-
-    def _script_items(self, valid: _Valid) -> Iterator[Any]:
-        script = self.script
+            self._requests.append(request)
+        route = self._routes.get((request.method, request.path))
         try:
-            produced = script(valid.inputs, dict(valid.parameters)) if callable(script) else script
-            if isinstance(produced, str):
-                produced = tokenize_text(produced)
-            items = iter(produced)
-        except Exception as e:
-            self.errors.append(e)
-            raise _InferError("generation", f"Request failed during generation: script raised {e!r}") from e
-        while True:
-            try:
-                item = next(items)
-            except StopIteration:
-                break
-            except Exception as e:
-                self.errors.append(e)
-                raise _InferError(
-                    "generation", f"Request failed during generation: script raised {e!r}"
-                ) from e
-            yield item
-        if self.config.auto_eos:
-            yield self.config.eos_token
-        raise _IncompleteSignal
-
-    async def _wait(
-        self, seconds: float, state: list[float], keepalive: float | None, gate: Gate | None = None
-    ) -> AsyncIterator[Any]:
-        """Sleep ``seconds`` (or until ``gate`` opens), yielding keep-alive markers on time."""
-        start = time.monotonic()
-        deadline = start + seconds if seconds < math.inf else math.inf
-        if gate is None and deadline <= start:
-            await asyncio.sleep(0)
-            return
-        while True:
-            now = time.monotonic()
-            if gate is not None and gate.is_open:
-                return
-            if gate is None and now >= deadline:
-                return
-            wake = deadline
-            if keepalive is not None:
-                wake = min(wake, state[0] + keepalive)
-            if gate is not None:
-                wake = min(wake, now + 0.005)
-            await asyncio.sleep(min(max(0.0, wake - now), 3600.0))
-            now = time.monotonic()
-            if keepalive is not None and now >= state[0] + keepalive:
-                state[0] = now
-                yield _KEEPALIVE
-
-    async def _run(
-        self, valid: _Valid, gen: GenerationRecord, keepalive: float | None, state: list[float]
-    ) -> AsyncIterator[Any]:
-        """Yields ``_KEEPALIVE``, ``("token", Token)`` and finally ``("end", Token, finish, text)``;
-        raises ``_InferError`` for generation errors and incomplete streams."""
-        c = self.config
-        fault = self._faults.popleft() if self._faults else None
-        stops = [re.compile(re.escape(s) + "$") for s in valid.stop]
-        window = ""
-        generated: list[Token] = []
-        items = self._script_items(valid)
-        try:
-            while True:
-                item = next(items)
-                if isinstance(item, Pause):
-                    async for ka in self._wait(item.seconds, state, keepalive):
-                        yield ka
-                    continue
-                if isinstance(item, Gate):
-                    async for ka in self._wait(math.inf, state, keepalive, gate=item):
-                        yield ka
-                    continue
-                if isinstance(item, Fail):
-                    raise _InferError("generation", f"Request failed during generation: {item.message}")
-                if isinstance(item, Incomplete):
-                    raise _IncompleteSignal
-                if isinstance(item, Drop):
-                    raise _DropSignal
-                tok = _as_token(item)
-                delay = c.first_token_delay if not generated else c.token_delay
-                async for ka in self._wait(delay, state, keepalive):
-                    yield ka
-                if fault is not None and len(generated) >= fault[0]:
-                    if fault[1] == "incomplete":
-                        raise _IncompleteSignal
-                    raise _InferError("generation", f"Request failed during generation: {fault[2]}")
-                generated.append(tok)
-                gen.tokens.append(tok)
-                n = len(generated)
-                finish = None
-                if n >= valid.max_new_tokens:
-                    finish = "length"
-                elif tok.text in c.eos_texts:
-                    finish = "eos_token"
-                elif stops:
-                    window += tok.text
-                    if len(window) > 300:
-                        window = window[-200:]
-                    if any(rx.search(window) for rx in stops):
-                        finish = "stop_sequence"
-                if finish is not None:
-                    text = "".join(t.text for t in generated if not t.skipped)
-                    yield ("end", tok, finish, text)
-                    return
-                yield ("token", tok)
-        except _IncompleteSignal:
-            raise _InferError("incomplete_generation", "Incomplete generation") from None
-
-    def _top_tokens(self, tok: Token, n: int) -> list[dict]:
-        if n <= 0:
-            return []
-        first = tok.as_dict()
-        alts = [
-            {
-                "id": _text_id(f"alt{i}:{tok.text}"),
-                "text": f"alt{i}",
-                "logprob": first["logprob"] - i,
-                "special": False,
-            }
-            for i in range(1, n)
-        ]
-        return [first, *alts]
-
-    async def _collect(self, obj: dict, gen: GenerationRecord) -> dict:
-        """One non-streamed sequence (permit, validation, generation)."""
-        t0 = time.monotonic()
-        with _Permit(self):
-            valid = self._validate(obj["inputs"], obj.get("parameters"))
-            gen.input_length = valid.input_length
-            t_valid = time.monotonic()
-            toks: list[Token] = []
-            async with contextlib.aclosing(self._run(valid, gen, None, [t_valid])) as events:
-                async for ev in events:
-                    if ev is _KEEPALIVE:
-                        continue
-                    toks.append(ev[1])
-                    if ev[0] == "end":
-                        return {
-                            "valid": valid,
-                            "tokens": toks,
-                            "finish_reason": ev[2],
-                            "text": ev[3],
-                            "t0": t0,
-                            "t_valid": t_valid,
-                            "t_end": time.monotonic(),
-                        }
-        raise AssertionError("unreachable")
-
-    async def _generate_json(
-        self, request: Request, gen: GenerationRecord, obj: dict, as_list: bool = False
-    ) -> Response:
-        self._generate_open += 1
-        try:
-            return await self._answer_json(request, gen, obj, as_list)
-        finally:
-            self._generate_open -= 1
-
-    async def _answer_json(
-        self, request: Request, gen: GenerationRecord, obj: dict, as_list: bool
-    ) -> Response:
-        """Generate while watching for the client's disconnect (as TGI does: hyper drops the handler when
-        the connection closes, which cancels the generation)."""
-        work = asyncio.ensure_future(self._generate_result(gen, obj))
-        self._active.add(work)
-        watcher = asyncio.ensure_future(_watch_disconnect(request.receive, gen))
-        try:
-            await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._active.discard(work)
-        if work.done() and not work.cancelled() and isinstance(work.exception(), _DropSignal):
-            watcher.cancel()
-            self._finish(gen, "dropped")
-            if not _abort_connection(self._server, request.scope):
-                raise RuntimeError("fake TGI could not find the connection to drop")
-            return Response(status_code=500)
-        if not work.done():
-            work.cancel()
-            with contextlib.suppress(BaseException):
-                await work
-            self._finish(gen, "disconnected")
-            return Response(status_code=499)
-        watcher.cancel()
-        if work.cancelled():
-            self._finish(gen, "aborted")
-            return Response(status_code=503)
-        try:
-            body, headers = work.result()
-        except _InferError as e:
-            self._finish(gen, e.outcome, e.message)
-            self._count("failure", e.outcome)
-            return JSONResponse(e.body(), status_code=_STATUS[e.error_type])
+            if route is None:
+                raise _Reply(405 if any(request.path == path for _, path in self._routes) else 404)
+            route(conn, request, body)
+        except _Reply as r:
+            conn.respond(r.status, r.body, r.content_type if r.body else None)
         except Exception as e:  # noqa: BLE001 - a bug in the double: make it visible
             self.errors.append(e)
-            self._finish(gen, "aborted", repr(e))
-            return PlainTextResponse(f"fake TGI internal error: {e!r}", status_code=500)
-        self._finish(gen, "completed")
-        self._count("success")
-        return JSONResponse([body] if as_list else body, headers=headers)
+            conn.respond(500, f"fake TGI internal error: {e!r}".encode(), "text/plain", close=True)
 
-    async def _generate_result(self, gen: GenerationRecord, obj: dict) -> tuple[dict, dict[str, str]]:
+    def _health(self, conn: _Connection, request: RecordedRequest, body: bytes) -> None:
+        if not self.config.healthy:
+            raise _Reply(503, '{"error":"unhealthy","error_type":"healthcheck"}', "application/json")
+        conn.respond(200)
+
+    def _info(self, conn: _Connection, request: RecordedRequest, body: bytes) -> None:
+        info = {name: getattr(self.config, name, None) for name in _INFO_FIELDS}
+        info["router"] = "text-generation-router"
+        conn.respond(200, _dumps(info), "application/json")
+
+    def _generate(self, conn: _Connection, request: RecordedRequest, body: bytes) -> None:
+        c = self.config
+        if (
+            c.api_key is not None
+            and request.headers.get("authorization", "").lower() != f"bearer {c.api_key}".lower()
+        ):
+            raise _Reply(401)
+        obj = _extract(request, body, c.payload_limit, self.errors)
         params = obj.get("parameters")
-        best_of = (params or {}).get("best_of")
-        if best_of is not None and best_of > 1:
-            c = self.config
-            if c.max_best_of == 1:
-                raise _validation("`best_of` != 1 is not allowed for this endpoint")
-            if best_of > c.max_best_of:
-                raise _validation(f"`best_of` must be > 0 and <= {c.max_best_of}. Given: {best_of}")
-            tasks = [asyncio.ensure_future(self._collect(obj, gen)) for _ in range(best_of)]
-            try:
-                results = [await t for t in tasks]
-            finally:
-                for t in tasks:
-                    t.cancel()
-            means = [sum(t.token_logprob for t in r["tokens"]) / len(r["tokens"]) for r in results]
-            best = max(range(len(results)), key=lambda i: (means[i], -i))
-            main, others = results[best], [r for i, r in enumerate(results) if i != best]
-        else:
-            main, others = await self._collect(obj, gen), []
-        valid: _Valid = main["valid"]
-        text = valid.inputs + main["text"] if valid.return_full_text else main["text"]
-        gen.finish_reason, gen.generated_text = main["finish_reason"], text
-        body: dict[str, Any] = {"generated_text": text}
-        if valid.details or valid.decoder_input_details:
-            details = self._details(main)
-            if others:
-                details_bos = []
-                for r in others:
-                    d = self._details(r)
-                    seq = {"generated_text": r["text"], **d}
-                    seq.pop("best_of_sequences", None)
-                    details_bos.append(seq)
-                details = _insert_before(details, "top_tokens", "best_of_sequences", details_bos)
-            body["details"] = details
-        t_end = time.monotonic()
-        total = t_end - main["t0"]
-        inference = main["t_end"] - main["t_valid"]
-        n = len(main["tokens"])
-        headers = {
-            "x-compute-type": self.config.compute_type,
-            "x-compute-time": repr(total),
-            "x-compute-characters": str(len(valid.inputs)),
-            "x-total-time": str(int(total * 1000)),
-            "x-validation-time": str(int((main["t_valid"] - main["t0"]) * 1000)),
-            "x-queue-time": "0",
-            "x-inference-time": str(int(inference * 1000)),
-            "x-time-per-token": str(int(inference * 1000 / max(n, 1))),
-            "x-prompt-tokens": str(valid.input_length),
-            "x-generated-tokens": str(n),
-        }
-        return body, headers
-
-    def _details(self, r: dict) -> dict[str, Any]:
-        valid: _Valid = r["valid"]
-        prefill: list[dict] = []
-        if valid.decoder_input_details and self.config.enable_prefill_logprobs:
-            toks = tokenize_input(valid.inputs, self.config.bos_token)[-valid.input_length :]
-            prefill = [
-                {"id": t.id, "text": t.text, "logprob": None if i == 0 else -(1 + t.id % 997) / 100}
-                for i, t in enumerate(toks)
-            ]
-        d: dict[str, Any] = {
-            "finish_reason": r["finish_reason"],
-            "generated_tokens": len(r["tokens"]),
-            "seed": valid.seed if valid.sampling else None,
-            "prefill": prefill,
-            "tokens": [t.as_dict() for t in r["tokens"]],
-        }
-        if valid.top_n_tokens > 0:
-            d["top_tokens"] = [self._top_tokens(t, valid.top_n_tokens) for t in r["tokens"]]
-        return d
-
-    def _finish(self, gen: GenerationRecord, outcome: str, error: str | None = None) -> None:
-        if gen.ended_at is None:
-            gen.outcome = outcome
-            gen.error = error
-            gen.ended_at = time.monotonic()
-
-
-def _insert_before(d: dict, key: str, new_key: str, value: Any) -> dict:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if k == key:
-            out[new_key] = value
-        out[k] = v
-    if new_key not in out:
-        out[new_key] = value
-    return out
-
-
-async def _watch_disconnect(receive: Callable[[], Any], gen: GenerationRecord) -> None:
-    """Return when the client goes away; record when it was noticed."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            if gen.ended_at is None and gen.disconnected_at is None:
-                gen.disconnected_at = time.monotonic()
-            return
-
-
-class _SSEResponse:
-    """``/generate_stream``: an ASGI response that generates while it streams, and stops as
-    soon as the client disconnects."""
-
-    def __init__(self, fake: FakeTGI, gen: GenerationRecord, obj: dict) -> None:
-        self.fake = fake
-        self.gen = gen
-        self.obj = obj
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        fake, gen = self.fake, self.gen
-        headers = [
-            (b"content-type", b"text/event-stream"),
-            (b"cache-control", b"no-cache"),
-            (b"x-compute-type", fake.config.compute_type.encode()),
-            (b"x-compute-characters", str(len(self.obj["inputs"])).encode()),
-            (b"x-accel-buffering", b"no"),
-        ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        fake._streams_open += 1
-        producer = asyncio.ensure_future(self._produce(send))
-        fake._active.add(producer)
-        watcher = asyncio.ensure_future(_watch_disconnect(receive, gen))
-        try:
-            await asyncio.wait({producer, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if producer.done():
-                watcher.cancel()
-                if not producer.cancelled() and isinstance(producer.exception(), _DropSignal):
-                    fake._finish(gen, "dropped")
-                    if _abort_connection(fake._server, scope):
-                        # The transport reports the connection lost at the loop's next turn: let that happen
-                        # first, so that uvicorn sees a disconnected client and stays quiet (returning at once
-                        # sometimes logged "ASGI callable returned without completing response").
-                        await asyncio.sleep(0)
-                        return
-                    raise RuntimeError("fake TGI could not find the connection to drop")
-                if not producer.cancelled() and producer.exception() is not None:
-                    fake.errors.append(producer.exception())
-                    fake._finish(gen, "aborted", repr(producer.exception()))
-                elif producer.cancelled():
-                    fake._finish(gen, "aborted")
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            else:
-                producer.cancel()
-                with contextlib.suppress(BaseException):
-                    await producer
-                fake._finish(gen, "disconnected")
-        except BaseException:
-            producer.cancel()
-            watcher.cancel()
-            fake._finish(gen, "aborted")
-            raise
-        finally:
-            fake._active.discard(producer)
-            fake._streams_open -= 1
-
-    async def _produce(self, send: Callable) -> None:
-        fake, gen, obj = self.fake, self.gen, self.obj
-        c = fake.config
-        state = [time.monotonic()]  # time of the last event, for keep-alives
-
-        async def emit(data: bytes) -> None:
-            gen.events.append(data)
-            state[0] = time.monotonic()
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-
-        params = obj.get("parameters")
-        p = params if isinstance(params, dict) else {}
-        try:
-            best_of = p.get("best_of")
-            if (1 if best_of is None else best_of) != 1:
-                raise _validation("`best_of` != 1 is not supported when streaming tokens")
-            if p.get("decoder_input_details", False):
-                raise _validation("`decoder_input_details` == true is not supported when streaming tokens")
-            with _Permit(fake):
-                valid = fake._validate(obj["inputs"], params)
-                gen.input_length = valid.input_length
-                index = 0
-                events = fake._run(valid, gen, c.keepalive_interval, state)
-                async with contextlib.aclosing(events):
-                    async for ev in events:
-                        if ev is _KEEPALIVE:
-                            await emit(b":\n\n")
-                            continue
-                        index += 1
-                        tok: Token = ev[1]
-                        event: dict[str, Any] = {"index": index, "token": tok.as_dict()}
-                        if valid.top_n_tokens > 0:
-                            event["top_tokens"] = fake._top_tokens(tok, valid.top_n_tokens)
-                        if ev[0] == "end":
-                            text = valid.inputs + ev[3] if valid.return_full_text else ev[3]
-                            event["generated_text"] = text
-                            event["details"] = (
-                                {
-                                    "finish_reason": ev[2],
-                                    "generated_tokens": index,
-                                    "seed": valid.seed if valid.sampling else None,
-                                    "input_length": valid.input_length,
-                                }
-                                if valid.details
-                                else None
-                            )
-                            gen.finish_reason, gen.generated_text = ev[2], text
-                            await emit(b"data: " + _dumps(event) + b"\n\n")
-                            fake._finish(gen, "completed")
-                            fake._count("success")
-                            return
-                        event["generated_text"] = None
-                        event["details"] = None
-                        await emit(b"data: " + _dumps(event) + b"\n\n")
-        except _InferError as e:
-            if e.error_type == "incomplete_generation":
-                e = _InferError("incomplete_generation_stream", "Incomplete generation stream")
-            fake._finish(gen, e.outcome, e.message)
-            fake._count("failure", e.outcome)
-            await emit(b"data: " + _dumps(e.body()) + b"\n\n")
+        stream = request.path == "/generate_stream"
+        record = GenerationRecord(request, request.path[1:], stream, obj["inputs"], dict(params or {}))
+        with self._lock:
+            self._generations.append(record)
+        gen = conn.generation = _Generation(self, conn, record)
+        gen.run(params)
