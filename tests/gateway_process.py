@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,3 +60,25 @@ def write_model_dir(path: Path) -> Path:
     read from the template's comment)."""
     (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": V31_TEMPLATE}))
     return path
+
+
+def read_until(proc: subprocess.Popen[str], text: str, count: int = 1, timeout: float = 30) -> str:
+    """Read the gateway's output line by line until ``text`` has appeared in ``count`` lines (each worker of
+    ``--workers N`` logs its own start-up); returns what was read, so the caller can prepend it to the rest
+    of the output. Fails after ``timeout`` seconds (the process's output then stays unread)."""
+    read: list[str] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        seen = 0
+        for line in proc.stdout:  # type: ignore[union-attr]
+            read.append(line)
+            seen += text in line
+            if seen == count:
+                break
+        done.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    if not done.wait(timeout) or sum(text in line for line in read) < count:
+        raise AssertionError(f"{text!r} not seen {count} times in {timeout:g} s:\n{''.join(read)}")
+    return "".join(read)

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.fakes.tgi import EOT, FakeTGI, Pause, tokens
-from tests.gateway_process import run_cli, start_gateway
+from tests.gateway_process import read_until, run_cli, start_gateway
 
 DRAIN = 1.0
 WORDS = [f" w{i}" for i in range(20)]
@@ -104,7 +104,7 @@ def drain_and_stop(proc: subprocess.Popen[str], url: str, tgi: FakeTGI) -> str:
     return out
 
 
-def test_sigterm_drains_then_stops(model_dir: Path) -> None:  # noqa: F811
+def test_sigterm_drains_then_stops(model_dir: Path) -> None:
     with FakeTGI(script=script) as tgi:
         proc, url = start_gateway("--model", str(model_dir), "--served-model-name", "fn", "--endpoint", tgi.url,
                                   "--drain-seconds", str(DRAIN), "--shutdown-grace", "10")  # fmt: skip
@@ -115,18 +115,20 @@ def test_sigterm_drains_then_stops(model_dir: Path) -> None:  # noqa: F811
     assert "SIGTERM: draining for 1 s" in out
 
 
-def test_workers_drain_too(model_dir: Path) -> None:  # noqa: F811
+def test_workers_drain_too(model_dir: Path) -> None:
     with FakeTGI(script=script) as tgi:
         proc, url = start_gateway("--model", str(model_dir), "--served-model-name", "fn", "--endpoint", tgi.url,
                                   "--workers", "2", "--drain-seconds", str(DRAIN), "--shutdown-grace", "10")  # fmt: skip
         try:
-            out = drain_and_stop(proc, url, tgi)
+            # /health answered by one worker: the other may not have installed its drain handler yet
+            started = read_until(proc, "serving fn (Functionary template", count=2)
+            out = started + drain_and_stop(proc, url, tgi)
         finally:
             proc.kill()
     assert out.count("SIGTERM: draining for 1 s") == 2, "each worker drains"
 
 
-def test_a_second_sigint_ends_the_drain(model_dir: Path) -> None:  # noqa: F811
+def test_a_second_sigint_ends_the_drain(model_dir: Path) -> None:
     with FakeTGI(script=script) as tgi:
         proc, url = start_gateway("--model", str(model_dir), "--served-model-name", "fn", "--endpoint", tgi.url,
                                   "--drain-seconds", "60")  # fmt: skip
@@ -143,6 +145,6 @@ def test_a_second_sigint_ends_the_drain(model_dir: Path) -> None:  # noqa: F811
 
 
 @pytest.mark.parametrize("value", ["-1", "soon"])
-def test_bad_drain_seconds_exit_2(model_dir: Path, value: str) -> None:  # noqa: F811
+def test_bad_drain_seconds_exit_2(model_dir: Path, value: str) -> None:
     r = run_cli("--model", str(model_dir), "--drain-seconds", value)
     assert r.returncode == 2 and "--drain-seconds" in r.stderr
