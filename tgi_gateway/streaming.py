@@ -12,7 +12,7 @@ it (``shared/reference/openai/CHAT_COMPLETIONS.md`` §2.1). It does no I/O and n
   :func:`encode_sse` turns a chunk (or any dict, e.g. an error envelope) into one SSE event.
 
 Both apply the same rules, so ``.stream()`` in the SDK rebuilds exactly the message :func:`collect` returns
-(``tests/test_streaming.py`` checks this for every case):
+(``tests/streaming/test_streaming.py`` checks this for every case):
 
 * every chunk has the stream's ``id``, ``object: "chat.completion.chunk"``, ``created`` and ``model``;
 * ``role`` is sent once, in the first chunk: ``{"role":"assistant","content":""}`` on its own when the answer

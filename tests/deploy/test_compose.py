@@ -364,7 +364,7 @@ def test_dockerfile_entrypoint_health_and_environment() -> None:
 
 
 def test_dockerignore_keeps_the_context_to_what_is_copied() -> None:
-    for path in (".env", ".git/config", ".venv/bin/python", "tests/test_compose.py",
+    for path in (".env", ".git/config", ".venv/bin/python", "tests/deploy/test_compose.py",
                  "benchmarks/bench_stream.py", "docs/architecture.md", "compose.yaml",
                  "tgi_gateway/__pycache__/cli.cpython-311.pyc", ".pytest_cache/README.md",
                  "tgi_gateway.egg-info/PKG-INFO"):  # fmt: skip

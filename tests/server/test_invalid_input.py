@@ -1,4 +1,4 @@
-"""Regression tests for the invalid inputs the fuzzing (tests/test_fuzz.py) found answered wrongly: each is a
+"""Regression tests for the invalid inputs the fuzzing (tests/server/test_fuzz.py) found answered wrongly: each is a
 400 in the OpenAI envelope naming the field, and nothing reaches TGI."""
 
 from __future__ import annotations
