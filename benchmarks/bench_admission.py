@@ -8,7 +8,7 @@ honest bodies a default gateway accepts (``--max-body-bytes`` 4 MiB):
 ``ref11``               one 1.2 KB tool: 11 ``$defs``, each referring to the next twice (a 281 KB prompt)
 ``ref11x100``           100 such tools (distinct names) in one ~120 KB body
 ``ref12``, ``ref16``    12 and 16 levels: refused (more than 100,000 nodes) only after the work, today
-``deep450``             a property nested 450 objects deep: indentation makes its declaration quadratic
+``deep380``             a property nested 380 objects deep: indentation makes its declaration quadratic
 ``required20k``         20,000 properties, all ``required``: ``name in required`` scans a list (quadratic)
 ``tools-max``           as many tiny tools as fit in 4 MiB (~82k)
 ``tools128x32k``        128 honest tools (OpenAI's maximum) of ~32 KB each: properties, descriptions, enums
@@ -147,7 +147,7 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "ref11x100": lambda: _body([_tool(f"f{i}", doubling(11, str(i))) for i in range(100)]),
     "ref12": lambda: _body([_tool("f", doubling(12))]),
     "ref16": lambda: _body([_tool("f", doubling(16))]),
-    "deep450": lambda: _body([_tool("f", _nested(450))]),
+    "deep380": lambda: _body([_tool("f", _nested(380))]),
     "required20k": lambda: _body([_tool("f", _required(20_000))]),
     "tools-max": lambda: _fill(lambda i: _tool(f"f{i}"), lambda items: _body(items)),
     "tools128x32k": lambda: _body([_tool(f"tool_{i}", _honest_parameters(i, 32_000), "A tool.") for i in range(128)]),
@@ -355,7 +355,7 @@ def main() -> int:
     parser.add_argument("--serve-double", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sys.setrecursionlimit(10_000)  # building and encoding deep450
+    sys.setrecursionlimit(10_000)  # building and encoding deep380
     root = args.root.resolve()
     sys.path[:0] = [str(root), str(HERE)]
     os.chdir(root)  # GatewayProcess runs server_tgi.py from benchmarks/.. : the checkout measured
