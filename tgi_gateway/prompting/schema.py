@@ -51,7 +51,9 @@ from urllib.parse import unquote, urldefrag
 from .lru import LRUCache
 from .types import Function
 
-__all__ = ["SchemaError", "resolve_refs", "ts_schema"]
+__all__ = [
+    "ExpansionBudget", "ExpansionError", "SchemaError", "function_block", "resolve", "resolve_refs", "ts_schema"
+]  # fmt: skip
 
 
 class SchemaError(ValueError):
@@ -68,6 +70,11 @@ class SchemaError(ValueError):
     @classmethod
     def bad_items(cls) -> SchemaError:
         return cls("'items' must be a schema object")
+
+
+class ExpansionError(SchemaError):
+    """The schemas expand beyond their :class:`ExpansionBudget` (a property of the request, not of one
+    function: its message names no function)."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,7 +113,7 @@ class ExpansionBudget:
     def check(self, chars: int) -> None:
         """Raise unless `chars` more characters fit."""
         if chars > self.left:
-            raise SchemaError(
+            raise ExpansionError(
                 f"the tool schemas are too large once expanded: more than {self.limit:,} characters "
                 f"({self.basis})"
                 if self.basis
@@ -400,6 +407,8 @@ class _Macros:
                 body = self.get_parameter_typescript(
                     parameters["properties"], parameters.get("required", []), 0
                 )
+            except ExpansionError:
+                raise
             except SchemaError as exc:
                 raise SchemaError(f"function {name!r}: {exc}") from None
             tail = " = (_: {" + body + "\n}) => any;\n\n"
