@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,7 +40,7 @@ import orjson
 
 from ..errors import InvalidRequestError
 from .lru import LRUCache
-from .schema import ExpansionBudget, SchemaError, function_block, resolve
+from .schema import ExpansionBudget, SchemaError, function_block, json_size, resolve
 from .types import ChatPrompt, Function, Message, NamedChoice, Tool, ToolCall, ToolChoice
 
 __all__ = ["normalize"]
@@ -174,12 +175,16 @@ def _definitions(definitions: list[tuple[str, Any]]) -> list[Function]:
     is refused with a 400 naming its ``parameters``.
     """
     keys: list[bytes | None] = []
+    size = 0
     for _, raw in definitions:
         try:
             keys.append(orjson.dumps(raw))
-        except (orjson.JSONEncodeError, TypeError):  # not plain JSON (a caller's own Mapping): not cached
-            keys.append(None)
-    budget = ExpansionBudget.for_definitions(sum(len(key) for key in keys if key is not None))
+            size += len(keys[-1])  # type: ignore[arg-type]
+        except (orjson.JSONEncodeError, TypeError):  # not plain JSON (a caller's own Mapping), or deeper
+            keys.append(None)  # than orjson's 255 levels: not cached, weighed in Python
+            with contextlib.suppress(RecursionError):  # (refused later: "nested too deeply")
+                size += json_size(raw)
+    budget = ExpansionBudget.for_definitions(size)
     return [_function(raw, param, key, budget) for (param, raw), key in zip(definitions, keys)]
 
 

@@ -52,8 +52,15 @@ from .lru import LRUCache
 from .types import Function
 
 __all__ = [
-    "ExpansionBudget", "ExpansionError", "SchemaError", "function_block", "resolve", "resolve_refs", "ts_schema"
-]  # fmt: skip
+    "ExpansionBudget",
+    "ExpansionError",
+    "SchemaError",
+    "function_block",
+    "json_size",
+    "resolve",
+    "resolve_refs",
+    "ts_schema",
+]
 
 
 class SchemaError(ValueError):
@@ -162,7 +169,7 @@ def resolve(parameters: dict, budget: ExpansionBudget | None = None) -> tuple[di
         raise SchemaError("parameters must be a JSON object")
     try:
         if budget is None:
-            budget = ExpansionBudget.for_definitions(_json_size(parameters), "this schema")
+            budget = ExpansionBudget.for_definitions(json_size(parameters), "this schema")
         result, size = _RefResolver(parameters, budget).copy(parameters)
     except RecursionError:
         raise SchemaError.too_deep() from None
@@ -180,12 +187,16 @@ def _scalar_size(node: Any) -> int:
     return len(repr(node)) if type(node) in (int, float) else len(str(node)) + 2
 
 
-def _json_size(node: Any) -> int:
-    """The JSON size of `node` as written (references not followed): what a definition weighs."""
+def json_size(node: Any) -> int:
+    """The JSON size of `node` as written (references not followed): what a definition weighs, for a value
+    orjson cannot encode (a caller's own Mapping, nesting deeper than orjson's 255 levels).
+
+    Raises:
+        RecursionError: nesting deeper than Python's recursion limit allows."""
     if isinstance(node, Mapping):
-        return 2 + sum(len(str(key)) + 6 + _json_size(value) for key, value in node.items())
+        return 2 + sum(len(str(key)) + 6 + json_size(value) for key, value in node.items())
     if isinstance(node, (list, tuple)):
-        return 2 + sum(2 + _json_size(value) for value in node)
+        return 2 + sum(2 + json_size(value) for value in node)
     return _scalar_size(node)
 
 
