@@ -76,9 +76,9 @@ Batch = list[Token | StreamEnd]
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
-# A body up to this size is normalised and rendered on the event loop: at most ~10 ms of CPU, whatever it
-# holds (the largest cost per byte measured, docs/performance.md "Admission"); a larger one, or one sent
-# without a Content-Length, in the admission thread.
+# A body up to this size is normalised and rendered on the event loop: its work is bounded by its size (the
+# expansion budget), a few ms at most (docs/performance.md, "Admission"); a larger one, or one sent without a
+# Content-Length, in the admission thread.
 INLINE_BODY_BYTES = 32 * 1024
 
 
