@@ -86,7 +86,11 @@ def doubling(levels: int, tag: str = "") -> dict[str, Any]:
     for i in range(levels):
         last = i + 1 == levels
         child = {"type": "string", "description": "leaf"} if last else {"$ref": f"#/$defs/d{i + 1}"}
-        defs[f"d{i}"] = {"type": "object", "description": f"level {i}", "properties": {"a": child, "b": child}}
+        defs[f"d{i}"] = {
+            "type": "object",
+            "description": f"level {i}",
+            "properties": {"a": child, "b": child},
+        }
     return {"type": "object", "properties": {f"root{tag}": {"$ref": "#/$defs/d0"}}, "$defs": defs}
 
 
@@ -169,7 +173,11 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
 
 
 def _clear_caches() -> None:
-    for module in ("tgi_gateway.prompting.request", "tgi_gateway.prompting.render", "tgi_gateway.prompting.schema"):
+    for module in (
+        "tgi_gateway.prompting.request",
+        "tgi_gateway.prompting.render",
+        "tgi_gateway.prompting.schema",
+    ):
         mod = importlib.import_module(module)
         for value in vars(mod).values():
             if hasattr(value, "clear") and type(value).__name__ == "LRUCache":
@@ -180,6 +188,7 @@ def in_process(names: list[str], runs: int) -> list[dict[str, Any]]:
     import orjson
 
     from tgi_gateway.api.models import ChatCompletionRequest
+    from tgi_gateway.errors import GatewayError
     from tgi_gateway.prompting import Template, Version, normalize
     from tgi_gateway.server.process import tune_gc
 
@@ -200,12 +209,14 @@ def in_process(names: list[str], runs: int) -> list[dict[str, Any]]:
                 t1 = time.perf_counter()
                 t2 = t3 = t1
                 try:
-                    prompt = normalize({"messages": req.messages, "tools": req.tools, "tool_choice": req.tool_choice})
+                    prompt = normalize(
+                        {"messages": req.messages, "tools": req.tools, "tool_choice": req.tool_choice}
+                    )
                     t2 = time.perf_counter()
                     text = template.render(prompt)
                     t3 = time.perf_counter()
                     outcome = f"{len(text):,} chars"
-                except Exception as exc:  # a refusal is an outcome: its time counts where it was raised
+                except GatewayError as exc:  # a refusal is an outcome: its time counts where it was raised
                     now = time.perf_counter()
                     t2, t3 = (now, now) if t2 == t1 else (t2, now)
                     outcome = f"{type(exc).__name__}: {str(exc)[:70]}"
@@ -318,10 +329,10 @@ def end_to_end(names: list[str], concurrent: int, interval: float) -> list[dict[
                 time.sleep(0.3)
                 start = time.monotonic()
 
-                async def all_of() -> list[tuple[int, float, bytes]]:
+                async def all_of(body: bytes) -> list[tuple[int, float, bytes]]:
                     return await asyncio.gather(*(_post(gateway.url, body) for _ in range(concurrent)))
 
-                answers = asyncio.run(all_of())
+                answers = asyncio.run(all_of(body))
                 end = time.monotonic()
                 time.sleep(0.3)
             during = [lat for sent, lat in samples if sent + lat >= start and sent <= end]
@@ -344,7 +355,9 @@ def end_to_end(names: list[str], concurrent: int, interval: float) -> list[dict[
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--case", action="append", choices=sorted(CASES), help="(repeatable) default: all")
     parser.add_argument("--runs", type=int, default=3, help="in-process: runs per case (median)")
     parser.add_argument("--e2e", action="store_true", help="the gateway process, the double and a prober")

@@ -10,8 +10,11 @@ a :class:`ChatPrompt` that every renderer can print without further checks, or r
 
 What it does, in order (FORMATS.md §2.1–2.4):
 
-1. `tools` (or legacy `functions`) → :class:`Tool`/:class:`Function`, unknown keys dropped, local
-   ``$ref`` resolved inside each function's parameters.
+1. `tools` (or legacy `functions`, at most 128 either way, as OpenAI) → :class:`Tool`/:class:`Function`,
+   unknown keys dropped, local ``$ref`` resolved inside each function's parameters, each schema printed once
+   (to refuse what cannot be printed), all within one expansion budget set by the definitions' own JSON size
+   (:class:`~.schema.ExpansionBudget`: the first tool that does not fit is refused, naming its
+   ``parameters`` and the bound).
 2. `tool_choice` (or `function_call`) → ``"none" | "auto" | "required" | NamedChoice``; the tool list
    is then filtered the way functionary does: ``"none"`` shows no tools at all (not even the code
    interpreter), a named choice shows only that function. No tools → choice ``"none"``.
