@@ -89,7 +89,7 @@ def test_against_a_reference_model_on_random_operations():
             assert all(k in cache for k in model)
 
 
-def test_render_prints_the_same_function_objects_once():
+def test_render_prints_the_same_function_objects_once(monkeypatch):
     import importlib
 
     from tgi_gateway.prompting import Template, normalize
@@ -97,14 +97,28 @@ def test_render_prints_the_same_function_objects_once():
     render_module = importlib.import_module(
         "tgi_gateway.prompting.render"
     )  # (the package's `render` is the function)
-
-    render_module._TEXTS.clear()
+    schema_module = importlib.import_module("tgi_gateway.prompting.schema")
+    request_module = importlib.import_module("tgi_gateway.prompting.request")
+    printed = []
+    declaration = schema_module._Macros.function_declaration
+    monkeypatch.setattr(
+        schema_module._Macros,
+        "function_declaration",
+        lambda self, f: printed.append(f.name) or declaration(self, f),
+    )
+    for cache in (render_module._TEXTS, schema_module._BLOCKS, request_module._FUNCTION_CACHE):
+        cache.clear()
     tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
     body = {"messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
-    first = Template("v3.llama3").render(normalize(body))
-    assert len(render_module._TEXTS) == 1
+    first = Template("v3.llama3").render(
+        normalize(body)
+    )  # normalize prints it (to check it), render reuses it
+    assert printed == ["get_time"] and len(schema_module._BLOCKS) == 1
     assert Template("v3.llama3").render(normalize(body)) == first  # the same Function object: a hit
-    assert len(render_module._TEXTS) == 1
     Template("v2").render(normalize(body))  # same objects, same flavour: still one entry
-    Template("v3-llama3.1").render(normalize(body))  # the JSON of the function: a second one
-    assert len(render_module._TEXTS) == 2
+    assert printed == ["get_time"] and len(schema_module._BLOCKS) == 1
+    Template("v1").render(normalize(body))  # the Python flavour: printed once more
+    assert printed == ["get_time"] * 2 and len(schema_module._BLOCKS) == 2
+    Template("v3-llama3.1").render(normalize(body))  # the JSON of the function
+    Template("v3-llama3.1").render(normalize(body))
+    assert len(render_module._TEXTS) == 1

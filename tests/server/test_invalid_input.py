@@ -135,8 +135,11 @@ def test_max_tokens_that_cannot_fit_the_context(gateway: Gateway, field: str) ->
 
 
 def test_max_tokens_that_may_fit_still_reach_tgi(gateway: Gateway) -> None:
-    r = gateway.client.post("/v1/chat/completions", json={"model": MODEL, "messages": HI, "max_tokens": 8191})
+    # Room for 2 tokens: the prompt (~170 characters) may be 2 tokens long; only TGI can count them.
+    before = len(gateway.tgi.requests)
+    r = gateway.client.post("/v1/chat/completions", json={"model": MODEL, "messages": HI, "max_tokens": 8190})
     assert r.json()["error"]["code"] == "context_length_exceeded", "TGI, which counts the prompt, decides"
+    assert gateway.tgi.requests[before].path == "/generate"
 
 
 # Bug: pydantic's union member tags leaked into `param` ("stop.str", "function_call.dict[str,any]").
@@ -168,3 +171,139 @@ def test_errors_about_the_whole_body(gateway: Gateway, raw: bytes, content_type:
 
 def test_missing_fields_are_still_named(gateway: Gateway) -> None:
     assert gateway.refused({"messages": HI})["param"] == "model"
+
+
+# ------------------------------------------------------------------------------------------------
+# A budget per request (issue 11, finding 1)
+# ------------------------------------------------------------------------------------------------
+
+
+def _doubling(levels: int) -> dict[str, Any]:
+    defs = {
+        f"d{i}": {
+            "type": "object",
+            "properties": {"a": {"$ref": f"#/$defs/d{i + 1}"}, "b": {"$ref": f"#/$defs/d{i + 1}"}},
+        }
+        for i in range(levels)
+    }
+    defs[f"d{levels}"] = {"type": "string"}
+    return {"type": "object", "properties": {"root": {"$ref": "#/$defs/d0"}}, "$defs": defs}
+
+
+# Bug: a 1.2 KB schema whose 11 definitions each refer to the next twice was accepted and sent to TGI as a
+# 281 KB prompt; at 12+ levels it was refused ("more than 100000 nodes") only after ~0.1-0.5 s of work.
+@pytest.mark.parametrize("levels", [11, 12, 16, 40])
+def test_a_schema_that_expands_beyond_the_request_budget(gateway: Gateway, levels: int) -> None:
+    tools = [
+        {"type": "function", "function": {"name": "ok"}},
+        {"type": "function", "function": {"name": "boom", "parameters": _doubling(levels)}},
+    ]
+    error = gateway.refused({"model": MODEL, "messages": HI, "tools": tools})
+    assert error["param"] == "tools[1].function.parameters"
+    assert "too large once expanded: more than" in error["message"] and "8 × the" in error["message"]
+
+
+# Bug: any number of tools was accepted (82k tools in 4 MiB held the event loop 776 ms); OpenAI takes 128.
+def test_more_than_128_tools(gateway: Gateway) -> None:
+    tools = [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]
+    error = gateway.refused({"model": MODEL, "messages": HI, "tools": tools})
+    assert (error["param"], error["code"]) == ("tools", "array_above_max_length")
+
+
+# Bug: a prompt longer than TGI's max_input_tokens could ever allow was rendered and sent, to be refused there.
+def test_a_prompt_that_cannot_fit_is_refused_before_tgi(gateway: Gateway) -> None:
+    limit = 8191 * 128  # the double's max_input_tokens × the longest token of any Functionary tokenizer
+    messages = [
+        {"role": "user", "content": "x" * (limit // 2)},
+        {"role": "user", "content": "y" * (limit // 2 + 1)},
+    ]
+    error = gateway.refused({"model": MODEL, "messages": messages})
+    assert (error["param"], error["code"]) == ("messages", "context_length_exceeded")
+    assert "8191 tokens" in error["message"]
+
+
+# Bug: booleans and numeric strings were accepted for numbers: `"top_k": true` reached TGI as top_k 1,
+# `"max_tokens": true` as max_new_tokens 1, `"temperature": "0.5"` as 0.5; OpenAI refuses them.
+@pytest.mark.parametrize(
+    ("field", "value", "expected", "got"),
+    [("max_tokens", True, "an integer", "a boolean"), ("max_completion_tokens", "5", "an integer", "a string"),
+     ("top_k", True, "an integer", "a boolean"), ("seed", False, "an integer", "a boolean"),
+     ("n", "1", "an integer", "a string"), ("top_logprobs", True, "an integer", "a boolean"),
+     ("max_tokens", 5.5, "an integer", "a decimal"), ("seed", [1], "an integer", "an array"),
+     ("temperature", "0.5", "a decimal", "a string"), ("top_p", True, "a decimal", "a boolean"),
+     ("frequency_penalty", "0", "a decimal", "a string"), ("presence_penalty", False, "a decimal", "a boolean"),
+     ("repetition_penalty", {"x": 1}, "a decimal", "an object"), ("stream", "true", "a boolean", "a string"),
+     ("stream", 1, "a boolean", "an integer"), ("logprobs", 0, "a boolean", "an integer"),
+     ("parallel_tool_calls", "false", "a boolean", "a string")],
+)  # fmt: skip
+def test_numbers_and_booleans_have_strict_json_types(
+    gateway: Gateway, field: str, value: Any, expected: str, got: str
+) -> None:
+    error = gateway.refused({"model": MODEL, "messages": HI, field: value})
+    assert error == {
+        "message": f"Invalid type for '{field}': expected {expected}, but got {got} instead.",
+        "type": "invalid_request_error",
+        "param": field,
+        "code": "invalid_type",
+    }
+
+
+def test_strict_types_inside_stream_options(gateway: Gateway) -> None:
+    error = gateway.refused(
+        {"model": MODEL, "messages": HI, "stream": True, "stream_options": {"include_usage": 1}}
+    )
+    assert (error["param"], error["code"]) == ("stream_options.include_usage", "invalid_type")
+
+
+def test_integer_valued_numbers_are_still_integers(gateway: Gateway) -> None:
+    before = len(gateway.tgi.requests)
+    body = {"model": MODEL, "messages": HI, "max_tokens": 5.0, "seed": 7.0, "temperature": 1, "top_p": 1}
+    assert gateway.client.post("/v1/chat/completions", json=body).status_code == 200
+    parameters = gateway.tgi.requests[before].json["parameters"]
+    assert (parameters["max_new_tokens"], parameters["seed"]) == (5, 7)
+
+
+# ------------------------------------------------------------------------------------------------
+# Admission off the event loop: a large body is normalised and rendered in the admission thread
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_large_body_is_admitted_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from tgi_gateway.server import chat
+
+    threads: list[str] = []
+    release = threading.Event()
+    normalize = chat.normalize
+
+    def watched(body: dict[str, Any]) -> Any:
+        threads.append(threading.current_thread().name)
+        if body["messages"][0]["content"].startswith("hold"):
+            assert release.wait(10)
+        return normalize(body)
+
+    monkeypatch.setattr(chat, "normalize", watched)
+    monkeypatch.setattr(chat, "INLINE_BODY_BYTES", 1000)  # (the double's 8192 tokens are 32K characters)
+    large = {"model": MODEL, "messages": [{"role": "user", "content": "hold" + "x" * 1000}]}
+    with FakeTGI(script=tokens("Hi", EOT)) as tgi:
+        app = create_app(Settings(model=MODEL, endpoint=tgi.url), Template(Version.V3_LLAMA31))
+        with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+            assert (
+                client.post("/v1/chat/completions", json={"model": MODEL, "messages": HI}).status_code == 200
+            )
+            result: list[httpx.Response] = []
+            sender = threading.Thread(
+                target=lambda: result.append(client.post("/v1/chat/completions", json=large))
+            )
+            sender.start()
+            with httpx.Client(base_url=url, timeout=5) as other:
+                while len(threads) < 2:  # the large request has reached normalize, which holds it
+                    assert sender.is_alive()
+                    threading.Event().wait(0.01)
+                assert other.get("/v1/models").status_code == 200, "the event loop is free meanwhile"
+            release.set()
+            sender.join(10)
+    assert result[0].status_code == 200, result[0].text
+    assert not threads[0].startswith("tgi-gateway-admission"), "a small body: on the event loop"
+    assert threads[1].startswith("tgi-gateway-admission")

@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from tests.fakes.serve import serve
-from tests.fakes.tgi import FakeTGI
-from tgi_gateway.api.models import ErrorResponse, HealthStatus
+from tests.fakes.tgi import FakeTGI, tokens
+from tgi_gateway.api.models import ChatCompletion, ChatCompletionChunk, ErrorResponse, HealthStatus
 from tgi_gateway.prompting import Template, Version
 from tgi_gateway.server.app import create_app
 from tgi_gateway.settings import Settings
@@ -89,3 +89,41 @@ def test_the_answers_are_what_the_schema_says() -> None:
     assert missing.status_code == 404
     assert ErrorResponse.model_validate(missing.json()).error.code == "model_not_found"
     assert health.status_code == 200 and HealthStatus.model_validate(health.json()).status == "ok"
+
+
+def test_the_chat_answer_is_json_or_an_event_stream() -> None:
+    spec = schema()
+    ok = responses(spec, CHAT, "post")["200"]
+    assert list(ok["content"]) == ["application/json", "text/event-stream"]
+    assert body_schema(ok) == {"$ref": "#/components/schemas/ChatCompletion"}
+    events = ok["content"]["text/event-stream"]
+    assert events["schema"]["type"] == "string" and "data: [DONE]" in events["schema"]["description"]
+    assert events["x-itemSchema"] == {"$ref": "#/components/schemas/ChatCompletionChunk"}
+    components = spec["components"]["schemas"]
+    for name in ("ChatCompletion", "ChatCompletionChunk", "Usage", "ToolCall", "ToolCallDelta"):
+        assert name in components
+    for ref in {part.split('"')[0] for part in json.dumps(spec).split('"$ref": "#/components/schemas/')[1:]}:
+        assert ref in components, ref  # every reference resolves
+
+
+def test_the_answers_match_their_documented_schemas() -> None:
+    script = tokens("<function=get_time>", '{"tz": "UTC"}', "</function>", "<|eom_id|>")
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Time?"}], "tools": [tool]}
+    with (
+        FakeTGI(script=script) as tgi,
+        serve(create_app(Settings(model=MODEL, endpoint=tgi.url), TEMPLATE)) as url,
+    ):
+        answer = httpx.post(url + CHAT, json=ask)
+        stream = httpx.post(
+            url + CHAT, json={**ask, "stream": True, "stream_options": {"include_usage": True}}
+        )
+    assert answer.headers["content-type"] == "application/json"
+    completion = ChatCompletion.model_validate(answer.json())
+    assert completion.choices[0].message.tool_calls and completion.choices[0].finish_reason == "tool_calls"
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    events = [line.removeprefix("data: ") for line in stream.text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate_json(event) for event in events[:-1]]
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage is not None
+    assert any(c.choices and c.choices[0].delta.tool_calls for c in chunks)

@@ -7,7 +7,10 @@ parameters; the gateway answers request validation errors with 400 in OpenAI's e
 refers to them; the routes list their real error statuses with :func:`error_responses`, each one with the
 :class:`~tgi_gateway.api.models.ErrorResponse` envelope. What depends on the settings follows them: 401
 (and the bearer security scheme) only when API keys are configured, the per-key 429 only with a per-key limit,
-and neither on ``/health`` unless ``--protect-health``.
+and neither on ``/health`` unless ``--protect-health``. The chat route's 200 lists both of its answers:
+``application/json`` (:class:`~tgi_gateway.api.models.ChatCompletion`) and, for ``stream: true``,
+``text/event-stream`` (one ``data:`` event per :class:`~tgi_gateway.api.models.ChatCompletionChunk`, then
+``data: [DONE]``; the chunk's schema is referred to by ``x-itemSchema``, the name OpenAPI 3.2 gives it).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from .models import ErrorResponse
+from .models import ChatCompletion, ChatCompletionChunk, ErrorResponse
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -38,6 +41,13 @@ DESCRIPTIONS = {
 }
 FASTAPI_VALIDATION = ("HTTPValidationError", "ValidationError")
 SECURITY_SCHEME = "bearer"
+CHAT_PATH = "/v1/chat/completions"
+COMPONENTS = "#/components/schemas/"
+EVENT_STREAM = (
+    "With `stream: true`: server-sent events, each `data: <ChatCompletionChunk as JSON>` followed by a blank "
+    'line, then `data: [DONE]`. An error after the first chunk is one `data: {"error": {...}}` event (the '
+    "error envelope), then the end of the stream."
+)
 
 
 def error_responses(statuses: Iterable[int], **descriptions: str) -> dict[int | str, dict[str, Any]]:
@@ -80,7 +90,8 @@ def install(app: FastAPI, settings: Settings, open_paths: Iterable[str] = ()) ->
                     if has_keys(settings) and path not in open_paths:
                         operation["security"] = [{SECURITY_SCHEME: []}]
             components = schema.setdefault("components", {})
-            schemas = components.get("schemas", {})
+            schemas = components.setdefault("schemas", {})
+            _document_chat_answers(schema.get("paths", {}).get(CHAT_PATH, {}).get("post"), schemas)
             rest = json.dumps(
                 [{k: v for k, v in schema.items() if k != "components"},
                  {k: v for k, v in schemas.items() if k not in FASTAPI_VALIDATION}]
@@ -95,3 +106,24 @@ def install(app: FastAPI, settings: Settings, open_paths: Iterable[str] = ()) ->
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _document_chat_answers(operation: dict[str, Any] | None, schemas: dict[str, Any]) -> None:
+    """The chat route's 200: a ChatCompletion as JSON, or the chunks as server-sent events."""
+    if operation is None:
+        return
+    for model in (ChatCompletion, ChatCompletionChunk):
+        model_schema = model.model_json_schema(ref_template=COMPONENTS + "{model}")
+        for name, definition in {**model_schema.pop("$defs", {}), model.__name__: model_schema}.items():
+            if schemas.setdefault(name, definition) != definition:
+                raise RuntimeError(f"two OpenAPI components named {name}")
+    operation.setdefault("responses", {})["200"] = {
+        "description": "The completion: one JSON object, or a stream of chunks with `stream: true`.",
+        "content": {
+            "application/json": {"schema": {"$ref": COMPONENTS + "ChatCompletion"}},
+            "text/event-stream": {
+                "schema": {"type": "string", "description": EVENT_STREAM},
+                "x-itemSchema": {"$ref": COMPONENTS + "ChatCompletionChunk"},
+            },
+        },
+    }

@@ -28,7 +28,13 @@ from typing import Any
 from ..errors import ContextLengthExceededError, InvalidRequestError
 from .models import ChatCompletionRequest
 
-__all__ = ["MAX_CLIENT_STOPS", "check_supported", "check_token_budget", "tgi_parameters"]
+__all__ = [
+    "MAX_CLIENT_STOPS",
+    "check_supported",
+    "check_token_budget",
+    "prompt_token_limit",
+    "tgi_parameters",
+]
 
 MAX_CLIENT_STOPS = 4  # OpenAI's documented limit
 
@@ -74,6 +80,13 @@ def check_token_budget(req: ChatCompletionRequest, max_total_tokens: int) -> Non
             "tokens, prompt and completion together.",
             param=field,
         )
+
+
+def prompt_token_limit(req: ChatCompletionRequest, max_input_tokens: int, max_total_tokens: int) -> int:
+    """The most tokens `req`'s prompt may have for TGI to take it: at most `max_input_tokens`, and with
+    `max_tokens` at most ``max_total_tokens - max_tokens`` (TGI counts its BOS in the prompt)."""
+    wanted = req.max_new_tokens
+    return max_input_tokens if wanted is None else min(max_input_tokens, max_total_tokens - wanted)
 
 
 def tgi_parameters(

@@ -37,6 +37,10 @@ def invalid_request(exc: RequestValidationError) -> InvalidRequestError:
         return InvalidRequestError("The request body must be a JSON object.")
     if err.get("type") == "missing":
         return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param)
+    if err.get("type") == "invalid_type":  # api/models.py: strict JSON types, in OpenAI's words
+        return InvalidRequestError(
+            f"Invalid type for '{param}': {err.get('msg')}.", param=param, code="invalid_type"
+        )
     return InvalidRequestError(f"Invalid value for '{param}': {err.get('msg')}.", param=param)
 
 

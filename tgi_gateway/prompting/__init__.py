@@ -45,9 +45,10 @@ class Template:
         """The version's stop tokens, as stop strings for TGI (which stops on EOS ids by itself)."""
         return STOP_TOKENS[self.version]
 
-    def render(self, prompt: ChatPrompt) -> str:
-        """The prompt text the model was trained on, ending with the tool choice's generation prefix."""
-        return render(self.version, prompt)
+    def render(self, prompt: ChatPrompt, *, max_tokens: int | None = None) -> str:
+        """The prompt text the model was trained on, ending with the tool choice's generation prefix
+        (refused, ContextLengthExceededError, when it cannot fit `max_tokens`: :func:`.render.render`)."""
+        return render(self.version, prompt, max_tokens=max_tokens)
 
     def parser(self, prompt: ChatPrompt) -> Parser:
         """A fresh parser for the answer to `prompt` (it knows the generation prefix)."""

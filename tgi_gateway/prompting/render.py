@@ -35,12 +35,18 @@ import json
 from collections.abc import Callable
 from typing import Any, Literal
 
-from ..errors import InvalidRequestError
+from ..errors import ContextLengthExceededError, InvalidRequestError
 from .lru import LRUCache
 from .schema import SchemaError, ts_schema
 from .types import ChatPrompt, Function, Message, NamedChoice, ToolCall, ToolChoice, Version
 
-__all__ = ["generation_prefix", "render"]
+__all__ = ["MAX_CHARS_PER_TOKEN", "generation_prefix", "render"]
+
+MAX_CHARS_PER_TOKEN = 128
+"""No token of a Functionary model's tokenizer is longer than this, in characters: Llama 3's longest
+vocabulary entry is 128 spaces (id 58040); Llama 2's and Mistral's are 16 characters; the added tokens
+(``<|reserved_special_token_249|>``, ``<|END_OF_FUNCTION_RESULT|>``, ...) at most 30. A text of N characters
+is therefore at least N / 128 tokens (docs/operations.md, "Request limits")."""
 
 DEFAULT_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -105,15 +111,46 @@ def generation_prefix(version: Version | str, choice: ToolChoice) -> str:
     raise ValueError(f"unknown tool choice {choice!r}")
 
 
-def render(version: Version | str, prompt: ChatPrompt) -> str:
+def render(version: Version | str, prompt: ChatPrompt, *, max_tokens: int | None = None) -> str:
     """The complete prompt text (no BOS): the template rendering plus the generation prefix.
 
+    With `max_tokens` (the most tokens the prompt may have), a prompt that cannot fit is refused: one
+    longer than ``max_tokens × MAX_CHARS_PER_TOKEN`` characters has more tokens than that, whatever the
+    tokenizer. The messages' own text (contents and call arguments, all printed verbatim) is checked before
+    anything is rendered, the whole prompt once it is: either way before it is sent anywhere. A prompt that
+    passes may still be too long in tokens; only the model's tokenizer (TGI) can tell.
+
     Raises:
+        ContextLengthExceededError: the prompt is longer than `max_tokens` allows.
         InvalidRequestError: a tool schema that cannot be rendered, or (v1) an assistant message
             with more than one tool call.
     """
     version = Version(version)
-    return _RENDERERS[version](prompt) + generation_prefix(version, prompt.choice)
+    if max_tokens is not None:
+        _check_length(_least_chars(prompt), max_tokens)
+    text = _RENDERERS[version](prompt) + generation_prefix(version, prompt.choice)
+    if max_tokens is not None:
+        _check_length(len(text), max_tokens)
+    return text
+
+
+def _least_chars(prompt: ChatPrompt) -> int:
+    """A lower bound of the rendered prompt's length: every version prints each message's content and each
+    call's arguments verbatim (the names of Python calls are not printed in v3-llama3.1)."""
+    return sum(
+        len(m.content or "") + sum(len(call.arguments) for call in m.tool_calls) for m in prompt.messages
+    )
+
+
+def _check_length(chars: int, max_tokens: int) -> None:
+    if chars > max_tokens * MAX_CHARS_PER_TOKEN:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {max_tokens} tokens for the prompt. However, your "
+            f"messages resulted in a prompt of at least {chars:,} characters, which is more than "
+            f"{max_tokens} tokens (no token of this model is longer than {MAX_CHARS_PER_TOKEN} "
+            "characters). Please reduce the length of the messages or tools.",
+            param="messages",
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,6 +174,7 @@ def _system_text(prompt: ChatPrompt) -> str:
 # Texts printed from Function objects, keyed by the objects' identity plus any option. The value keeps the
 # objects alive, so while an entry is remembered no other object can have its ids. `normalize` hands out
 # the same Function objects for the same tool definitions, so a conversation's tools are printed once.
+# (The TypeScript-like declarations are remembered the same way, per function, by `schema.function_block`.)
 _TEXTS: LRUCache[tuple[Any, ...], tuple[tuple[Function, ...], str]] = LRUCache(1024)
 
 
@@ -148,8 +186,7 @@ def _printed(functions: tuple[Function, ...], option: str, make: Callable[[], st
 
 def _schema(prompt: ChatPrompt, flavor: Literal["jinja", "python"] = "jinja") -> str:
     try:
-        functions = prompt.functions
-        return _printed(functions, flavor, lambda: ts_schema(functions, flavor=flavor))
+        return ts_schema(prompt.functions, flavor=flavor)
     except SchemaError as exc:
         param = "functions" if prompt.legacy_functions else "tools"
         raise InvalidRequestError(f"Invalid function schema: {exc}", param=param) from None

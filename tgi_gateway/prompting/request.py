@@ -10,8 +10,11 @@ a :class:`ChatPrompt` that every renderer can print without further checks, or r
 
 What it does, in order (FORMATS.md §2.1–2.4):
 
-1. `tools` (or legacy `functions`) → :class:`Tool`/:class:`Function`, unknown keys dropped, local
-   ``$ref`` resolved inside each function's parameters.
+1. `tools` (or legacy `functions`, at most 128 either way, as OpenAI) → :class:`Tool`/:class:`Function`,
+   unknown keys dropped, local ``$ref`` resolved inside each function's parameters, each schema printed once
+   (to refuse what cannot be printed), all within one expansion budget set by the definitions' own JSON size
+   (:class:`~.schema.ExpansionBudget`: the first tool that does not fit is refused, naming its
+   ``parameters`` and the bound).
 2. `tool_choice` (or `function_call`) → ``"none" | "auto" | "required" | NamedChoice``; the tool list
    is then filtered the way functionary does: ``"none"`` shows no tools at all (not even the code
    interpreter), a named choice shows only that function. No tools → choice ``"none"``.
@@ -31,6 +34,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,7 +43,7 @@ import orjson
 
 from ..errors import InvalidRequestError
 from .lru import LRUCache
-from .schema import SchemaError, resolve_refs, ts_schema
+from .schema import ExpansionBudget, SchemaError, function_block, json_size, resolve
 from .types import ChatPrompt, Function, Message, NamedChoice, Tool, ToolCall, ToolChoice
 
 __all__ = ["normalize"]
@@ -50,6 +54,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ROLES = {"system", "user", "assistant", "tool", "function", "developer"}
 _CHOICE_STRINGS = ("none", "auto", "required")
 _QUOTE_MAX = 60
+MAX_TOOLS = 128  # OpenAI's limit on `tools` (and `functions`)
 
 
 def _quote(value: Any) -> str:
@@ -106,52 +111,103 @@ def normalize(body: Mapping[str, Any]) -> ChatPrompt:
 # ------------------------------------------------------------------------------------------------
 
 
+def _too_many(field: str, count: int) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"Invalid '{field}': array too long. Expected an array with maximum length {MAX_TOOLS}, but got an "
+        f"array with length {count} instead.",
+        param=field,
+        code="array_above_max_length",
+    )
+
+
 def _tools(raw: Any) -> tuple[Tool, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
         raise InvalidRequestError("'tools' must be an array of tool objects.", param="tools")
-    tools = []
+    if len(raw) > MAX_TOOLS:
+        raise _too_many("tools", len(raw))
+    definitions: list[
+        tuple[str, Any] | None
+    ] = []  # (param, the function's definition); None: code interpreter
     for i, item in enumerate(raw):
         param = f"tools[{i}]"
         if not isinstance(item, Mapping):
             raise _not_an_object(param)
         kind = item.get("type", "function")
         if kind == "code_interpreter":
-            tools.append(Tool("code_interpreter"))
+            definitions.append(None)
         elif kind == "function":
-            tools.append(Tool("function", _function(item.get("function"), f"{param}.function")))
+            definitions.append((f"{param}.function", item.get("function")))
         else:
             raise InvalidRequestError(
                 f"Invalid value for '{param}.type': {_quote(kind)}. Supported values are: 'function' and "
                 "'code_interpreter'.",
                 param=f"{param}.type",
             )
-    return tuple(tools)
+    functions = iter(_definitions([d for d in definitions if d is not None]))
+    return tuple(
+        Tool("code_interpreter") if d is None else Tool("function", next(functions)) for d in definitions
+    )
 
 
 def _functions(raw: Any) -> tuple[Tool, ...]:
     if not isinstance(raw, list):
         raise InvalidRequestError("'functions' must be an array of function objects.", param="functions")
-    return tuple(Tool("function", _function(item, f"functions[{i}]")) for i, item in enumerate(raw))
+    if len(raw) > MAX_TOOLS:
+        raise _too_many("functions", len(raw))
+    return tuple(
+        Tool("function", f) for f in _definitions([(f"functions[{i}]", item) for i, item in enumerate(raw)])
+    )
 
 
 # Clients send the same tools with every request of a conversation: a function already checked and
-# normalised (its `$ref`s resolved, its schema proven printable) is taken from here. Keyed by the exact
-# JSON of the client's definition; the Functions are immutable and shared (nobody mutates `parameters`).
+# normalised (its `$ref`s resolved, its schema proven printable) is taken from here, with what it costs the
+# request's expansion budget. Keyed by the exact JSON of the client's definition; the Functions are immutable
+# and shared (nobody mutates `parameters`).
 _FUNCTION_CACHE_SIZE = 512
-_FUNCTION_CACHE: LRUCache[bytes, Function] = LRUCache(_FUNCTION_CACHE_SIZE)
+_FUNCTION_CACHE: LRUCache[bytes, tuple[Function, int]] = LRUCache(_FUNCTION_CACHE_SIZE)
 
 
-def _function(raw: Any, param: str) -> Function:
-    try:
-        key = orjson.dumps(raw)
-    except (orjson.JSONEncodeError, TypeError):  # not plain JSON (a caller's own Mapping): not cached
-        return _new_function(raw, param)
-    return _FUNCTION_CACHE.get_or_make(key, lambda: _new_function(raw, param))
+def _definitions(definitions: list[tuple[str, Any]]) -> list[Function]:
+    """The functions of `definitions` ((param, definition) pairs), within one expansion budget.
+
+    The budget is :meth:`ExpansionBudget.for_definitions` of the definitions' own JSON size, all of them
+    together: what their schemas expand to (each resolved definition's JSON, and its TypeScript-like
+    declaration) is spent from it tool by tool, as the work is done, and the first tool that does not fit
+    is refused with a 400 naming its ``parameters``.
+    """
+    keys: list[bytes | None] = []
+    size = 0
+    for _, raw in definitions:
+        try:
+            keys.append(orjson.dumps(raw))
+            size += len(keys[-1])  # type: ignore[arg-type]
+        except (orjson.JSONEncodeError, TypeError):  # not plain JSON (a caller's own Mapping), or deeper
+            keys.append(None)  # than orjson's 255 levels: not cached, weighed in Python
+            with contextlib.suppress(RecursionError):  # (refused later: "nested too deeply")
+                size += json_size(raw)
+    budget = ExpansionBudget.for_definitions(size)
+    return [_function(raw, param, key, budget) for (param, raw), key in zip(definitions, keys)]
 
 
-def _new_function(raw: Any, param: str) -> Function:
+def _function(raw: Any, param: str, key: bytes | None, budget: ExpansionBudget) -> Function:
+    known = _FUNCTION_CACHE.get(key) if key is not None else None
+    if known is not None:
+        function, cost = known
+        try:
+            budget.spend(cost)
+        except SchemaError as exc:
+            raise _invalid_schema(param, exc) from None
+        return function
+    left = budget.left
+    function = _new_function(raw, param, budget)
+    if key is not None:
+        _FUNCTION_CACHE.put(key, (function, left - budget.left))
+    return function
+
+
+def _new_function(raw: Any, param: str, budget: ExpansionBudget) -> Function:
     if not isinstance(raw, Mapping):
         raise InvalidRequestError(f"'{param}' must be an object with a 'name'.", param=param)
     name = raw.get("name")
@@ -173,12 +229,12 @@ def _new_function(raw: Any, param: str) -> Function:
                 f"'{param}.parameters' must be a JSON Schema object.", param=f"{param}.parameters"
             )
         try:
-            parameters = resolve_refs(dict(parameters))
+            parameters = resolve(parameters, budget)[0]
         except SchemaError as exc:
             raise _invalid_schema(param, exc) from None
     function = Function(name=name, description=description, parameters=parameters)
     try:  # a schema the TypeScript renderer cannot print is refused here, where we know which one it is
-        ts_schema((function,))
+        function_block(function, budget=budget)
     except SchemaError as exc:
         raise _invalid_schema(param, exc) from None
     return function

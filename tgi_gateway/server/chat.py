@@ -28,15 +28,22 @@ so the two cannot disagree; they differ only in the TGI route:
 Both race TGI's answer (its first event, or the whole non-stream answer) against the client's disconnect
 (`until_disconnect`, then 499), and both send a request TGI refused with a validation error once more when
 TGI's limits changed (`Gateway._upstream`).
-"""
 
+Admission (`Gateway._admit`): `normalize()`, then TGI's limits (`/info`, kept), then `render()` with the
+most tokens the prompt may have, so a prompt that cannot fit is refused before it is rendered in full and
+before anything is sent. Both are pure CPU work bounded by the request's size (the expansion budget of
+`prompting.schema`); a body larger than `INLINE_BODY_BYTES`, or of unknown length, is normalised and rendered
+in the gateway's one admission thread instead of on the event loop, which then only waits for it.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any, TypeVar
@@ -46,7 +53,7 @@ from fastapi.responses import Response
 from starlette.types import Send
 
 from ..api.models import ChatCompletionRequest
-from ..api.params import check_supported, check_token_budget, tgi_parameters
+from ..api.params import check_supported, check_token_budget, prompt_token_limit, tgi_parameters
 from ..errors import (
     GatewayError,
     ModelNotFoundError,
@@ -55,7 +62,7 @@ from ..errors import (
     TGIValidationError,
     UpstreamError,
 )
-from ..prompting import Template, normalize
+from ..prompting import ChatPrompt, Template, normalize
 from ..settings import Settings
 from ..streaming import SSE_DONE, Answer, ResponseContext, chat_completion, encode_sse
 from ..tgi.client import StreamEnd, TGIClient, TGIInfo, Token, TokenStream
@@ -69,6 +76,11 @@ Batch = list[Token | StreamEnd]
 
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
+# A body up to this size is normalised and rendered on the event loop: its work is bounded by its size (the
+# expansion budget), a few ms at most (docs/performance.md, "Admission"); a larger one, or one sent without a
+# Content-Length, in the admission thread.
+INLINE_BODY_BYTES = 32 * 1024
+
 
 class Gateway:
     """The request handling: one per app, created in its lifespan."""
@@ -79,6 +91,9 @@ class Gateway:
         self.client = client
         self.created = int(time.time())
         self._info: TGIInfo | None = None
+        # One thread: the loop shares the GIL with at most one other busy thread, so it waits at most one
+        # switch interval (5 ms) each time it needs the GIL; large requests queue there, in order.
+        self._admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tgi-gateway-admission")
 
     async def info(self) -> TGIInfo:
         """TGI's limits, read lazily (TGI may come up after the gateway) and kept; forgotten when TGI is
@@ -114,16 +129,7 @@ class Gateway:
         rec.model, rec.stream = req.model, bool(req.stream)
         self.check_model(req.model)
         check_supported(req)
-        prompt = normalize(
-            {
-                "messages": req.messages,
-                "tools": req.tools,
-                "tool_choice": req.tool_choice,
-                "functions": req.functions,
-                "function_call": req.function_call,
-            }
-        )
-        inputs = self.template.render(prompt)
+        prompt, inputs = await until_disconnect(request, self._admit(request, req))
         ctx = ResponseContext.for_prompt(
             prompt,
             self.settings.model_name,
@@ -157,6 +163,30 @@ class Gateway:
             chat_completion(ctx, message, generation.input_length or 0, generation.generated_tokens)
         )
 
+    async def _admit(self, request: Request, req: ChatCompletionRequest) -> tuple[ChatPrompt, str]:
+        """The request's prompt and its text: normalised, TGI's limits read, rendered within them. On the
+        event loop for a body up to INLINE_BODY_BYTES, in the admission thread otherwise."""
+        length = request.headers.get("content-length", "")
+        inline = length.isdigit() and int(length) <= INLINE_BODY_BYTES
+
+        async def run(work: Callable[[], T]) -> T:
+            if inline:
+                return work()
+            return await asyncio.get_running_loop().run_in_executor(self._admission, work)
+
+        body = {
+            "messages": req.messages,
+            "tools": req.tools,
+            "tool_choice": req.tool_choice,
+            "functions": req.functions,
+            "function_call": req.function_call,
+        }
+        prompt = await run(partial(normalize, body))
+        info = await self.info()  # before rendering: a prompt that cannot fit is not rendered in full
+        check_token_budget(req, info.max_total_tokens)
+        limit = prompt_token_limit(req, info.max_input_tokens, info.max_total_tokens)
+        return prompt, await run(partial(self.template.render, prompt, max_tokens=limit))
+
     async def _upstream(
         self,
         request: Request,
@@ -177,7 +207,9 @@ class Gateway:
             try:
                 info = await self.info()
                 check_token_budget(req, info.max_total_tokens)
-                return await call_tgi(tgi_parameters(req, self.template.stop_sequences, info.max_stop_sequences))
+                return await call_tgi(
+                    tgi_parameters(req, self.template.stop_sequences, info.max_stop_sequences)
+                )
             finally:
                 rec.upstream_wait += time.perf_counter() - waiting  # telemetry
 
@@ -278,4 +310,3 @@ async def _next(tokens: TokenStream, rec: RequestRecord) -> Batch:
 async def _read_to_end(tokens: TokenStream) -> None:
     with contextlib.suppress(StopAsyncIteration):
         await tokens.batch()
-
