@@ -23,6 +23,7 @@ import aiohttp
 import anyio
 import pytest
 
+from tests.tgi.tgi_answers import GENERATE_TOKENS, GENERATION, generate_answer
 from tgi_gateway.errors import (
     GatewayError,
     InvalidRequestError,
@@ -318,20 +319,6 @@ async def settled() -> None:
         await asyncio.sleep(0)
 
 
-GENERATE_TOKENS = [
-    {"id": 1001, "text": "Hél", "logprob": -0.5, "special": False},
-    {"id": 1002, "text": "lo 🌍", "logprob": -0.5, "special": False},
-    {"id": 2, "text": "<|eot_id|>", "logprob": -0.1, "special": True},
-]
-GENERATION = Generation(
-    [Token("Hél", False, 1001), Token("lo 🌍", False, 1002), Token("<|eot_id|>", True, 2)], "eos_token", 3, 7
-)
-
-
-def answer_body(tokens: object = GENERATE_TOKENS, **details: object) -> bytes:
-    body = {"generated_text": "Héllo 🌍", "details": {"finish_reason": "eos_token", "generated_tokens": 3,
-                                                      "seed": None, "prefill": [], "tokens": tokens, **details}}  # fmt: skip
-    return json.dumps(body).encode()
 
 
 def answer(*, prompt_tokens: str | None = "7", **kw: Any) -> Reply:
@@ -343,7 +330,7 @@ def answer(*, prompt_tokens: str | None = "7", **kw: Any) -> Reply:
     }
     if prompt_tokens is not None:
         headers["x-prompt-tokens"] = prompt_tokens
-    return Reply(headers=headers, body=answer_body(**kw))
+    return Reply(headers=headers, body=generate_answer(**kw))
 
 
 def generation_of(request: Request) -> Reply:
@@ -867,7 +854,7 @@ async def test_connection_close_is_honoured():
 
 
 async def test_generate_over_a_chunked_body_too():
-    body = answer_body(finish_reason="length")
+    body = generate_answer(finish_reason="length")
     pieces: list[bytes | float] = [body[i : i + 7] for i in range(0, len(body), 7)]  # inside UTF-8 sequences
     reply = Reply(headers={"content-type": JSON, "x-prompt-tokens": "7"}, body=pieces)
     async with mock(lambda r: reply) as (client, _):
@@ -949,7 +936,7 @@ async def test_generate_longer_than_the_request_timeout_is_a_504_not_retried():
 
 async def test_generate_body_stalled_past_the_request_timeout_is_a_504():
     """The deadline covers the body too: the head arrived, the rest of the answer never does."""
-    reply = Reply(headers={"content-type": JSON}, body=[answer_body()[:50]], then="hang")
+    reply = Reply(headers={"content-type": JSON}, body=[generate_answer()[:50]], then="hang")
     async with mock(lambda r: reply, request_timeout=0.3) as (client, _):
         start = time.monotonic()
         with pytest.raises(TGITimeoutError, match="--request-timeout"):
@@ -967,7 +954,7 @@ async def test_generate_slower_than_the_stream_timeouts_is_fine():
 
 
 async def test_generate_cut_answer_is_a_protocol_error_not_retried():
-    reply = Reply(headers={"content-type": JSON}, body=[answer_body()[:40]], then="reset")
+    reply = Reply(headers={"content-type": JSON}, body=[generate_answer()[:40]], then="reset")
     async with mock(lambda r: reply) as (client, tgi):
         with pytest.raises(TGIProtocolError) as info:
             await client.generate("Hi", {"details": True})

@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from tests.tgi.tgi_answers import GENERATE_TOKENS, GENERATION, generate_answer
 from tgi_gateway.errors import (
     ContextLengthExceededError,
     GatewayError,
@@ -475,39 +476,25 @@ def test_an_unencodable_parameter_is_the_clients_400(value):
         request_body("Hi", {"temperature": value})
 
 
-GENERATE_TOKENS = [
-    {"id": 1001, "text": "Hél", "logprob": -0.5, "special": False},
-    {"id": 1002, "text": "lo 🌍", "logprob": -0.5, "special": False},
-    {"id": 2, "text": "<|eot_id|>", "logprob": -0.1, "special": True},
-]
-GENERATION = Generation(
-    [Token("Hél", False, 1001), Token("lo 🌍", False, 1002), Token("<|eot_id|>", True, 2)], "eos_token", 3, 7
-)
-
-
-def answer(tokens: object = GENERATE_TOKENS, **details: object) -> bytes:
-    body = {"generated_text": "Héllo 🌍", "details": {"finish_reason": "eos_token", "generated_tokens": 3,
-                                                      "seed": None, "prefill": [], "tokens": tokens, **details}}  # fmt: skip
-    return json.dumps(body).encode()
 
 
 def test_a_generation_keeps_the_tokens_special_flags_and_usage():
-    assert parse_generation(answer(), "7") == GENERATION
+    assert parse_generation(generate_answer(), "7") == GENERATION
 
 
 @pytest.mark.parametrize("header", [None, "", "abc", "-1", "1.5", "7 7", "1_0", "²"])
 def test_without_a_valid_x_prompt_tokens_there_is_no_input_length(header):
     assert token_count(header) is None
-    generation = parse_generation(answer(), header)
+    generation = parse_generation(generate_answer(), header)
     assert generation.input_length is None
     assert generation.tokens == GENERATION.tokens and generation.generated_tokens == 3
 
 
 def test_without_finish_reason_or_count_the_tokens_are_kept():
-    assert parse_generation(answer(finish_reason=None, generated_tokens="3"), "7") == Generation(
+    assert parse_generation(generate_answer(finish_reason=None, generated_tokens="3"), "7") == Generation(
         GENERATION.tokens, None, 3, 7
     )  # the count: the tokens received
-    assert parse_generation(answer(tokens=[], generated_tokens=0), "7") == Generation([], "eos_token", 0, 7)
+    assert parse_generation(generate_answer(tokens=[], generated_tokens=0), "7") == Generation([], "eos_token", 0, 7)
 
 
 def tokens_with(item: object) -> list:
