@@ -28,6 +28,7 @@ MODEL = "fn"
 HEAD_TIMEOUT = 1.0
 BODY_TIMEOUT = 1.0
 MAX_CONNECTIONS = 20
+KEEP_ALIVE = 1.0
 SLACK = 1.5  # scheduling on a loaded machine
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -47,6 +48,7 @@ def gateway() -> Iterator[Gateway]:
                                   "--endpoint", f"http://127.0.0.1:{port}", "--no-launch", "--log-level", "warning",
                                   "--head-timeout", str(HEAD_TIMEOUT), "--body-timeout", str(BODY_TIMEOUT),
                                   "--max-connections", str(MAX_CONNECTIONS), "--max-headers", "100",
+                                  "--keep-alive-timeout", str(KEEP_ALIVE),
                                   "--max-head-bytes", "65536")  # fmt: skip
         try:
             yield Gateway(proc, url, int(url.rsplit(":", 1)[1]))
@@ -209,3 +211,55 @@ def test_at_the_cap_with_no_idle_connection_a_new_one_gets_503(gateway: Gateway)
             s.close()
     time.sleep(0.2)
     assert httpx.get(gateway.url + "/v1/models", timeout=5).status_code == 200
+
+
+def test_an_idle_keep_alive_connection_is_closed_and_a_reused_one_gets_its_own_head_deadline(
+    gateway: Gateway,
+) -> None:
+    with connect(gateway) as s:
+        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.settimeout(5)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(HEAD_TIMEOUT / 2)  # idle, within the keep-alive timeout
+        s.sendall(b"GET /v1/models HTTP/1.1\r\n")  # a partial head on the reused connection
+        start = time.monotonic()
+        status, _ = status_and_error(read_all(s))
+        took = time.monotonic() - start
+    assert status == 408 and HEAD_TIMEOUT - 0.1 <= took < HEAD_TIMEOUT + SLACK, took
+    with connect(gateway) as s:
+        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        start = time.monotonic()
+        assert read_all(s).startswith(b"HTTP/1.1 200"), "answered, then closed when idle"
+        took = time.monotonic() - start
+    assert KEEP_ALIVE - 0.1 <= took < KEEP_ALIVE + SLACK
+
+
+def test_the_limits_hold_in_every_worker_process() -> None:
+    port = free_port()
+    with FakeTGI(port=port):
+        proc, url = start_gateway("--model", MODEL, "--template-version", "v3-llama3.1", "--workers", "2",
+                                  "--endpoint", f"http://127.0.0.1:{port}", "--no-launch", "--log-level", "warning",
+                                  "--head-timeout", str(HEAD_TIMEOUT), "--max-headers", "10")  # fmt: skip
+        gw = Gateway(proc, url, int(url.rsplit(":", 1)[1]))
+        try:
+            for _ in range(4):  # the kernel spreads connections over both workers
+                with connect(gw) as s:
+                    s.sendall(
+                        b"GET /v1/models HTTP/1.1\r\n"
+                        + b"".join(b"X-%d: v\r\n" % i for i in range(11))
+                        + b"\r\n"
+                    )
+                    assert status_and_error(read_all(s))[0] == 431
+            silent = [connect(gw) for _ in range(4)]
+            start = time.monotonic()
+            assert all(read_all(s) == b"" for s in silent)
+            assert time.monotonic() - start < HEAD_TIMEOUT + SLACK
+            for s in silent:
+                s.close()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()

@@ -201,10 +201,11 @@ class GatewayHTTPProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
-        if self.phase is Phase.APP:  # else the body still arrives: its deadline runs on
+        super().on_response_complete()  # starts a pipelined request, if any
+        # BODY: the body still arrives, its deadline runs on; a pipelined request in flight: not idle
+        if self.phase is Phase.APP and (self.cycle is None or self.cycle.response_complete):
             self.phase = Phase.IDLE
             self.waiting_since = time.monotonic()
-        super().on_response_complete()
 
     # Deadlines -------------------------------------------------------------------------------------------
 
