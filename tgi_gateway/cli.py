@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from types import UnionType
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
@@ -200,6 +201,8 @@ def _serve(settings: Settings, template: Template) -> int:
     import uvicorn
 
     from .server.app import create_app
+    from .server.descriptors import default_max_connections, raise_descriptor_limit
+    from .server.http_protocol import ConnectionLimits, GatewayHTTPProtocol
     from .server.process import tune_gc
 
     # uvicorn handles SIGINT/SIGTERM itself: it stops accepting, lets in-flight requests finish within the
@@ -209,12 +212,23 @@ def _serve(settings: Settings, template: Template) -> int:
     # --drain-seconds the app holds the signal back for that long first (tgi_gateway/server/draining.py).
     signal.signal(signal.SIGTERM, _exit_cleanly)
     signal.signal(signal.SIGINT, _exit_cleanly)
+    # Each worker inherits the raised limit; the connection cap follows from it unless configured.
+    descriptors = raise_descriptor_limit()
+    limits = ConnectionLimits(
+        max_head_bytes=settings.max_head_bytes,
+        max_headers=settings.max_headers,
+        head_timeout=settings.head_timeout,
+        body_timeout=settings.body_timeout,
+        max_connections=settings.max_connections or default_max_connections(descriptors),
+    )
+    log.info("connections: at most %d per worker process", limits.max_connections)
     server = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
         "access_log": False,  # tgi_gateway.access logs every request (tgi_gateway/server/telemetry.py)
-        "http": "httptools",
+        "http": partial(GatewayHTTPProtocol, limits=limits),  # httptools, with the limits kept
+        "timeout_keep_alive": settings.keep_alive_timeout,
         "loop": "uvloop" if sys.platform != "win32" else "asyncio",
         "timeout_graceful_shutdown": settings.shutdown_grace,
     }

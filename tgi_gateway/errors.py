@@ -12,6 +12,8 @@ envelope ``{"error": {"message", "type", "param", "code"}}``.
     ├── ModelNotFoundError            (404, "invalid_request_error", code "model_not_found")
     ├── PayloadTooLargeError          (413, "invalid_request_error")  body over the configured limit
     ├── ConcurrencyLimitError         (429, "requests", code "rate_limit_exceeded")  per-key limit; Retry-After
+    ├── DescriptorsExhaustedError     (503, "server_error", code "descriptors_exhausted")  the gateway's own
+    │                                 RLIMIT_NOFILE reached (EMFILE/ENFILE); Retry-After
     └── UpstreamError                 (502, "server_error")  TGI, or the way to it, failed
         ├── TGIValidationError        (400, "invalid_request_error")  TGI refused a value
         │   └── TGIContextLengthError (400, code "context_length_exceeded")
@@ -119,6 +121,18 @@ class ConcurrencyLimitError(GatewayError):
     @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
+
+
+class DescriptorsExhaustedError(GatewayError):
+    """The gateway itself has no file descriptor left (``EMFILE``/``ENFILE``) to open a connection to TGI:
+    its own overload, not TGI's fault (503 with ``Retry-After``; ``/health`` reports it too)."""
+
+    status_code = 503
+    code = "descriptors_exhausted"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class UpstreamError(GatewayError):

@@ -54,6 +54,7 @@ class Flag:
 
 ENV_ONLY = Flag(action=None)
 ACCESS = "access control (see docs/operations.md)"
+CONNECTIONS = "client connections (see docs/operations.md, Connection limits)"
 LAUNCHING = "launching TGI with Docker (when nothing answers at a local --endpoint)"
 
 
@@ -105,6 +106,32 @@ class Settings(BaseSettings):
     )
     workers: int = Field(1, ge=1, le=64, description="server processes, one CPU core each")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="largest request body, 413 above")
+
+    # Connection limits (tgi_gateway/server/http_protocol.py; docs/operations.md, "Connection limits"). ------
+    max_head_bytes: Annotated[int, Flag(metavar="BYTES", group=CONNECTIONS)] = Field(
+        64 * 1024, ge=1024, description="largest request head (URL and headers), 431 above"
+    )
+    max_headers: Annotated[int, Flag(metavar="N", group=CONNECTIONS)] = Field(
+        100, ge=8, description="most headers in a request, 431 above"
+    )
+    head_timeout: Annotated[float, Flag(metavar="SECONDS", group=CONNECTIONS)] = Field(
+        10.0,
+        gt=0,
+        description="seconds from accepting a connection, or from the first byte of a request on a reused "
+        "one, to the end of its headers: a silent new connection is closed, a partial head gets 408",
+    )
+    body_timeout: Annotated[float, Flag(metavar="SECONDS", group=CONNECTIONS)] = Field(
+        30.0, gt=0, description="seconds from the end of the headers to the end of the body, 408 after"
+    )
+    keep_alive_timeout: Annotated[float, Flag(metavar="SECONDS", group=CONNECTIONS)] = Field(
+        75.0, gt=0, description="seconds an idle keep-alive connection waits for its next request"
+    )
+    max_connections: Annotated[int | None, Flag(metavar="N", group=CONNECTIONS, unset="derived")] = Field(
+        None,
+        ge=1,
+        description="open connections per worker process; at the cap the longest idle one is closed to make "
+        "room, or the new one gets 503 (unset: half the descriptor limit, less 64)",
+    )
 
     # Access control (tgi_gateway/server/auth.py). --------------------------------------------------------
     api_keys: Annotated[

@@ -195,8 +195,9 @@ def test_upstream_timeout_is_its_own_kind_and_not_overhead(tgi: FakeTGI, access)
         (False, 504, "timeout"),
     ]
     # the time spent waiting for TGI (its next event, its answer) is TGI's time, not the gateway's
+    # (less 10 ms: the event loop may fire a timer up to its clock resolution early)
     for line, waited in zip(lines, (0.2, 0.3)):
-        assert line["duration_s"] - line["overhead_s"] >= waited
+        assert line["duration_s"] - line["overhead_s"] >= waited - 0.01
 
 
 def test_slow_tgi_is_duration_not_overhead(tgi: FakeTGI, access) -> None:

@@ -18,13 +18,14 @@ from .. import __version__
 from ..api import openapi
 from ..api.models import ChatCompletionRequest, HealthStatus
 from ..api.validation import invalid_request
-from ..errors import GatewayError
+from ..errors import DescriptorsExhaustedError, GatewayError
 from ..prompting import Template
 from ..settings import Settings
 from ..tgi.client import TGIClient
 from . import auth
 from .asgi import ClientDisconnected, error_response, json_response
 from .chat import Gateway
+from .descriptors import DescriptorWatch
 from .draining import Draining
 from .limits import BodySizeLimit, StrictJSONRoute
 from .telemetry import error_kind, instrument, record_of
@@ -66,11 +67,14 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
     app.router.route_class = StrictJSONRoute  # request bodies are strict JSON (limits.py)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.state.draining = Draining(settings.drain_seconds)
+    app.state.descriptors = DescriptorWatch()  # the gateway out of file descriptors: /health says so
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:
         if (rec := record_of(request.scope)) is not None:
             rec.upstream_error = error_kind(exc)
+        if isinstance(exc, DescriptorsExhaustedError):
+            request.app.state.descriptors.exhausted()
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -124,17 +128,24 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
 
     @app.get(
         "/health",
-        summary="200 when TGI answers its /health, 503 otherwise, and while draining",
+        summary="200 when TGI answers its /health, 503 otherwise, while draining, and when the gateway ran "
+        "out of file descriptors",
         response_model=None,
         responses={
             200: {"model": HealthStatus, "description": "TGI answers its /health."},
-            503: {"model": HealthStatus, "description": "TGI does not answer, or the gateway is draining."},
+            503: {
+                "model": HealthStatus,
+                "description": "TGI does not answer, the gateway is draining, or it ran out of file descriptors "
+                "in the last 10 s.",
+            },
             **openapi.error_responses(openapi.guarded(settings, open_path=True)),
         },
     )
     async def health(request: Request) -> Response:
         if request.app.state.draining.active:
             return json_response({"status": "draining", "error": "the gateway is shutting down"}, 503)
+        if (problem := request.app.state.descriptors.problem()) is not None:
+            return json_response({"status": "unavailable", "error": problem}, 503)
         gateway = request.app.state.gateway
         if await gateway.client.health():
             return json_response({"status": "ok"})
@@ -147,7 +158,6 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
     return app
 
 
-
 def _model_card(gateway: Gateway) -> dict[str, Any]:
     return {
         "id": gateway.settings.model_name,
@@ -155,4 +165,3 @@ def _model_card(gateway: Gateway) -> dict[str, Any]:
         "created": gateway.created,
         "owned_by": "tgi-gateway",
     }
-

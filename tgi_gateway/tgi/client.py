@@ -24,7 +24,8 @@ stream, the bodies, TGI's errors -- is :mod:`tgi_gateway.tgi.protocol`.
 Every exception aiohttp, asyncio or the OS raises is translated in one place, :func:`_translate`, from one
 table (``_FAILURES``: by phase of the exchange -- connect, head, body -- the gateway error, its message,
 and whether the request may be sent again). Every failure leaves this module as an
-:class:`~tgi_gateway.errors.UpstreamError`.
+:class:`~tgi_gateway.errors.UpstreamError`, except the gateway's own lack of file descriptors (``EMFILE``,
+``ENFILE``), a :class:`~tgi_gateway.errors.DescriptorsExhaustedError`.
 
 Timeouts are the gateway's own, not aiohttp's ``sock_read``: a deadline per wait (TGI's first event
 may take ``first_token_timeout``, each later one ``read_timeout``), kept by one timer per stream
@@ -42,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -54,7 +56,14 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 from yarl import URL
 
 from .. import __version__
-from ..errors import TGIProtocolError, TGITimeoutError, TGIUnavailableError, UpstreamError
+from ..errors import (
+    DescriptorsExhaustedError,
+    GatewayError,
+    TGIProtocolError,
+    TGITimeoutError,
+    TGIUnavailableError,
+    UpstreamError,
+)
 from . import protocol
 from .protocol import (
     STREAM_CUT,
@@ -101,9 +110,10 @@ Phase = Literal["connect", "head", "body"]
 @dataclass(frozen=True, slots=True)
 class _Failure:
     raised: type[BaseException] | tuple[type[BaseException], ...]
-    error: type[UpstreamError]
+    error: type[GatewayError]
     message: str  # formatted with `reason` (the exception's text) and the caller's context
     retry: bool = False  # no response byte yet: TGI cannot have started the request, so it may be sent again
+    errnos: frozenset[int] = frozenset()  # only an exception with one of these `errno`s (none: any)
 
 
 # The first row of the phase whose class matches wins. Context: `url`, `connect_timeout`, `late` (what
@@ -111,6 +121,13 @@ class _Failure:
 _FAILURES: dict[Phase, tuple[_Failure, ...]] = {
     # opening a connection (refused, unresolvable, TLS, no answer to the SYN)
     "connect": (
+        # the gateway's own descriptor limit, not TGI's fault; sending again at once would meet it again
+        _Failure(
+            OSError,
+            DescriptorsExhaustedError,
+            "The gateway has run out of file descriptors and cannot connect to TGI ({reason}).",
+            errnos=frozenset({errno.EMFILE, errno.ENFILE}),
+        ),
         _Failure(
             aiohttp.ConnectionTimeoutError,
             TGIUnavailableError,
@@ -149,7 +166,7 @@ _FOREIGN = (TimeoutError, aiohttp.ClientError, OSError)
 def _failure(exc: BaseException, phases: tuple[Phase, ...]) -> _Failure | None:
     for phase in phases:
         for row in _FAILURES[phase]:
-            if isinstance(exc, row.raised):
+            if isinstance(exc, row.raised) and (not row.errnos or getattr(exc, "errno", None) in row.errnos):
                 return row
     return None
 
@@ -159,7 +176,7 @@ def _retriable(exc: BaseException) -> bool:
     return row is not None and row.retry
 
 
-def _translate(exc: BaseException, phases: tuple[Phase, ...], **context: Any) -> UpstreamError:
+def _translate(exc: BaseException, phases: tuple[Phase, ...], **context: Any) -> GatewayError:
     """The gateway error for ``exc``, one of :data:`_FOREIGN`, raised in one of ``phases``."""
     row = _failure(exc, phases)
     assert row is not None, f"no translation for {exc!r} in {phases}"  # every phase's last row takes OSError
