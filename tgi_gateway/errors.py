@@ -12,6 +12,7 @@ envelope ``{"error": {"message", "type", "param", "code"}}``.
     ├── ModelNotFoundError            (404, "invalid_request_error", code "model_not_found")
     ├── PayloadTooLargeError          (413, "invalid_request_error")  body over the configured limit
     ├── ConcurrencyLimitError         (429, "requests", code "rate_limit_exceeded")  per-key limit; Retry-After
+    ├── ShuttingDownError             (503, "server_error")  cut at the end of --shutdown-grace
     └── UpstreamError                 (502, "server_error")  TGI, or the way to it, failed
         ├── TGIValidationError        (400, "invalid_request_error")  TGI refused a value
         │   └── TGIContextLengthError (400, code "context_length_exceeded")
@@ -119,6 +120,17 @@ class ConcurrencyLimitError(GatewayError):
     @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after)}
+
+
+class ShuttingDownError(GatewayError):
+    """The gateway is stopping and its shutdown grace period is over: the request was cut (503; the OpenAI
+    SDKs retry it, on another instance behind a load balancer)."""
+
+    status_code = 503
+
+    def __init__(self, message: str = "The gateway is shutting down: this answer was cut when its shutdown "
+                 "grace period ended; retry the request.") -> None:  # fmt: skip
+        super().__init__(message)
 
 
 class UpstreamError(GatewayError):
