@@ -10,6 +10,8 @@ the model, the tokens, when the first token went out, how long it waited on TGI,
 The middleware itself notes the status, whether the response is a stream, and whether the client left
 before the end. When the app returns, raises or is cancelled it observes every metric and writes the
 access log line (logger ``tgi_gateway.access``) from that one record, so metrics and logs cannot disagree.
+Being outermost, it also answers the requests the server cancels when its shutdown grace period ends (a
+stream: the error event and the end of its body; a request not answered yet: a 503), marked ``shutdown``.
 
 A stream sends thousands of body messages per second, so the middleware inspects ``http.response.start``
 only, and of each body message just ``more_body`` (no coroutine of its own); the handler adds two
