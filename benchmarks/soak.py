@@ -6,8 +6,10 @@ traffic at ``--concurrency`` (8) through ``server_tgi.py --no-launch`` and the T
 
 * streamed and non-streamed answers, text and tool calls (the answers of ``bench_gateway.py``, ``--tokens``
   each, ``--token-delay-ms`` apart), every one checked (content, tool call, ``[DONE]``);
-* clients that go away after the first chunk; TGI failing mid-answer (a generation error, and a reset
-  connection) on streams and non-streams; requests the gateway refuses with a 400 before they reach TGI.
+* clients that go away after the first chunk, or at a random moment (before the answer starts, while TGI
+  queues or generates, mid-stream, after the end; streams and non-streams), or half-way through sending their
+  request body; TGI failing mid-answer (a generation error, and a reset connection) on streams and
+  non-streams; requests the gateway refuses with a 400 before they reach TGI.
 
 Every ``--sample-seconds`` (2) it reads the gateway's RSS (``VmRSS`` in ``/proc/<pid>/status``) and its open
 descriptors (``/proc/<pid>/fd``). The first ``min(60 s, 10 %)`` of the run is warm-up (imports finishing,
@@ -45,7 +47,6 @@ import orjson
 from _common import MODEL, DoubleProcess, Exchange, GatewayProcess, RawClient, tag, tagged_double
 from bench_gateway import TOOL, answer_pieces
 
-
 RSS_GROWTH_LIMIT = 0.05
 REQUEST_TIMEOUT = 15.0
 
@@ -57,7 +58,10 @@ class Kind:
     script: str
     stream: bool
     weight: int
-    expect: str  # "text", "tool", "leave" (the client goes away), "error" (event, 502; 503 for a drop), "400"
+    # "text", "tool", "leave" (the client goes away after the first chunk), "leave-any" (at a random moment:
+    # while TGI queues, mid-answer, after the end), "leave-body" (half-way through its request body), "error"
+    # (event, 502; 503 for a drop), "400"
+    expect: str
 
 
 KINDS = {
@@ -66,6 +70,9 @@ KINDS = {
     "text": Kind("text", False, 14, "text"),
     "tool": Kind("tool", False, 10, "tool"),
     "leave": Kind("text", True, 12, "leave"),
+    "stream-leave-any": Kind("text", True, 10, "leave-any"),
+    "leave-any": Kind("text", False, 6, "leave-any"),
+    "leave-body": Kind("text", True, 4, "leave-body"),
     "stream-fail": Kind("fail", True, 5, "error"),
     "fail": Kind("fail", False, 3, "error"),
     "stream-drop": Kind("drop", True, 5, "error"),
@@ -152,9 +159,30 @@ async def leave_after_first_chunk(ex: Exchange) -> str | None:
     return "the stream ended before any content"
 
 
-async def one(client: RawClient, name: str, n: int, expected_text: str) -> str | None:
+async def leave_at_random(
+    client: RawClient, kind: Kind, body: bytes, within: float, rng: random.Random
+) -> None:
+    """Send the request (``leave-body``: its head and half its body) on a new connection, then go away after
+    a random time up to ``within`` seconds, whatever has arrived by then."""
+    if kind.expect == "leave-body":
+        reader, writer = await client._connect()
+        writer.write(client._head("/v1/chat/completions", body, "POST") + body[: len(body) // 2])
+        ex = Exchange(reader, writer, time.perf_counter())
+    else:
+        ex = await client.send("/v1/chat/completions", body, fresh=True)
+    await asyncio.sleep(rng.uniform(0, within))
+    ex.abort()
+    ex.writer.close()
+
+
+async def one(
+    client: RawClient, name: str, n: int, expected_text: str, rng: random.Random, answer_seconds: float
+) -> str | None:
     """Send one request of kind ``name``; None when it was answered as expected, else what went wrong."""
     kind = KINDS[name]
+    if kind.expect in ("leave-any", "leave-body"):
+        await leave_at_random(client, kind, request_body(kind, n), answer_seconds * 1.2, rng)
+        return None
     ex = await client.request("/v1/chat/completions", request_body(kind, n))
     try:
         if kind.expect == "leave":
@@ -264,8 +292,9 @@ class Soak:
             self.counter += 1
             self.in_flight += 1
             try:
+                answer_seconds = self.args.tokens * self.args.token_delay_ms / 1000
                 wrong = await asyncio.wait_for(
-                    one(client, name, self.counter, expected_text), REQUEST_TIMEOUT
+                    one(client, name, self.counter, expected_text, rng, answer_seconds), REQUEST_TIMEOUT
                 )
             except Exception as exc:  # noqa: BLE001 - counted: a soak reports, it does not stop at the first
                 wrong = f"{type(exc).__name__}: {exc}"

@@ -14,6 +14,7 @@ envelope ``{"error": {"message", "type", "param", "code"}}``.
     ├── ConcurrencyLimitError         (429, "requests", code "rate_limit_exceeded")  per-key limit; Retry-After
     ├── DescriptorsExhaustedError     (503, "server_error", code "descriptors_exhausted")  the gateway's own
     │                                 RLIMIT_NOFILE reached (EMFILE/ENFILE); Retry-After
+    ├── ShuttingDownError             (503, "server_error")  cut at the end of --shutdown-grace
     └── UpstreamError                 (502, "server_error")  TGI, or the way to it, failed
         ├── TGIValidationError        (400, "invalid_request_error")  TGI refused a value
         │   └── TGIContextLengthError (400, code "context_length_exceeded")
@@ -133,6 +134,17 @@ class DescriptorsExhaustedError(GatewayError):
     @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}
+
+
+class ShuttingDownError(GatewayError):
+    """The gateway is stopping and its shutdown grace period is over: the request was cut (503; the OpenAI
+    SDKs retry it, on another instance behind a load balancer)."""
+
+    status_code = 503
+
+    def __init__(self, message: str = "The gateway is shutting down: this answer was cut when its shutdown "
+                 "grace period ended; retry the request.") -> None:  # fmt: skip
+        super().__init__(message)
 
 
 class UpstreamError(GatewayError):

@@ -887,7 +887,7 @@ async def test_generate_answer_announced_over_the_size_cap_is_not_read(monkeypat
 
     async with mock(head_only, request_timeout=5.0) as (client, tgi):
         start = time.monotonic()
-        with pytest.raises(TGIProtocolError, match="^TGI's /generate answer is over 0 MiB$") as info:
+        with pytest.raises(TGIProtocolError, match="^TGI's /generate answer is over 1000 bytes$") as info:
             await client.generate("Hi", {"details": True})
         assert time.monotonic() - start < 0.5
         await settled()

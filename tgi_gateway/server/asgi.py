@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from types import TracebackType
+from typing import Any, Self, TypeVar
 
 import orjson
 from fastapi import Request
@@ -19,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from ..errors import GatewayError
 
 T = TypeVar("T")
+
 
 class ClientDisconnected(Exception):
     """The client went away before the answer was complete."""
@@ -37,7 +39,7 @@ class DisconnectWatch:
     cancelled.
     """
 
-    __slots__ = ("_receive", "_watcher", "_task", "_gone", "_cancelled")
+    __slots__ = ("_cancelled", "_gone", "_receive", "_task", "_watcher")
 
     SCOPE_KEY = "tgi_gateway.disconnect_watch"
 
@@ -54,7 +56,7 @@ class DisconnectWatch:
         self._task: asyncio.Task[Any] | None = None  # the task inside a block, if any
         self._gone = self._cancelled = False
 
-    def __enter__(self) -> DisconnectWatch:
+    def __enter__(self) -> Self:
         if self._gone:
             raise ClientDisconnected
         self._task = asyncio.current_task()
@@ -72,7 +74,9 @@ class DisconnectWatch:
             self._cancelled = True
             self._task.cancel()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         task, self._task = self._task, None
         if self._cancelled and task is not None:
             self._cancelled = False
@@ -136,7 +140,6 @@ def error_response(exc: GatewayError) -> Response:
     return json_response(exc.to_dict(), exc.status_code, exc.headers or None)
 
 
-
 def error_body(exc: GatewayError) -> bytes:
     """The OpenAI error envelope of `exc`, encoded."""
     return orjson.dumps(exc.to_dict())
@@ -146,6 +149,9 @@ async def send_error(send: Send, exc: GatewayError, headers: dict[str, str] | No
     """Answer with `exc` as a complete JSON response (status, OpenAI envelope, the error's headers)."""
     body = error_body(exc)
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in {**exc.headers, **(headers or {})}.items()]
+    raw += [
+        (k.lower().encode("latin-1"), v.encode("latin-1"))
+        for k, v in {**exc.headers, **(headers or {})}.items()
+    ]
     await send({"type": "http.response.start", "status": exc.status_code, "headers": raw})
     await send({"type": "http.response.body", "body": body})

@@ -4,7 +4,8 @@ A load balancer stops sending a backend new requests only once that backend's he
 the first SIGTERM (or SIGINT) the gateway *drains* for ``--drain-seconds``: it keeps serving everything,
 new requests included, while ``GET /health`` answers 503 ``{"status": "draining", ...}``. Then the
 signal goes on to uvicorn, which stops accepting connections, gives in-flight requests and streams
-``--shutdown-grace`` seconds to finish (then cancels them) and runs the app's shutdown; the CLI then
+``--shutdown-grace`` seconds to finish (then cancels them; the telemetry middleware answers those:
+a stream's last event says the gateway is shutting down) and runs the app's shutdown; the CLI then
 releases the TGI container it started. With ``--drain-seconds 0`` (the default) the signal goes to
 uvicorn at once, exactly as without this module.
 

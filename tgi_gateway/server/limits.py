@@ -11,7 +11,8 @@ Both checks run before any field is looked at, so a body that fails them never c
   that are not UTF-8 and nesting deeper than 1024 levels are refused with the usual 400 "could not parse
   the JSON body". Python's parser accepts the first three as values that cannot be encoded again (an
   error message quoting a lone surrogate, an ``Infinity`` in TGI's request), and raises ``RecursionError``
-  on deep nesting. A UTF-8 byte order mark is skipped, as RFC 8259 allows.
+  on deep nesting. A UTF-8 byte order mark is skipped, as RFC 8259 allows. A client that hangs up before
+  its body is whole is answered (and logged) 499, like any client that leaves before its answer.
 """
 
 from __future__ import annotations
@@ -22,14 +23,18 @@ from typing import Any
 
 import orjson
 from fastapi.routing import APIRoute
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import PayloadTooLargeError
 from .asgi import send_error
 
-__all__ = ["BodySizeLimit", "StrictJSONRoute"]
+__all__ = ["CLIENT_CLOSED_REQUEST", "BodySizeLimit", "StrictJSONRoute"]
+
+#: The status logged for a request whose client went away before it was answered (nginx's 499).
+CLIENT_CLOSED_REQUEST = 499
 
 
 class BodySizeLimit:
@@ -106,6 +111,13 @@ class StrictJSONRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def strict_handler(request: Request) -> Response:
-            return await handler(StrictJSONRequest(request.scope, request.receive))
+            try:
+                return await handler(StrictJSONRequest(request.scope, request.receive))
+            except HTTPException as exc:
+                # FastAPI turns any exception raised while reading the body into a 400 "There was an error
+                # parsing the body"; a client that hung up in the middle of its body gets no answer: 499.
+                if isinstance(exc.__cause__, ClientDisconnect):
+                    return Response(status_code=CLIENT_CLOSED_REQUEST)
+                raise
 
         return strict_handler

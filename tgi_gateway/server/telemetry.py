@@ -10,6 +10,8 @@ the model, the tokens, when the first token went out, how long it waited on TGI,
 The middleware itself notes the status, whether the response is a stream, and whether the client left
 before the end. When the app returns, raises or is cancelled it observes every metric and writes the
 access log line (logger ``tgi_gateway.access``) from that one record, so metrics and logs cannot disagree.
+Being outermost, it also answers the requests the server cancels when its shutdown grace period ends (a
+stream: the error event and the end of its body; a request not answered yet: a 503), marked ``shutdown``.
 
 A stream sends thousands of body messages per second, so the middleware inspects ``http.response.start``
 only, and of each body message just ``more_body`` (no coroutine of its own); the handler adds two
@@ -23,6 +25,7 @@ values; ``/metrics`` then answers the sum over all workers (prometheus-client's 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import glob
 import logging
@@ -35,7 +38,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Collection, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -53,7 +56,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import TGIOverloadedError, UpstreamError
+from ..errors import ShuttingDownError, TGIOverloadedError, UpstreamError
 from .auth import KEY_ID_SCOPE
 
 if TYPE_CHECKING:  # fastapi itself is not imported: the CLI imports this module for its logging set-up
@@ -90,6 +93,9 @@ class RequestRecord:
     upstream_wait: float = 0.0  # seconds spent awaiting TGI (connect, queue, between tokens)
     upstream_error: str | None = None  # error_kind() of the UpstreamError that ended the request
     disconnected: bool = False  # the client left before the response was complete
+    shutdown: bool = (
+        False  # cut when the server's shutdown grace period ended (503, or a stream's error event)
+    )
 
 
 def record_of(scope: Scope) -> RequestRecord | None:
@@ -224,6 +230,7 @@ class Telemetry:
                     upstream_error=record.upstream_error,
                     key_id=scope.get(KEY_ID_SCOPE),
                     disconnected=record.disconnected,
+                    shutdown=record.shutdown,
                 )
             )
 
@@ -269,6 +276,14 @@ class TelemetryMiddleware:
 
         try:
             await self.app(scope, receive_noting_disconnect, send_with_request_id)
+        except asyncio.CancelledError:
+            # The server cancels the requests still running when its shutdown grace period is over (uvicorn's
+            # --timeout-graceful-shutdown); everything inside has unwound (a stream's TGI request is closed).
+            # Answered here rather than left to the server (a traceback each, a stream cut mid-body).
+            if (status and not streaming) or complete or not _stop_cancellation():
+                raise
+            record.shutdown = True
+            await _answer_shutdown(send_with_request_id, streaming)
         finally:
             ended = time.perf_counter()
             if streaming:
@@ -290,6 +305,27 @@ class TelemetryMiddleware:
             if match is Match.PARTIAL and partial is None:
                 partial = route
         return UNMATCHED if partial is None else _template(partial)
+
+
+def _stop_cancellation() -> bool:
+    """Take back the current task's cancellation (``Task.uncancel``) so that it can still answer; False
+    when it was cancelled more than once (then it goes)."""
+    task = asyncio.current_task()
+    return task is not None and task.uncancel() == 0
+
+
+async def _answer_shutdown(send: Send, streaming: bool) -> None:
+    """The end of a request cut by the shutdown: a started stream gets the error as its last event (the
+    OpenAI envelope, as for a TGI failure mid-stream) and the end of its body; a request not answered yet, a
+    503 with ``Connection: close``."""
+    error = ShuttingDownError()
+    if streaming:
+        body = b"data: " + orjson.dumps(error.to_dict()) + b"\n\n"
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+    else:
+        from .asgi import send_error  # (fastapi is imported only to serve: see TYPE_CHECKING above)
+
+        await send_error(send, error, {"Connection": "close"})
 
 
 def instrument(app: FastAPI, model_names: Collection[str]) -> Telemetry:
@@ -365,7 +401,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "pid": record.process,

@@ -93,8 +93,6 @@ _READ_BUFSIZE = 128 * 1024
 _BACKOFF = wait_exponential(multiplier=0.05, max=0.2) + wait_random(0, 0.02)
 # An error body is short (TGI's JSON, axum's one-line text, a proxy's small page); read no more.
 _MAX_ERROR_BODY = 8192
-# /info is about a kilobyte.
-_MAX_INFO_BODY = 1 << 20
 # Body pieces read after the final event while reading to the end of the body (which lets the
 # connection go back to the pool); past this many something is wrong and the connection is dropped.
 _MAX_CHUNKS_AFTER_END = 16
@@ -468,12 +466,16 @@ class TGIClient:
             if response.status != 200:
                 raise await self._error(response, deadline)
             try:
+                if (response.content_length or 0) > protocol.MAX_INFO_BODY:
+                    raise protocol.info_too_large()  # not read at all
                 async with asyncio.timeout_at(deadline):
-                    content = await _read_at_most(response.content, _MAX_INFO_BODY)
+                    content = await _read_at_most(response.content, protocol.MAX_INFO_BODY)
             except _FOREIGN as exc:
                 raise _translate(
                     exc, ("body",), late=late, cut="TGI closed the connection in its /info answer"
                 ) from exc
+            if len(content) > protocol.MAX_INFO_BODY:
+                raise protocol.info_too_large()
             return parse_info(content)
         finally:
             response.close()

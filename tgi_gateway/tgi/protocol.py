@@ -70,6 +70,14 @@ from ..errors import (
 
 # A /generate answer: ~100 bytes a token, so even TGI's largest contexts stay far below this; more is not TGI.
 MAX_GENERATE_BODY = 64 * 1024 * 1024
+# One event of /generate_stream. A token event is ~150 bytes; the largest legitimate one is the final event,
+# which repeats the whole generation as `generated_text` (special tokens skipped): at most max_total_tokens
+# tokens (128k for today's largest Functionary contexts) of at most a few dozen bytes each once JSON-escaped
+# (control characters become 6-byte \u escapes), i.e. a few MiB. 16 MiB leaves a wide margin and still
+# bounds what a broken or hostile upstream can make the gateway hold per stream.
+MAX_SSE_EVENT = 16 * 1024 * 1024
+# /info is about a kilobyte; more is not TGI.
+MAX_INFO_BODY = 1024 * 1024
 # Tells the OpenAI SDKs not to retry (an answer that is not TGI's protocol would be the same again).
 NO_RETRY = {"x-should-retry": "false"}
 # What reading a token object that is not one raises (``parse_token``).
@@ -391,7 +399,12 @@ def token_count(header: str | None) -> int | None:
 
 def generate_too_large() -> TGIProtocolError:
     """A ``/generate`` answer over :data:`MAX_GENERATE_BODY` (announced, or read): not TGI's."""
-    return TGIProtocolError(f"TGI's /generate answer is over {MAX_GENERATE_BODY >> 20} MiB", headers=NO_RETRY)
+    return TGIProtocolError(f"TGI's /generate answer is over {_size(MAX_GENERATE_BODY)}", headers=NO_RETRY)
+
+
+def info_too_large() -> TGIProtocolError:
+    """An ``/info`` answer over :data:`MAX_INFO_BODY` (announced, or read): not TGI's."""
+    return TGIProtocolError(f"TGI's /info answer is over {_size(MAX_INFO_BODY)}", headers=NO_RETRY)
 
 
 def parse_info(content: bytes) -> TGIInfo:
@@ -419,37 +432,93 @@ class SSEDecoder:
     event, ``data:`` lines are joined with ``\\n`` (one leading space dropped), comments (``:``) and
     other fields are ignored, an event without data is not dispatched. Data stays ``bytes``
     (orjson parses them directly; a bad UTF-8 sequence is then a JSON error).
+
+    Bounded (as h11 bounds an incomplete event): at most ``max_event`` bytes of an unfinished event (its
+    complete lines, their ends included, and its unfinished line) are held from one piece to the next.
+    When a piece leaves more, :attr:`error` is set (so no more than ``max_event`` plus one piece is ever
+    held: a piece is one read), what was held is dropped, and every later piece is ignored; the events
+    that piece completed are still returned. An unfinished line is kept as a list of pieces, so a long
+    line costs one copy when it ends, not one per piece.
     """
 
-    __slots__ = ("_after_cr", "_buf", "_data")
+    __slots__ = ("_after_cr", "_data", "_held", "_max", "_pending", "_pending_size", "error")
 
-    def __init__(self) -> None:
-        self._buf = b""  # the unfinished line (line ends already normalised to LF)
+    def __init__(self, max_event: int = MAX_SSE_EVENT) -> None:
+        self._max = max_event
+        self._pending: list[bytes] = []  # the unfinished line's pieces (line ends already normalised to LF)
+        self._pending_size = 0
         self._data: list[bytes] = []
+        self._held = 0  # bytes of the current event's complete lines
         self._after_cr = False  # the last piece ended with CR: an LF starting the next one is its pair
+        self.error: TGIProtocolError | None = None
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        if self.error is not None:
+            return []
         if self._after_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         self._after_cr = chunk.endswith(b"\r")
         if b"\r" in chunk:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        buf = self._buf + chunk if self._buf else chunk
         events: list[bytes] = []
+        pending = self._pending
+        if chunk.rfind(b"\n") < 0:  # the line goes on: keep the piece (no copy), check the bound
+            if chunk:
+                pending.append(chunk)
+                self._pending_size += len(chunk)
+                if self._held + self._pending_size > self._max:
+                    self._overflow()
+            return events
+        if pending:
+            pending.append(chunk)
+            buf = b"".join(pending)
+            pending.clear()
+        else:
+            buf = chunk
         data = self._data
-        start = 0
+        held = self._held  # the current event's complete lines before this piece
+        event_from = start = 0
         find = buf.find
         while (end := find(b"\n", start)) >= 0:
             if end == start:  # blank line: the event is complete
                 if data:
                     events.append(data[0] if len(data) == 1 else b"\n".join(data))
                     data = self._data = []
+                held, event_from = 0, end + 1
             elif buf.startswith(b"data:", start):
                 value = buf[start + 5 : end]
                 data.append(value[1:] if value[:1] == b" " else value)
             start = end + 1
-        self._buf = buf[start:]
+        rest = len(buf) - start
+        if rest:
+            pending.append(buf[start:])
+        self._pending_size = rest
+        self._held = held = held + start - event_from
+        if held + rest > self._max:  # checked once a piece: a piece is one read
+            self._overflow()
         return events
+
+    @property
+    def buffered(self) -> int:
+        """The bytes of the current event held so far (complete lines and the unfinished one)."""
+        return self._held + self._pending_size
+
+    def _overflow(self) -> None:
+        self.error = event_too_large(self._max)
+        self._pending.clear()
+        self._pending_size, self._data, self._held = 0, [], 0
+
+
+def event_too_large(limit: int) -> TGIProtocolError:
+    """A stream event (or line) over ``limit`` bytes: not TGI's (MAX_SSE_EVENT says why)."""
+    return TGIProtocolError(
+        f"TGI sent a stream event over {_size(limit)} (the gateway's cap on one event): not TGI's protocol",
+        headers=NO_RETRY,
+    )
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n} bytes"
 
 
 class StreamDecoder:
@@ -482,7 +551,8 @@ class StreamDecoder:
         out: list[Token | StreamEnd] = []
         if self.ended or self.error is not None:
             return out
-        for data in self._sse.feed(chunk):
+        sse = self._sse
+        for data in sse.feed(chunk):
             try:
                 self._event(data, out)
             except UpstreamError as exc:
@@ -490,6 +560,9 @@ class StreamDecoder:
                 break
             if self.ended:
                 break  # TGI sends nothing after the final event
+        else:
+            if sse.error is not None:  # an event over MAX_SSE_EVENT, after the items before it
+                self.error = sse.error
         return out
 
     def end_of_body(self) -> TGIProtocolError | None:
