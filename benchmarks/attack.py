@@ -71,6 +71,7 @@ from _common import GATEWAY_ARGS, MODEL, ROOT, DoubleProcess, GatewayProcess, di
 if TYPE_CHECKING:
     from typing import Self
 
+SELF = str(Path(__file__).resolve())
 PROBE_INTERVAL = 0.1
 PROBE_TIMEOUT = 10.0
 CHAT_INTERVAL = 0.2
@@ -210,7 +211,7 @@ class Prober:
     def __init__(self, url: str) -> None:
         self.samples: list[list[Any]] = []
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--probe", url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            [sys.executable, SELF, "--probe", url], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             preexec_fn=die_with_parent,  # noqa: PLW1509
         )  # fmt: skip
         assert self.proc.stdout is not None
@@ -645,9 +646,9 @@ GATEWAYS: dict[str, dict[str, Any]] = {}
 @contextlib.contextmanager
 def gateway(kind: str, args: argparse.Namespace) -> Iterator[tuple[GatewayProcess, DoubleProcess, Prober]]:
     if kind == "longline":
-        double = DoubleProcess([__file__, "--serve-raw-tgi", "--line-mib", str(args.line_mib)])
+        double = DoubleProcess([SELF, "--serve-raw-tgi", "--line-mib", str(args.line_mib)])
     else:
-        double = DoubleProcess([__file__, "--serve-double"])
+        double = DoubleProcess([SELF, "--serve-double"])
     extra = ["--head-timeout", "1", "--body-timeout", "1"] if args.quick else []
     with double, GatewayProcess(double.url, args=[*GATEWAY_ARGS, *extra]) as gw:
         if kind == "capped":  # before the interpreter has started: the gateway sees 1024 from its start
