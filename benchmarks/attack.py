@@ -25,8 +25,8 @@ gateway so that the slow-client attacks end in a second):
 ``ref11``          one 1.2 KB tool, 11 ``$defs`` each referring to the next twice (expanded: a 281 KB prompt)
 ``ref11x100``      100 such tools in one body
 ``ref16x20``       20 requests at once, each one tool of 16 such levels
-``tools-max``      as many tiny tools as fit in 4 MiB (~82k)
-``messages-max``   as many short messages as fit in 4 MiB (~123k)
+``tools-max``      as many tiny tools as fit in 4 MiB (57,607 of this shape; the issue had ~82k)
+``messages-max``   as many short messages as fit in 4 MiB (111,846 of this shape; the issue had ~123k)
 ``header-128M``    one 128 MiB header (sent while the answer is read)
 ``headers-100k``   100,000 headers
 ``silent-1000``    1,000 connections that never send a byte; chat requests meanwhile
@@ -388,12 +388,16 @@ class Outcome:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+def shorten(text: str, width: int = 80) -> str:
+    return text if len(text) <= width else text[:width].rsplit(" ", 1)[0] + " …"
+
+
 def summarize(replies: list[Reply], expected: set[str]) -> Outcome:
     counts = Counter(r.outcome for r in replies)
     answer = ", ".join(f"{k} x{v}" if len(replies) > 1 else k for k, v in counts.most_common())
     message = next((r.message for r in replies if r.message), "")
     if message:
-        answer += f": {message[:90]}"
+        answer += f": {shorten(message)}"
     return Outcome(answer, max(r.seconds for r in replies), set(counts) <= expected,
                    detail={"outcomes": dict(counts), "message": message})  # fmt: skip
 
@@ -623,8 +627,8 @@ ATTACKS = [
     Attack("ref11", "`$ref` x2 per level, 11 levels, one 1.2 KB tool", "main", ref11),
     Attack("ref11x100", "100 such tools in one body", "main", ref11x100),
     Attack("ref16x20", "20 requests at once, 16 levels each", "main", ref16x20),
-    Attack("tools-max", "~82k tiny tools, just under 4 MiB", "main", tools_max),
-    Attack("messages-max", "~123k short messages, just under 4 MiB", "main", messages_max),
+    Attack("tools-max", "as many tiny tools as fit in 4 MiB", "main", tools_max),
+    Attack("messages-max", "as many short messages as fit in 4 MiB", "main", messages_max),
     Attack("header-128M", "one 128 MiB header", "main", header_big),
     Attack("headers-100k", "100,000 headers", "main", headers_many),
     Attack("silent-1000", "1,000 connections that send nothing", "main", silent_1000, flood=True),
