@@ -39,8 +39,9 @@ gateway so that the slow-client attacks end in a second):
 
 Targets (issue 11, "Done when"): the prober's slowest answer during each attack within ``--bound-ms`` (100)
 and no probe failed; RSS after within 10 % of RSS before; every chat request during a flood succeeded; and the
-answer the defences promise (the ``expected`` column). Exit status 1 when any target is missed, each miss
-printed. Run from the repository root (~3 minutes; the slow-client attacks wait out the default timeouts)::
+answer each defence promises (400, 431, closed, 408, 502: in each attack's code). Exit status 1 when any
+target is missed, each miss printed. Runs from any directory (~1.5 minutes: the slow-client attacks wait out
+the default timeouts; results: docs/operations.md, "Attacks replayed (issue 11)")::
 
     .venv/bin/python benchmarks/attack.py --json attack.json
     .venv/bin/python benchmarks/attack.py --quick --attack ref11 --attack slowloris   # (the test's kind)
