@@ -23,7 +23,7 @@ Two modes:
   (``tune_gc``): ``model`` = ``ChatCompletionRequest.model_validate``, ``normalize``, ``render`` (both on a
   v3.llama3 template, which prints the TypeScript-like schema, and v3-llama3.1, which prints JSON). Only the
   APIs every version has are used, so the same script measures the code before a change (``--root``).
-* **end to end** (``--e2e``): the real gateway process (``server_tgi.py``) in front of the lean TGI double
+* **end to end** (``--e2e``): the real gateway process (``server_tgi.py``) in front of the TGI double
   (``max_input_tokens`` 131071, Llama 3.1's window, so that no honest case is refused for its length), and a
   prober in its own process that asks ``GET /v1/models`` (no upstream call) every 5 ms on a keep-alive
   connection. Per case: the answer's status and time, and the prober's slowest answer while the case ran —
@@ -241,14 +241,12 @@ def in_process(names: list[str], runs: int) -> list[dict[str, Any]]:
 
 
 def serve_double() -> int:
-    """Child mode: the lean TGI double with a long context, until stdin closes."""
-    from lean_tgi import LeanTGI
+    """Child mode: the TGI double with a long context, until stdin closes."""
+    from tests.fakes.tgi import FakeTGI, tokens
 
-    from tests.fakes.tgi import tokens
-
-    tgi = LeanTGI(tokens("Hi", "<|eot_id|>"))
-    tgi.config.max_input_tokens, tgi.config.max_total_tokens = LONG_CONTEXT, LONG_CONTEXT + 1
-    tgi._info = json.dumps(tgi._info_body()).encode()
+    tgi = FakeTGI(
+        script=tokens("Hi", "<|eot_id|>"), max_input_tokens=LONG_CONTEXT, max_total_tokens=LONG_CONTEXT + 1
+    )
     tgi.start()
     print(json.dumps({"url": tgi.url, "pid": os.getpid()}), flush=True)
     for _ in sys.stdin:
