@@ -133,23 +133,28 @@ def test_a_silent_connection_is_closed_after_the_head_deadline(gateway: Gateway)
     assert HEAD_TIMEOUT - 0.1 <= took < HEAD_TIMEOUT + SLACK
 
 
+def trickle(s: socket.socket, data: bytes) -> bytes:
+    """Send ``data`` one byte per 0.2 s until the server answers or closes; the whole answer."""
+    s.settimeout(0.2)
+    answer = b""
+    for byte in data:
+        try:
+            s.send(bytes([byte]))
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        try:
+            answer = s.recv(65536)
+            break
+        except TimeoutError:
+            pass
+    return answer + read_all(s)
+
+
 def test_slowloris_gets_408_and_is_closed(gateway: Gateway) -> None:
     head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
     with connect(gateway) as s:
         start = time.monotonic()
-        answer = b""
-        s.settimeout(0.2)
-        for byte in head:  # 1 byte per 0.2 s: 20 s in all, were it not cut
-            try:
-                s.send(bytes([byte]))
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            try:
-                answer = s.recv(65536)
-                break
-            except TimeoutError:
-                pass
-        answer += read_all(s)
+        answer = trickle(s, head)  # 1 byte per 0.2 s: 20 s in all, were it not cut
         took = time.monotonic() - start
     status, error = status_and_error(answer)
     assert status == 408 and error["code"] == "request_timeout"
@@ -164,19 +169,7 @@ def test_a_trickled_body_gets_408_and_is_closed(gateway: Gateway) -> None:
             b"Content-Length: %d\r\n\r\n" % len(body)
         )
         start = time.monotonic()
-        s.settimeout(0.2)
-        answer = b""
-        for byte in body:
-            try:
-                s.send(bytes([byte]))
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            try:
-                answer = s.recv(65536)
-                break
-            except TimeoutError:
-                pass
-        answer += read_all(s)
+        answer = trickle(s, body)
         took = time.monotonic() - start
     status, error = status_and_error(answer)
     assert status == 408 and "body" in error["message"]
