@@ -283,7 +283,11 @@ class TelemetryMiddleware:
             if (status and not streaming) or complete or not _stop_cancellation():
                 raise
             record.shutdown = True
-            await _answer_shutdown(send_with_request_id, streaming)
+            # A client that reads nothing (its socket paused) must not hold the shutdown: the answer gets
+            # a bounded time, then the connection goes with the server.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SHUTDOWN_ANSWER_SECONDS):
+                    await _answer_shutdown(send_with_request_id, streaming)
         finally:
             ended = time.perf_counter()
             if streaming:
@@ -305,6 +309,10 @@ class TelemetryMiddleware:
             if match is Match.PARTIAL and partial is None:
                 partial = route
         return UNMATCHED if partial is None else _template(partial)
+
+
+#: How long the answer to a request cut by the shutdown may take to be written.
+SHUTDOWN_ANSWER_SECONDS = 1.0
 
 
 def _stop_cancellation() -> bool:
