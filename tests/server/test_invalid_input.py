@@ -277,8 +277,11 @@ def test_a_large_body_is_admitted_off_the_event_loop(monkeypatch: pytest.MonkeyP
     release = threading.Event()
     normalize = chat.normalize
 
+    admission: list[threading.Thread] = []
+
     def watched(body: dict[str, Any]) -> Any:
         threads.append(threading.current_thread().name)
+        admission.append(threading.current_thread())
         if body["messages"][0]["content"].startswith("hold"):
             assert release.wait(10)
         return normalize(body)
@@ -307,3 +310,5 @@ def test_a_large_body_is_admitted_off_the_event_loop(monkeypatch: pytest.MonkeyP
     assert result[0].status_code == 200, result[0].text
     assert not threads[0].startswith("tgi-gateway-admission"), "a small body: on the event loop"
     assert threads[1].startswith("tgi-gateway-admission")
+    admission[1].join(5)
+    assert not admission[1].is_alive(), "the app's shutdown ends its admission thread"

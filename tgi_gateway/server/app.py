@@ -53,7 +53,10 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
                 "serving %s (Functionary template %s) from TGI at %s",
                 settings.model_name, template.version, settings.endpoint,
             )  # fmt: skip
-            yield
+            try:
+                yield
+            finally:
+                app.state.gateway.close()
 
     app = FastAPI(
         title="tgi-gateway",

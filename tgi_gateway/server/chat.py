@@ -95,6 +95,11 @@ class Gateway:
         # switch interval (5 ms) each time it needs the GIL; large requests queue there, in order.
         self._admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tgi-gateway-admission")
 
+    def close(self) -> None:
+        """At the app's shutdown: the admission thread ends once its current work is done (nothing queued
+        behind it runs: every request still waiting is being cut by the shutdown)."""
+        self._admission.shutdown(wait=False, cancel_futures=True)
+
     async def info(self) -> TGIInfo:
         """TGI's limits, read lazily (TGI may come up after the gateway) and kept; forgotten when TGI is
         found unreachable (it may come back with other limits)."""
