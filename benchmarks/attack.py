@@ -558,30 +558,28 @@ async def _trickle(url: str, head: bytes, trickle: bytes, t0: float, timeout: fl
 
 
 async def slowloris(ctx: Ctx) -> Outcome:
-    n = 20 if ctx.quick else 100
     host, port = _host_port(ctx.url)
-    with ChatLoop(ctx.url) as loop:
-        await asyncio.sleep(0.5)
-        t0 = time.monotonic()
-        head = f"GET /v1/models HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
-        trickle = b"X-Slow: " + b"a" * 1000
-        replies = await asyncio.gather(*(_trickle(ctx.url, head, trickle, t0, ctx.head_timeout + 10)
-                                         for _ in range(n)))  # fmt: skip
-        await asyncio.sleep(0.5)
-    out = summarize(list(replies), {"408"})
-    out.chat = loop.summary
-    return out
+    head = f"GET /v1/models HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
+    return await _trickle_flood(ctx, head, b"X-Slow: " + b"a" * 1000, ctx.head_timeout)
 
 
 async def body_trickle(ctx: Ctx) -> Outcome:
-    n = 20 if ctx.quick else 100
     body = CHAT + b" " * 1000  # a valid body, padded: it never arrives whole
+    return await _trickle_flood(
+        ctx, post_head(ctx.url, "/v1/chat/completions", len(body)), body, ctx.body_timeout
+    )
+
+
+async def _trickle_flood(ctx: Ctx, head: bytes, trickled: bytes, deadline: float) -> Outcome:
+    """Connections that send ``head`` then ``trickled`` one byte at a time, chat requests meanwhile; each
+    must end with a 408 by the gateway's ``deadline``."""
+    n = 20 if ctx.quick else 100
     with ChatLoop(ctx.url) as loop:
         await asyncio.sleep(0.5)
         t0 = time.monotonic()
-        head = post_head(ctx.url, "/v1/chat/completions", len(body))
-        replies = await asyncio.gather(*(_trickle(ctx.url, head, body, t0, ctx.body_timeout + 10)
-                                         for _ in range(n)))  # fmt: skip
+        replies = await asyncio.gather(
+            *(_trickle(ctx.url, head, trickled, t0, deadline + 10) for _ in range(n))
+        )
         await asyncio.sleep(0.5)
     out = summarize(list(replies), {"408"})
     out.chat = loop.summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -82,3 +83,13 @@ def read_until(proc: subprocess.Popen[str], text: str, count: int = 1, timeout: 
     if not done.wait(timeout) or sum(text in line for line in read) < count:
         raise AssertionError(f"{text!r} not seen {count} times in {timeout:g} s:\n{''.join(read)}")
     return "".join(read)
+
+
+def stop_gateway(proc: subprocess.Popen[str], timeout: float = 20) -> str:
+    """SIGTERM, then its output once it exits (killed if it has not within ``timeout`` seconds)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=timeout)[0] or ""
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[0] or ""

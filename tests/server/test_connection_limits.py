@@ -11,7 +11,6 @@ with short deadlines and a small connection cap, TGI played by the double.
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import subprocess
 import time
@@ -22,7 +21,7 @@ import httpx
 import pytest
 
 from tests.fakes.tgi import FakeTGI
-from tests.gateway_process import free_port, start_gateway
+from tests.gateway_process import free_port, start_gateway, stop_gateway
 
 MODEL = "fn"
 HEAD_TIMEOUT = 1.0
@@ -53,12 +52,7 @@ def gateway() -> Iterator[Gateway]:
         try:
             yield Gateway(proc, url, int(url.rsplit(":", 1)[1]))
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.communicate(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
+            stop_gateway(proc)
 
 
 def connect(gw: Gateway) -> socket.socket:
@@ -250,9 +244,4 @@ def test_the_limits_hold_in_every_worker_process() -> None:
             for s in silent:
                 s.close()
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.communicate(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
+            stop_gateway(proc)

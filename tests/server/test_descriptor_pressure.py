@@ -13,7 +13,6 @@ import errno
 import json
 import os
 import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +25,7 @@ import httpx
 import pytest
 
 from tests.fakes.tgi import EOT, FakeTGI, Gate
-from tests.gateway_process import ROOT, free_port
+from tests.gateway_process import ROOT, free_port, stop_gateway
 from tgi_gateway.errors import DescriptorsExhaustedError, TGIUnavailableError
 from tgi_gateway.server.descriptors import DescriptorWatch, default_max_connections
 from tgi_gateway.tgi import client
@@ -144,12 +143,7 @@ def test_out_of_descriptors_the_gateway_says_so_and_health_is_503() -> None:
                 s.close()
             gate.open()
             held.result(timeout=20)
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.communicate(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
+            stop_gateway(proc)
 
 
 def _start_limited(tgi_port: int) -> tuple[subprocess.Popen[str], str]:
@@ -170,3 +164,19 @@ def _start_limited(tgi_port: int) -> tuple[subprocess.Popen[str], str]:
         time.sleep(0.1)
     proc.kill()
     raise AssertionError(f"the gateway did not become ready:\n{proc.communicate()[0]}")
+
+
+def test_health_is_ok_again_once_the_window_after_the_last_exhaustion_has_passed(monkeypatch) -> None:
+    from tgi_gateway.server import descriptors
+
+    clock = [1000.0]
+    monkeypatch.setattr(descriptors.time, "monotonic", lambda: clock[0])
+    watch = descriptors.DescriptorWatch()
+    assert watch.problem() is None
+    watch.exhausted()
+    clock[0] += descriptors.EXHAUSTED_FOR - 0.1
+    assert "ran out of file descriptors" in (watch.problem() or "")
+    clock[0] += 0.2
+    assert watch.problem() is None, "a window after the last EMFILE, /health is ok again"
+    watch.exhausted()
+    assert watch.problem() is not None, "a new EMFILE opens a new window"
