@@ -13,6 +13,7 @@ What an operator relies on (docs/operations.md, "When TGI fails"):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -277,6 +278,41 @@ def test_tgi_unresponsive_fails_within_connect_timeout_and_retries(gateway: Gate
         listener.listen(0)  # a backlog of one, never accepted ...
         filler.connect(("127.0.0.1", gateway.tgi_port))  # ... and taken: every further SYN goes unanswered
         assert_quick_503(gateway, UNRESPONSIVE_BOUND, at_least=ATTEMPTS * CONNECT_TIMEOUT)
+    gateway.assert_up()
+
+
+def test_tgi_that_accepts_and_never_answers_is_a_504_within_the_read_timeout(gateway: Gateway) -> None:
+    """A hung TGI (its port accepts, nothing answers, not even ``/info``): a 504 ``timeout`` once the read
+    timeout passed (the /info read is bounded by the first-token and read timeouts), never a hang."""
+    assert_quick_503(gateway, REFUSED_BOUND)  # TGI down first: the gateway forgets the /info it read
+    accepted: list[socket.socket] = []
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", gateway.tgi_port))
+        listener.listen(16)
+        listener.settimeout(0.1)
+
+        def accept_all(until: float) -> None:
+            while time.monotonic() < until:
+                with contextlib.suppress(TimeoutError):
+                    accepted.append(listener.accept()[0])
+
+        with ThreadPoolExecutor(1) as pool, gateway.sdk() as client:
+            acceptor = pool.submit(accept_all, time.monotonic() + 2 * READ_TIMEOUT + 4 * SLACK)
+            for stream_ in (False, True):
+                start = time.monotonic()
+                with pytest.raises(openai.APIStatusError) as e:
+                    client.chat.completions.create(model=MODEL, messages=ASK, stream=stream_)
+                elapsed = time.monotonic() - start
+                assert READ_TIMEOUT <= elapsed < READ_TIMEOUT + SLACK, f"stream={stream_}: {elapsed:.3f} s"
+                assert e.value.status_code == 504
+                assert e.value.code == "timeout"
+                error = e.value.response.json()["error"]
+                assert error["message"] == f"TGI did not answer /info within {READ_TIMEOUT:g} s"
+            acceptor.result()
+    for conn in accepted:
+        conn.close()
+    assert accepted, "the gateway did reach the hung TGI"
     gateway.assert_up()
 
 

@@ -1068,6 +1068,20 @@ async def test_info_errors(reply, cls, attempts):
         assert info.value.message == "TGI did not answer /info within 0.2 s"
 
 
+@pytest.mark.parametrize(("first_token", "read", "bound"), [(0.2, 30.0, 0.2), (30.0, 0.2, 0.2)])
+async def test_info_waits_no_longer_than_a_first_token_or_a_silence(first_token, read, bound):
+    async def handler(request: Request) -> Reply:
+        await asyncio.sleep(math.inf)
+
+    async with mock(handler, first_token_timeout=first_token, read_timeout=read) as (client, tgi):
+        started = time.perf_counter()
+        with pytest.raises(TGITimeoutError) as info:
+            await client.info()
+    assert bound <= time.perf_counter() - started < bound + 2
+    assert info.value.message == f"TGI did not answer /info within {bound:g} s"
+    assert info.value.status_code == 504
+
+
 async def test_concurrent_streams_each_have_a_connection_then_reuse_them():
     gate = asyncio.Event()
 

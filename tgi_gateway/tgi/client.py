@@ -457,10 +457,13 @@ class TGIClient:
             return False
 
     async def info(self) -> TGIInfo:
-        """``GET /info``, within ``read_timeout``. Raises :class:`TGIUnavailableError` when TGI cannot be
-        reached."""
-        late = f"TGI did not answer /info within {self._read_timeout:g} s"
-        deadline = self._loop.time() + self._read_timeout
+        """``GET /info``, within ``read_timeout`` and ``first_token_timeout`` (it is read on a request's way to
+        TGI: a TGI that accepts connections and never answers costs a request no more than its first token
+        could). Raises :class:`TGIUnavailableError` when TGI cannot be reached, :class:`TGITimeoutError`
+        (504) when it does not answer in time."""
+        timeout = min(self._read_timeout, self._first_token_timeout)
+        late = f"TGI did not answer /info within {timeout:g} s"
+        deadline = self._loop.time() + timeout
         response = await self._open("GET", "/info", None, None, deadline, late)
         try:
             if response.status != 200:
