@@ -66,6 +66,26 @@ def test_launch_recipe_for_a_local_model_directory(tmp_path: Path) -> None:
     assert spec.port == 9000 and spec.environment() == {}
 
 
+def test_launch_recipe_with_lora_adapters(tmp_path: Path) -> None:
+    """Hub adapters go to TGI as given; a `name=path` whose path is a directory here is mounted read-only
+    on /adapters/<name> and TGI is given that path; any other path is TGI's own (inside the container)."""
+    local = tmp_path / "sql-lora"
+    local.mkdir()
+    spec = make_spec(
+        hf_cache=tmp_path / "cache",
+        lora_adapters=("org/a@v1", f"sql={local}", "other=/data/adapters/other", f"gone={tmp_path}/missing"),
+    )
+    assert spec.environment()["LORA_ADAPTERS"] == (
+        f"org/a@v1,sql=/adapters/sql,other=/data/adapters/other,gone={tmp_path}/missing"
+    )
+    assert spec.volumes() == {
+        str(tmp_path / "cache"): {"bind": "/data", "mode": "rw"},
+        str(local): {"bind": "/adapters/sql", "mode": "ro"},
+    }
+    assert spec.labels["tgi-gateway.lora-adapters"] == ",".join(spec.lora_adapters)
+    assert "LORA_ADAPTERS" not in make_spec().environment() and "tgi-gateway.lora-adapters" not in make_spec().labels
+
+
 @pytest.mark.parametrize(
     "gpus,count,ids", [("all", -1, []), ("2", 2, []), ("0,1", 0, ["0", "1"]), ("3", 3, [])]
 )
@@ -223,6 +243,40 @@ def test_adopts_a_running_container_of_ours_and_leaves_it_running(engine, tmp_pa
     m.release()
     assert seeded.status == "running" and engine.history("create") == [f"tgi-gateway-{port}"]
     assert engine.pulls == []
+
+
+def test_lora_adapters_reach_the_tgi_it_starts(engine, tmp_path):
+    """Through the real SDK: the container gets LORA_ADAPTERS and the local adapter's mount, and the TGI it
+    runs applies an adapter it was started with (an unknown id silently gets the base model)."""
+    local = tmp_path / "sql-lora"
+    local.mkdir()
+    port = free_port()
+    m = manager(tmp_path, port, lora_adapters=("org/a", f"sql={local}"))
+    assert m.ensure_tgi() == "started"
+    [body] = engine.create_bodies
+    assert body["Env"] == [f"HF_TOKEN={TOKEN}", "LORA_ADAPTERS=org/a,sql=/adapters/sql"]
+    assert sorted(body["HostConfig"]["Binds"]) == sorted([f"{tmp_path}:/data:rw", f"{local}:/adapters/sql:ro"])
+    assert body["Labels"]["tgi-gateway.lora-adapters"] == f"org/a,sql={local}"
+    [container] = engine.containers
+    for adapter_id in ("sql", "org/a", "nope"):
+        r = httpx.post(f"http://127.0.0.1:{port}/generate", json={"inputs": "x", "parameters": {"adapter_id": adapter_id}})
+        assert r.status_code == 200, r.text
+    assert [g.adapter for g in container.tgi.generations] == ["sql", "org/a", None]
+    m.release()
+
+
+def test_a_running_container_with_other_adapters_is_not_adopted(engine, tmp_path):
+    port = free_port()
+    labels = {"tgi-gateway.managed": "true", "tgi-gateway.model": MODEL, "tgi-gateway.port": str(port)}
+    seeded = engine.add_container(
+        command=["--model-id", MODEL], name=f"tgi-gateway-{port}", labels=labels,
+        ports={"80/tcp": ("127.0.0.1", port)}, behavior=TGIBehavior(load_delay=0.5), wait_ready=False,
+    )  # fmt: skip
+    m = manager(tmp_path, port, lora_adapters=("org/a",))
+    with pytest.raises(LaunchError, match=r"with the LoRA adapters 'none', not 'org/a'\. Stop it"):
+        m.ensure_tgi()
+    assert seeded.status == "running", "not ours to stop: the operator decides"
+    assert engine.history("create") == [f"tgi-gateway-{port}"]
 
 
 def test_a_stopped_leftover_is_replaced(engine, tmp_path):
