@@ -147,7 +147,7 @@ class LaunchSpec:
         local = self.local_adapter_dirs()
         entries = []
         for entry in self.lora_adapters:
-            name, path, revision = _split_adapter(entry)
+            name, _, revision = _split_adapter(entry)
             if name in local:
                 entry = f"{name}={ADAPTERS_DIR}/{name}" + (f"@{revision}" if revision else "")
             entries.append(entry)

@@ -109,8 +109,11 @@ def test_settings_survive_the_worker_environment_with_every_field_set(
         ([], {"TGI_ARGS": '["--c", "2"]'}, {"tgi_args": ("--c", "2")}),
         (["--template-version", "v2"], {"TEMPLATE_VERSION": "v1"}, {"template_version": Version.V2}),
         (["--port", "9000"], {"PORT": "9001", "HOST": "::1"}, {"port": 9000, "host": "::1"}),
-        (["--lora-adapters", "a,b=/p", "--lora-adapters=c@v1"], {"LORA_ADAPTERS": "d"},
-         {"lora_adapters": ("a", "b=/p", "c@v1")}),
+        (
+            ["--lora-adapters", "a,b=/p", "--lora-adapters=c@v1"],
+            {"LORA_ADAPTERS": "d"},
+            {"lora_adapters": ("a", "b=/p", "c@v1")},
+        ),
         ([], {"LORA_ADAPTERS": " org/a@v1 , b = /p ,, "}, {"lora_adapters": ("org/a@v1", "b=/p")}),
         ([], {"LORA_ADAPTERS": '["a", "b=/p"]'}, {"lora_adapters": ("a", "b=/p")}),
         ([], {"LORA_ADAPTERS": ""}, {"lora_adapters": ()}),
@@ -140,7 +143,7 @@ def test_lora_adapters_are_parsed_as_tgi_parses_them() -> None:
     [
         (["--lora-adapters", "a,a=/p"], "--lora-adapters: the adapter name 'a' is given more than once"),
         (["--lora-adapters", "m"], "--lora-adapters: the adapter name 'm' is the model's name"),
-        (["--served-model-name", "fn", "--lora-adapters", "fn@v1"], "the adapter name 'fn' is the model's name"),
+        (["--served-model-name", "fn", "--lora-adapters", "fn@v1"], "adapter name 'fn' is the model's name"),
         (["--lora-adapters", "a=b=c"], "LoRA adapter 'a=b=c': at most one '=' (name=path) and one '@'"),
         (["--lora-adapters", "a=@v1"], "LoRA adapter 'a=@v1': no path after '='"),
         (["--lora-adapters", "a@"], "LoRA adapter 'a@': no revision after '@'"),
@@ -155,7 +158,8 @@ def test_bad_lora_adapters_are_refused_with_the_flag_named(argv: list[str], mess
 
     from tgi_gateway.cli import settings_errors
 
-    given = {k: v for k, v in vars(build_parser().parse_args(["--model", "m", *argv])).items() if v is not None}
+    args = build_parser().parse_args(["--model", "m", *argv])
+    given = {k: v for k, v in vars(args).items() if v is not None}
     with pytest.raises(ValidationError) as refused:
         Settings(**given)
     [line] = settings_errors(refused.value, given)

@@ -83,7 +83,8 @@ def test_launch_recipe_with_lora_adapters(tmp_path: Path) -> None:
         str(local): {"bind": "/adapters/sql", "mode": "ro"},
     }
     assert spec.labels["tgi-gateway.lora-adapters"] == ",".join(spec.lora_adapters)
-    assert "LORA_ADAPTERS" not in make_spec().environment() and "tgi-gateway.lora-adapters" not in make_spec().labels
+    plain = make_spec()
+    assert "LORA_ADAPTERS" not in plain.environment() and "tgi-gateway.lora-adapters" not in plain.labels
 
 
 @pytest.mark.parametrize(
@@ -255,11 +256,12 @@ def test_lora_adapters_reach_the_tgi_it_starts(engine, tmp_path):
     assert m.ensure_tgi() == "started"
     [body] = engine.create_bodies
     assert body["Env"] == [f"HF_TOKEN={TOKEN}", "LORA_ADAPTERS=org/a,sql=/adapters/sql"]
-    assert sorted(body["HostConfig"]["Binds"]) == sorted([f"{tmp_path}:/data:rw", f"{local}:/adapters/sql:ro"])
+    assert set(body["HostConfig"]["Binds"]) == {f"{tmp_path}:/data:rw", f"{local}:/adapters/sql:ro"}
     assert body["Labels"]["tgi-gateway.lora-adapters"] == f"org/a,sql={local}"
     [container] = engine.containers
     for adapter_id in ("sql", "org/a", "nope"):
-        r = httpx.post(f"http://127.0.0.1:{port}/generate", json={"inputs": "x", "parameters": {"adapter_id": adapter_id}})
+        body = {"inputs": "x", "parameters": {"adapter_id": adapter_id}}
+        r = httpx.post(f"http://127.0.0.1:{port}/generate", json=body)
         assert r.status_code == 200, r.text
     assert [g.adapter for g in container.tgi.generations] == ["sql", "org/a", None]
     m.release()

@@ -241,7 +241,8 @@ def test_adapter_id_selects_a_lora_adapter_it_was_started_with_and_falls_back_to
         r = c.post("/generate", json={"inputs": "x", "parameters": {"adapter_id": 1}})
     assert used == [a for a in ["org/sql", "local", "plain", None, None, None] for _ in range(2)]
     assert seen == [a for a in asked for _ in range(2)], "the script sees the id as sent"
-    assert r.status_code == 422 and r.text.endswith("parameters.adapter_id: invalid type: integer `1`, expected a string")
+    assert r.status_code == 422
+    assert r.text.endswith("parameters.adapter_id: invalid type: integer `1`, expected a string")
     assert not tgi.errors
 
 

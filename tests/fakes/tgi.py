@@ -518,7 +518,8 @@ _KINDS = {"details": "bool", "do_sample": "bool", "frequency_penalty": "?f32", "
           "top_p": "?f32", "adapter_id": "?str"}  # fmt: skip
 _UNMODELLED = ("best_of", "decoder_input_details", "grammar", "return_full_text", "top_n_tokens",
                "truncate", "typical_p", "watermark")  # fmt: skip
-_EXPECTED = {"str": "a string", "bool": "a boolean", "f32": "f32", "u32": "u32", "u64": "u64", "i32": "i32", "seq": "a sequence"}
+_EXPECTED = {"bool": "a boolean", "f32": "f32", "u32": "u32", "u64": "u64", "i32": "i32", "seq": "a sequence"}
+_EXPECTED["str"] = "a string"
 _RANGES = {"u32": (0, 2**32 - 1), "u64": (0, 2**64 - 1), "i32": (-(2**31), 2**31 - 1)}
 
 
