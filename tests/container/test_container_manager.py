@@ -506,6 +506,37 @@ def test_sigterm_stops_and_removes_the_container_it_started(engine, tmp_path):
     assert TOKEN not in out
 
 
+def test_the_gateway_launches_tgi_with_its_lora_adapters_and_serves_them(engine, tmp_path):
+    """The whole chain as a user runs it: --lora-adapters → the container's LORA_ADAPTERS → the TGI in it knows
+    the adapters; the SDK lists them and a chat naming one is generated with it."""
+    import openai
+
+    local = tmp_path / "support-lora"
+    local.mkdir()
+    port = free_port()
+    proc = gateway_process(engine, tmp_path, port, "--lora-adapters", f"acme/sql-lora@v2,support={local}")
+    try:
+        wait_serving(proc)
+        [container] = engine.containers
+        url = proc.gateway_url + "/v1"  # type: ignore[attr-defined]
+        with openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=20) as client:
+            assert [m.id for m in client.models.list()] == [MODEL, "acme/sql-lora", "support"]
+            for name in ("support", "acme/sql-lora"):
+                answer = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}])
+                assert answer.model == name
+            with pytest.raises(openai.NotFoundError):
+                client.chat.completions.create(model="sql-lora", messages=[{"role": "user", "content": "hi"}])
+        assert container.tgi.config.lora_adapters == ("acme/sql-lora@v2", "support=/adapters/support")
+        assert [g.adapter for g in container.tgi.generations] == ["support", "acme/sql-lora"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+    assert engine.containers == []
+
+
 def test_sigterm_while_tgi_loads_removes_the_container(engine, tmp_path):
     engine.set_behavior("serve", model=MODEL, load_delay=30)
     proc = gateway_process(engine, tmp_path, free_port())
