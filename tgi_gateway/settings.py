@@ -72,6 +72,7 @@ class Settings(BaseSettings):
         None, description="the model name clients send and /v1/models lists"
     )
     # LoRA adapters (docs/operations.md, "LoRA adapters"); the entries as TGI's LORA_ADAPTERS takes them.
+    # Declared after `model` and `served_model_name`: its check reads them.
     lora_adapters: Annotated[tuple[str, ...], NoDecode, Flag(action="append", metavar="ADAPTERS")] = Field(
         (),
         description="LoRA adapters TGI serves (its LORA_ADAPTERS), comma-separated or repeated: hub ids "

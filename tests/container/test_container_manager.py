@@ -531,9 +531,11 @@ def test_the_gateway_launches_tgi_with_its_lora_adapters_and_serves_them(engine,
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.communicate(timeout=30)
+            out = proc.communicate(timeout=30)[0]
         finally:
             proc.kill()
+    assert "LoRA adapters: acme/sql-lora@v2,support=/adapters/support" in out, "the launch says what TGI gets"
+    assert "LoRA adapters served as models: acme/sql-lora, support" in out
     assert engine.containers == []
 
 

@@ -53,6 +53,8 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
                 "serving %s (Functionary template %s) from TGI at %s",
                 settings.model_name, template.version, settings.endpoint,
             )  # fmt: skip
+            if settings.lora_adapters:
+                logger.info("LoRA adapters served as models: %s", ", ".join(settings.model_names[1:]))
             try:
                 yield
             finally:
