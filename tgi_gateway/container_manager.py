@@ -133,23 +133,26 @@ class LaunchSpec:
             labels[LABEL_ADAPTERS] = ",".join(self.lora_adapters)
         return labels
 
-    def local_adapter_dirs(self) -> dict[str, Path]:
-        """The ``name=path`` adapters whose path is a directory on this host: name → the directory."""
-        dirs = {}
+    def adapter_mounts(self) -> dict[str, tuple[Path, str]]:
+        """The ``name=path`` adapters whose path is a directory on this host: name → (the directory, its
+        mount point in the container, ``/adapters/<name>``); a directory given twice is mounted once."""
+        mounts: dict[str, tuple[Path, str]] = {}
+        points: dict[Path, str] = {}
         for entry in self.lora_adapters:
             name, path, _ = _split_adapter(entry)
             if path is not None and (found := Path(path).expanduser()).is_dir():
-                dirs[name] = found.resolve()
-        return dirs
+                directory = found.resolve()
+                mounts[name] = (directory, points.setdefault(directory, f"{ADAPTERS_DIR}/{name}"))
+        return mounts
 
     def lora_adapters_env(self) -> str:
         """``LORA_ADAPTERS`` for the container: the entries, a local directory replaced by its mount point."""
-        local = self.local_adapter_dirs()
+        mounts = self.adapter_mounts()
         entries = []
         for entry in self.lora_adapters:
             name, _, revision = _split_adapter(entry)
-            if name in local:
-                entry = f"{name}={ADAPTERS_DIR}/{name}" + (f"@{revision}" if revision else "")
+            if name in mounts:
+                entry = f"{name}={mounts[name][1]}" + (f"@{revision}" if revision else "")
             entries.append(entry)
         return ",".join(entries)
 
@@ -184,8 +187,8 @@ class LaunchSpec:
         volumes = {str(cache): {"bind": "/data", "mode": "rw"}}
         if self.local_model_dir:
             volumes[str(self.local_model_dir)] = {"bind": "/model", "mode": "ro"}
-        for name, directory in self.local_adapter_dirs().items():
-            volumes[str(directory)] = {"bind": f"{ADAPTERS_DIR}/{name}", "mode": "ro"}
+        for directory, point in self.adapter_mounts().values():
+            volumes[str(directory)] = {"bind": point, "mode": "ro"}
         return volumes
 
     def environment(self) -> dict[str, str]:

@@ -73,11 +73,12 @@ def test_launch_recipe_with_lora_adapters(tmp_path: Path) -> None:
     local.mkdir()
     spec = make_spec(
         hf_cache=tmp_path / "cache",
-        lora_adapters=("org/a@v1", f"sql={local}", "other=/data/adapters/other", f"gone={tmp_path}/missing"),
-    )
+        lora_adapters=("org/a@v1", f"sql={local}", "other=/data/adapters/other", f"gone={tmp_path}/missing",
+                       f"again={local}/"),
+    )  # fmt: skip
     assert spec.environment()["LORA_ADAPTERS"] == (
-        f"org/a@v1,sql=/adapters/sql,other=/data/adapters/other,gone={tmp_path}/missing"
-    )
+        f"org/a@v1,sql=/adapters/sql,other=/data/adapters/other,gone={tmp_path}/missing,again=/adapters/sql"
+    ), "a directory given twice is mounted once"
     assert spec.volumes() == {
         str(tmp_path / "cache"): {"bind": "/data", "mode": "rw"},
         str(local): {"bind": "/adapters/sql", "mode": "ro"},
