@@ -295,6 +295,7 @@ def launch_spec(settings: Settings) -> LaunchSpec:
         quantize=settings.quantize,
         dtype=settings.dtype,
         extra_args=tuple(settings.tgi_args),
+        lora_adapters=tuple(settings.lora_adapters),
         startup_timeout=settings.startup_timeout,
         keep=settings.keep_tgi,
     )

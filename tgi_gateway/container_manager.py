@@ -13,7 +13,11 @@ Docker SDK calls never run on an event loop):
    progress: a bar on a terminal, a log line every few seconds otherwise) and a container is created the way
    an operator would run TGI: GPUs, 1 GiB shm, container port 80 published on the endpoint's port (bound to
    127.0.0.1 by default), the Hugging Face cache on ``/data`` (or the local model directory read-only on
-   ``/model``), ``HF_TOKEN`` passed through (never logged), the launcher options, our labels.
+   ``/model``), ``HF_TOKEN`` passed through (never logged), the launcher options, the LoRA adapters as
+   ``LORA_ADAPTERS`` (a ``name=path`` whose path is a directory on this host mounted read-only on
+   ``/adapters/<name>``; any other path is TGI's, inside the container, e.g. under ``/data``), our labels.
+   A running container is adopted only when its labels name the same model and the same adapters: a
+   request for an adapter TGI was not started with would silently get the base model.
 4. Wait for ``/health`` until ``--startup-timeout``, following the container's logs (shown at INFO, the last
    lines kept) and checking that it still runs. If it exits, stop waiting at once and report the exit code,
    ``OOMKilled``, the last log lines and a hint.
@@ -65,6 +69,8 @@ __all__ = [
 log = logging.getLogger("tgi_gateway.container")
 
 LABEL_MANAGED, LABEL_MODEL, LABEL_PORT = "tgi-gateway.managed", "tgi-gateway.model", "tgi-gateway.port"
+LABEL_ADAPTERS = "tgi-gateway.lora-adapters"  # only on a container started with LoRA adapters
+ADAPTERS_DIR = "/adapters"  # where local LoRA adapter directories are mounted in the container
 LOG_TAIL = 40  # log lines kept for a failure report
 
 
@@ -100,6 +106,7 @@ class LaunchSpec:
     quantize: str | None
     dtype: str | None
     extra_args: tuple[str, ...]
+    lora_adapters: tuple[str, ...]  # TGI's LORA_ADAPTERS entries: name[=path][@revision]
     startup_timeout: float
     keep: bool
     hf_token: str | None = None
@@ -121,7 +128,33 @@ class LaunchSpec:
 
     @property
     def labels(self) -> dict[str, str]:
-        return {LABEL_MANAGED: "true", LABEL_MODEL: self.model, LABEL_PORT: str(self.port)}
+        labels = {LABEL_MANAGED: "true", LABEL_MODEL: self.model, LABEL_PORT: str(self.port)}
+        if self.lora_adapters:
+            labels[LABEL_ADAPTERS] = ",".join(self.lora_adapters)
+        return labels
+
+    def adapter_mounts(self) -> dict[str, tuple[Path, str]]:
+        """The ``name=path`` adapters whose path is a directory on this host: name → (the directory, its
+        mount point in the container, ``/adapters/<name>``); a directory given twice is mounted once."""
+        mounts: dict[str, tuple[Path, str]] = {}
+        points: dict[Path, str] = {}
+        for entry in self.lora_adapters:
+            name, path, _ = _split_adapter(entry)
+            if path is not None and (found := Path(path).expanduser()).is_dir():
+                directory = found.resolve()
+                mounts[name] = (directory, points.setdefault(directory, f"{ADAPTERS_DIR}/{name}"))
+        return mounts
+
+    def lora_adapters_env(self) -> str:
+        """``LORA_ADAPTERS`` for the container: the entries, a local directory replaced by its mount point."""
+        mounts = self.adapter_mounts()
+        entries = []
+        for entry in self.lora_adapters:
+            name, _, revision = _split_adapter(entry)
+            if name in mounts:
+                entry = f"{name}={mounts[name][1]}" + (f"@{revision}" if revision else "")
+            entries.append(entry)
+        return ",".join(entries)
 
     def command(self) -> list[str]:
         """The launcher arguments (the image's entrypoint is text-generation-launcher)."""
@@ -154,10 +187,22 @@ class LaunchSpec:
         volumes = {str(cache): {"bind": "/data", "mode": "rw"}}
         if self.local_model_dir:
             volumes[str(self.local_model_dir)] = {"bind": "/model", "mode": "ro"}
+        for directory, point in self.adapter_mounts().values():
+            volumes[str(directory)] = {"bind": point, "mode": "ro"}
         return volumes
 
     def environment(self) -> dict[str, str]:
-        return {"HF_TOKEN": self.hf_token} if self.hf_token else {}
+        env = {"HF_TOKEN": self.hf_token} if self.hf_token else {}
+        if self.lora_adapters:
+            env["LORA_ADAPTERS"] = self.lora_adapters_env()  # the launcher's --lora-adapters
+        return env
+
+
+def _split_adapter(entry: str) -> tuple[str, str | None, str | None]:
+    """A ``LORA_ADAPTERS`` entry (checked by the settings) as TGI reads it: name, path, revision."""
+    head, _, revision = entry.partition("@")
+    name, _, path = head.partition("=")
+    return name, path or None, revision or None
 
 
 def _default_hf_home() -> Path:
@@ -279,9 +324,17 @@ class ContainerManager:
         found = self._client.containers.list(
             all=True, filters={"label": [f"{LABEL_MANAGED}=true", f"{LABEL_PORT}={spec.port}"]}
         )
+        adapters = spec.labels.get(LABEL_ADAPTERS, "")
         for container in found:
             model = container.labels.get(LABEL_MODEL)
             if container.status == "running" and model == spec.model:
+                if container.labels.get(LABEL_ADAPTERS, "") != adapters:
+                    raise LaunchError(
+                        f"Port {spec.port} belongs to TGI container {container.name}, which serves {model!r} with "
+                        f"the LoRA adapters {container.labels.get(LABEL_ADAPTERS) or 'none'!r}, not "
+                        f"{adapters or 'none'!r}. Stop it (`docker rm -f {container.name}`) or use another "
+                        "--endpoint port."
+                    )
                 log.info("adopting running TGI container %s (%s)", container.name, model)
                 self.container = container
                 self._follow_logs()
@@ -302,6 +355,8 @@ class ContainerManager:
         self._ensure_image()
         self.checkpoint()
         log.info("starting TGI %s for %s on 127.0.0.1:%d (GPUs: %s)", spec.image, spec.model, spec.port, spec.gpus)
+        if spec.lora_adapters:
+            log.info("LoRA adapters: %s", spec.lora_adapters_env())
         try:
             self.container = self._client.containers.create(
                 spec.image,

@@ -14,13 +14,14 @@ This module is a leaf: of the gateway it imports only :mod:`tgi_gateway.promptin
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, SerializationInfo, field_serializer, field_validator
+from pydantic import Field, SecretStr, SerializationInfo, ValidationInfo, field_serializer, field_validator
 from pydantic import SerializerFunctionWrapHandler as Serialize
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -69,6 +70,13 @@ class Settings(BaseSettings):
     model: str = Field(description="hub id or local directory of the Functionary model (its tokenizer files)")
     served_model_name: Annotated[str | None, Flag(unset="--model")] = Field(
         None, description="the model name clients send and /v1/models lists"
+    )
+    # LoRA adapters (docs/operations.md, "LoRA adapters"); the entries as TGI's LORA_ADAPTERS takes them.
+    # Declared after `model` and `served_model_name`: its check reads them.
+    lora_adapters: Annotated[tuple[str, ...], NoDecode, Flag(action="append", metavar="ADAPTERS")] = Field(
+        (),
+        description="LoRA adapters TGI serves (its LORA_ADAPTERS), comma-separated or repeated: hub ids "
+        "(org/name, org/name@revision) or name=path; each is a model clients can name",
     )
     endpoint: str = Field("http://127.0.0.1:8080", description="base URL of TGI")
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all interfaces)")
@@ -201,6 +209,24 @@ class Settings(BaseSettings):
     def _api_keys(cls, v: Any) -> Any:
         return parse_keys(v) if isinstance(v, (str, list, tuple)) else v
 
+    @field_validator("lora_adapters", mode="before")
+    @classmethod
+    def _lora_adapters(cls, v: Any) -> Any:
+        return tuple(parse_lora_adapters(v)) if isinstance(v, (str, list, tuple)) else v
+
+    @field_validator("lora_adapters")
+    @classmethod
+    def _adapter_names(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        names = [lora_adapter(entry).name for entry in v]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"the adapter name {twice[0]!r} is given more than once")
+        base = info.data.get("served_model_name") or info.data.get("model")
+        if base in names:
+            raise ValueError(
+                f"the adapter name {base!r} is the model's name (--served-model-name, else --model)"
+            )
+        return v
+
     @field_validator("api_key_file")
     @classmethod
     def _api_key_file(cls, v: Path | None) -> Path | None:
@@ -247,6 +273,16 @@ class Settings(BaseSettings):
     def model_name(self) -> str:
         """The name `/v1/models` lists and requests must use."""
         return self.served_model_name or self.model
+
+    @property
+    def adapters(self) -> tuple[LoraAdapter, ...]:
+        """The LoRA adapters, parsed from `lora_adapters`."""
+        return tuple(lora_adapter(entry) for entry in self.lora_adapters)
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name requests may use: the base model's, then each adapter's."""
+        return (self.model_name, *(adapter.name for adapter in self.adapters))
 
 
 # API keys as configured (used by the access control, tgi_gateway/server/auth.py) ------------------------
@@ -299,3 +335,76 @@ def read_key_file(path: str | Path) -> list[str]:
     if not keys:
         raise ValueError(f"{path} contains no API key (one per line; # starts a comment)")
     return keys
+
+
+# LoRA adapters (TGI's LORA_ADAPTERS: server/text_generation_server/utils/adapter.py, parse_lora_adapters) ----
+
+# An adapter's name is what clients send as `model` and TGI's `adapter_id`: a hub id's characters, segments
+# joined by single slashes, none starting with a dot (no `..`, no hidden path when it names a mount point).
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*")
+MAX_ADAPTER_NAME = 128
+
+
+@dataclass(frozen=True, slots=True)
+class LoraAdapter:
+    """One entry of TGI's ``LORA_ADAPTERS``: ``name[=path][@revision]``. Without a path, `name` is the
+    adapter's hub id; TGI's ``adapter_id`` is always `name`."""
+
+    name: str
+    path: str | None = None
+    revision: str | None = None
+
+    @property
+    def entry(self) -> str:
+        """The entry as TGI takes it."""
+        path = f"={self.path}" if self.path is not None else ""
+        revision = f"@{self.revision}" if self.revision is not None else ""
+        return f"{self.name}{path}{revision}"
+
+    @property
+    def source(self) -> str:
+        """Where TGI loads it from: the path, else the hub id."""
+        return self.path if self.path is not None else self.name
+
+
+def lora_adapter(entry: str) -> LoraAdapter:
+    """One ``LORA_ADAPTERS`` entry parsed as TGI parses it (at most one ``=`` and one ``@``; the name is what
+    comes before them), with the name's characters checked; a ValueError says what is wrong."""
+    text = entry.strip()
+    if text.count("=") > 1 or text.count("@") > 1:
+        raise ValueError(f"LoRA adapter {text!r}: at most one '=' (name=path) and one '@' (@revision)")
+    head, _, revision = text.partition("@")
+    name, eq, path = head.partition("=")
+    name, path, revision = name.strip(), path.strip(), revision.strip()
+    if len(name) > MAX_ADAPTER_NAME or not _ADAPTER_NAME.fullmatch(name):
+        raise ValueError(
+            f"LoRA adapter {text!r}: the name must be letters, digits, '_', '-', '.' and single '/' between "
+            f"parts (a hub id such as org/adapter), no part starting with '.', at most {MAX_ADAPTER_NAME} "
+            "characters"
+        )
+    if eq and not path:
+        raise ValueError(f"LoRA adapter {text!r}: no path after '='")
+    if "@" in text and not revision:
+        raise ValueError(f"LoRA adapter {text!r}: no revision after '@'")
+    return LoraAdapter(name, path or None, revision or None)
+
+
+def parse_lora_adapters(value: str | Iterable[str]) -> list[str]:
+    """The adapter entries given: repeated ``--lora-adapters`` (each item itself comma-separated), or one
+    string (``TGI_GATEWAY_LORA_ADAPTERS``: comma-separated, or a JSON list as ``Settings.as_environment``
+    writes it). Spaces around entries and empty items are ignored; each entry is checked and normalised."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                items = json.loads(text)
+            except ValueError:
+                raise ValueError("a value starting with '[' must be a JSON list of adapters") from None
+            if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+                raise ValueError("a value starting with '[' must be a JSON list of adapters (strings)")
+        else:
+            items = [text]
+    else:
+        items = list(value)
+    entries = [part for item in items for part in str(item).split(",") if part.strip()]
+    return [lora_adapter(part).entry for part in entries]

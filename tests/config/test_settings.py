@@ -87,7 +87,7 @@ def test_settings_survive_the_worker_environment_with_every_field_set(
         "dtype": "bfloat16",
         "tgi_args": ["--x", "1"], "startup_timeout": 7.0, "keep_tgi": True,
         "max_head_bytes": 4096, "max_headers": 20, "head_timeout": 2.0, "body_timeout": 3.0,
-        "keep_alive_timeout": 4.0, "max_connections": 50,
+        "keep_alive_timeout": 4.0, "max_connections": 50, "lora_adapters": ["org/a@v1", "b=/p"],
     }  # fmt: skip
     assert set(values) == set(FIELDS), "every field is set"
     settings = Settings(**values)
@@ -109,6 +109,14 @@ def test_settings_survive_the_worker_environment_with_every_field_set(
         ([], {"TGI_ARGS": '["--c", "2"]'}, {"tgi_args": ("--c", "2")}),
         (["--template-version", "v2"], {"TEMPLATE_VERSION": "v1"}, {"template_version": Version.V2}),
         (["--port", "9000"], {"PORT": "9001", "HOST": "::1"}, {"port": 9000, "host": "::1"}),
+        (
+            ["--lora-adapters", "a,b=/p", "--lora-adapters=c@v1"],
+            {"LORA_ADAPTERS": "d"},
+            {"lora_adapters": ("a", "b=/p", "c@v1")},
+        ),
+        ([], {"LORA_ADAPTERS": " org/a@v1 , b = /p ,, "}, {"lora_adapters": ("org/a@v1", "b=/p")}),
+        ([], {"LORA_ADAPTERS": '["a", "b=/p"]'}, {"lora_adapters": ("a", "b=/p")}),
+        ([], {"LORA_ADAPTERS": ""}, {"lora_adapters": ()}),
     ],
 )
 def test_flags_win_over_variables(
@@ -119,6 +127,43 @@ def test_flags_win_over_variables(
     args = build_parser().parse_args(["--model", "m", *argv])
     settings = Settings(**{k: v for k, v in vars(args).items() if v is not None})  # as cli.main does
     assert {name: getattr(settings, name) for name in expected} == expected
+
+
+def test_lora_adapters_are_parsed_as_tgi_parses_them() -> None:
+    settings = Settings(model="m", lora_adapters=["org/sql@v2", "local=/x/y@r", "plain"])
+    assert [(a.name, a.path, a.revision) for a in settings.adapters] == [
+        ("org/sql", None, "v2"), ("local", "/x/y", "r"), ("plain", None, None),
+    ]  # fmt: skip
+    assert [a.source for a in settings.adapters] == ["org/sql", "/x/y", "plain"]
+    assert settings.model_names == ("m", "org/sql", "local", "plain")
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--lora-adapters", "a,a=/p"], "--lora-adapters: the adapter name 'a' is given more than once"),
+        (["--lora-adapters", "m"], "--lora-adapters: the adapter name 'm' is the model's name"),
+        (["--served-model-name", "fn", "--lora-adapters", "fn@v1"], "adapter name 'fn' is the model's name"),
+        (["--lora-adapters", "a=b=c"], "LoRA adapter 'a=b=c': at most one '=' (name=path) and one '@'"),
+        (["--lora-adapters", "a=@v1"], "LoRA adapter 'a=@v1': no path after '='"),
+        (["--lora-adapters", "a@"], "LoRA adapter 'a@': no revision after '@'"),
+        (["--lora-adapters", "../etc"], "LoRA adapter '../etc': the name must be letters, digits"),
+        (["--lora-adapters", "a b"], "LoRA adapter 'a b': the name must be"),
+        (["--lora-adapters", "org//x"], "LoRA adapter 'org//x': the name must be"),
+        (["--lora-adapters", "x" * 129], "at most 128 characters"),
+    ],
+)
+def test_bad_lora_adapters_are_refused_with_the_flag_named(argv: list[str], message: str) -> None:
+    from pydantic import ValidationError
+
+    from tgi_gateway.cli import settings_errors
+
+    args = build_parser().parse_args(["--model", "m", *argv])
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    with pytest.raises(ValidationError) as refused:
+        Settings(**given)
+    [line] = settings_errors(refused.value, given)
+    assert line.startswith("error: --lora-adapters: ") and message in line, line
 
 
 # --- The documentation ------------------------------------------------------------------------------------

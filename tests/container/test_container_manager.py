@@ -66,6 +66,28 @@ def test_launch_recipe_for_a_local_model_directory(tmp_path: Path) -> None:
     assert spec.port == 9000 and spec.environment() == {}
 
 
+def test_launch_recipe_with_lora_adapters(tmp_path: Path) -> None:
+    """Hub adapters go to TGI as given; a `name=path` whose path is a directory here is mounted read-only
+    on /adapters/<name> and TGI is given that path; any other path is TGI's own (inside the container)."""
+    local = tmp_path / "sql-lora"
+    local.mkdir()
+    spec = make_spec(
+        hf_cache=tmp_path / "cache",
+        lora_adapters=("org/a@v1", f"sql={local}", "other=/data/adapters/other", f"gone={tmp_path}/missing",
+                       f"again={local}/"),
+    )  # fmt: skip
+    assert spec.environment()["LORA_ADAPTERS"] == (
+        f"org/a@v1,sql=/adapters/sql,other=/data/adapters/other,gone={tmp_path}/missing,again=/adapters/sql"
+    ), "a directory given twice is mounted once"
+    assert spec.volumes() == {
+        str(tmp_path / "cache"): {"bind": "/data", "mode": "rw"},
+        str(local): {"bind": "/adapters/sql", "mode": "ro"},
+    }
+    assert spec.labels["tgi-gateway.lora-adapters"] == ",".join(spec.lora_adapters)
+    plain = make_spec()
+    assert "LORA_ADAPTERS" not in plain.environment() and "tgi-gateway.lora-adapters" not in plain.labels
+
+
 @pytest.mark.parametrize(
     "gpus,count,ids", [("all", -1, []), ("2", 2, []), ("0,1", 0, ["0", "1"]), ("3", 3, [])]
 )
@@ -223,6 +245,41 @@ def test_adopts_a_running_container_of_ours_and_leaves_it_running(engine, tmp_pa
     m.release()
     assert seeded.status == "running" and engine.history("create") == [f"tgi-gateway-{port}"]
     assert engine.pulls == []
+
+
+def test_lora_adapters_reach_the_tgi_it_starts(engine, tmp_path):
+    """Through the real SDK: the container gets LORA_ADAPTERS and the local adapter's mount, and the TGI it
+    runs applies an adapter it was started with (an unknown id silently gets the base model)."""
+    local = tmp_path / "sql-lora"
+    local.mkdir()
+    port = free_port()
+    m = manager(tmp_path, port, lora_adapters=("org/a", f"sql={local}"))
+    assert m.ensure_tgi() == "started"
+    [body] = engine.create_bodies
+    assert body["Env"] == [f"HF_TOKEN={TOKEN}", "LORA_ADAPTERS=org/a,sql=/adapters/sql"]
+    assert set(body["HostConfig"]["Binds"]) == {f"{tmp_path}:/data:rw", f"{local}:/adapters/sql:ro"}
+    assert body["Labels"]["tgi-gateway.lora-adapters"] == f"org/a,sql={local}"
+    [container] = engine.containers
+    for adapter_id in ("sql", "org/a", "nope"):
+        body = {"inputs": "x", "parameters": {"adapter_id": adapter_id}}
+        r = httpx.post(f"http://127.0.0.1:{port}/generate", json=body)
+        assert r.status_code == 200, r.text
+    assert [g.adapter for g in container.tgi.generations] == ["sql", "org/a", None]
+    m.release()
+
+
+def test_a_running_container_with_other_adapters_is_not_adopted(engine, tmp_path):
+    port = free_port()
+    labels = {"tgi-gateway.managed": "true", "tgi-gateway.model": MODEL, "tgi-gateway.port": str(port)}
+    seeded = engine.add_container(
+        command=["--model-id", MODEL], name=f"tgi-gateway-{port}", labels=labels,
+        ports={"80/tcp": ("127.0.0.1", port)}, behavior=TGIBehavior(load_delay=0.5), wait_ready=False,
+    )  # fmt: skip
+    m = manager(tmp_path, port, lora_adapters=("org/a",))
+    with pytest.raises(LaunchError, match=r"with the LoRA adapters 'none', not 'org/a'\. Stop it"):
+        m.ensure_tgi()
+    assert seeded.status == "running", "not ours to stop: the operator decides"
+    assert engine.history("create") == [f"tgi-gateway-{port}"]
 
 
 def test_a_stopped_leftover_is_replaced(engine, tmp_path):
@@ -448,6 +505,39 @@ def test_sigterm_stops_and_removes_the_container_it_started(engine, tmp_path):
     assert proc.returncode == 0, out
     assert engine.containers == [] and engine.history("destroy") == [f"tgi-gateway-{port}"]
     assert TOKEN not in out
+
+
+def test_the_gateway_launches_tgi_with_its_lora_adapters_and_serves_them(engine, tmp_path):
+    """The whole chain as a user runs it: --lora-adapters → the container's LORA_ADAPTERS → the TGI in it knows
+    the adapters; the SDK lists them and a chat naming one is generated with it."""
+    import openai
+
+    local = tmp_path / "support-lora"
+    local.mkdir()
+    port = free_port()
+    proc = gateway_process(engine, tmp_path, port, "--lora-adapters", f"acme/sql-lora@v2,support={local}")
+    try:
+        wait_serving(proc)
+        [container] = engine.containers
+        url = proc.gateway_url + "/v1"  # type: ignore[attr-defined]
+        with openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=20) as client:
+            assert [m.id for m in client.models.list()] == [MODEL, "acme/sql-lora", "support"]
+            for name in ("support", "acme/sql-lora"):
+                answer = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}])
+                assert answer.model == name
+            with pytest.raises(openai.NotFoundError):
+                client.chat.completions.create(model="sql-lora", messages=[{"role": "user", "content": "hi"}])
+        assert container.tgi.config.lora_adapters == ("acme/sql-lora@v2", "support=/adapters/support")
+        assert [g.adapter for g in container.tgi.generations] == ["support", "acme/sql-lora"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out = proc.communicate(timeout=30)[0]
+        finally:
+            proc.kill()
+    assert "LoRA adapters: acme/sql-lora@v2,support=/adapters/support" in out, "the launch says what TGI gets"
+    assert "LoRA adapters served as models: acme/sql-lora, support" in out
+    assert engine.containers == []
 
 
 def test_sigterm_while_tgi_loads_removes_the_container(engine, tmp_path):

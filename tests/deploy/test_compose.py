@@ -222,6 +222,18 @@ def test_tgi_environment_passes_token_and_limits_through_only_when_set() -> None
     assert default_of(env["USAGE_STATS"] or "") in ("on", "off", "no-stack")
 
 
+def test_lora_adapters_go_to_tgi_and_to_the_gateway() -> None:
+    """One LORA_ADAPTERS for both: TGI reads it itself (a pass-through, so an unset one stays unset for the
+    launcher), the gateway as its setting, where an empty value means no adapter."""
+    from tgi_gateway.settings import Settings
+
+    assert environment(service("tgi"))["LORA_ADAPTERS"] is None
+    value = environment(service("gateway"))["TGI_GATEWAY_LORA_ADAPTERS"]
+    assert value == "${LORA_ADAPTERS:-}"
+    assert Settings(model="m", lora_adapters=default_of(value)).lora_adapters == ()
+    assert env_example()["LORA_ADAPTERS"][0] is None, "no adapter by default"
+
+
 def test_tgi_runtime_settings() -> None:
     tgi = service("tgi")
     assert tgi["shm_size"] == "1g"
@@ -469,6 +481,15 @@ def test_docker_compose_config_with_a_host_cache_and_a_gpu_count(tmp_path: Path)
     for svc in (tgi, gw):
         assert (svc["volumes"][0]["type"], svc["volumes"][0]["source"]) == ("bind", str(tmp_path / "hf"))
     assert gw["environment"]["TGI_GATEWAY_SERVED_MODEL_NAME"] == "functionary"
+
+
+@needs_compose
+def test_docker_compose_config_passes_the_lora_adapters_to_both(tmp_path: Path) -> None:
+    adapters = "acme/sql-lora@v2,support=/data/adapters/support"
+    r = run_config(tmp_path, {"MODEL_ID": MODEL, "LORA_ADAPTERS": adapters})
+    assert r.returncode == 0, r.stderr
+    tgi, gw = (json.loads(r.stdout)["services"][name] for name in ("tgi", "gateway"))
+    assert tgi["environment"]["LORA_ADAPTERS"] == gw["environment"]["TGI_GATEWAY_LORA_ADAPTERS"] == adapters
 
 
 @needs_compose

@@ -223,6 +223,29 @@ def test_parameters_the_double_does_not_model_are_refused_loudly(tgi, client):
     assert r.status_code == 200
 
 
+def test_adapter_id_selects_a_lora_adapter_it_was_started_with_and_falls_back_to_the_base_silently():
+    entries = ("org/sql@v2", "local=/adapters/local", "plain")
+    seen = []
+
+    def script(inputs, parameters):
+        seen.append(parameters.get("adapter_id"))
+        return ["ok", "<|eot_id|>"]
+
+    with FakeTGI(script=script, lora_adapters=entries) as tgi, httpx.Client(base_url=tgi.url) as c:
+        asked = ["org/sql", "local", "plain", "org/sql@v2", "unknown", None]
+        for adapter_id in asked:
+            for path in ("/generate", "/generate_stream"):
+                r = c.post(path, json={"inputs": "x", "parameters": {"adapter_id": adapter_id}})
+                assert r.status_code == 200, r.text
+        used = [g.adapter for g in tgi.generations]
+        r = c.post("/generate", json={"inputs": "x", "parameters": {"adapter_id": 1}})
+    assert used == [a for a in ["org/sql", "local", "plain", None, None, None] for _ in range(2)]
+    assert seen == [a for a in asked for _ in range(2)], "the script sees the id as sent"
+    assert r.status_code == 422
+    assert r.text.endswith("parameters.adapter_id: invalid type: integer `1`, expected a string")
+    assert not tgi.errors
+
+
 # ------------------------------------------------------------------------------------------ validation
 
 LIMITS = {"max_input_tokens": 10, "max_total_tokens": 16, "max_stop_sequences": 2}

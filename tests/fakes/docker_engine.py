@@ -70,8 +70,8 @@ Containers
 A started container is a simulated ``text-generation-launcher``. When its port ``80/tcp`` (the image's
 ``PORT``) is published on host port P, it binds a :class:`tests.fakes.tgi.FakeTGI` to ``127.0.0.1:P``
 (``model_id``, ``max_input_tokens``, ``max_total_tokens`` from ``--model-id``, ``--max-input-tokens``,
-``--max-total-tokens``): the port refuses connections while the model loads and serves after
-``Connected`` is logged. The launcher writes TGI 3.3's tracing lines on stdout and its last words
+``--max-total-tokens``; ``lora_adapters`` from ``--lora-adapters`` or the ``LORA_ADAPTERS`` variable): the
+port refuses connections while the model loads and serves after ``Connected`` is logged. The launcher writes TGI 3.3's tracing lines on stdout and its last words
 (``Error: <Variant>``) on stderr; what it does is a :class:`TGIBehavior` chosen at start
 (:meth:`FakeDockerEngine.set_behavior` by ``--model-id``, else the engine's ``behavior``):
 
@@ -125,7 +125,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -760,7 +760,7 @@ class FakeDockerEngine:
                     f"proxy: listen tcp4 {ip}:{port}: bind: address already in use",
                 ) from None
             load_delay = max(b.load_delay, 0.001) if b.scenario == "serve" else _NEVER  # > 0: start() returns
-            tgi = FakeTGI(port=port, load_delay=load_delay, **_launcher_args(c.cmd))
+            tgi = FakeTGI(port=port, load_delay=load_delay, **_launcher_args(c.cmd, c.body.get("Env") or []))
             await asyncio.to_thread(tgi.start)
         c.status, c.exit_code, c.oom_killed, c.behavior, c.tgi = "running", 0, False, b, tgi
         c._connected, c._sigterm, c._tgi_stopped = False, asyncio.Event(), None
@@ -951,13 +951,17 @@ def _reference(name: str, tag: str | None = None) -> str:
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
 
 
-def _launcher_args(cmd: list[str]) -> dict[str, Any]:
-    """The FakeTGI settings text-generation-launcher would take from its arguments (the others are ignored);
-    like the launcher, one of the two token limits gives the other."""
+def _launcher_args(cmd: list[str], env: Sequence[str] = ()) -> dict[str, Any]:
+    """The FakeTGI settings text-generation-launcher would take from its arguments and environment (the
+    others are ignored); like the launcher, one of the two token limits gives the other, and a flag wins
+    over its variable."""
     flags = dict(itertools.pairwise(cmd))
+    variables = dict(item.partition("=")[::2] for item in env)
     args: dict[str, Any] = {}
     if "--model-id" in flags:
         args["model_id"] = flags["--model-id"]
+    if adapters := flags.get("--lora-adapters", variables.get("LORA_ADAPTERS")):
+        args["lora_adapters"] = tuple(entry.strip() for entry in adapters.split(",") if entry.strip())
     for flag in ("--max-input-tokens", "--max-total-tokens"):
         if flag in flags:
             args[flag[2:].replace("-", "_")] = int(flags[flag])

@@ -44,6 +44,12 @@ It serves what the gateway calls, with the bytes, status codes and error bodies 
   true (``skip_special_tokens=True``) while each token event carries its literal text and ``special``.
   ``seed`` is echoed only when sampling (``do_sample``, which defaults to true when ``parameters`` is
   absent, ``temperature`` != 1, ``top_k``, ``top_p`` < 1), a random u64 when the request has none.
+* LoRA: ``config.lora_adapters`` are the ``LORA_ADAPTERS`` entries TGI was started with
+  (``id[=path][@revision]``; the id is what comes before ``=`` and ``@``). ``parameters.adapter_id`` is a
+  string or null (serde's 422 otherwise) and is never refused: an id TGI was not started with falls back to
+  the base model, silently (flash_causal_lm.py, ``ADAPTER_TO_INDEX.get(adapter_id, 0)``).
+  :attr:`GenerationRecord.adapter` is the adapter the generation used (None: the base model); the script
+  sees ``parameters["adapter_id"]`` as sent.
 * Pacing: the first token at once, each next one ``config.token_delay`` s after the previous one was due.
 * Faults: the script markers ``Pause(seconds)``, ``Gate`` (held until ``gate.open()``, from any thread),
   ``Fail(message)`` (``Request failed during generation: ...``), ``Incomplete`` (``Incomplete generation
@@ -63,7 +69,7 @@ Not modelled (the gateway does not use it)
 * The other routes (``/``, ``/ping``, ``/tokenize``, ``/metrics``, ``/v1/*``, ...): an empty 404 (405 for
   a known path with another method). TGI's ``date``/CORS headers, ``Expect: 100-continue``.
 * The parameters ``best_of``, ``decoder_input_details``, ``grammar``, ``return_full_text``,
-  ``top_n_tokens``, ``truncate``, ``typical_p``, ``watermark``, ``adapter_id``: a request that sets one
+  ``top_n_tokens``, ``truncate``, ``typical_p``, ``watermark``: a request that sets one
   (to anything but null/false) is refused with a 501 naming it, and a ``NotImplementedError`` in
   :attr:`FakeTGI.errors`, so that a gateway starting to send one fails loudly instead of passing.
 * The tokenizer. Prompts are counted by a fixed rule (:func:`count_tokens`): one BOS token, one token per
@@ -428,6 +434,8 @@ class TGIConfig:
     token_delay: float = 0.0  # between tokens (the first one comes at once)
     keepalive_interval: float | None = 15.0  # ":\n\n" after this long without an event; None: never
     load_delay: float = 0.0  # the port refuses connections this long after start()
+    # LORA_ADAPTERS, as the launcher got it: the adapters requests may select with `adapter_id`
+    lora_adapters: tuple[str, ...] = ()
     # Launcher flags that tests/fakes/docker_engine.py passes on; they govern parameters the double does not
     # model (top_n_tokens, grammar, decoder_input_details), so nothing reads them.
     max_top_n_tokens: int = 5
@@ -464,6 +472,7 @@ class GenerationRecord:
     input_length: int | None = None
     finish_reason: str | None = None
     generated_text: str | None = None
+    adapter: str | None = None  # the LoRA adapter used (None: the base model, an unknown id included)
     tokens: list[Token] = field(default_factory=list)  # generated (for a stream: sent)
     events: list[bytes] = field(default_factory=list)  # the raw SSE events written, keep-alives included
     ended_at: float | None = None
@@ -517,10 +526,11 @@ class _Reply(Exception):
 # serde's types of the parameters the double models, for the extractor's 422s
 _KINDS = {"details": "bool", "do_sample": "bool", "frequency_penalty": "?f32", "max_new_tokens": "?u32",
           "repetition_penalty": "?f32", "seed": "?u64", "stop": "seq", "temperature": "?f32", "top_k": "?i32",
-          "top_p": "?f32"}  # fmt: skip
-_UNMODELLED = ("adapter_id", "best_of", "decoder_input_details", "grammar", "return_full_text", "top_n_tokens",
+          "top_p": "?f32", "adapter_id": "?str"}  # fmt: skip
+_UNMODELLED = ("best_of", "decoder_input_details", "grammar", "return_full_text", "top_n_tokens",
                "truncate", "typical_p", "watermark")  # fmt: skip
 _EXPECTED = {"bool": "a boolean", "f32": "f32", "u32": "u32", "u64": "u64", "i32": "i32", "seq": "a sequence"}
+_EXPECTED["str"] = "a string"
 _RANGES = {"u32": (0, 2**32 - 1), "u64": (0, 2**64 - 1), "i32": (-(2**31), 2**31 - 1)}
 
 
@@ -546,6 +556,8 @@ def _type_error(kind: str, v: Any) -> str | None:
         kind = kind[1:]
     if kind == "bool":
         ok = isinstance(v, bool)
+    elif kind == "str":
+        ok = isinstance(v, str)
     elif kind == "f32":
         ok = isinstance(v, (int, float)) and not isinstance(v, bool)
     elif kind == "seq":
@@ -609,6 +621,13 @@ def _extract(request: RecordedRequest, body: bytes, payload_limit: int, errors: 
             errors.append(NotImplementedError(f"the TGI double does not model parameters.{name}"))
             raise _Reply(501, f"the TGI double does not model parameters.{name}")
     return obj
+
+
+def _adapter(lora_adapters: Iterable[str], adapter_id: str | None) -> str | None:
+    """The adapter TGI applies for `adapter_id`: itself when it is the id of one of the ``LORA_ADAPTERS``
+    entries (server/text_generation_server/utils/adapter.py, parse_lora_adapters), else None (the base)."""
+    ids = {re.split(r"[=@]", entry.strip(), maxsplit=1)[0] for entry in lora_adapters}
+    return adapter_id if adapter_id in ids else None
 
 
 @dataclass
@@ -1315,6 +1334,7 @@ class FakeTGI:
         params = obj.get("parameters")
         stream = request.path == "/generate_stream"
         record = GenerationRecord(request, request.path[1:], stream, obj["inputs"], dict(params or {}))
+        record.adapter = _adapter(c.lora_adapters, (params or {}).get("adapter_id"))
         with self._lock:
             self._generations.append(record)
         gen = conn.generation = _Generation(self, conn, record)

@@ -15,6 +15,9 @@ TGI's rules differ from OpenAI's in ways that matter:
 * Stop strings: the template's stop tokens first (they end every answer), then the client's, cut to TGI's
   `max_stop_sequences`. The client's sequences are applied by the gateway too (:mod:`.stop_sequences`),
   so one that does not fit is still honoured.
+* `model` naming one of the LoRA adapters TGI was started with is TGI's `adapter_id` (the base model's
+  name sends none). TGI answers an unknown `adapter_id` with the base model, so the gateway only sends the
+  names it was configured with (`--lora-adapters`); any other is a 404 before this point.
 * `details: true` always: the stream's final event then carries `input_length` and `generated_tokens`
   (usage), and `/generate`'s answer its `details.tokens` (the per-token texts, special tokens included).
   No BOS is ever in the text: TGI adds it.
@@ -90,9 +93,14 @@ def prompt_token_limit(req: ChatCompletionRequest, max_input_tokens: int, max_to
 
 
 def tgi_parameters(
-    req: ChatCompletionRequest, template_stops: Sequence[str], max_stop_sequences: int
+    req: ChatCompletionRequest,
+    template_stops: Sequence[str],
+    max_stop_sequences: int,
+    *,
+    adapter_id: str | None = None,
 ) -> dict[str, Any]:
-    """The `parameters` object of a TGI generate request for `req` (already checked)."""
+    """The `parameters` object of a TGI generate request for `req` (already checked); `adapter_id`: the
+    LoRA adapter the request names (None: the base model)."""
     greedy = req.temperature == 0
     params: dict[str, Any] = {"details": True, "do_sample": not greedy}
     if not greedy:
@@ -112,4 +120,6 @@ def tgi_parameters(
         params["repetition_penalty"] = req.repetition_penalty
     stops = list(dict.fromkeys([*template_stops, *req.stop_list]))
     params["stop"] = stops[: max(0, max_stop_sequences)]
+    if adapter_id is not None:
+        params["adapter_id"] = adapter_id
     return params

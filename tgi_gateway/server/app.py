@@ -53,6 +53,8 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
                 "serving %s (Functionary template %s) from TGI at %s",
                 settings.model_name, template.version, settings.endpoint,
             )  # fmt: skip
+            if settings.lora_adapters:
+                logger.info("LoRA adapters served as models: %s", ", ".join(settings.model_names[1:]))
             try:
                 yield
             finally:
@@ -115,9 +117,16 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
         except ClientDisconnected:
             return Response(status_code=499)
 
-    @app.get("/v1/models", summary="List the served model", responses=openapi.error_responses(guarded))
+    @app.get(
+        "/v1/models",
+        summary="List the served model and its LoRA adapters",
+        responses=openapi.error_responses(guarded),
+    )
     async def list_models(request: Request) -> Response:
-        return json_response({"object": "list", "data": [_model_card(request.app.state.gateway)]})
+        gateway = request.app.state.gateway
+        return json_response(
+            {"object": "list", "data": [_model_card(gateway, name) for name in settings.model_names]}
+        )
 
     @app.get(
         "/v1/models/{model:path}",
@@ -127,7 +136,7 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
     async def get_model(request: Request, model: str) -> Response:
         gateway = request.app.state.gateway
         gateway.check_model(model)
-        return json_response(_model_card(gateway))
+        return json_response(_model_card(gateway, model))
 
     @app.get(
         "/health",
@@ -157,14 +166,17 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
             503,
         )
 
-    instrument(app, [settings.model_name])  # GET /metrics, and the outermost middleware: counts, logs
+    instrument(app, settings.model_names)  # GET /metrics, and the outermost middleware: counts, logs
     return app
 
 
-def _model_card(gateway: Gateway) -> dict[str, Any]:
-    return {
-        "id": gateway.settings.model_name,
-        "object": "model",
-        "created": gateway.created,
-        "owned_by": "tgi-gateway",
-    }
+def _model_card(gateway: Gateway, name: str) -> dict[str, Any]:
+    """OpenAI's model object, with vLLM's `root` and `parent`: the base model's `root` is `--model` and it
+    has no parent; a LoRA adapter's `root` is where TGI loads it from (its path, else its hub id) and its
+    `parent` is the base model's name."""
+    settings = gateway.settings
+    card = {"id": name, "object": "model", "created": gateway.created, "owned_by": "tgi-gateway"}
+    adapter = next((a for a in settings.adapters if a.name == name), None)
+    if adapter is None:
+        return {**card, "root": settings.model, "parent": None}
+    return {**card, "root": adapter.source, "parent": settings.model_name}

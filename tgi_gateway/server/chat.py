@@ -125,9 +125,14 @@ class Gateway:
         return changed
 
     def check_model(self, model: str) -> None:
-        """Raise the OpenAI 404 ``model_not_found`` unless ``model`` is the served model's name."""
-        if model != self.settings.model_name:
+        """Raise the OpenAI 404 ``model_not_found`` unless ``model`` is the served model's name or one of
+        its LoRA adapters' (TGI would silently answer an unknown adapter with the base model)."""
+        if model not in self.settings.model_names:
             raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
+
+    def adapter_id(self, model: str) -> str | None:
+        """TGI's ``adapter_id`` for the (checked) model name: None for the base model."""
+        return None if model == self.settings.model_name else model
 
     async def chat(self, request: Request, req: ChatCompletionRequest) -> Response:
         rec = record_of(request.scope) or RequestRecord("", time.perf_counter())  # telemetry (or detached)
@@ -137,7 +142,7 @@ class Gateway:
         prompt, inputs = await until_disconnect(request, self._admit(request, req))
         ctx = ResponseContext.for_prompt(
             prompt,
-            self.settings.model_name,
+            req.model,  # the base model's name or an adapter's (checked above)
             parallel_tool_calls=req.parallel_tool_calls is not False,
             include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
         )
@@ -213,7 +218,12 @@ class Gateway:
                 info = await self.info()
                 check_token_budget(req, info.max_total_tokens)
                 return await call_tgi(
-                    tgi_parameters(req, self.template.stop_sequences, info.max_stop_sequences)
+                    tgi_parameters(
+                        req,
+                        self.template.stop_sequences,
+                        info.max_stop_sequences,
+                        adapter_id=self.adapter_id(req.model),
+                    )
                 )
             finally:
                 rec.upstream_wait += time.perf_counter() - waiting  # telemetry
