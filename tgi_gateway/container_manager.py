@@ -42,6 +42,7 @@ wherever the main thread is (``forced``): the user insists, and the container ma
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -452,14 +453,13 @@ class ContainerManager:
 
     def _pump_logs(self, stream: Any) -> None:
         buffer = b""
-        try:
+        # The stream ends, with whatever exception, when the container exits or the stream is closed.
+        with contextlib.suppress(Exception):
             for chunk in stream:
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for raw in lines:
                     self._log_line(raw)
-        except Exception:  # noqa: BLE001 - the stream ends when the container exits or is closed
-            pass
         if buffer:
             self._log_line(buffer)
 
@@ -472,20 +472,17 @@ class ContainerManager:
     def _stop_following(self) -> None:
         stream, self._log_stream = self._log_stream, None
         if stream is not None:
+            # docker-py's CancellableStream.close() leaves the response's socket open: close both, come what may
             for close in (stream.close, getattr(getattr(stream, "_response", None), "close", None)):
-                try:  # docker-py's CancellableStream.close() leaves the response's socket open
-                    if close is not None:
+                if close is not None:
+                    with contextlib.suppress(Exception):
                         close()
-                except Exception:  # noqa: BLE001
-                    pass
         follower, self._follower = self._follower, None
         _join(follower)
         client, self._log_client = self._log_client, None
         if client is not None:
-            try:
+            with contextlib.suppress(Exception):
                 client.close()
-            except Exception:  # noqa: BLE001
-                pass
 
     def _tail_text(self) -> str:
         time.sleep(0.2)  # let the log follower catch the last lines

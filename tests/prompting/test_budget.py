@@ -12,8 +12,10 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import math
 import random
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote, urldefrag
 
@@ -450,3 +452,85 @@ def test_a_prompt_that_may_fit_renders_as_without_a_limit(version: Version) -> N
     ]
     prompt = normalize(body(INVOICE, messages=messages))
     assert Template(version).render(prompt, max_tokens=8192) == Template(version).render(prompt)
+
+
+# ------------------------------------------------------------------------------------------------
+# The token floor per message: many short messages
+# ------------------------------------------------------------------------------------------------
+
+# Each family's added tokens (FORMATS.md §1): one token each, and the tokenizer cuts the text at them.
+ADDED_TOKENS: dict[Version, Sequence[str]] = {
+    Version.V1: ["<|END_OF_USER|>", "<|END_OF_SYSTEM|>", "<|END_OF_ASSISTANT|>", "<|START_OF_FUNCTION_CALL|>",
+                 "<|END_OF_FUNCTION_CALL|>", "<|END_OF_FUNCTION_RESULT|>"],
+    Version.V2: ["<|from|>", "<|recipient|>", "<|content|>", "<|stop|>"],
+    **dict.fromkeys(
+        [Version.V2_LLAMA3, Version.V3_LLAMA3, Version.V3_LLAMA31],
+        ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>",
+         "<|reserved_special_token_249|>"),
+    ),
+}  # fmt: skip
+
+
+def fewest_tokens(version: Version, text: str) -> int:
+    """The fewest tokens any tokenizer with these added tokens can make of ``text``: one per added token, one
+    per non-empty run of text between them."""
+    pieces = re.split("(" + "|".join(map(re.escape, ADDED_TOKENS[version])) + ")", text)
+    return len(pieces[1::2]) + sum(1 for piece in pieces[0::2] if piece)
+
+
+def random_messages(rng: random.Random, n: int) -> list[dict[str, Any]]:
+    """Messages of every shape the renderers print differently, short or empty texts; tool results answer
+    the call before them."""
+    out: list[dict[str, Any]] = []
+    for i in range(n):
+        kind = rng.choice(["user", "system", "assistant", "empty-assistant", "call", "tool"])
+        text = rng.choice(["", "x", "Hi", " ", "\n"])
+        if kind == "empty-assistant":
+            out.append({"role": "assistant", "content": rng.choice(["", None])})
+        elif kind == "call":
+            call = {"id": f"c{i}", "type": "function", "function": {"name": "f", "arguments": rng.choice(["", "{}"])}}
+            out += [{"role": "assistant", "content": text or None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": f"c{i}", "content": text}]  # fmt: skip
+        elif kind == "tool":
+            out.append({"role": "function", "name": "f", "content": text})
+        else:
+            out.append({"role": kind, "content": text})
+    return out
+
+
+@pytest.mark.parametrize("version", list(Version))
+def test_each_printed_message_costs_at_least_its_tokens_per_message(version: Version) -> None:
+    """TOKENS_PER_MESSAGE is a floor of what a message adds to the prompt, for every shape of message, in
+    the fewest tokens a tokenizer can make of what the renderer prints (one more and it fails)."""
+    from tgi_gateway.prompting.render import TOKENS_PER_MESSAGE
+
+    template = Template(version)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    rng = random.Random(11)
+    tightest = math.inf
+    for _ in range(300):
+        messages = random_messages(rng, rng.randrange(1, 6))
+        prompt = normalize({"messages": messages, "tools": tools})
+        base = normalize({"messages": [{"role": "assistant", "content": None}], "tools": tools})
+        added = fewest_tokens(version, template.render(prompt)) - fewest_tokens(version, template.render(base))
+        printed = sum(1 for m in prompt.messages if m.role != "assistant" or m.content or m.tool_calls)
+        if printed:
+            assert added >= printed * TOKENS_PER_MESSAGE[version], messages
+            tightest = min(tightest, added / printed)
+    assert tightest < TOKENS_PER_MESSAGE[version] + 1, "the floor is as high as the renderers allow"
+
+
+@pytest.mark.parametrize("version", list(Version))
+def test_many_short_messages_are_refused_before_rendering(version: Version) -> None:
+    from tgi_gateway.prompting.render import TOKENS_PER_MESSAGE
+
+    limit = 1000
+    fits = limit // TOKENS_PER_MESSAGE[version]
+    many = [{"role": "user", "content": "Hi"}] * (fits + 1)
+    floor = (fits + 1) * TOKENS_PER_MESSAGE[version]
+    with pytest.raises(ContextLengthExceededError, match=rf"at least {floor:,} tokens \({fits + 1:,} of them") as e:
+        Template(version).render(normalize({"messages": many}), max_tokens=limit)
+    assert e.value.param == "messages"
+    # as many as may fit: rendered (TGI, which knows the tokenizer, has the last word)
+    empty = [{"role": "assistant", "content": ""}] * 5  # print nothing, count nothing
+    Template(version).render(normalize({"messages": many[:fits] + empty}), max_tokens=limit)

@@ -135,11 +135,21 @@ def test_max_tokens_that_cannot_fit_the_context(gateway: Gateway, field: str) ->
 
 
 def test_max_tokens_that_may_fit_still_reach_tgi(gateway: Gateway) -> None:
-    # Room for 2 tokens: the prompt (~170 characters) may be 2 tokens long; only TGI can count them.
+    # Room for 6 tokens: the prompt (~170 characters, one message: at least 5 tokens) may be 6 tokens long;
+    # only TGI can count them.
     before = len(gateway.tgi.requests)
-    r = gateway.client.post("/v1/chat/completions", json={"model": MODEL, "messages": HI, "max_tokens": 8190})
+    r = gateway.client.post("/v1/chat/completions", json={"model": MODEL, "messages": HI, "max_tokens": 8186})
     assert r.json()["error"]["code"] == "context_length_exceeded", "TGI, which counts the prompt, decides"
     assert gateway.tgi.requests[before].path == "/generate"
+
+
+def test_max_tokens_that_leave_no_room_for_the_messages_never_reach_tgi(gateway: Gateway) -> None:
+    # Room for 4 tokens: one message of a llama3 template is at least 5.
+    before = len(gateway.tgi.requests)
+    r = gateway.client.post("/v1/chat/completions", json={"model": MODEL, "messages": HI, "max_tokens": 8188})
+    error = r.json()["error"]
+    assert error["code"] == "context_length_exceeded" and "messages are at least 5 tokens (1 of them" in error["message"]
+    assert [q.path for q in gateway.tgi.requests[before:]] == [], "refused by the gateway, TGI not asked"
 
 
 # Bug: pydantic's union member tags leaked into `param` ("stop.str", "function_call.dict[str,any]").

@@ -40,7 +40,7 @@ from .lru import LRUCache
 from .schema import SchemaError, ts_schema
 from .types import ChatPrompt, Function, Message, NamedChoice, ToolCall, ToolChoice, Version
 
-__all__ = ["MAX_CHARS_PER_TOKEN", "generation_prefix", "render"]
+__all__ = ["MAX_CHARS_PER_TOKEN", "TOKENS_PER_MESSAGE", "generation_prefix", "render"]
 
 MAX_CHARS_PER_TOKEN = 128
 """No token of a Functionary model's tokenizer is longer than this, in characters: Llama 3's longest
@@ -128,6 +128,7 @@ def render(version: Version | str, prompt: ChatPrompt, *, max_tokens: int | None
     version = Version(version)
     if max_tokens is not None:
         _check_length(_least_chars(prompt), max_tokens)
+        _check_turns(version, prompt, max_tokens)
     text = _RENDERERS[version](prompt) + generation_prefix(version, prompt.choice)
     if max_tokens is not None:
         _check_length(len(text), max_tokens)
@@ -140,6 +141,39 @@ def _least_chars(prompt: ChatPrompt) -> int:
     return sum(
         len(m.content or "") + sum(len(call.arguments) for call in m.tool_calls) for m in prompt.messages
     )
+
+
+# The fewest tokens one printed message costs, per version. Each family's markers are added tokens of its
+# tokenizer (FORMATS.md §1), one token each wherever they appear, and the tokenizer cuts the text at them, so
+# every non-empty run of text between two of them is at least one more token:
+# v1: `role:\n…<|END_OF_…|>` (an added token, text before it); v2: `\n<|from|>sender\n<|recipient|>recipient\n
+# <|content|>…` (three added tokens, three texts: the content runs into the next block's leading `\n`); llama3
+# families: `<|start_header_id|>role<|end_header_id|>\n\n…<|eot_id|>` (three added tokens, two texts). An
+# assistant message with neither content nor calls prints nothing and counts nothing. (Checked against what the
+# renderers print: tests/prompting/test_budget.py.)
+TOKENS_PER_MESSAGE: dict[Version, int] = {
+    Version.V1: 2,
+    Version.V2: 6,
+    Version.V2_LLAMA3: 5,
+    Version.V3_LLAMA3: 5,
+    Version.V3_LLAMA31: 5,
+}
+
+
+def _check_turns(version: Version, prompt: ChatPrompt, max_tokens: int) -> None:
+    """Refuse a prompt whose messages alone are more tokens than `max_tokens`, at TOKENS_PER_MESSAGE each
+    (many short messages: the length in characters says nothing there)."""
+    per_message = TOKENS_PER_MESSAGE[version]
+    if len(prompt.messages) * per_message <= max_tokens:
+        return  # (the common case: no need to look at each message)
+    printed = sum(1 for m in prompt.messages if m.role != "assistant" or m.content or m.tool_calls)
+    if printed * per_message > max_tokens:
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {max_tokens} tokens for the prompt. However, your "
+            f"messages are at least {printed * per_message:,} tokens ({printed:,} of them, each at least "
+            f"{per_message} tokens of this model's template markers). Please send fewer messages.",
+            param="messages",
+        )
 
 
 def _check_length(chars: int, max_tokens: int) -> None:

@@ -321,7 +321,18 @@ def _messages(raw: Any) -> tuple[Message, ...]:
         raise InvalidRequestError("'messages' must be a non-empty array of messages.", param="messages")
     messages: list[Message] = []
     calls_by_id: dict[str, ToolCall] = {}
+    results = False  # any tool result to put in call order
     for i, item in enumerate(raw):
+        # The common message first, at the least cost (a conversation may have 100k of them): a JSON object
+        # with a plain role and a string content, nothing else to check.
+        if type(item) is dict:
+            role, content = item.get("role"), item.get("content")
+            if type(content) is str and (
+                role in ("user", "system")
+                or (role == "assistant" and item.get("tool_calls") in (None, []) and item.get("function_call") is None)
+            ):
+                messages.append(Message(role, content))
+                continue
         param = f"messages[{i}]"
         if not isinstance(item, Mapping):
             raise _not_an_object(param)
@@ -340,7 +351,7 @@ def _messages(raw: Any) -> tuple[Message, ...]:
                 if call.id is not None:
                     calls_by_id[call.id] = call
         elif role == "tool":
-            message = _tool_result(item, param, calls_by_id)
+            message, results = _tool_result(item, param, calls_by_id), True
         elif role == "function":
             name = item.get("name")
             if not isinstance(name, str) or not name:
@@ -351,7 +362,7 @@ def _messages(raw: Any) -> tuple[Message, ...]:
         else:
             message = Message(role, _content(item, param, required=True))
         messages.append(message)
-    return tuple(_reorder_tool_results(messages))
+    return tuple(_reorder_tool_results(messages) if results else messages)
 
 
 def _content(item: Mapping[str, Any], param: str, *, required: bool) -> str | None:
@@ -450,6 +461,8 @@ def _reorder_tool_results(messages: list[Message]) -> list[Message]:
         message = messages[i]
         out.append(message)
         i += 1
+        if not message.tool_calls:
+            continue
         order = {c.id: k for k, c in enumerate(message.tool_calls) if c.id is not None}
         if message.role != "assistant" or not order:
             continue
