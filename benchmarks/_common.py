@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing import Self
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "bench-model"

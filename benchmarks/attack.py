@@ -27,6 +27,8 @@ gateway so that the slow-client attacks end in a second):
 ``ref16x20``       20 requests at once, each one tool of 16 such levels
 ``tools-max``      as many tiny tools as fit in 4 MiB (57,607 of this shape; the issue had ~82k)
 ``messages-max``   as many short messages as fit in 4 MiB (111,846 of this shape; the issue had ~123k)
+``messages-fit``   26,000 messages of 119 characters (3.8 MiB): as many as the gateway's floor of tokens per
+                   message lets into Llama 3.1's context, so normalised, rendered and sent to TGI
 ``header-128M``    one 128 MiB header (sent while the answer is read)
 ``headers-100k``   100,000 headers
 ``silent-1000``    1,000 connections that never send a byte; chat requests meanwhile
@@ -460,6 +462,17 @@ async def messages_max(ctx: Ctx) -> Outcome:
     return out
 
 
+async def messages_fit(ctx: Ctx) -> Outcome:
+    case = ba.CASES["messages-fit"]()
+    if ctx.quick:
+        case["messages"] = case["messages"][:2001]
+    # past the gateway's floor of tokens per message: normalised, rendered (a 4.4 M-character prompt) and sent;
+    # TGI, which counts the tokens, refuses it (~36 tokens a message in the double, as with a real tokenizer)
+    out = await bodies(ctx, body_of(case), 1, {"200", "400"})
+    out.detail["messages"] = len(case["messages"])
+    return out
+
+
 async def header_big(ctx: Ctx) -> Outcome:
     size = (2 if ctx.quick else 128) * MIB
     host, port = _host_port(ctx.url)
@@ -628,6 +641,7 @@ ATTACKS = [
     Attack("ref16x20", "20 requests at once, 16 levels each", "main", ref16x20),
     Attack("tools-max", "as many tiny tools as fit in 4 MiB", "main", tools_max),
     Attack("messages-max", "as many short messages as fit in 4 MiB", "main", messages_max),
+    Attack("messages-fit", "26,000 messages of 119 characters (4 MiB): as many as the token floor lets in", "main", messages_fit),
     Attack("header-128M", "one 128 MiB header", "main", header_big),
     Attack("headers-100k", "100,000 headers", "main", headers_many),
     Attack("silent-1000", "1,000 connections that send nothing", "main", silent_1000, flood=True),

@@ -158,6 +158,10 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "messages-max": lambda: _fill(
         lambda i: {"role": "user" if i % 2 == 0 else "assistant", "content": "Hi"}, lambda items: _body(None, items)
     ),
+    # as many messages as a 131,071-token context lets in at 5 tokens each (the gateway's floor per message of
+    # a llama3 template: render.TOKENS_PER_MESSAGE), each as long as 4 MiB allows
+    "messages-fit": lambda: _body(None, [{"role": "user" if i % 2 == 0 else "assistant",
+                                          "content": ("Hello there, " * 10)[:119]} for i in range(26_000)]),
     "message-4MiB": lambda: _body(None, [{"role": "user", "content": "x" * (MAX_BODY - 200)}]),
     "calls-max": lambda: _fill(
         _calls,

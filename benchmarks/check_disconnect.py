@@ -201,7 +201,7 @@ def main() -> int:
         with tagged_double() as double, GatewayProcess(double.url) as gateway:
             gateway.wait_healthy()
             result = asyncio.run(asyncio.wait_for(run(args, double, gateway), args.max_seconds))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         print(f"FAIL: gave up after --max-seconds {args.max_seconds:g}", file=sys.stderr)
         return 1
     print(report(result))

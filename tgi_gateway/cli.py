@@ -203,7 +203,7 @@ def _serve(settings: Settings, template: Template) -> int:
     from .server.app import create_app
     from .server.descriptors import default_max_connections, raise_descriptor_limit
     from .server.http_protocol import ConnectionLimits, GatewayHTTPProtocol
-    from .server.process import one_malloc_arena, tune_gc
+    from .server.process import tune_gc, tune_malloc
 
     # uvicorn handles SIGINT/SIGTERM itself: it stops accepting, lets in-flight requests finish within the
     # grace period, runs the app's shutdown, then restores the handlers it found and raises the signal
@@ -212,7 +212,8 @@ def _serve(settings: Settings, template: Template) -> int:
     # --drain-seconds the app holds the signal back for that long first (tgi_gateway/server/draining.py).
     signal.signal(signal.SIGTERM, _exit_cleanly)
     signal.signal(signal.SIGINT, _exit_cleanly)
-    one_malloc_arena()  # before the admission thread and the resolver's threads exist
+    if made := tune_malloc():  # before the admission thread and the resolver's threads exist
+        log.debug("glibc malloc: %s", ", ".join(made))
     # Each worker inherits the raised limit; the connection cap follows from it unless configured.
     descriptors = raise_descriptor_limit()
     limits = ConnectionLimits(

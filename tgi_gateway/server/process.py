@@ -14,25 +14,35 @@ from ..settings import Settings
 from .app import create_app
 from .telemetry import configure_logging
 
-_M_ARENA_MAX = -8  # glibc's mallopt() parameter number (malloc.h)
+# glibc's mallopt() parameters (malloc.h)
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, kept
 
 
-def one_malloc_arena() -> bool:
-    """Let glibc's malloc keep one arena for the whole process, unless ``MALLOC_ARENA_MAX`` says otherwise;
-    call it before the process starts threads. True when set.
+def tune_malloc() -> list[str]:
+    """glibc's malloc set to give back what a large request used; call it before the process starts threads.
+    Returns the settings made (none under another C library; an operator's ``MALLOC_*`` variable wins).
 
-    glibc gives each thread that allocates its own arena and keeps what a thread's arena once held: after one
-    large request the admission thread's arena held ~9 MiB for good. With the GIL, threads gain nothing from
-    separate arenas (docs/performance.md, "Memory after a large request"). A no-op (False) under another C
-    library, or when the operator set ``MALLOC_ARENA_MAX``."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return False
+    * One arena for the process (``M_ARENA_MAX`` 1). glibc gives each thread that allocates an arena of its
+      own and keeps what it once held: after one 4 MiB request the admission thread's arena held ~9 MiB
+      for good. With the GIL, threads gain nothing from separate arenas.
+    * Blocks of 128 KiB and more in their own mappings, always (a fixed ``M_MMAP_THRESHOLD``). By default
+      glibc raises that threshold to the size of each large block freed, so the next request's body and
+      prompt (megabytes) come from the heap and stay there once freed: +9 MiB after the second large request.
+
+    Measured: docs/performance.md, "Memory after a large request"."""
     try:
         libc = ctypes.CDLL(None)  # the C library the interpreter runs on
         libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl's mallopt is a stub)
     except (OSError, AttributeError):
-        return False
-    return bool(libc.mallopt(_M_ARENA_MAX, 1))
+        return []
+    made = []
+    if "MALLOC_ARENA_MAX" not in os.environ and libc.mallopt(_M_ARENA_MAX, 1):
+        made.append("arena_max=1")
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
+        made.append(f"mmap_threshold={MMAP_THRESHOLD}")
+    return made
 
 
 def tune_gc() -> None:
@@ -52,7 +62,7 @@ def tune_gc() -> None:
 def app_from_environment() -> FastAPI:
     """The app of one worker process (``--workers N``): the CLI's settings, passed as ``TGI_GATEWAY_*``
     variables, with the template version it detected."""
-    one_malloc_arena()
+    tune_malloc()
     settings = Settings()
     if settings.template_version is None:
         raise RuntimeError(
