@@ -151,4 +151,16 @@ class ToolCallEnd:
     index: int
 
 
-Event = TextDelta | ToolCallStart | ToolCallArgs | ToolCallEnd
+@dataclass(frozen=True, slots=True)
+class TextSpans:
+    """Where the text of the :class:`TextDelta` just before it came from: the ``(start, end)`` offsets, in
+    the output fed to the parser (its first character is 0), of the characters that text released.
+
+    Only the tracking parsers (``parse.TRACKED_PARSERS``, used when the client asked for ``logprobs``) emit
+    it; a joiner the parser inserted (the ``"\\n"`` between two text segments) is in no span.
+    """
+
+    spans: tuple[tuple[int, int], ...]
+
+
+Event = TextDelta | ToolCallStart | ToolCallArgs | ToolCallEnd | TextSpans
