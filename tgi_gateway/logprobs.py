@@ -7,33 +7,38 @@ answer is more than its content: markers (``>>>``, ``<|content|>``), recipients 
 stop tokens, whitespace the parsers strip, text after a client's stop sequence. The rule, the same for
 stream and non-stream:
 
-    **A token is listed when every character of its text is content** — a character the answer's
-    ``content`` has because the parser released it as text (not stripped, not a marker, not a name, not
-    arguments, not cut by a stop sequence) — **and it is listed with the text that releases its last
-    character.**
+    **A token is listed when every character of its text is text of the answer and its last character is
+    content**, where content is what the parser released as the message's ``content`` (not a marker,
+    name, arguments, text cut by a stop sequence, or whitespace dropped at the end of a segment), and text
+    is content plus the whitespace dropped at the *start* of a text segment. **It is listed with the text
+    that releases its last character.**
 
-So a token that is half marker (``"all\\n"``, ``"Hi>>"``) or starts with whitespace the parser drops (the
-first token of a stripped field, ``" Hello"``) is not listed; the ``"\\n"`` the parser puts between two
-text segments belongs to no token. A token with empty text (TGI gives the first tokens of a character
-split over several tokens ``""``, the last one the character) goes with the token after it: listed when
-that one is. The listed tokens' texts are thus the content, less the dropped and inserted characters.
+So a token that is partly a marker (``"all\\n"``, ``"Hi>>"``), partly arguments, or ends in whitespace
+dropped at the end of a segment (``".\\n"`` before ``>>>``) is not listed; a token that starts with the
+whitespace a segment drops (``" Hello"`` after ``<|content|>``: SentencePiece models start most words
+with a space) is, with its text as TGI gave it; a whitespace-only token that is dropped is not; the
+``"\\n"`` the parser puts between two text segments belongs to no token. A token with empty text (TGI
+gives the first tokens of a character split over several tokens ``""``, the last one the character) goes
+with the token after it: listed when that one is. The listed tokens' texts are thus the content, less
+the dropped and inserted characters, plus the dropped leading whitespace of listed tokens.
 
 How: the tracking parser (``prompting.parse.TRACKED_PARSERS``) follows every :class:`TextDelta` with a
-:class:`~tgi_gateway.prompting.types.TextSpans`, the offsets of the output characters that text released.
-:class:`ContentTokens` knows each token's offsets (:meth:`ContentTokens.add`, in order) and turns each
-``TextSpans`` into a :class:`Logprobs` event holding the entries of the tokens it completed
-(:meth:`ContentTokens.convert`). Released spans only ever move forward, so a token is decided once: when
-the released content first reaches its end, it is listed if the run of consecutive released characters
-reaching there started at or before its first character. Offsets count the characters of the output the
-parser is fed (stop filter's output: TGI's tokens, cut at a client stop sequence), the same for any split
-of the output into pieces — so the stream's entries, chunk after chunk, are the non-stream list.
+:class:`~tgi_gateway.prompting.types.TextSpans`, the offsets of the output characters that text released
+(and of the leading whitespace its segment dropped). :class:`ContentTokens` knows each token's offsets
+(:meth:`ContentTokens.add`, in order) and turns each ``TextSpans`` into a :class:`Logprobs` event holding
+the entries of the tokens it completed (:meth:`ContentTokens.convert`). Spans only ever move forward, so
+a token is decided once: when the spans first reach its end, it is listed if the run of consecutive
+spans reaching there started at or before its first character and the span holding its last character
+is content. Offsets count the characters of the output the parser is fed (the stop filter's output:
+TGI's tokens, cut at a client stop sequence), the same for any split of the output into pieces — so the
+stream's entries, chunk after chunk, are the non-stream list.
 
 Worked example (v3.llama3, tokens ``"all"``, ``"\\n"``, ``"It"``, ``" is"``, ``">>>"``)::
 
     add × 5                   offsets all [0,3), \\n [3,4), It [4,6), " is" [6,9), >>> [9,12)
     feed("all"), feed("\\n")   no text                               → nothing listed yet
-    feed("It")                TextDelta("It"), TextSpans(((4, 6),))  → Logprobs([It])
-    feed(" is")               TextDelta(" is"), TextSpans(((6, 9),)) → Logprobs([" is"])
+    feed("It")                TextDelta("It"), TextSpans(((4, 6, True),))  → Logprobs([It])
+    feed(" is")               TextDelta(" is"), TextSpans(((6, 9, True),)) → Logprobs([" is"])
     feed(">>>")               a marker                               → nothing; "all", "\\n", ">>>" never
 """
 
@@ -100,24 +105,25 @@ class ContentTokens:
         self._end = end = start + len(text)
         self._tokens.append((start, end, text, logprob, top))
 
-    def release(self, spans: Iterable[tuple[int, int]]) -> list[dict[str, Any]]:
+    def release(self, spans: Iterable[tuple[int, int, bool]]) -> list[dict[str, Any]]:
         """The entries of the tokens these released spans complete (in order)."""
         out: list[dict[str, Any]] = []
         tokens, carry = self._tokens, self._carry
-        for a, b in spans:
+        for a, b, content in spans:
             if a >= b:
                 continue
             if a == self._run_end:
                 self._run_end = b
             else:
                 self._run_start, self._run_end = a, b
+            # Every token ending in (a, b] has its last character in this span: it is decided now.
             while tokens and tokens[0][1] <= b:
                 token = tokens.popleft()
                 start, end = token[0], token[1]
                 if start == end:
                     carry.append(token)
                     continue
-                if start >= self._run_start:
+                if content and start >= self._run_start:
                     out += [entry(t[2], t[3], t[4], self._top_n) for t in carry]
                     out.append(entry(token[2], token[3], token[4], self._top_n))
                 carry.clear()

@@ -271,6 +271,7 @@ def test_top_n_tokens_in_stream_events_and_generate_details(tgi, client):
     tgi.script = [Token("Hello", logprob=-0.25), Token(" world", logprob=-0.5, top=(Token(" world", logprob=-0.5), alt)),
                   special("<|eot_id|>")]  # fmt: skip
     r, raw = stream(client, details=True, top_n_tokens=2)
+    assert r.status_code == 200
     assert raw.startswith(b'data: {"index":1,"token":{"id":')
     events = events_of(raw)
     assert [list(e) for e in events] == [["index", "token", "top_tokens", "generated_text", "details"]] * 3
