@@ -281,14 +281,26 @@ def test_top_n_tokens_in_stream_events_and_generate_details(tgi, client):
         [(" world", -0.5), (" earth", -2.5)],
     ]
     assert len(events[2]["top_tokens"]) == 2
-    body = client.post("/generate", json={"inputs": "Hi", "parameters": {"details": True, "top_n_tokens": 2}}).json()
+    body = client.post(
+        "/generate", json={"inputs": "Hi", "parameters": {"details": True, "top_n_tokens": 2}}
+    ).json()
     assert [[t["text"] for t in step] for step in body["details"]["top_tokens"]] == [
         ["Hello", "Hello~1"], [" world", " earth"], ["<|eot_id|>", "<|eot_id|>~1"]]  # fmt: skip
-    assert list(body["details"]) == ["finish_reason", "generated_tokens", "seed", "prefill", "tokens", "top_tokens"]
+    assert list(body["details"]) == [
+        "finish_reason",
+        "generated_tokens",
+        "seed",
+        "prefill",
+        "tokens",
+        "top_tokens",
+    ]
     for zero in ({}, {"top_n_tokens": 0}, {"top_n_tokens": None}):
-        assert "top_tokens" not in client.post(
-            "/generate", json={"inputs": "Hi", "parameters": {"details": True, **zero}}
-        ).json()["details"]
+        assert (
+            "top_tokens"
+            not in client.post(
+                "/generate", json={"inputs": "Hi", "parameters": {"details": True, **zero}}
+            ).json()["details"]
+        )
         assert all("top_tokens" not in e for e in events_of(stream(client, details=True, **zero)[1]))
 
 
