@@ -155,15 +155,7 @@ class Gateway:
         logprobs = bool(req.logprobs)
 
         if req.stream:
-
-            async def open_stream(parameters: dict[str, Any]) -> tuple[AsyncExitStack, TokenStream, Batch]:
-                async with AsyncExitStack() as stack:  # closes the TGI response unless it is returned
-                    tokens = await stack.enter_async_context(
-                        self.client.generate_stream(inputs, parameters, logprobs=logprobs)
-                    )
-                    first = await tokens.batch()  # TGI's request errors arrive here: still an HTTP error
-                    return stack.pop_all(), tokens, first
-
+            open_stream = partial(self._open_stream, inputs, logprobs=logprobs)
             stack, tokens, first = await self._upstream(request, req, rec, open_stream)
             body = partial(self._stream, tokens=tokens, batch=first, answer=answer, ctx=ctx, rec=rec)
             return EventStreamResponse(
@@ -179,6 +171,17 @@ class Gateway:
         return json_response(
             chat_completion(ctx, message, generation.input_length or 0, generation.generated_tokens)
         )
+
+    async def _open_stream(
+        self, inputs: str, parameters: dict[str, Any], *, logprobs: bool
+    ) -> tuple[AsyncExitStack, TokenStream, Batch]:
+        """A TGI stream, its first batch read: TGI's request errors arrive there and are still HTTP errors."""
+        async with AsyncExitStack() as stack:  # closes the TGI response unless it is returned
+            tokens = await stack.enter_async_context(
+                self.client.generate_stream(inputs, parameters, logprobs=logprobs)
+            )
+            first = await tokens.batch()
+            return stack.pop_all(), tokens, first
 
     def _answer(self, req: ChatCompletionRequest, prompt: ChatPrompt, ctx: ResponseContext) -> Answer:
         """One choice's pipeline; with `logprobs`, a tracking parser and the tokens' scores."""
@@ -211,17 +214,14 @@ class Gateway:
 
         if req.stream:
 
-            async def open_one(parameters: dict[str, Any]) -> tuple[AsyncExitStack, TokenStream, Batch]:
-                async with AsyncExitStack() as stack:
-                    tokens = await stack.enter_async_context(
-                        self.client.generate_stream(inputs, parameters, logprobs=logprobs)
-                    )
-                    first = await tokens.batch()
-                    return stack.pop_all(), tokens, first
-
             async def open_all(parameters: dict[str, Any]) -> list[tuple[AsyncExitStack, TokenStream, Batch]]:
                 return await _all(
-                    [partial(open_one, choice_parameters(parameters, k)) for k in range(n)],
+                    [
+                        partial(
+                            self._open_stream, inputs, choice_parameters(parameters, k), logprobs=logprobs
+                        )
+                        for k in range(n)
+                    ],
                     close=lambda opened: opened[0].aclose(),
                 )
 
