@@ -142,23 +142,25 @@ def test_without_seed_each_choice_is_its_own_request(tgi, client):
     assert all("seed" not in g.parameters for g in tgi.generations[-2:])
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_client_disconnect_closes_every_upstream_request(tgi, url, stream):
+@pytest.mark.parametrize(("stream", "held"), [(False, "queued"), (False, "generating"), (True, "queued"),
+                                             (True, "generating")])  # fmt: skip
+def test_client_disconnect_closes_every_upstream_request(tgi, url, stream, held):
+    """Queued (no token yet: the client has no answer) or generating (a stream has its first chunks): a client
+    that leaves closes all n TGI requests at once."""
     gate = Gate()
-    tgi.script = ["It", gate, " is", EOT]
+    tgi.script = [gate, "It", EOT] if held == "queued" else ["It", gate, " is", EOT]
     body = {"model": MODEL, "messages": ASK, "n": 3, "stream": stream}
     before = len(tgi.generations)
     with httpx.Client(base_url=url, timeout=10) as h:
-        if stream:
+        if stream and held == "generating":
             with h.stream("POST", "/v1/chat/completions", json=body) as r:
                 assert any('"It"' in line for line in r.iter_lines())
                 assert tgi.wait_until(lambda: len(tgi.generations) - before == 3, 5)
                 left = time.monotonic()
         else:
-            try:
+            with pytest.raises(httpx.ReadTimeout):  # no answer yet: the client gives up
                 h.post("/v1/chat/completions", json=body, timeout=0.5)
-            except httpx.ReadTimeout:
-                left = time.monotonic()
+            left = time.monotonic()
     gens = tgi.generations[before:]
     assert len(gens) == 3
     assert tgi.wait_until(lambda: all(g.disconnected for g in gens), 5), [g.outcome for g in gens]

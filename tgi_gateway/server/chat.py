@@ -450,11 +450,13 @@ async def _all(
         return list(await asyncio.gather(*tasks))
     except BaseException:
         for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks)
-        for task in tasks:
-            if not task.cancelled() and task.exception() is None and close is not None:
-                await close(task.result())
+            task.cancel()  # a call cancelled while it opens closes what it opened itself
+        try:
+            await asyncio.wait(tasks)
+        finally:  # even when cancelled again meanwhile (the client left)
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception() is None and close is not None:
+                    await close(task.result())
         raise
 
 
