@@ -205,3 +205,39 @@ def test_upstream_error_mid_stream_is_an_error_event(tgi, client):
     assert tgi.wait_until(lambda: all(g.done for g in gens), 5)
     assert sorted(g.outcome for g in gens) == ["disconnected", "generation"], "the other one closed"
     gate.open()
+
+
+def test_n_and_logprobs_requests_leave_no_reference_cycle(tgi, url):
+    """As one choice (test_gateway_e2e.py): n > 1 and logprobs requests are freed by reference counting, a
+    client that leaves included (the pending reads cancelled, their tasks gone)."""
+    import gc
+
+    watched = {"RequestResponseCycle", "DisconnectWatch", "RequestRecord", "EventStreamResponse", "TokenStream",
+               "ScoredAnswer", "Answer", "Task", "Future"}  # fmt: skip
+    payload = {
+        "model": MODEL,
+        "messages": ASK,
+        "tools": [WEATHER],
+        "seed": 1,
+        "logprobs": True,
+        "top_logprobs": 1,
+    }
+    with httpx.Client(base_url=url, timeout=20) as http:
+        for stream in (True, False):  # warm-up
+            http.post("/v1/chat/completions", json={**payload, "n": 2, "stream": stream}).raise_for_status()
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for n, stream in ((2, True), (2, False), (1, True), (1, False)):
+                answer = http.post("/v1/chat/completions", json={**payload, "n": n, "stream": stream})
+                assert answer.status_code == 200 and "get_weather" in answer.text
+            tgi.config.token_delay = 0.05
+            with http.stream("POST", "/v1/chat/completions", json={**payload, "n": 2, "stream": True}) as r:
+                next(r.iter_bytes())  # a client that leaves mid-stream
+            time.sleep(0.5)
+            gc.collect()
+            left = sorted(type(o).__name__ for o in gc.garbage if type(o).__name__ in watched)
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert left == []
