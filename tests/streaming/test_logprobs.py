@@ -77,11 +77,15 @@ CASES = [
     Case("v2 two text segments (joined with \\n, which no token holds)", V2, TOOLS,
          ["all", CONT, " A", ".", FROM, "assistant", REC, "all", CONT, " B", STOP],
          [" A", ".", " B"], "A.\nB"),
+    Case("v2 client stop", V2, TOOLS, ["all", CONT, " Hi", " STOP", " there", STOP], [" Hi"], "Hi",
+         stop=["STOP"]),
     # v2.llama3
     Case("v2.llama3 text then calls", V2L, TOOLS,
          ["Checking", " both", ".", SEP, "get_weather", "\n", *ARGS, SEP, "get_time", "\n", "{}", EOT],
          ["Checking", " both", "."], "Checking both."),
     Case("v2.llama3 only calls", V2L, TOOLS, [SEP, "get_time", "\n", "{}", EOT], [], None),
+    Case("v2.llama3 a marker's start held, then text", V2L, TOOLS, ["Use", " <|res", "erved", " x", EOT],
+         ["Use", " <|res", "erved", " x"], "Use <|reserved x"),
     # v3.llama3: "all\n" is the recipient; a token running into ">>>" is not content
     Case("v3.llama3 text, call, text", V3, TOOLS,
          ["all", "\n", "Let", " me", " look", ".>>>", "get_weather", "\n", *ARGS, ">>>", "all", "\n", "Done", "!",
@@ -103,6 +107,10 @@ CASES = [
          ["Caf", "", "", "é", "!"], "Café!"),
     Case("v3-llama3.1 empty token before a marker is dropped", V31, TOOLS,
          ["Hi", "", "<function=", "get_time", ">", "{}", "</function>", EOM], ["Hi"], "Hi"),
+    Case("v3-llama3.1 a marker's start held, then text", V31, TOOLS, ["a", " <fun", "ny>", EOT],
+         ["a", " <fun", "ny>"], "a <funny>"),
+    Case("v3-llama3.1 client stop ends inside a token", V31, TOOLS, ["Line", ".\n", "\nMore", EOT], ["Line"],
+         "Line.", stop=["\n\n"]),
     Case("v3-llama3.1 python", V31, CODE, [sp("<|python_tag|>"), "x", " =", " 2", EOM], [], None),
 ]
 # fmt: on
