@@ -25,7 +25,12 @@ Both apply the same rules, so ``.stream()`` in the SDK rebuilds exactly the mess
   ``{"arguments":fragment}``) for the first call only; ``parallel_tool_calls: false`` keeps the first call
   only too; dropped calls are counted in :attr:`ChunkBuilder.dropped_calls`;
 * consecutive events of one kind from one ``feed`` are merged into one chunk; empty fragments are not sent;
-* the last chunk is ``delta: {}`` with the finish reason (:func:`finish_reason`).
+* the last chunk is ``delta: {}`` with the finish reason (:func:`finish_reason`);
+* with ``logprobs`` (:class:`ScoredAnswer`), a :class:`~tgi_gateway.logprobs.Logprobs` event after a text
+  puts its entries in that text's chunk (``logprobs: {"content": [...], "refusal": null}``) and in the
+  message's list; which tokens are listed: :mod:`tgi_gateway.logprobs`;
+* each chunk and choice carries the choice's ``index`` (``ResponseContext.index``: ``n`` > 1 builds one
+  answer per choice).
 
 Worked example (``parallel_tool_calls`` true, ``tool_choice: "auto"``)::
 
