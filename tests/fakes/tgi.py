@@ -964,7 +964,11 @@ class _Generation:
             else:
                 if self.stream:
                     top_n = self.valid.top_n
-                    event = _TOP_TOKEN_EVENT % (n, tok.wire, tok.top_wire(top_n)) if top_n else _TOKEN_EVENT % (n, tok.wire)
+                    event = (
+                        _TOP_TOKEN_EVENT % (n, tok.wire, tok.top_wire(top_n))
+                        if top_n
+                        else _TOKEN_EVENT % (n, tok.wire)
+                    )
                     record.events.append(event)
                     self.last_event = self.loop.time()
                     conn = self.conn
