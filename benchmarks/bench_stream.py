@@ -14,6 +14,9 @@ median over runs of (run time / pieces). Stages, each timed on its own:
     answer+stop     the server's whole per-answer pipeline, ``streaming.Answer`` (client stop filter →
                     parser → chunks) with two client stop sequences that never match (CLIENT_STOPS),
                     + orjson SSE
+    answer+lp       (``--logprobs`` only) the same with ``logprobs: true, top_logprobs: 2``:
+                    ``streaming.ScoredAnswer`` over the tracking parser, each piece scored with two
+                    alternatives, the chunks carrying their tokens' entries
 
 ``--micro`` times single steps instead (best of 7 ``timeit`` repeats): one chunk's SSE encoding with orjson
 and with the standard library, a call id's random characters, a chunk built by copy vs as one literal,
@@ -24,6 +27,7 @@ Run from the repository root:
 
     .venv/bin/python benchmarks/bench_stream.py [--runs 15] [--family v3.llama3 ...]
     .venv/bin/python benchmarks/bench_stream.py --micro
+    .venv/bin/python benchmarks/bench_stream.py --runs 15 --logprobs
 """
 
 from __future__ import annotations
@@ -43,10 +47,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tgi_gateway.prompting.parse import PARSERS
+from tgi_gateway.prompting.parse import PARSERS, TRACKED_PARSERS
 from tgi_gateway.prompting.types import TextDelta, Version
 from tgi_gateway.stop_sequences import StopFilter
-from tgi_gateway.streaming import Answer, ChunkBuilder, ResponseContext, _random_alnum, collect, encode_sse
+from tgi_gateway.streaming import (
+    Answer,
+    ChunkBuilder,
+    ResponseContext,
+    ScoredAnswer,
+    _random_alnum,
+    collect,
+    encode_sse,
+)
 
 # Llama-3's pre-tokenizer, approximately (Python's re has no \p{L}): contractions, words with one leading
 # non-letter, 1-3 digits, punctuation runs, newlines, spaces.
@@ -186,6 +198,21 @@ def run_answer(parser_cls: type, pieces: list[tuple[str, bool]]) -> int:
     return size
 
 
+def run_logprobs(parser_cls: type, pieces: list[tuple[str, bool]]) -> int:
+    version = next(v for v, cls in PARSERS.items() if cls is parser_cls)
+    ctx = ResponseContext(id="chatcmpl-bench", created=1_732_000_000, model="m", logprobs=True)
+    a = ScoredAnswer(TRACKED_PARSERS[version](prefix=""), ctx, CLIENT_STOPS, stream=True, top_n=2)
+    feed, score = a.feed, a.score
+    size = 0
+    for text, special in pieces:
+        score(text, -0.25, ((text, -0.25), ("alt", -1.5)))
+        for chunk in feed(text, special):
+            size += len(encode_sse(chunk))
+    for chunk in a.finish("eos_token"):
+        size += len(encode_sse(chunk))
+    return size
+
+
 STAGES: dict[str, Callable[[type, list[tuple[str, bool]]], int]] = {
     "parse": run_parse,
     "+chunks": run_chunks,
@@ -271,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=15, help="timed runs per stage (median reported)")
     ap.add_argument("--family", action="append", choices=[str(v) for v in PARSERS], help="default: all")
     ap.add_argument("--micro", action="store_true", help="time single steps instead (see the docstring)")
+    ap.add_argument("--logprobs", action="store_true", help="add the answer+lp stage (logprobs: true)")
     args = ap.parse_args(argv)
+    if args.logprobs:
+        STAGES["answer+lp"] = run_logprobs
     if args.micro:
         micro()
         return 0

@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     )
     workers: int = Field(1, ge=1, le=64, description="server processes, one CPU core each")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="largest request body, 413 above")
+    max_top_n_tokens: int = Field(
+        5,
+        ge=0,
+        description="TGI's --max-top-n-tokens, which its /info does not report: a larger top_logprobs is a 400",
+    )
 
     # Connection limits (tgi_gateway/server/http_protocol.py; docs/operations.md, "Connection limits"). ------
     max_head_bytes: Annotated[int, Flag(metavar="BYTES", group=CONNECTIONS)] = Field(

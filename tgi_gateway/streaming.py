@@ -25,7 +25,12 @@ Both apply the same rules, so ``.stream()`` in the SDK rebuilds exactly the mess
   ``{"arguments":fragment}``) for the first call only; ``parallel_tool_calls: false`` keeps the first call
   only too; dropped calls are counted in :attr:`ChunkBuilder.dropped_calls`;
 * consecutive events of one kind from one ``feed`` are merged into one chunk; empty fragments are not sent;
-* the last chunk is ``delta: {}`` with the finish reason (:func:`finish_reason`).
+* the last chunk is ``delta: {}`` with the finish reason (:func:`finish_reason`);
+* with ``logprobs`` (:class:`ScoredAnswer`), a :class:`~tgi_gateway.logprobs.Logprobs` event after a text
+  puts its entries in that text's chunk (``logprobs: {"content": [...], "refusal": null}``) and in the
+  message's list; which tokens are listed: :mod:`tgi_gateway.logprobs`;
+* each chunk and choice carries the choice's ``index`` (``ResponseContext.index``: ``n`` > 1 builds one
+  answer per choice).
 
 Worked example (``parallel_tool_calls`` true, ``tool_choice: "auto"``)::
 
@@ -49,16 +54,18 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 
+from tgi_gateway.logprobs import ContentTokens, Logprobs, Top
 from tgi_gateway.prompting.types import ChatPrompt, Event, NamedChoice, TextDelta, ToolCallArgs, ToolCallStart
 from tgi_gateway.stop_sequences import StopFilter
 
 __all__ = [
     "SSE_DONE",
+    "Answer",
     "ChunkBuilder",
     "ResponseContext",
     "chat_completion",
@@ -114,6 +121,8 @@ class ResponseContext:
     `include_usage`: `stream_options.include_usage`; every chunk then carries `"usage": null` and the
     caller ends the stream with :meth:`ChunkBuilder.usage_chunk` (as OpenAI documents it).
     `call_ids` makes tool call ids; tests inject a deterministic one.
+    `index` is the choice's index (`n` > 1: one context per choice, :meth:`for_choice`); `logprobs`: the
+    client asked for them (the message then has ``logprobs: {"content": [...], "refusal": null}``).
     """
 
     id: str
@@ -124,6 +133,8 @@ class ResponseContext:
     parallel_tool_calls: bool = True
     include_usage: bool = False
     call_ids: Callable[[], str] = new_call_id
+    index: int = 0
+    logprobs: bool = False
 
     @classmethod
     def for_prompt(
@@ -133,6 +144,7 @@ class ResponseContext:
         *,
         parallel_tool_calls: bool = True,
         include_usage: bool = False,
+        logprobs: bool = False,
     ) -> ResponseContext:
         """A context with a fresh completion id and the current time, the choice read from `prompt`."""
         return cls(
@@ -143,7 +155,12 @@ class ResponseContext:
             named_choice=isinstance(prompt.choice, NamedChoice),
             parallel_tool_calls=parallel_tool_calls,
             include_usage=include_usage,
+            logprobs=logprobs,
         )
+
+    def for_choice(self, index: int) -> ResponseContext:
+        """The same response's context for choice `index` (same id, created, model and options)."""
+        return replace(self, index=index)
 
     @property
     def keep_first_call_only(self) -> bool:
@@ -190,10 +207,13 @@ def collect(events: Iterable[Event], tgi_finish_reason: str | None, ctx: Respons
     text: list[str] = []
     calls: list[tuple[str, list[str]]] = []  # (name, argument fragments) per kept call
     kept: dict[int, list[str]] = {}  # parser index → fragments of a kept call
+    entries: list[dict[str, Any]] = []
     for ev in events:
         t = type(ev)
         if t is TextDelta:
             text.append(ev.text)  # type: ignore[union-attr]
+        elif t is Logprobs:
+            entries += ev.entries  # type: ignore[union-attr]
         elif t is ToolCallArgs:
             parts = kept.get(ev.index)
             if parts is not None:
@@ -220,23 +240,27 @@ def collect(events: Iterable[Event], tgi_finish_reason: str | None, ctx: Respons
                 for name, parts in calls
             ]
     return {
-        "index": 0,
+        "index": ctx.index,
         "message": message,
-        "logprobs": None,
+        "logprobs": {"content": entries, "refusal": None} if ctx.logprobs else None,
         "finish_reason": finish_reason(tgi_finish_reason, bool(calls), ctx),
     }
 
 
 def chat_completion(
-    ctx: ResponseContext, choice: dict[str, Any], prompt_tokens: int, completion_tokens: int
+    ctx: ResponseContext,
+    choice: dict[str, Any] | list[dict[str, Any]],
+    prompt_tokens: int,
+    completion_tokens: int,
 ) -> dict[str, Any]:
-    """The full non-stream `chat.completion` body around `choice` (from :func:`collect`)."""
+    """The full non-stream `chat.completion` body around `choice` (from :func:`collect`; a list for
+    `n` > 1: usage counts the prompt once and the completion tokens of every choice)."""
     return {
         "id": ctx.id,
         "object": "chat.completion",
         "created": ctx.created,
         "model": ctx.model,
-        "choices": [choice],
+        "choices": choice if isinstance(choice, list) else [choice],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
@@ -259,6 +283,7 @@ class ChunkBuilder:
         "_base",
         "_ctx",
         "_finished",
+        "_index",
         "_keep_first",
         "_legacy",
         "_n_calls",
@@ -278,6 +303,7 @@ class ChunkBuilder:
             "model": ctx.model,
         }
         self._usage_null = ctx.include_usage
+        self._index = ctx.index
         self._legacy = ctx.legacy_functions
         self._keep_first = ctx.keep_first_call_only
         self._out_index: dict[int, int] = {}  # parser call index → output index, kept calls only
@@ -294,18 +320,27 @@ class ChunkBuilder:
 
     def _chunk(self, delta: dict[str, Any]) -> dict[str, Any]:
         c = self._base.copy()
-        c["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]
+        c["choices"] = [{"index": self._index, "delta": delta, "logprobs": None, "finish_reason": None}]
         if self._usage_null:
             c["usage"] = None
         return c
 
-    def _flush(self, out: list[dict[str, Any]], kind: int, parts: list[str]) -> None:
+    def _flush(
+        self,
+        out: list[dict[str, Any]],
+        kind: int,
+        parts: list[str],
+        entries: list[dict[str, Any]] | None = None,
+    ) -> None:
         text = parts[0] if len(parts) == 1 else "".join(parts)
         if kind == _TEXT:
             if not self._started:
                 self._started = True
                 out.append(self._chunk({"role": "assistant", "content": ""}))
-            out.append(self._chunk({"content": text}))
+            chunk = self._chunk({"content": text})
+            if entries:
+                chunk["choices"][0]["logprobs"] = {"content": entries, "refusal": None}
+            out.append(chunk)
         elif self._legacy:
             out.append(self._chunk({"function_call": {"arguments": text}}))
         else:
@@ -356,7 +391,7 @@ class ChunkBuilder:
             else:
                 return self._feed(events)
             c = self._base.copy()
-            c["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]
+            c["choices"] = [{"index": self._index, "delta": delta, "logprobs": None, "finish_reason": None}]
             if self._usage_null:
                 c["usage"] = None
             return [c]
@@ -366,6 +401,7 @@ class ChunkBuilder:
         out: list[dict[str, Any]] = []
         kind = _TEXT  # kind of the pending run in `parts`
         parts: list[str] = []
+        entries: list[dict[str, Any]] | None = None  # logprobs of the pending text run (after its text)
         for ev in events:
             t = type(ev)
             if t is TextDelta:
@@ -379,20 +415,22 @@ class ChunkBuilder:
                 k = self._out_index.get(ev.index)
                 if k is not None and ev.text:  # type: ignore[union-attr]
                     if kind != k and parts:
-                        self._flush(out, kind, parts)
-                        parts = []
+                        self._flush(out, kind, parts, entries)
+                        parts, entries = [], None
                     kind = k
                     parts.append(ev.text)  # type: ignore[union-attr]
             elif t is ToolCallStart:
                 if parts:
-                    self._flush(out, kind, parts)
-                    parts = []
+                    self._flush(out, kind, parts, entries)
+                    parts, entries = [], None
                 chunk = self._header(ev)  # type: ignore[arg-type]
                 if chunk is not None:
                     out.append(chunk)
+            elif t is Logprobs:
+                entries = ev.entries if entries is None else entries + ev.entries  # type: ignore[union-attr]
             # ToolCallEnd: nothing to send; the next header or the finish chunk shows the call is over.
         if parts:
-            self._flush(out, kind, parts)
+            self._flush(out, kind, parts, entries)
         return out
 
     def finish(self, tgi_finish_reason: str | None) -> list[dict[str, Any]]:
@@ -490,3 +528,26 @@ class Answer:
 
     def _reason(self, tgi_finish_reason: str | None) -> str | None:
         return "stop_sequence" if self._stops.stopped else tgi_finish_reason
+
+
+class ScoredAnswer(Answer):
+    """An :class:`Answer` whose content tokens carry their ``logprobs`` (``logprobs: true``): built with a
+    tracking parser (``Template.parser(prompt, tracked=True)``), it is told every token with :meth:`score`
+    — in order, before or after its text is fed — and lists those whose characters are all content
+    (:mod:`tgi_gateway.logprobs`), in the chunk that carries their last character, or in the message.
+    """
+
+    __slots__ = ("_tokens",)
+
+    def __init__(
+        self, parser: Any, ctx: ResponseContext, stops: Sequence[str] = (), *, stream: bool, top_n: int = 0
+    ) -> None:
+        super().__init__(parser, ctx, stops, stream=stream)
+        self._tokens = ContentTokens(top_n)
+
+    def score(self, text: str, logprob: float | None, top: Top = ()) -> None:
+        """The next token of the output: its text, TGI's logprob and TGI's top tokens (text, logprob)."""
+        self._tokens.add(text, logprob, top)
+
+    def _out(self, events: list[Event]) -> list[dict[str, Any]]:
+        return super()._out(self._tokens.convert(events) if events else events)

@@ -214,9 +214,9 @@ def test_default_script_echoes_the_prompt_tail():
 
 def test_parameters_the_double_does_not_model_are_refused_loudly(tgi, client):
     for path in ("/generate", "/generate_stream"):
-        r = client.post(path, json={"inputs": "x", "parameters": {"top_n_tokens": 2}})
-        assert (r.status_code, r.text) == (501, "the TGI double does not model parameters.top_n_tokens")
-    assert [str(e) for e in tgi.errors] == ["the TGI double does not model parameters.top_n_tokens"] * 2
+        r = client.post(path, json={"inputs": "x", "parameters": {"truncate": 2}})
+        assert (r.status_code, r.text) == (501, "the TGI double does not model parameters.truncate")
+    assert [str(e) for e in tgi.errors] == ["the TGI double does not model parameters.truncate"] * 2
     assert not tgi.generations
     # their defaults are the absence of the parameter
     r = client.post("/generate", json={"inputs": "x", "parameters": {"best_of": None, "watermark": False}})
@@ -248,7 +248,7 @@ def test_adapter_id_selects_a_lora_adapter_it_was_started_with_and_falls_back_to
 
 # ------------------------------------------------------------------------------------------ validation
 
-LIMITS = {"max_input_tokens": 10, "max_total_tokens": 16, "max_stop_sequences": 2}
+LIMITS = {"max_input_tokens": 10, "max_total_tokens": 16, "max_stop_sequences": 2, "max_top_n_tokens": 3}
 VALIDATION_CASES = [
     ({"temperature": 0}, "`temperature` must be strictly positive"),
     ({"temperature": -1.0}, "`temperature` must be strictly positive"),
@@ -259,6 +259,7 @@ VALIDATION_CASES = [
     ({"frequency_penalty": 2.5}, "`frequency_penalty` must be >= -2.0 and <= 2.0"),
     ({"max_new_tokens": 0}, "`max_new_tokens` must be strictly positive"),
     ({"stop": ["a", "b", "c"]}, "`stop` supports up to 2 stop sequences. Given: 3"),
+    ({"top_n_tokens": 4}, "`top_n_tokens` must be >= 0 and <= 3. Given: 4"),
     (
         {"max_new_tokens": 14},
         "`inputs` tokens + `max_new_tokens` must be <= 16. Given: 3 `inputs` tokens and 14 `max_new_tokens`",
@@ -284,6 +285,46 @@ def test_validation_errors_on_both_routes(limited, parameters, message):
     assert r.headers["content-type"] == "application/json"
     assert r.json() == {"error": full, "error_type": "validation"}
     assert not any(h.startswith("x-") for h in r.headers)
+
+
+def test_top_n_tokens_in_stream_events_and_generate_details(tgi, client):
+    """As TGI: `top_tokens` after the token in every event (the final one too) and one list per token in
+    /generate's details, absent without top_n_tokens; a script's own top tokens are sent as given."""
+    alt = Token(" earth", logprob=-2.5)
+    tgi.script = [Token("Hello", logprob=-0.25), Token(" world", logprob=-0.5, top=(Token(" world", logprob=-0.5), alt)),
+                  special("<|eot_id|>")]  # fmt: skip
+    r, raw = stream(client, details=True, top_n_tokens=2)
+    assert r.status_code == 200
+    assert raw.startswith(b'data: {"index":1,"token":{"id":')
+    events = events_of(raw)
+    assert [list(e) for e in events] == [["index", "token", "top_tokens", "generated_text", "details"]] * 3
+    assert [e["token"]["logprob"] for e in events[:2]] == [-0.25, -0.5]
+    assert [[(t["text"], t["logprob"]) for t in e["top_tokens"]] for e in events[:2]] == [
+        [("Hello", -0.25), ("Hello~1", -1.25)],
+        [(" world", -0.5), (" earth", -2.5)],
+    ]
+    assert len(events[2]["top_tokens"]) == 2
+    body = client.post(
+        "/generate", json={"inputs": "Hi", "parameters": {"details": True, "top_n_tokens": 2}}
+    ).json()
+    assert [[t["text"] for t in step] for step in body["details"]["top_tokens"]] == [
+        ["Hello", "Hello~1"], [" world", " earth"], ["<|eot_id|>", "<|eot_id|>~1"]]  # fmt: skip
+    assert list(body["details"]) == [
+        "finish_reason",
+        "generated_tokens",
+        "seed",
+        "prefill",
+        "tokens",
+        "top_tokens",
+    ]
+    for zero in ({}, {"top_n_tokens": 0}, {"top_n_tokens": None}):
+        assert (
+            "top_tokens"
+            not in client.post(
+                "/generate", json={"inputs": "Hi", "parameters": {"details": True, **zero}}
+            ).json()["details"]
+        )
+        assert all("top_tokens" not in e for e in events_of(stream(client, details=True, **zero)[1]))
 
 
 def test_input_length_rules(limited):

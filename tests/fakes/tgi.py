@@ -31,8 +31,9 @@ It serves what the gateway calls, with the bytes, status codes and error bodies 
   wrong shape (no ``inputs``, a modelled parameter of the wrong type). Unknown fields are ignored.
 * Then, in TGI's order: the ``max_concurrent_requests`` permit (``Model is overloaded``), validation
   (``validation.rs``) of the parameters the gateway sends (``temperature``, ``repetition_penalty``,
-  ``frequency_penalty``, ``top_p``, ``top_k``, ``max_new_tokens``, ``stop`` count, empty ``inputs``,
-  input and total lengths) with TGI's messages prefixed ``Input validation error: ``; an absent
+  ``frequency_penalty``, ``top_p``, ``top_k``, ``max_new_tokens``, ``stop`` count, ``top_n_tokens`` above
+  ``config.max_top_n_tokens``, empty ``inputs``, input and total lengths) with TGI's messages prefixed
+  ``Input validation error: ``; an absent
   ``max_new_tokens`` is checked as ``min(max_total_tokens - input_length, 1024)`` and allows
   ``max_total_tokens - input_length`` tokens.
 * Generation from a *script* (:data:`Script`) chosen by the test, stopped as TGI's ``StoppingCriteria``
@@ -68,8 +69,11 @@ Not modelled (the gateway does not use it)
 
 * The other routes (``/``, ``/ping``, ``/tokenize``, ``/metrics``, ``/v1/*``, ...): an empty 404 (405 for
   a known path with another method). TGI's ``date``/CORS headers, ``Expect: 100-continue``.
+* ``top_n_tokens`` (validated as above): each token event then has ``top_tokens``, and ``/generate``'s details
+  ``top_tokens`` (one list per token), as TGI sends them; a step's top tokens are :attr:`Token.top` when the
+  script gives them, else the token itself then ``n - 1`` made-up alternatives, each less likely by 1.
 * The parameters ``best_of``, ``decoder_input_details``, ``grammar``, ``return_full_text``,
-  ``top_n_tokens``, ``truncate``, ``typical_p``, ``watermark``: a request that sets one
+  ``truncate``, ``typical_p``, ``watermark``: a request that sets one
   (to anything but null/false) is refused with a 501 naming it, and a ``NotImplementedError`` in
   :attr:`FakeTGI.errors`, so that a gateway starting to send one fails loudly instead of passing.
 * The tokenizer. Prompts are counted by a fixed rule (:func:`count_tokens`): one BOS token, one token per
@@ -174,6 +178,8 @@ class Token:
 
     ``special`` is the flag sent on the wire; ``skip`` says whether ``generated_text`` drops the token
     (``None``: same as ``special``). ``id``/``logprob`` default to stable values derived from the text.
+    ``top``: the step's ``top_tokens`` when the request asks for ``top_n_tokens`` (``None``: made up, see
+    :meth:`top_tokens`).
     """
 
     text: str
@@ -181,6 +187,7 @@ class Token:
     id: int | None = None
     logprob: float | None = None
     skip: bool | None = None
+    top: tuple[Token, ...] | None = None
 
     @property
     def skipped(self) -> bool:
@@ -208,6 +215,18 @@ class Token:
     def wire(self) -> bytes:
         """:meth:`as_dict` as compact JSON (computed once per token object)."""
         return _dumps(self.as_dict())
+
+    def top_tokens(self, n: int) -> list[Token]:
+        """The step's ``top_n_tokens``: :attr:`top` as given, else this token and ``n - 1`` alternatives
+        (``<text>~k``), each 1 less likely than the one before."""
+        if self.top is not None:
+            return list(self.top)
+        lp = self.token_logprob
+        return [self] + [Token(f"{self.text}~{k}", logprob=lp - k) for k in range(1, n)] if n else []
+
+    def top_wire(self, n: int) -> bytes:
+        """:meth:`top_tokens` as TGI's JSON list."""
+        return b"[" + b",".join(t.wire for t in self.top_tokens(n)) + b"]"
 
 
 def _text_id(text: str) -> int:
@@ -436,8 +455,8 @@ class TGIConfig:
     load_delay: float = 0.0  # the port refuses connections this long after start()
     # LORA_ADAPTERS, as the launcher got it: the adapters requests may select with `adapter_id`
     lora_adapters: tuple[str, ...] = ()
-    # Launcher flags that tests/fakes/docker_engine.py passes on; they govern parameters the double does not
-    # model (top_n_tokens, grammar, decoder_input_details), so nothing reads them.
+    # Launcher flags (tests/fakes/docker_engine.py passes them on). Only max_top_n_tokens is read (it is not in
+    # TGI's /info); grammar and decoder_input_details are not modelled.
     max_top_n_tokens: int = 5
     disable_grammar_support: bool = False
     enable_prefill_logprobs: bool = False
@@ -526,9 +545,9 @@ class _Reply(Exception):
 # serde's types of the parameters the double models, for the extractor's 422s
 _KINDS = {"details": "bool", "do_sample": "bool", "frequency_penalty": "?f32", "max_new_tokens": "?u32",
           "repetition_penalty": "?f32", "seed": "?u64", "stop": "seq", "temperature": "?f32", "top_k": "?i32",
-          "top_p": "?f32", "adapter_id": "?str"}  # fmt: skip
-_UNMODELLED = ("best_of", "decoder_input_details", "grammar", "return_full_text", "top_n_tokens",
-               "truncate", "typical_p", "watermark")  # fmt: skip
+          "top_n_tokens": "?u32", "top_p": "?f32", "adapter_id": "?str"}  # fmt: skip
+_UNMODELLED = ("best_of", "decoder_input_details", "grammar", "return_full_text", "truncate",
+               "typical_p", "watermark")  # fmt: skip
 _EXPECTED = {"bool": "a boolean", "f32": "f32", "u32": "u32", "u64": "u64", "i32": "i32", "seq": "a sequence"}
 _EXPECTED["str"] = "a string"
 _RANGES = {"u32": (0, 2**32 - 1), "u64": (0, 2**64 - 1), "i32": (-(2**31), 2**31 - 1)}
@@ -637,6 +656,7 @@ class _Valid:
     stop: list[str]
     details: bool
     seed: int | None  # echoed in details: only when sampling
+    top_n: int = 0  # top_n_tokens
 
 
 # TGI's per-parameter rules, in validation.rs's order: (parameter, refused when, message)
@@ -663,6 +683,9 @@ def _validate(c: TGIConfig, inputs: str, params: dict | None) -> _Valid:
     stop = p.get("stop") or []
     if len(stop) > c.max_stop_sequences:
         raise _validation(f"`stop` supports up to {c.max_stop_sequences} stop sequences. Given: {len(stop)}")
+    top_n = p.get("top_n_tokens") or 0
+    if top_n > c.max_top_n_tokens:
+        raise _validation(f"`top_n_tokens` must be >= 0 and <= {c.max_top_n_tokens}. Given: {top_n}")
     if inputs == "":
         raise _validation("`inputs` cannot be empty")
     input_length = count_tokens(inputs)
@@ -684,7 +707,7 @@ def _validate(c: TGIConfig, inputs: str, params: dict | None) -> _Valid:
         or (top_p is not None and top_p < 1.0)
     )
     seed = (p["seed"] if p.get("seed") is not None else random.getrandbits(64)) if sampling else None
-    return _Valid(input_length, cap, stop, bool(p.get("details")), seed)
+    return _Valid(input_length, cap, stop, bool(p.get("details")), seed, top_n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -693,6 +716,9 @@ def _validate(c: TGIConfig, inputs: str, params: dict | None) -> _Valid:
 
 _TOKEN_EVENT = b'data: {"index":%d,"token":%b,"generated_text":null,"details":null}\n\n'
 _FINAL_EVENT = b'data: {"index":%d,"token":%b,"generated_text":%b,"details":%b}\n\n'
+# With top_n_tokens: TGI's StreamResponse puts top_tokens between the token and generated_text.
+_TOP_TOKEN_EVENT = b'data: {"index":%d,"token":%b,"top_tokens":%b,"generated_text":null,"details":null}\n\n'
+_TOP_FINAL_EVENT = b'data: {"index":%d,"token":%b,"top_tokens":%b,"generated_text":%b,"details":%b}\n\n'
 _KEEPALIVE = b":\n\n"
 
 
@@ -1000,7 +1026,12 @@ class _Generation:
                 self.finish("stop_sequence")
             else:
                 if self.stream:
-                    event = _TOKEN_EVENT % (n, tok.wire)
+                    top_n = self.valid.top_n
+                    event = (
+                        _TOP_TOKEN_EVENT % (n, tok.wire, tok.top_wire(top_n))
+                        if top_n
+                        else _TOKEN_EVENT % (n, tok.wire)
+                    )
                     record.events.append(event)
                     self.last_event = self.loop.time()
                     conn = self.conn
@@ -1027,14 +1058,21 @@ class _Generation:
         if self.stream:
             details = {"finish_reason": reason, "generated_tokens": n, "seed": valid.seed,
                        "input_length": valid.input_length} if valid.details else None  # fmt: skip
-            event = _FINAL_EVENT % (n, toks[-1].wire, _dumps(text), _dumps(details))
+            last, top_n = toks[-1], valid.top_n
+            if top_n:
+                event = _TOP_FINAL_EVENT % (n, last.wire, last.top_wire(top_n), _dumps(text), _dumps(details))
+            else:
+                event = _FINAL_EVENT % (n, last.wire, _dumps(text), _dumps(details))
             record.events.append(event)
             self.conn.end_stream(event)
             return
         body = b'{"generated_text":%b' % _dumps(text)
         if valid.details:
-            body += b',"details":{"finish_reason":%b,"generated_tokens":%d,"seed":%b,"prefill":[],"tokens":[%b]}' % (
+            body += b',"details":{"finish_reason":%b,"generated_tokens":%d,"seed":%b,"prefill":[],"tokens":[%b]' % (
                 _dumps(reason), n, _dumps(valid.seed), b",".join(t.wire for t in toks))  # fmt: skip
+            if valid.top_n:
+                body += b',"top_tokens":[%b]' % b",".join(t.top_wire(valid.top_n) for t in toks)
+            body += b"}"
         now = time.monotonic()
         total, inference = now - self.received_at, now - self.validated_at
         headers = {"x-compute-type": COMPUTE_TYPE, "x-compute-time": repr(total),

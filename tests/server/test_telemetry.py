@@ -125,7 +125,7 @@ def test_metrics_count_each_kind_of_request(tgi: FakeTGI) -> None:
         prompt_tokens = client.chat.completions.create(model=MODEL, messages=ASK).usage.prompt_tokens
         list(client.chat.completions.create(model=MODEL, messages=ASK, stream=True))
         with pytest.raises(openai.BadRequestError):  # the gateway's own 400
-            client.chat.completions.create(model=MODEL, messages=ASK, n=2)
+            client.chat.completions.create(model=MODEL, messages=ASK, n=9)
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="gpt-4o", messages=ASK)
         tgi.config.max_input_tokens = 5

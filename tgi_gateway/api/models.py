@@ -105,13 +105,18 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: Integer = Field(None, ge=1, le=U32_MAX)
     temperature: Number = Field(None, ge=0, le=2, description="0 means greedy decoding.")
     top_p: Number = Field(None, gt=0, le=1)
-    n: Integer = Field(None, ge=1, description="Only 1 is supported.")
+    n: Integer = Field(None, ge=1, description="Choices to generate, at most 8 (one TGI request each).")
     stop: str | list[str] | None = Field(None, description="Up to 4 sequences; not included in the answer.")
     seed: Integer = Field(None, ge=0, lt=2**64)
     frequency_penalty: Number = Field(None, ge=-2, le=2)
     presence_penalty: Number = Field(None, ge=-2, le=2, description="Only 0 is supported (TGI has none).")
-    logprobs: Boolean = None
-    top_logprobs: Integer = Field(None, ge=0, le=20)
+    logprobs: Boolean = Field(None, description="List the content tokens' logprobs (not markers or calls).")
+    top_logprobs: Integer = Field(
+        None,
+        ge=0,
+        le=20,
+        description="With `logprobs`: alternatives per token, at most TGI's --max-top-n-tokens.",
+    )
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
@@ -155,10 +160,25 @@ class AssistantMessage(BaseModel):
     function_call: FunctionCall | None = Field(None, description="Legacy `functions` requests only.")
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = Field(description="The content tokens (docs/architecture.md).")
+    refusal: None = None
+
+
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChoiceLogprobs | None = Field(description="With `logprobs: true` only.")
     finish_reason: FinishReason
 
 
@@ -201,7 +221,9 @@ class Delta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int
     delta: Delta
-    logprobs: None
+    logprobs: ChoiceLogprobs | None = Field(
+        description="With `logprobs: true`: the tokens this chunk completes."
+    )
     finish_reason: FinishReason | None
 
 

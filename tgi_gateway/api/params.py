@@ -18,6 +18,11 @@ TGI's rules differ from OpenAI's in ways that matter:
 * `model` naming one of the LoRA adapters TGI was started with is TGI's `adapter_id` (the base model's
   name sends none). TGI answers an unknown `adapter_id` with the base model, so the gateway only sends the
   names it was configured with (`--lora-adapters`); any other is a 404 before this point.
+* `logprobs`: TGI sends every token's `logprob` anyway (`details`); `top_logprobs` is TGI's `top_n_tokens`,
+  refused above TGI's `--max-top-n-tokens` (:func:`check_top_logprobs`), sent only when positive.
+* `n`: one TGI request per choice (TGI has no `n`; `best_of` is refused when streaming), at most
+  :data:`MAX_N`; with a `seed`, choice `k` gets `seed + k` (:func:`choice_parameters`) so that the answers
+  differ and each is reproducible.
 * `details: true` always: the stream's final event then carries `input_length` and `generated_tokens`
   (usage), and `/generate`'s answer its `details.tokens` (the per-token texts, special tokens included).
   No BOS is ever in the text: TGI adds it.
@@ -33,27 +38,39 @@ from .models import ChatCompletionRequest
 
 __all__ = [
     "MAX_CLIENT_STOPS",
+    "MAX_N",
     "check_supported",
     "check_token_budget",
+    "check_top_logprobs",
+    "choice_parameters",
     "prompt_token_limit",
     "tgi_parameters",
 ]
 
 MAX_CLIENT_STOPS = 4  # OpenAI's documented limit
+# Each choice is a TGI generation holding a batch slot (TGI's default max_concurrent_requests is 128, shared
+# by every client), while the per-key limit counts the request once: 8 choices keep one request's share of
+# TGI bounded. OpenAI's own limit is 128.
+MAX_N = 8
 
 
 def check_supported(req: ChatCompletionRequest) -> None:
     """Refuse, with a 400 naming the field, what this gateway cannot honour."""
-    if req.n is not None and req.n != 1:
-        raise InvalidRequestError("Only n=1 is supported: send one request per answer.", param="n")
+    if req.n is not None and req.n > MAX_N:
+        raise InvalidRequestError(
+            f"'n' must be at most {MAX_N} (each choice is one generation in TGI). Given: {req.n}.", param="n"
+        )
     if req.presence_penalty:
         raise InvalidRequestError(
             "presence_penalty is not supported by TGI; use frequency_penalty (or the repetition_penalty "
             "extension) instead.",
             param="presence_penalty",
         )
-    if req.logprobs or req.top_logprobs:
-        raise InvalidRequestError("logprobs are not supported by this gateway.", param="logprobs")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidRequestError(
+            "Invalid value for 'top_logprobs': it is only allowed when 'logprobs' is true.",
+            param="top_logprobs",
+        )
     if req.logit_bias:
         raise InvalidRequestError("logit_bias is not supported by TGI.", param="logit_bias")
     if req.response_format is not None and req.response_format.type != "text":
@@ -69,6 +86,26 @@ def check_supported(req: ChatCompletionRequest) -> None:
         )
     if any(not s for s in stops):
         raise InvalidRequestError("'stop' sequences must not be empty.", param="stop")
+
+
+def check_top_logprobs(req: ChatCompletionRequest, limit: int) -> None:
+    """Refuse a `top_logprobs` above TGI's `--max-top-n-tokens` (`limit`): TGI would refuse its
+    `top_n_tokens` with a 422 after the round trip; this is the 400, naming the limit, without it."""
+    wanted = req.top_logprobs if req.logprobs else None
+    if wanted is not None and wanted > limit:
+        raise InvalidRequestError(
+            f"'top_logprobs' must be at most {limit} with this server (TGI's --max-top-n-tokens). Given: {wanted}.",
+            param="top_logprobs",
+        )
+
+
+def choice_parameters(parameters: dict[str, Any], index: int) -> dict[str, Any]:
+    """The parameters of choice `index` of an `n` > 1 request: with a `seed`, `seed + index` (modulo TGI's
+    u64), so that choices differ and each is reproducible; otherwise TGI draws a seed per request."""
+    seed = parameters.get("seed")
+    if index == 0 or seed is None:
+        return parameters
+    return {**parameters, "seed": (seed + index) % 2**64}
 
 
 def check_token_budget(req: ChatCompletionRequest, max_total_tokens: int) -> None:
@@ -118,6 +155,8 @@ def tgi_parameters(
         params["frequency_penalty"] = req.frequency_penalty
     if req.repetition_penalty is not None:
         params["repetition_penalty"] = req.repetition_penalty
+    if req.logprobs and req.top_logprobs:
+        params["top_n_tokens"] = req.top_logprobs
     stops = list(dict.fromkeys([*template_stops, *req.stop_list]))
     params["stop"] = stops[: max(0, max_stop_sequences)]
     if adapter_id is not None:

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .detect import ModelFiles, detect_version, load_model_files
-from .parse import PARSERS, STOP_TOKENS, Parser
+from .parse import PARSERS, STOP_TOKENS, TRACKED_PARSERS, Parser
 from .render import generation_prefix, render
 from .request import normalize
 from .types import ChatPrompt, Event, Version
@@ -50,9 +50,11 @@ class Template:
         (refused, ContextLengthExceededError, when it cannot fit `max_tokens`: :func:`.render.render`)."""
         return render(self.version, prompt, max_tokens=max_tokens)
 
-    def parser(self, prompt: ChatPrompt) -> Parser:
-        """A fresh parser for the answer to `prompt` (it knows the generation prefix)."""
-        return PARSERS[self.version](generation_prefix(self.version, prompt.choice))
+    def parser(self, prompt: ChatPrompt, *, tracked: bool = False) -> Parser:
+        """A fresh parser for the answer to `prompt` (it knows the generation prefix); `tracked`: one that
+        also says where its text came from (``TextSpans`` events, for ``logprobs``)."""
+        parsers = TRACKED_PARSERS if tracked else PARSERS
+        return parsers[self.version](generation_prefix(self.version, prompt.choice))
 
     def parse(self, prompt: ChatPrompt, pieces: str | Iterable[tuple[str, bool]]) -> list[Event]:
         """All events of a complete answer: the whole text, or ``(token_text, special)`` pairs."""

@@ -67,11 +67,12 @@ from __future__ import annotations
 from typing import ClassVar, Protocol
 
 from .markers import MarkerSet
-from .types import Event, TextDelta, ToolCallArgs, ToolCallEnd, ToolCallStart, Version
+from .types import Event, TextDelta, TextSpans, ToolCallArgs, ToolCallEnd, ToolCallStart, Version
 
 __all__ = [
     "PARSERS",
     "STOP_TOKENS",
+    "TRACKED_PARSERS",
     "Parser",
     "V1Parser",
     "V2Llama3Parser",
@@ -375,3 +376,77 @@ PARSERS: dict[Version, type[_Parser]] = {
 }
 
 STOP_TOKENS: dict[Version, tuple[str, ...]] = {version: cls.STOPS for version, cls in PARSERS.items()}
+
+
+class _Tracking(_Parser):
+    """A family's parser that also says where its text came from: after each text emission a
+    :class:`TextSpans` event gives the offsets, in the output fed so far, of the characters that text
+    released, and of the whitespace dropped at the start of its segment (``tgi_gateway.logprobs`` lists a
+    token when all its characters are there and its last one is content).
+
+    It watches the family's machine rather than re-implementing it: every character of the output is
+    consumed in order, as plain text of a state (``_text``) or as a marker (``_move``; after a stop marker
+    nothing is consumed any more), so one counter gives each piece its offset. In a text field, a push
+    releases the field's held whitespace (its pending spans) and the body of the piece: from its first
+    character (after the leading whitespace a field still dropping it drops: a span that is not content)
+    to what the field now holds back. Whitespace held and then dropped (the end of a field) is in no
+    event. A subclass of each family is made below (:data:`TRACKED_PARSERS`); the plain parsers pay nothing.
+    """
+
+    def __init__(self, prefix: str = "") -> None:
+        self._at = -len(prefix)  # the offset of the next character to consume (the prefix is before 0)
+        self._pending_of: _Field | None = None  # the text field `_pending` belongs to
+        self._pending: list[tuple[int, int, bool]] = []  # its dropped lead and held whitespace, not released
+        self._piece: tuple[int, str, bool] | None = None  # (offset, text, lead) of the text being pushed
+        self._released = False
+        super().__init__(prefix)
+
+    def _move(self, marker: str) -> None:
+        self._at += len(marker)
+        super()._move(marker)
+
+    def _text(self, s: str) -> None:
+        at = self._at
+        self._at = end = at + len(s)
+        f = self._field
+        if f is None or f.index is not None:  # a name, a role, arguments: no content
+            super()._text(s)
+            return
+        if f is not self._pending_of:
+            self._pending_of, self._pending = f, []
+        lead, held = f.lead, len(f.pending)
+        if lead and (dropped := len(s) - len(s.lstrip())):
+            self._pending.append((at, at + dropped, False))
+        self._piece, self._released = (at, s, lead), False
+        try:
+            super()._text(s)
+        finally:
+            self._piece = None
+        if self._released:  # what the field holds now is the piece's trailing whitespace
+            self._pending = [(end - len(f.pending), end, True)] if f.pending else []
+        elif len(f.pending) > held:
+            self._pending.append((end - (len(f.pending) - held), end, True))
+
+    def _emit(self, index: int | None, s: str) -> None:
+        if index is not None:
+            super()._emit(index, s)
+            return
+        out = self._out
+        before: tuple[tuple[int, int, bool], ...] = ()
+        if out and type(out[-1]) is TextSpans:  # one TextDelta + TextSpans for consecutive text
+            before = out.pop().spans  # type: ignore[union-attr]
+        super()._emit(index, s)
+        spans = self._pending
+        piece = self._piece
+        if piece is not None:  # a push: the dropped and held whitespace, then the piece's body
+            at, text, lead = piece
+            start = at + len(text) - len(text.lstrip()) if lead else at
+            spans = [*spans, (start, at + len(text) - len(self._field.pending), True)]  # type: ignore[union-attr]
+            self._released = True
+        self._pending = []  # a field releasing at a marker releases all it held
+        out.append(TextSpans(before + tuple(spans)))
+
+
+TRACKED_PARSERS: dict[Version, type[_Parser]] = {
+    version: type(f"Tracked{cls.__name__}", (_Tracking, cls), {}) for version, cls in PARSERS.items()
+}

@@ -151,4 +151,17 @@ class ToolCallEnd:
     index: int
 
 
-Event = TextDelta | ToolCallStart | ToolCallArgs | ToolCallEnd
+@dataclass(frozen=True, slots=True)
+class TextSpans:
+    """Where the text of the :class:`TextDelta` just before it came from: ``(start, end, content)`` spans
+    of offsets in the output fed to the parser (its first character is 0), in order: the characters that
+    text released (``content`` true) and the whitespace its segment dropped at its start (false).
+
+    Only the tracking parsers (``parse.TRACKED_PARSERS``, used when the client asked for ``logprobs``) emit
+    it; a joiner the parser inserted (the ``"\\n"`` between two text segments) is in no span.
+    """
+
+    spans: tuple[tuple[int, int, bool], ...]
+
+
+Event = TextDelta | ToolCallStart | ToolCallArgs | ToolCallEnd | TextSpans

@@ -53,7 +53,14 @@ from fastapi.responses import Response
 from starlette.types import Send
 
 from ..api.models import ChatCompletionRequest
-from ..api.params import check_supported, check_token_budget, prompt_token_limit, tgi_parameters
+from ..api.params import (
+    check_supported,
+    check_token_budget,
+    check_top_logprobs,
+    choice_parameters,
+    prompt_token_limit,
+    tgi_parameters,
+)
 from ..errors import (
     GatewayError,
     ModelNotFoundError,
@@ -64,8 +71,8 @@ from ..errors import (
 )
 from ..prompting import ChatPrompt, Template, normalize
 from ..settings import Settings
-from ..streaming import SSE_DONE, Answer, ResponseContext, chat_completion, encode_sse
-from ..tgi.client import StreamEnd, TGIClient, TGIInfo, Token, TokenStream
+from ..streaming import SSE_DONE, Answer, ResponseContext, ScoredAnswer, chat_completion, encode_sse
+from ..tgi.client import Generation, StreamEnd, TGIClient, TGIInfo, Token, TokenStream
 from .asgi import EventStreamResponse, json_response, until_disconnect
 from .telemetry import RequestRecord, error_kind, record_of
 
@@ -145,33 +152,111 @@ class Gateway:
             req.model,  # the base model's name or an adapter's (checked above)
             parallel_tool_calls=req.parallel_tool_calls is not False,
             include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
+            logprobs=bool(req.logprobs),
         )
-        answer = Answer(self.template.parser(prompt), ctx, req.stop_list, stream=bool(req.stream))
+        if req.n is not None and req.n > 1:
+            return await self._choices(request, req, rec, prompt, inputs, ctx)
+        answer = self._answer(req, prompt, ctx)
+        logprobs = bool(req.logprobs)
 
         if req.stream:
-
-            async def open_stream(parameters: dict[str, Any]) -> tuple[AsyncExitStack, TokenStream, Batch]:
-                async with AsyncExitStack() as stack:  # closes the TGI response unless it is returned
-                    tokens = await stack.enter_async_context(self.client.generate_stream(inputs, parameters))
-                    first = await tokens.batch()  # TGI's request errors arrive here: still an HTTP error
-                    return stack.pop_all(), tokens, first
-
+            open_stream = partial(self._open_stream, inputs, logprobs=logprobs)
             stack, tokens, first = await self._upstream(request, req, rec, open_stream)
             body = partial(self._stream, tokens=tokens, batch=first, answer=answer, ctx=ctx, rec=rec)
             return EventStreamResponse(
                 body, on_close=partial(_close_upstream, stack, tokens), headers=SSE_HEADERS
             )
 
-        generation = await self._upstream(request, req, rec, partial(self.client.generate, inputs))
+        generation = await self._upstream(
+            request, req, rec, partial(self.client.generate, inputs, logprobs=logprobs)
+        )
         rec.first_token_at = time.perf_counter()  # telemetry: the whole answer arrived at once
         rec.prompt_tokens, rec.completion_tokens = generation.input_length, generation.generated_tokens
-        for text, special in _pieces(generation.tokens):
-            answer.feed(text, special)
-        answer.finish(generation.finish_reason)
-        message = answer.message(generation.finish_reason)
+        message = _message(answer, generation)
         return json_response(
             chat_completion(ctx, message, generation.input_length or 0, generation.generated_tokens)
         )
+
+    async def _open_stream(
+        self, inputs: str, parameters: dict[str, Any], *, logprobs: bool
+    ) -> tuple[AsyncExitStack, TokenStream, Batch]:
+        """A TGI stream, its first batch read: TGI's request errors arrive there and are still HTTP errors."""
+        async with AsyncExitStack() as stack:  # closes the TGI response unless it is returned
+            tokens = await stack.enter_async_context(
+                self.client.generate_stream(inputs, parameters, logprobs=logprobs)
+            )
+            first = await tokens.batch()
+            return stack.pop_all(), tokens, first
+
+    def _answer(self, req: ChatCompletionRequest, prompt: ChatPrompt, ctx: ResponseContext) -> Answer:
+        """One choice's pipeline; with `logprobs`, a tracking parser and the tokens' scores."""
+        if req.logprobs:
+            parser = self.template.parser(prompt, tracked=True)
+            return ScoredAnswer(
+                parser, ctx, req.stop_list, stream=bool(req.stream), top_n=req.top_logprobs or 0
+            )
+        return Answer(self.template.parser(prompt), ctx, req.stop_list, stream=bool(req.stream))
+
+    def top_logprobs_limit(self, info: TGIInfo) -> int:
+        """TGI's `--max-top-n-tokens`: from its /info when it says (TGI 3.x does not), else the setting."""
+        return self.settings.max_top_n_tokens if info.max_top_n_tokens is None else info.max_top_n_tokens
+
+    async def _choices(
+        self,
+        request: Request,
+        req: ChatCompletionRequest,
+        rec: RequestRecord,
+        prompt: ChatPrompt,
+        inputs: str,
+        ctx: ResponseContext,
+    ) -> Response:
+        """`n` > 1: one TGI request per choice (`choice_parameters`: seed + k), each its own Answer, all
+        sent at once; any error before every choice has its first event is the HTTP error (the others are
+        closed). Non-stream: the choices in order, usage counting the prompt once. Stream: the choices'
+        chunks interleaved as their tokens arrive (`_stream_choices`)."""
+        n, logprobs = req.n or 1, bool(req.logprobs)
+        answers = [self._answer(req, prompt, ctx.for_choice(k)) for k in range(n)]
+
+        if req.stream:
+
+            async def open_all(parameters: dict[str, Any]) -> list[tuple[AsyncExitStack, TokenStream, Batch]]:
+                return await _all(
+                    [
+                        partial(
+                            self._open_stream, inputs, choice_parameters(parameters, k), logprobs=logprobs
+                        )
+                        for k in range(n)
+                    ],
+                    close=lambda opened: opened[0].aclose(),
+                )
+
+            opened = await self._upstream(request, req, rec, open_all)
+            body = partial(
+                self._stream_choices,
+                tokens=[o[1] for o in opened],
+                batches=[o[2] for o in opened],
+                answers=answers,
+                ctx=ctx,
+                rec=rec,
+            )
+            return EventStreamResponse(
+                body, on_close=partial(_close_all, [(o[0], o[1]) for o in opened]), headers=SSE_HEADERS
+            )
+
+        async def generate_all(parameters: dict[str, Any]) -> list[Generation]:
+            calls = [
+                partial(self.client.generate, inputs, choice_parameters(parameters, k), logprobs=logprobs)
+                for k in range(n)
+            ]
+            return await _all(calls, close=None)
+
+        generations = await self._upstream(request, req, rec, generate_all)
+        rec.first_token_at = time.perf_counter()  # telemetry
+        prompt_tokens = generations[0].input_length
+        completion_tokens = sum(g.generated_tokens for g in generations)
+        rec.prompt_tokens, rec.completion_tokens = prompt_tokens, completion_tokens
+        choices = [_message(answer, g) for answer, g in zip(answers, generations)]
+        return json_response(chat_completion(ctx, choices, prompt_tokens or 0, completion_tokens))
 
     async def _admit(self, request: Request, req: ChatCompletionRequest) -> tuple[ChatPrompt, str]:
         """The request's prompt and its text: normalised, TGI's limits read, rendered within them. On the
@@ -194,6 +279,7 @@ class Gateway:
         prompt = await run(partial(normalize, body))
         info = await self.info()  # before rendering: a prompt that cannot fit is not rendered in full
         check_token_budget(req, info.max_total_tokens)
+        check_top_logprobs(req, self.top_logprobs_limit(info))
         limit = prompt_token_limit(req, info.max_input_tokens, info.max_total_tokens)
         return prompt, await run(partial(self.template.render, prompt, max_tokens=limit))
 
@@ -250,6 +336,7 @@ class Gateway:
     ) -> None:
         """The SSE body: every batch of tokens TGI sent meanwhile becomes one write; the last write also
         ends the response (TGI's response is then read to its end by `_close_upstream`)."""
+        scored = answer if isinstance(answer, ScoredAnswer) else None
         try:
             while True:
                 out: list[dict[str, Any]] = []
@@ -263,6 +350,8 @@ class Gateway:
                             out.append(answer.usage_chunk(item.input_length or 0, item.generated_tokens))
                         await send(_last_body(b"".join(map(encode_sse, out)) + SSE_DONE))
                         return
+                    if scored is not None:
+                        scored.score(item.text, item.logprob, item.top)
                     out += answer.feed(item.text, item.special)
                 if out:
                     if rec.first_token_at is None:
@@ -278,6 +367,120 @@ class Gateway:
             logger.exception("unexpected error mid-stream")
             failure = GatewayError("The gateway failed unexpectedly; see its log.")
             await send(_last_body(encode_sse(failure.to_dict())))
+
+    async def _stream_choices(
+        self,
+        send: Send,
+        tokens: list[TokenStream],
+        batches: list[Batch],
+        answers: list[Answer],
+        ctx: ResponseContext,
+        rec: RequestRecord,
+    ) -> None:
+        """The SSE body of `n` > 1 choices: whatever arrived from any of the TGI streams is fed to its
+        choice's Answer and written at once; each choice gets its role chunk and finish chunk, then the usage
+        chunk (the prompt once, the completion tokens summed) and `[DONE]` end the response when all are
+        done. An error of any stream is the SSE error event that ends the response (`_close_all` then
+        closes every TGI request, as a disconnect does)."""
+        reads: dict[asyncio.Future[Batch], int] = {}
+        ready = list(enumerate(batches))
+        live = len(answers)
+        prompt_tokens, completion_tokens = 0, 0
+        try:
+            while True:
+                out: list[dict[str, Any]] = []
+                for k, batch in ready:
+                    answer = answers[k]
+                    for item in batch:
+                        if isinstance(item, StreamEnd):
+                            prompt_tokens = item.input_length or prompt_tokens
+                            completion_tokens += item.generated_tokens
+                            out += answer.finish(item.finish_reason)
+                            live -= 1
+                            break
+                        if isinstance(answer, ScoredAnswer):
+                            answer.score(item.text, item.logprob, item.top)
+                        out += answer.feed(item.text, item.special)
+                    else:
+                        reads[asyncio.ensure_future(_next(tokens[k], rec))] = k
+                if live == 0:
+                    rec.prompt_tokens, rec.completion_tokens = prompt_tokens, completion_tokens
+                    if rec.first_token_at is None:
+                        rec.first_token_at = time.perf_counter()
+                    if ctx.include_usage:
+                        out.append(answers[0].usage_chunk(prompt_tokens, completion_tokens))
+                    await send(_last_body(b"".join(map(encode_sse, out)) + SSE_DONE))
+                    return
+                if out:
+                    if rec.first_token_at is None:
+                        rec.first_token_at = time.perf_counter()
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": b"".join(map(encode_sse, out)),
+                            "more_body": True,
+                        }
+                    )
+                done, _ = await asyncio.wait(reads, return_when=asyncio.FIRST_COMPLETED)
+                ready = sorted((reads.pop(read), read.result()) for read in done)
+        except GatewayError as exc:
+            rec.upstream_error = error_kind(exc)
+            logger.warning("TGI failed mid-stream: %s", exc.message)
+            await send(_last_body(encode_sse(exc.to_dict())))
+        except Exception:
+            logger.exception("unexpected error mid-stream")
+            failure = GatewayError("The gateway failed unexpectedly; see its log.")
+            await send(_last_body(encode_sse(failure.to_dict())))
+        finally:
+            for read in reads:
+                if read.done():
+                    _ = read.cancelled() or read.exception()  # retrieved: never "never retrieved"
+                else:
+                    read.cancel()
+
+
+def _message(answer: Answer, generation: Generation) -> dict[str, Any]:
+    """A non-stream choice: TGI's whole answer through the choice's pipeline."""
+    if isinstance(answer, ScoredAnswer):
+        for token in generation.tokens:
+            answer.score(token.text, token.logprob, token.top)
+    for text, special in _pieces(generation.tokens):
+        answer.feed(text, special)
+    answer.finish(generation.finish_reason)
+    return answer.message(generation.finish_reason)
+
+
+async def _all(
+    calls: list[Callable[[], Awaitable[T]]], close: Callable[[T], Awaitable[Any]] | None
+) -> list[T]:
+    """Run `calls` at once; all their results, in order. The first failure (or a cancellation) cancels the
+    others and gives back (`close`) what those that succeeded opened, then is raised as it is."""
+    tasks = [asyncio.ensure_future(call()) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()  # a call cancelled while it opens closes what it opened itself
+        try:
+            await asyncio.wait(tasks)
+        finally:  # even when cancelled again meanwhile (the client left)
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception() is None and close is not None:
+                    await close(task.result())
+        raise
+
+
+async def _close_all(opened: list[tuple[AsyncExitStack, TokenStream]]) -> None:
+    """After an `n` > 1 response: each TGI stream as `_close_upstream` does; every one is closed even when
+    one fails."""
+    errors = []
+    for stack, tokens in opened:
+        try:
+            await _close_upstream(stack, tokens)
+        except Exception as exc:  # noqa: BLE001 - the others are closed first
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 async def _close_upstream(stack: AsyncExitStack, tokens: TokenStream) -> None:

@@ -281,10 +281,15 @@ class TokenStream:
     """
 
     def __init__(
-        self, response: aiohttp.ClientResponse, *, first_token_timeout: float, read_timeout: float
+        self,
+        response: aiohttp.ClientResponse,
+        *,
+        first_token_timeout: float,
+        read_timeout: float,
+        logprobs: bool = False,
     ) -> None:
         self._content = response.content
-        self._decoder = StreamDecoder()
+        self._decoder = StreamDecoder(logprobs=logprobs)
         self._deadline = _Deadline(self._content)
         self._timeout = first_token_timeout
         self._read_timeout = read_timeout
@@ -484,8 +489,11 @@ class TGIClient:
             response.close()
 
     @contextlib.asynccontextmanager
-    async def generate_stream(self, inputs: str, parameters: Mapping[str, Any]) -> AsyncIterator[TokenStream]:
-        """``POST /generate_stream`` with ``{"inputs", "parameters"}`` (``parameters`` as given).
+    async def generate_stream(
+        self, inputs: str, parameters: Mapping[str, Any], *, logprobs: bool = False
+    ) -> AsyncIterator[TokenStream]:
+        """``POST /generate_stream`` with ``{"inputs", "parameters"}`` (``parameters`` as given); with
+        ``logprobs`` the tokens carry TGI's ``logprob`` and ``top_tokens``.
 
         Entering waits for the response head (connection failures retried, then
         :class:`TGIUnavailableError`; a non-200 or non-SSE answer raises its mapped error) and yields
@@ -506,7 +514,10 @@ class TGIClient:
                 "/generate_stream", response.headers.get("content-type", ""), "text/event-stream"
             )
             stream = TokenStream(
-                response, first_token_timeout=self._first_token_timeout, read_timeout=self._read_timeout
+                response,
+                first_token_timeout=self._first_token_timeout,
+                read_timeout=self._read_timeout,
+                logprobs=logprobs,
             )
             yield stream
         finally:
@@ -514,9 +525,12 @@ class TGIClient:
                 stream._leave()
             response.close()  # a body read to its end has already given its connection back
 
-    async def generate(self, inputs: str, parameters: Mapping[str, Any]) -> Generation:
+    async def generate(
+        self, inputs: str, parameters: Mapping[str, Any], *, logprobs: bool = False
+    ) -> Generation:
         """``POST /generate`` with ``{"inputs", "parameters"}`` (``parameters`` as given: the caller asks
-        for ``details: true``, without which TGI sends no tokens) → the whole :class:`Generation`.
+        for ``details: true``, without which TGI sends no tokens) → the whole :class:`Generation` (with
+        ``logprobs``, its tokens carry TGI's ``logprob`` and ``top_tokens``).
 
         Connection failures before any response byte are retried, then :class:`TGIUnavailableError`; a
         non-200 answer raises its mapped error; a body that is not TGI's answer (not JSON, no details,
@@ -544,7 +558,7 @@ class TGIClient:
                 raise _translate(exc, ("body",), late=late, cut=cut) from exc
             if len(content) > protocol.MAX_GENERATE_BODY:
                 raise protocol.generate_too_large()
-            return parse_generation(content, response.headers.get("x-prompt-tokens"))
+            return parse_generation(content, response.headers.get("x-prompt-tokens"), logprobs=logprobs)
         finally:
             response.close()
 

@@ -92,11 +92,18 @@ STREAM_CUT = "TGI closed the stream before the end of the generation"
 
 @dataclass(frozen=True, slots=True)
 class Token:
-    """One generated token: its literal text (special tokens included) and TGI's ``special`` flag."""
+    """One generated token: its literal text (special tokens included) and TGI's ``special`` flag.
+
+    Read with ``logprobs`` (:class:`StreamDecoder`, :func:`parse_generation`), also TGI's ``logprob``
+    (``None`` when TGI sends null) and ``top``: the ``(text, logprob)`` of TGI's ``top_tokens`` for this
+    step, as TGI sends them (``top_n_tokens`` of them, more on ties, in any order); else ``None`` and ``()``.
+    """
 
     text: str
     special: bool
     id: int
+    logprob: float | None = None
+    top: tuple[tuple[str, float | None], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +142,8 @@ class Generation:
 class TGIInfo:
     """``GET /info``: the limits TGI's router enforces. Missing fields take the launcher defaults
     (``max_input_tokens``/``max_total_tokens`` also read TGI 1.x's ``max_input_length``, else the
-    2.x defaults 4095/4096). ``raw`` is the whole body."""
+    2.x defaults 4095/4096). ``max_top_n_tokens`` is ``None`` unless TGI reports it (TGI 3.x does not:
+    the gateway then uses its ``--max-top-logprobs``). ``raw`` is the whole body."""
 
     model_id: str
     max_input_tokens: int = 4095
@@ -145,6 +153,7 @@ class TGIInfo:
     max_best_of: int = 2
     version: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, hash=False, repr=False)
+    max_top_n_tokens: int | None = None
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> TGIInfo:
@@ -164,6 +173,9 @@ class TGIInfo:
             max_stop_sequences=number("max_stop_sequences", default=cls.max_stop_sequences),
             max_concurrent_requests=number("max_concurrent_requests", default=cls.max_concurrent_requests),
             max_best_of=number("max_best_of", default=cls.max_best_of),
+            max_top_n_tokens=top_n
+            if type(top_n := body.get("max_top_n_tokens")) is int and top_n >= 0
+            else None,
             version=version if isinstance(version, str) else None,
             raw=dict(body),
         )
@@ -360,8 +372,30 @@ def parse_token(raw: Any) -> Token:
     return Token(text, bool(raw.get("special", False)), raw["id"])
 
 
-def parse_generation(content: bytes, prompt_tokens: str | None) -> Generation:
-    """The body of a 200 ``/generate`` answer (and its ``x-prompt-tokens`` header) → :class:`Generation`."""
+def _number(value: Any) -> float | None:
+    return float(value) if type(value) in (int, float) else None
+
+
+def _top(raw: Any) -> tuple[tuple[str, float | None], ...]:
+    """TGI's ``top_tokens`` of one step (a list of token objects) → ``(text, logprob)`` pairs."""
+    if not isinstance(raw, list):
+        return ()
+    return tuple(
+        (t["text"], _number(t.get("logprob")))
+        for t in raw
+        if isinstance(t, dict) and isinstance(t.get("text"), str)
+    )
+
+
+def parse_scored_token(raw: Any, top: Any) -> Token:
+    """:func:`parse_token` with the token's ``logprob`` and the step's ``top_tokens`` (``top``)."""
+    token = parse_token(raw)
+    return Token(token.text, token.special, token.id, _number(raw.get("logprob")), _top(top))
+
+
+def parse_generation(content: bytes, prompt_tokens: str | None, *, logprobs: bool = False) -> Generation:
+    """The body of a 200 ``/generate`` answer (and its ``x-prompt-tokens`` header) → :class:`Generation`;
+    with ``logprobs``, each token's ``logprob`` and its step of ``details.top_tokens`` are read too."""
 
     def invalid(what: str) -> TGIProtocolError:  # not TGI's answer: a retry would get the same
         return TGIProtocolError(f"TGI's /generate answer {what}: {content[:200]!r}", headers=NO_RETRY)
@@ -379,7 +413,14 @@ def parse_generation(content: bytes, prompt_tokens: str | None) -> Generation:
     if not isinstance(raw_tokens, list):
         raise invalid("has no list of `details.tokens`")
     try:
-        tokens = [parse_token(raw) for raw in raw_tokens]
+        if logprobs:
+            tops = details.get("top_tokens")
+            tops = (
+                tops if isinstance(tops, list) and len(tops) == len(raw_tokens) else [None] * len(raw_tokens)
+            )
+            tokens = [parse_scored_token(raw, top) for raw, top in zip(raw_tokens, tops)]
+        else:
+            tokens = [parse_token(raw) for raw in raw_tokens]
     except NOT_A_TOKEN:
         raise invalid("has an invalid token in `details.tokens`") from None
     finish_reason, generated = details.get("finish_reason"), details.get("generated_tokens")
@@ -530,6 +571,7 @@ class StreamDecoder:
     token), sets :attr:`error` -- the :class:`~tgi_gateway.errors.UpstreamError` the reader raises once it
     has handed out the items before it -- and ends the decoding too. :meth:`end_of_body` is the error of a
     body that ends where it is (``None`` after the final event). :attr:`tokens` counts the token events.
+    With ``logprobs`` each :class:`Token` also has TGI's ``logprob`` and the event's ``top_tokens``.
 
     Worked example (the stream of the module docstring, cut inside its second event)::
 
@@ -539,9 +581,10 @@ class StreamDecoder:
             → [Token("<|eot_id|>", True, 128009), StreamEnd("eos_token", 2, 5, "Hi")]        (ended)
     """
 
-    __slots__ = ("_sse", "ended", "error", "tokens")
+    __slots__ = ("_scored", "_sse", "ended", "error", "tokens")
 
-    def __init__(self) -> None:
+    def __init__(self, *, logprobs: bool = False) -> None:
+        self._scored = logprobs
         self._sse = SSEDecoder()
         self.tokens = 0
         self.ended = False
@@ -581,7 +624,7 @@ class StreamDecoder:
         if raw is None and "error" in obj:
             raise _error_of(obj, None)
         try:
-            out.append(parse_token(raw))
+            out.append(parse_scored_token(raw, obj.get("top_tokens")) if self._scored else parse_token(raw))
         except NOT_A_TOKEN:
             raise TGIProtocolError(f"TGI sent a stream event without a valid token: {data[:200]!r}") from None
         self.tokens += 1
