@@ -14,6 +14,7 @@ This module is a leaf: of the gateway it imports only :mod:`tgi_gateway.promptin
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -57,6 +58,11 @@ ENV_ONLY = Flag(action=None)
 ACCESS = "access control (see docs/operations.md)"
 CONNECTIONS = "client connections (see docs/operations.md, Connection limits)"
 LAUNCHING = "launching TGI with Docker (when nothing answers at a local --endpoint)"
+STORE = "the response store of /v1/responses (see docs/operations.md, Response store)"
+#: What --response-ttl defaults to: OpenAI keeps stored responses for 30 days.
+DEFAULT_RESPONSE_TTL = 30 * 24 * 3600
+#: The SQLite file of the default store, in the data directory.
+STORE_FILE = "responses.db"
 
 
 class Settings(BaseSettings):
@@ -164,6 +170,27 @@ class Settings(BaseSettings):
         False, description="require a key on /health and /metrics too"
     )
 
+    # The response store (tgi_gateway/store/; docs/operations.md, "Response store"). ----------------------
+    data_dir: Annotated[
+        Path | None, Flag(metavar="PATH", group=STORE, unset="$XDG_DATA_HOME/tgi-gateway")
+    ] = Field(
+        None,
+        description="directory of the gateway's own data: the default response store, responses.db "
+        "($XDG_DATA_HOME unset: ~/.local/share)",
+    )
+    response_store: Annotated[str | None, Flag(metavar="URL", group=STORE, unset="DATA_DIR/responses.db")] = (
+        Field(
+            None,
+            description="database of stored responses: sqlite:///PATH (a file; four slashes for an absolute "
+            "path) or postgresql://USER:PASSWORD@HOST:PORT/DATABASE (shared by several processes or hosts)",
+        )
+    )
+    response_ttl: Annotated[float, Flag(metavar="SECONDS", group=STORE)] = Field(
+        DEFAULT_RESPONSE_TTL,
+        ge=0,
+        description="seconds a stored response is kept (30 days, as OpenAI); 0: kept until deleted",
+    )
+
     # Launching TGI with Docker (tgi_gateway/container_manager.py). ----------------------------------------
     # The flag is --no-launch: the description is its help.
     launch: Annotated[bool, Flag("--no-launch", "store_false", group=LAUNCHING)] = Field(
@@ -258,6 +285,11 @@ class Settings(BaseSettings):
             raise ValueError(f"endpoint must be an http(s) URL such as http://127.0.0.1:8080, not {v!r}")
         return v.rstrip("/")
 
+    @field_validator("response_store")
+    @classmethod
+    def _store_url(cls, v: str | None) -> str | None:
+        return None if v is None else check_store_url(v)
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, v: str) -> str:
@@ -275,6 +307,18 @@ class Settings(BaseSettings):
         return env
 
     @property
+    def store_url(self) -> str:
+        """The response store's URL: ``--response-store``, else the SQLite file in the data directory."""
+        if self.response_store is not None:
+            return self.response_store
+        return "sqlite:///" + str((self.data_dir or default_data_dir()).expanduser().absolute() / STORE_FILE)
+
+    @property
+    def store_ttl(self) -> float | None:
+        """Seconds a stored response is kept; None: until deleted."""
+        return self.response_ttl or None
+
+    @property
     def model_name(self) -> str:
         """The name `/v1/models` lists and requests must use."""
         return self.served_model_name or self.model
@@ -288,6 +332,50 @@ class Settings(BaseSettings):
     def model_names(self) -> tuple[str, ...]:
         """Every name requests may use: the base model's, then each adapter's."""
         return (self.model_name, *(adapter.name for adapter in self.adapters))
+
+
+# The response store's location (opened by tgi_gateway/store/) ---------------------------------------------
+
+#: URL schemes of the response store, and the database each names.
+STORE_SCHEMES = {
+    "sqlite": "sqlite",
+    "sqlite+aiosqlite": "sqlite",
+    "postgresql": "postgresql",
+    "postgres": "postgresql",
+    "postgresql+asyncpg": "postgresql",
+}
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/tgi-gateway``, else ``~/.local/share/tgi-gateway`` (the XDG base directory rule: a
+    per-user place for data that must survive restarts, unlike a cache)."""
+    base = os.environ.get("XDG_DATA_HOME", "").strip()
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "share"
+    return root / "tgi-gateway"
+
+
+def check_store_url(url: str) -> str:
+    """`url` if it names a response store this gateway can open (a ValueError says why not, the password
+    never shown): ``sqlite:///relative/path``, ``sqlite:////absolute/path``, ``postgresql://…`` (or
+    ``postgres://``; the ``+aiosqlite`` / ``+asyncpg`` forms too)."""
+    scheme, sep, rest = url.strip().partition("://")
+    kind = STORE_SCHEMES.get(scheme.lower())
+    if not sep or kind is None:
+        raise ValueError(
+            f"the response store must be a sqlite:///PATH or postgresql://HOST/DATABASE URL, not one starting "
+            f"with {(scheme + sep)[:40]!r}"
+        )
+    if kind == "sqlite":
+        path = rest[1:] if rest.startswith("/") else None
+        if rest and not rest.startswith("/"):
+            raise ValueError("a sqlite URL names a file, not a host: sqlite:///relative/path or "
+                             "sqlite:////absolute/path")  # fmt: skip
+        if not path or path.split("?")[0] in ("", ":memory:"):
+            raise ValueError("a sqlite response store needs a file path (sqlite:///PATH): an in-memory "
+                             "database would be lost at exit and not shared between workers")  # fmt: skip
+    elif not urlsplit("postgresql://" + rest).path.strip("/") and "dbname=" not in rest:
+        raise ValueError("a postgresql response store URL must name its database: postgresql://HOST/DATABASE")
+    return url.strip()
 
 
 # API keys as configured (used by the access control, tgi_gateway/server/auth.py) ------------------------

@@ -22,7 +22,7 @@ from ..errors import DescriptorsExhaustedError, GatewayError
 from ..prompting import Template
 from ..settings import Settings
 from ..tgi.client import TGIClient
-from . import auth
+from . import auth, responses_store
 from .asgi import ClientDisconnected, error_response, json_response
 from .chat import Gateway
 from .descriptors import DescriptorWatch
@@ -46,7 +46,7 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
             request_timeout=settings.request_timeout,
             connect_retries=settings.connect_retries,
             api_key=settings.tgi_api_key.get_secret_value() if settings.tgi_api_key else None,
-        ) as client:
+        ) as client, responses_store.opened(app, settings):  # app.state.store (/v1/responses)
             app.state.gateway = Gateway(settings, template, client)
             app.state.draining.install()  # SIGTERM: /health says "draining" for --drain-seconds, then stop
             logger.info(
@@ -116,6 +116,8 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
             return await request.app.state.gateway.chat(request, body)
         except ClientDisconnected:
             return Response(status_code=499)
+
+    responses_store.install(app, settings)  # GET/DELETE /v1/responses/{id}, GET …/input_items
 
     @app.get(
         "/v1/models",
