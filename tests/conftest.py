@@ -38,7 +38,9 @@ def postgres() -> Iterator[PostgresServer]:
     under CI, where .ci/run installs them."""
     bindir = find_binaries()
     if bindir is None:
-        message = "PostgreSQL's initdb/pg_ctl not found (apt-get install postgresql): PostgreSQL tests skipped"
+        message = (
+            "PostgreSQL's initdb/pg_ctl not found (apt-get install postgresql): PostgreSQL tests skipped"
+        )
         if os.environ.get("CI"):
             pytest.fail(message.replace("skipped", "cannot run under CI"))
         pytest.skip(message)

@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,7 +37,9 @@ def find_binaries() -> Path | None:
     on_path = shutil.which("initdb"), shutil.which("pg_ctl")
     if all(on_path):
         return Path(on_path[0]).resolve().parent  # type: ignore[arg-type]
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True)
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True
+    )
     for directory in versions:
         if (directory / "initdb").exists() and (directory / "pg_ctl").exists():
             return directory
@@ -59,9 +62,7 @@ class PostgresServer:
                 shutil.chown(root, SERVICE_USER, SERVICE_USER)
             server._run("initdb", "-D", str(server.data), "-A", "trust", "-U", "postgres", "--no-sync",
                         "-E", "UTF8", "--locale=C")  # fmt: skip
-            options = f"-c listen_addresses=127.0.0.1 -p {server.port} -k {root} -c fsync=off -c full_page_writes=off"
-            server._run("pg_ctl", "-D", str(server.data), "-l", str(root / "log"), "-o", options,
-                        "-w", "-t", str(START_TIMEOUT), "start")  # fmt: skip
+            server.start_again()
             yield server
         finally:
             if (server.data / "postmaster.pid").exists():
@@ -73,14 +74,28 @@ class PostgresServer:
                         continue
             shutil.rmtree(root, ignore_errors=True)
 
+    def start_again(self) -> None:
+        """Start the server (again, after :meth:`stop`), on the same port; returns once it accepts connections."""
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c full_page_writes=off"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-o", options,
+                  "-w", "-t", str(START_TIMEOUT), "start")  # fmt: skip
+
+    def stop(self) -> None:
+        """Stop the server (fast shutdown: its connections are closed)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "20", "stop")
+
     def _run(self, program: str, *args: str) -> None:
         command = [str(self.bindir / program), *args]
         if os.geteuid() == 0:
             command = ["runuser", "-u", SERVICE_USER, "--", *command]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=START_TIMEOUT + 30, cwd=self.root)
+        done = subprocess.run(
+            command, check=False, capture_output=True, text=True, timeout=START_TIMEOUT + 30, cwd=self.root
+        )
         if done.returncode != 0:
             log = (self.root / "log").read_text() if (self.root / "log").exists() else ""
-            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}{done.stderr}{log}")
+            raise RuntimeError(
+                f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}{done.stderr}{log}"
+            )
 
     @property
     def url(self) -> str:
@@ -98,5 +113,6 @@ class PostgresServer:
             finally:
                 await conn.close()
 
-        asyncio.run(create())
+        with ThreadPoolExecutor(1) as thread:  # callable from a test whose event loop runs
+            thread.submit(asyncio.run, create()).result(timeout=30)
         return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"

@@ -46,7 +46,7 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
             request_timeout=settings.request_timeout,
             connect_retries=settings.connect_retries,
             api_key=settings.tgi_api_key.get_secret_value() if settings.tgi_api_key else None,
-        ) as client, responses_store.opened(app, settings):  # app.state.store (/v1/responses)
+        ) as client:
             app.state.gateway = Gateway(settings, template, client)
             app.state.draining.install()  # SIGTERM: /health says "draining" for --drain-seconds, then stop
             logger.info(
@@ -56,7 +56,8 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
             if settings.lora_adapters:
                 logger.info("LoRA adapters served as models: %s", ", ".join(settings.model_names[1:]))
             try:
-                yield
+                async with responses_store.opened(app, settings):  # app.state.store, for /v1/responses
+                    yield
             finally:
                 app.state.gateway.close()
 

@@ -124,7 +124,13 @@ def _translated(action: str) -> Any:
     (logged with its cause); anything else (a bug) passes unchanged."""
     try:
         yield
-    except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, OSError, TimeoutError) as exc:
+    except (
+        sa_exc.OperationalError,
+        sa_exc.InterfaceError,
+        sa_exc.TimeoutError,
+        OSError,
+        TimeoutError,
+    ) as exc:
         logger.warning("response store: %s failed: %s", action, _cause(exc))
         raise StoreUnavailableError() from exc
 
@@ -174,7 +180,11 @@ class SQLStore:
             raise ConfigurationError(f"--response-store: {exc}") from None
         engine = _engine(target)
         store = cls(
-            engine, ttl_seconds=ttl_seconds, sweep_interval=sweep_interval, sweep_batch=sweep_batch, clock=clock
+            engine,
+            ttl_seconds=ttl_seconds,
+            sweep_interval=sweep_interval,
+            sweep_batch=sweep_batch,
+            clock=clock,
         )
         try:
             await store._prepare_schema()
@@ -183,7 +193,9 @@ class SQLStore:
             raise
         except (sa_exc.SQLAlchemyError, OSError, TimeoutError) as exc:
             await engine.dispose()
-            raise ConfigurationError(f"cannot open the response store {shown(target)}: {_cause(exc)}") from None
+            raise ConfigurationError(
+                f"cannot open the response store {shown(target)}: {_cause(exc)}"
+            ) from None
         if ttl_seconds is not None:
             store._sweeper = asyncio.get_running_loop().create_task(store._sweep_forever())
         return store
@@ -208,7 +220,9 @@ class SQLStore:
     async def get(self, response_id: str, owner: str | None) -> StoredResponse | None:
         with _translated("get"):
             async with self.engine.connect() as conn:
-                row = (await conn.execute(select(responses).where(*self._visible(response_id, owner)))).first()
+                row = (
+                    await conn.execute(select(responses).where(*self._visible(response_id, owner)))
+                ).first()
         if row is None:
             return None
         return StoredResponse(
@@ -247,11 +261,16 @@ class SQLStore:
         )
         with _translated("sweep"):
             async with self.engine.begin() as conn:
-                result = await conn.execute(delete(responses).where(responses.c.id.in_(expired.scalar_subquery())))
+                result = await conn.execute(
+                    delete(responses).where(responses.c.id.in_(expired.scalar_subquery()))
+                )
         return result.rowcount
 
     async def _sweep_forever(self) -> None:
+        deleted = 0
         while True:
+            # A full batch: more may be waiting; the next one at once (the loop is free while the database works).
+            await asyncio.sleep(0 if deleted >= self.sweep_batch else self.sweep_interval)
             try:
                 deleted = await self.sweep()
             except StoreUnavailableError:  # logged; tried again at the next interval
@@ -261,8 +280,6 @@ class SQLStore:
                 deleted = 0
             if deleted:
                 logger.debug("response store: %d expired response(s) deleted", deleted)
-            # A full batch: more may be waiting; the next one at once (the loop is free while the database works).
-            await asyncio.sleep(0 if deleted >= self.sweep_batch else self.sweep_interval)
 
     def _visible(self, response_id: str, owner: str | None) -> tuple[Any, ...]:
         """The conditions of a row `owner` may see: its id, its owner (None only matches None), not expired."""
@@ -281,7 +298,9 @@ class SQLStore:
             if found is None:
                 await conn.run_sync(lambda sync: metadata.create_all(sync, checkfirst=True))
                 await conn.execute(insert(schema_version), {"id": 1, "version": SCHEMA_VERSION})
-                logger.info("response store %s: schema version %d created", shown(self.engine.url), SCHEMA_VERSION)
+                logger.info(
+                    "response store %s: schema version %d created", shown(self.engine.url), SCHEMA_VERSION
+                )
             elif found > SCHEMA_VERSION:
                 raise ConfigurationError(
                     f"the response store {shown(self.engine.url)} has schema version {found}, written by a newer "
@@ -335,4 +354,6 @@ def _engine(url: URL) -> AsyncEngine:
             cursor.close()
 
         return engine
-    return create_async_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_timeout=10, **options)
+    return create_async_engine(
+        url, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_timeout=10, **options
+    )
