@@ -375,6 +375,14 @@ def test_dockerfile_entrypoint_health_and_environment() -> None:
     assert env["TGI_GATEWAY_LAUNCH"] == "false"
 
 
+def test_dockerfile_keeps_the_response_store_in_a_volume_the_user_owns() -> None:
+    stage = final_stage()
+    data_dir = docker_env(stage)["TGI_GATEWAY_DATA_DIR"]
+    assert [rest for op, rest in stage if op == "VOLUME"] == [data_dir], "stored responses outlive the container"
+    (made,) = [rest for op, rest in stage if op == "RUN" and data_dir in rest]
+    assert re.search(rf"chown gateway:gateway [^&]*{re.escape(data_dir)}", made), made
+
+
 def test_dockerignore_keeps_the_context_to_what_is_copied() -> None:
     for path in (".env", ".git/config", ".venv/bin/python", "tests/deploy/test_compose.py",
                  "benchmarks/bench_stream.py", "docs/architecture.md", "compose.yaml",
