@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tgi_gateway.store import StoredResponse, open_store  # noqa: E402
+from tgi_gateway.store import StoredResponse, open_store
 
 RESPONSE: dict[str, Any] = {
     "object": "response", "created_at": 1767225600, "completed_at": 1767225601, "status": "completed",
@@ -154,7 +154,9 @@ def main() -> None:
         pass
     print(f"{args.requests} save+get pairs sequential, then {args.requests} from {args.concurrency} tasks; "
           f"median of {args.runs} runs")  # fmt: skip
-    header = "store        save p50/p99 ms   get p50/p99 ms   save+get ms   CPU/pair ms   pairs/s (concurrent)"
+    header = (
+        "store        save p50/p99 ms   get p50/p99 ms   save+get ms   CPU/pair ms   pairs/s (concurrent)"
+    )
     print(header)
     with tempfile.TemporaryDirectory() as tmp, postgres_database(args.postgres) as pg_base:
         targets = []

@@ -146,6 +146,29 @@ async def test_the_sweep_deletes_expired_rows_in_bounded_batches(store_url: str)
         await store.close()
 
 
+async def test_stores_sweeping_at_once_share_the_work(store_url: str) -> None:
+    """Every worker process sweeps: two stores deleting the same backlog at once neither fail nor double-count."""
+    clock = Clock()
+    one, two = [
+        await SQLStore.open(store_url, ttl_seconds=10, sweep_interval=3600, sweep_batch=25, clock=clock)
+        for _ in range(2)
+    ]
+    try:
+        await asyncio.gather(*(one.save(stored(n, created_at=NOW - 100)) for n in range(300)))
+
+        async def drain(store: SQLStore) -> int:
+            total = 0
+            while deleted := await store.sweep():
+                total += deleted
+            return total
+
+        counts = await asyncio.gather(drain(one), drain(two), drain(one))
+        assert sum(counts) == 300 and await count_rows(one) == 0, counts
+    finally:
+        await one.close()
+        await two.close()
+
+
 async def test_without_ttl_nothing_expires(store_url: str) -> None:
     store = await SQLStore.open(store_url, ttl_seconds=None, clock=Clock(NOW + 10**9))
     try:
@@ -349,5 +372,19 @@ async def test_a_database_lost_at_run_time_is_a_503(postgres: Any) -> None:
         finally:
             postgres.start_again()
         assert await store.get("resp_1", None) == stored(1), "back once the server is"
+    finally:
+        await store.close()
+
+
+async def test_sqlite_is_opened_for_several_processes(tmp_path: Path) -> None:
+    """WAL (readers never wait for the writer) and a busy timeout (writers wait for each other), on every
+    connection; the file is created with its directory."""
+    store = await open_store(f"sqlite:///{tmp_path / 'a' / 'b' / 'responses.db'}", ttl_seconds=None)
+    assert isinstance(store, SQLStore)
+    try:
+        async with store.engine.connect() as conn:
+            assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
+            assert (await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar() == 30_000
+        assert (tmp_path / "a" / "b" / "responses.db").exists()
     finally:
         await store.close()

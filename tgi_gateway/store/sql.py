@@ -258,6 +258,9 @@ class SQLStore:
             .where(responses.c.expires_at <= self.clock())
             .order_by(responses.c.expires_at)
             .limit(self.sweep_batch)
+            .with_for_update(
+                skip_locked=True
+            )  # PostgreSQL: processes sweeping at once skip each other's rows
         )
         with _translated("sweep"):
             async with self.engine.begin() as conn:
