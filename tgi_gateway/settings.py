@@ -106,6 +106,12 @@ class Settings(BaseSettings):
     )
     workers: int = Field(1, ge=1, le=64, description="server processes, one CPU core each")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="largest request body, 413 above")
+    # The flag is --no-grammar: the description is its help (tgi_gateway/grammar/, docs/operations.md).
+    grammar: Annotated[bool, Flag("--no-grammar", "store_false")] = Field(
+        True,
+        description="never send TGI a grammar (for a TGI started with --disable-grammar-support): tool "
+        "choices rely on the prompt alone, a JSON response_format is refused",
+    )
 
     # Connection limits (tgi_gateway/server/http_protocol.py; docs/operations.md, "Connection limits"). ------
     max_head_bytes: Annotated[int, Flag(metavar="BYTES", group=CONNECTIONS)] = Field(

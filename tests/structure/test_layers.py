@@ -17,11 +17,12 @@ ALLOWED: dict[str, set[str]] = {
     "prompting": {"errors"},
     "stop_sequences": {"prompting"},
     "streaming": {"prompting", "stop_sequences"},
+    "grammar": {"errors", "prompting"},
     "settings": {"prompting"},
     "api": {"errors", "prompting", "settings"},
     "tgi": {"errors", "__init__"},
     "container_manager": {"errors"},
-    "server": {"errors", "prompting", "streaming", "api", "tgi", "settings", "__init__"},
+    "server": {"errors", "prompting", "grammar", "streaming", "api", "tgi", "settings", "__init__"},
     "cli": {"errors", "prompting", "settings", "container_manager", "server"},
     "__init__": set(),
 }

@@ -22,7 +22,7 @@ TGI's rules differ from OpenAI's in ways that matter:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import ContextLengthExceededError, InvalidRequestError
@@ -53,12 +53,6 @@ def check_supported(req: ChatCompletionRequest) -> None:
         raise InvalidRequestError("logprobs are not supported by this gateway.", param="logprobs")
     if req.logit_bias:
         raise InvalidRequestError("logit_bias is not supported by TGI.", param="logit_bias")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise InvalidRequestError(
-            f"response_format {req.response_format.type!r} is not supported; Functionary answers with text "
-            "and tool calls.",
-            param="response_format",
-        )
     stops = req.stop_list
     if len(stops) > MAX_CLIENT_STOPS:
         raise InvalidRequestError(
@@ -90,9 +84,13 @@ def prompt_token_limit(req: ChatCompletionRequest, max_input_tokens: int, max_to
 
 
 def tgi_parameters(
-    req: ChatCompletionRequest, template_stops: Sequence[str], max_stop_sequences: int
+    req: ChatCompletionRequest,
+    template_stops: Sequence[str],
+    max_stop_sequences: int,
+    grammar: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The `parameters` object of a TGI generate request for `req` (already checked)."""
+    """The `parameters` object of a TGI generate request for `req` (already checked), with TGI's
+    `grammar` when one constrains the answer (:func:`tgi_gateway.grammar.constrain`)."""
     greedy = req.temperature == 0
     params: dict[str, Any] = {"details": True, "do_sample": not greedy}
     if not greedy:
@@ -112,4 +110,6 @@ def tgi_parameters(
         params["repetition_penalty"] = req.repetition_penalty
     stops = list(dict.fromkeys([*template_stops, *req.stop_list]))
     params["stop"] = stops[: max(0, max_stop_sequences)]
+    if grammar is not None:
+        params["grammar"] = grammar
     return params

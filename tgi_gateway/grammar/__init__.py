@@ -76,7 +76,7 @@ from ..prompting.types import ChatPrompt, Function, NamedChoice, Version
 from . import schemas
 from .schemas import NO_ARGUMENTS, Unexpressible, any_object_regex, prepare, schema_regex
 
-__all__ = ["Constraint", "Unexpressible", "constrain", "clear_caches"]
+__all__ = ["Constraint", "Unexpressible", "clear_caches", "constrain"]
 
 _SEP_V2 = "\n<|from|>assistant\n<|recipient|>"
 _SEP_LLAMA3 = "<|reserved_special_token_249|>"
@@ -220,7 +220,7 @@ def _decide(prompt: ChatPrompt, version: Version, fmt: _Format | None, parallel:
                 return Constraint(grammar)
             return _regex(syntax.named.format(name=function.name, args="\0"), _arguments(function))
         if choice == "required":
-            calls = _calls(prompt, syntax, version, lead=syntax.required_lead, parallel=parallel)
+            calls = _calls(prompt, syntax, version, auto=False, parallel=parallel)
             return Constraint({"type": "regex", "value": calls})
         assert fmt is not None  # "auto"/"none" without a format returned earlier
         text = _text(fmt)
@@ -228,7 +228,7 @@ def _decide(prompt: ChatPrompt, version: Version, fmt: _Format | None, parallel:
             if fmt.schema is not None and (grammar := _json_grammar(fmt.schema)) is not None:
                 return Constraint(grammar)
             return Constraint({"type": "regex", "value": text})
-        calls = _calls(prompt, syntax, version, lead=syntax.auto_lead, parallel=parallel)
+        calls = _calls(prompt, syntax, version, auto=True, parallel=parallel)
         return Constraint({"type": "regex", "value": f"{_literal(syntax.text_lead)}{text}|{calls}"})
     except _Unconstrained as exc:
         return Constraint(None, str(exc))
@@ -299,18 +299,18 @@ def _arguments(function: Function) -> str:
         ) from None
 
 
-def _calls(prompt: ChatPrompt, syntax: _Syntax, version: Version, *, lead: str, parallel: bool) -> str:
+def _calls(prompt: ChatPrompt, syntax: _Syntax, version: Version, *, auto: bool, parallel: bool) -> str:
     """One call or several (`parallel`), each a function of the prompt's with its arguments."""
+    lead = syntax.auto_lead if auto else syntax.required_lead
     branches = [_one_call(syntax, f.name, _arguments(f)) for f in prompt.functions]
-    if prompt.has_code_interpreter and syntax.python is not None and not (
-        version is Version.V3_LLAMA31 and lead == syntax.required_lead
-    ):
+    if prompt.has_code_interpreter and syntax.python is not None:
         branches.append(_literal(syntax.python) + _CODE)
     call = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
-    if version is Version.V3_LLAMA31 and prompt.has_code_interpreter and lead == syntax.auto_lead:
-        # Llama 3.1's code interpreter call is not a <function=…>: its own branch.
-        return f"(?:{_literal(lead)}{call}{_more(syntax, call, parallel)}|{_literal('<|python_tag|>')}{_CODE})"
-    return f"(?:{_literal(lead)}{call}{_more(syntax, call, parallel)})"
+    calls = f"{_literal(lead)}{call}{_more(syntax, call, parallel)}"
+    if version is Version.V3_LLAMA31 and prompt.has_code_interpreter and auto:
+        # Llama 3.1's code interpreter call is not a <function=…> (under required, the prefix is).
+        calls += f"|{_literal('<|python_tag|>')}{_CODE}"
+    return f"(?:{calls})"
 
 
 def _more(syntax: _Syntax, call: str, parallel: bool) -> str:

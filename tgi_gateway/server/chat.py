@@ -62,6 +62,7 @@ from ..errors import (
     TGIValidationError,
     UpstreamError,
 )
+from ..grammar import constrain
 from ..prompting import ChatPrompt, Template, normalize
 from ..settings import Settings
 from ..streaming import SSE_DONE, Answer, ResponseContext, chat_completion, encode_sse
@@ -134,7 +135,7 @@ class Gateway:
         rec.model, rec.stream = req.model, bool(req.stream)
         self.check_model(req.model)
         check_supported(req)
-        prompt, inputs = await until_disconnect(request, self._admit(request, req))
+        prompt, inputs, grammar = await until_disconnect(request, self._admit(request, req))
         ctx = ResponseContext.for_prompt(
             prompt,
             self.settings.model_name,
@@ -151,13 +152,13 @@ class Gateway:
                     first = await tokens.batch()  # TGI's request errors arrive here: still an HTTP error
                     return stack.pop_all(), tokens, first
 
-            stack, tokens, first = await self._upstream(request, req, rec, open_stream)
+            stack, tokens, first = await self._upstream(request, req, rec, open_stream, grammar)
             body = partial(self._stream, tokens=tokens, batch=first, answer=answer, ctx=ctx, rec=rec)
             return EventStreamResponse(
                 body, on_close=partial(_close_upstream, stack, tokens), headers=SSE_HEADERS
             )
 
-        generation = await self._upstream(request, req, rec, partial(self.client.generate, inputs))
+        generation = await self._upstream(request, req, rec, partial(self.client.generate, inputs), grammar)
         rec.first_token_at = time.perf_counter()  # telemetry: the whole answer arrived at once
         rec.prompt_tokens, rec.completion_tokens = generation.input_length, generation.generated_tokens
         for text, special in _pieces(generation.tokens):
@@ -168,9 +169,12 @@ class Gateway:
             chat_completion(ctx, message, generation.input_length or 0, generation.generated_tokens)
         )
 
-    async def _admit(self, request: Request, req: ChatCompletionRequest) -> tuple[ChatPrompt, str]:
-        """The request's prompt and its text: normalised, TGI's limits read, rendered within them. On the
-        event loop for a body up to INLINE_BODY_BYTES, in the admission thread otherwise."""
+    async def _admit(
+        self, request: Request, req: ChatCompletionRequest
+    ) -> tuple[ChatPrompt, str, dict[str, Any] | None]:
+        """The request's prompt, its text and TGI's grammar: normalised, constrained (`grammar.constrain`),
+        TGI's limits read, rendered within them. On the event loop for a body up to INLINE_BODY_BYTES, in
+        the admission thread otherwise."""
         length = request.headers.get("content-length", "")
         inline = length.isdigit() and int(length) <= INLINE_BODY_BYTES
 
@@ -187,10 +191,22 @@ class Gateway:
             "function_call": req.function_call,
         }
         prompt = await run(partial(normalize, body))
+        constraint = await run(
+            partial(
+                constrain,
+                prompt,
+                self.template.version,
+                req.response_format.model_dump() if req.response_format is not None else None,
+                parallel_tool_calls=req.parallel_tool_calls is not False,
+                enabled=self.settings.grammar,
+            )
+        )
+        if constraint.warning:
+            logger.warning("%s", constraint.warning)
         info = await self.info()  # before rendering: a prompt that cannot fit is not rendered in full
         check_token_budget(req, info.max_total_tokens)
         limit = prompt_token_limit(req, info.max_input_tokens, info.max_total_tokens)
-        return prompt, await run(partial(self.template.render, prompt, max_tokens=limit))
+        return prompt, await run(partial(self.template.render, prompt, max_tokens=limit)), constraint.grammar
 
     async def _upstream(
         self,
@@ -198,6 +214,7 @@ class Gateway:
         req: ChatCompletionRequest,
         rec: RequestRecord,
         call_tgi: Callable[[dict[str, Any]], Awaitable[T]],
+        grammar: dict[str, Any] | None = None,
     ) -> T:
         """``call_tgi(parameters)`` with TGI's limits applied, raced against the client's disconnect
         (→ ClientDisconnected, and ``call_tgi`` is cancelled: its TGI request closed).
@@ -213,7 +230,7 @@ class Gateway:
                 info = await self.info()
                 check_token_budget(req, info.max_total_tokens)
                 return await call_tgi(
-                    tgi_parameters(req, self.template.stop_sequences, info.max_stop_sequences)
+                    tgi_parameters(req, self.template.stop_sequences, info.max_stop_sequences, grammar)
                 )
             finally:
                 rec.upstream_wait += time.perf_counter() - waiting  # telemetry
