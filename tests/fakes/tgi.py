@@ -44,6 +44,13 @@ It serves what the gateway calls, with the bytes, status codes and error bodies 
   true (``skip_special_tokens=True``) while each token event carries its literal text and ``special``.
   ``seed`` is echoed only when sampling (``do_sample``, which defaults to true when ``parameters`` is
   absent, ``temperature`` != 1, ``top_k``, ``top_p`` < 1), a random u64 when the request has none.
+* ``grammar`` as TGI validates it: serde's shape (``{"type": json|json_object|json_schema|regex, "value"}``),
+  then ``grammar is not supported`` when ``config.disable_grammar_support``; a JSON schema must pass draft
+  2020-12 meta-validation and have a top-level ``properties`` (``grammar is not valid: Grammar must have a
+  'properties' field``) and is turned into a regex by outlines-core. The scripted output is then held to
+  the grammar, as TGI's FSM would hold a model: when the generation ends (not on ``length``), the text
+  before the EOS token (or the stop sequence) must ``re.fullmatch`` it, else the generation fails and an
+  ``AssertionError`` lands in :attr:`FakeTGI.errors`: a test cannot script what no grammar allows.
 * Pacing: the first token at once, each next one ``config.token_delay`` s after the previous one was due.
 * Faults: the script markers ``Pause(seconds)``, ``Gate`` (held until ``gate.open()``, from any thread),
   ``Fail(message)`` (``Request failed during generation: ...``), ``Incomplete`` (``Incomplete generation
@@ -62,7 +69,7 @@ Not modelled (the gateway does not use it)
 
 * The other routes (``/``, ``/ping``, ``/tokenize``, ``/metrics``, ``/v1/*``, ...): an empty 404 (405 for
   a known path with another method). TGI's ``date``/CORS headers, ``Expect: 100-continue``.
-* The parameters ``best_of``, ``decoder_input_details``, ``grammar``, ``return_full_text``,
+* The parameters ``best_of``, ``decoder_input_details``, ``return_full_text``,
   ``top_n_tokens``, ``truncate``, ``typical_p``, ``watermark``, ``adapter_id``: a request that sets one
   (to anything but null/false) is refused with a 501 naming it, and a ``NotImplementedError`` in
   :attr:`FakeTGI.errors`, so that a gateway starting to send one fails loudly instead of passing.
@@ -417,10 +424,10 @@ class TGIConfig:
     token_delay: float = 0.0  # between tokens (the first one comes at once)
     keepalive_interval: float | None = 15.0  # ":\n\n" after this long without an event; None: never
     load_delay: float = 0.0  # the port refuses connections this long after start()
-    # Launcher flags that tests/fakes/docker_engine.py passes on; they govern parameters the double does not
-    # model (top_n_tokens, grammar, decoder_input_details), so nothing reads them.
+    # Launcher flags that tests/fakes/docker_engine.py passes on; max_top_n_tokens and enable_prefill_logprobs
+    # govern parameters the double does not model (top_n_tokens, decoder_input_details), so nothing reads them.
     max_top_n_tokens: int = 5
-    disable_grammar_support: bool = False
+    disable_grammar_support: bool = False  # every grammar refused: "grammar is not supported"
     enable_prefill_logprobs: bool = False
 
 
@@ -507,7 +514,7 @@ class _Reply(Exception):
 _KINDS = {"details": "bool", "do_sample": "bool", "frequency_penalty": "?f32", "max_new_tokens": "?u32",
           "repetition_penalty": "?f32", "seed": "?u64", "stop": "seq", "temperature": "?f32", "top_k": "?i32",
           "top_p": "?f32"}  # fmt: skip
-_UNMODELLED = ("adapter_id", "best_of", "decoder_input_details", "grammar", "return_full_text", "top_n_tokens",
+_UNMODELLED = ("adapter_id", "best_of", "decoder_input_details", "return_full_text", "top_n_tokens",
                "truncate", "typical_p", "watermark")  # fmt: skip
 _EXPECTED = {"bool": "a boolean", "f32": "f32", "u32": "u32", "u64": "u64", "i32": "i32", "seq": "a sequence"}
 _RANGES = {"u32": (0, 2**32 - 1), "u64": (0, 2**64 - 1), "i32": (-(2**31), 2**31 - 1)}
@@ -593,6 +600,8 @@ def _extract(request: RecordedRequest, body: bytes, payload_limit: int, errors: 
     for name, kind in _KINDS.items():
         if name in params and (err := _type_error(kind, params[name])) is not None:
             raise shape(f"parameters.{name}{'' if err.startswith('[') else ': '}{err}")
+    if params.get("grammar") is not None and (err := _grammar_shape(params["grammar"])) is not None:
+        raise shape(f"parameters.grammar: {err}")
     for name in _UNMODELLED:
         if params.get(name) not in (None, False):
             errors.append(NotImplementedError(f"the TGI double does not model parameters.{name}"))
@@ -607,6 +616,68 @@ class _Valid:
     stop: list[str]
     details: bool
     seed: int | None  # echoed in details: only when sampling
+    grammar: re.Pattern[str] | None = None  # what the output must match (TGI's FSM would allow nothing else)
+
+
+# lib.rs GrammarType: serde adjacently tagged {"type": ..., "value": ...}; "json_object" is an alias of "json".
+_GRAMMAR_TYPES = ("json", "json_object", "json_schema", "regex")
+
+
+def _grammar_shape(grammar: Any) -> str | None:
+    """serde's complaint about a ``grammar`` that is not a ``GrammarType``, or None."""
+    if not isinstance(grammar, dict):
+        return f"invalid type: {_unexpected(grammar)}, expected adjacently tagged enum GrammarType"
+    kind = grammar.get("type")
+    if kind not in _GRAMMAR_TYPES:
+        if kind is None:
+            return "missing field `type`"
+        return f"unknown variant `{kind}`, expected one of " + ", ".join(f"`{t}`" for t in _GRAMMAR_TYPES)
+    if "value" not in grammar:
+        return "missing field `value`"
+    value = grammar["value"]
+    if kind == "regex" and not isinstance(value, str):
+        return f"invalid type: {_unexpected(value)}, expected a string"
+    if kind == "json_schema" and not (isinstance(value, dict) and "schema" in value):
+        return "missing field `schema`" if isinstance(value, dict) else f"invalid type: {_unexpected(value)}"
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _compile_grammar(regex: str) -> re.Pattern[str]:
+    return re.compile(regex)
+
+
+def _grammar(c: TGIConfig, grammar: dict) -> re.Pattern[str]:
+    """validation.rs: a grammar is refused when TGI runs with --disable-grammar-support; a JSON schema must
+    pass draft 2020-12 meta-validation and have a top-level ``properties``, and is turned into a regex with
+    outlines-core (TGI's router uses the Rust crate of the same project); a regex is taken as is."""
+    if c.disable_grammar_support:
+        raise _validation("grammar is not supported")
+    kind, value = grammar["type"], grammar["value"]
+    if kind == "regex":
+        try:
+            return _compile_grammar(value)
+        except re.error as e:  # TGI's shard would fail to build its FSM
+            raise _generation(f"the grammar regex does not compile: {e}") from None
+    schema = value["schema"] if kind == "json_schema" else value
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise _validation(f"grammar is not valid: {e}") from None
+    import jsonschema  # the test extras: only a grammar needs it
+    from outlines_core.json_schema import build_regex_from_schema
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise _validation(f"grammar is not valid: {e.message}") from None
+    if not isinstance(schema, dict) or "properties" not in schema:
+        raise _validation("grammar is not valid: Grammar must have a 'properties' field")
+    try:
+        return _compile_grammar(build_regex_from_schema(json.dumps(schema)))
+    except ValueError as e:
+        raise _validation(f"cannot compile regex from schema: {e}") from None
 
 
 # TGI's per-parameter rules, in validation.rs's order: (parameter, refused when, message)
@@ -649,7 +720,8 @@ def _validate(c: TGIConfig, inputs: str, params: dict | None) -> _Valid:
         or (top_p is not None and top_p < 1.0)
     )
     seed = (p["seed"] if p.get("seed") is not None else random.getrandbits(64)) if sampling else None
-    return _Valid(input_length, cap, stop, bool(p.get("details")), seed)
+    grammar = _grammar(c, p["grammar"]) if p.get("grammar") is not None else None
+    return _Valid(input_length, cap, stop, bool(p.get("details")), seed, grammar)
 
 
 # --------------------------------------------------------------------------------------------
@@ -958,6 +1030,8 @@ class _Generation:
     # ---- the ends
     def finish(self, reason: str) -> None:
         record, valid, toks = self.record, self.valid, self.record.tokens
+        if valid.grammar is not None and reason != "length":
+            self.check_grammar(valid.grammar, reason)
         n, text = len(toks), "".join(t.text for t in toks if not t.skipped)
         record.finish_reason, record.generated_text = reason, text
         self.end("completed")
@@ -980,6 +1054,18 @@ class _Generation:
                    "x-inference-time": int(inference * 1000), "x-time-per-token": int(inference * 1000 / n),
                    "x-prompt-tokens": valid.input_length, "x-generated-tokens": n}  # fmt: skip
         self.conn.respond(200, body + b"}", "application/json", [(k, str(v)) for k, v in headers.items()])
+
+    def check_grammar(self, grammar: re.Pattern[str], reason: str) -> None:
+        """A model under a grammar can only write what it matches, then EOS: a script that does otherwise
+        is a wrong test (an AssertionError in :attr:`FakeTGI.errors`, and the generation fails)."""
+        toks = self.record.tokens
+        text = "".join(t.text for t in (toks[:-1] if reason == "eos_token" else toks))
+        if reason == "stop_sequence":
+            text = text[: -len(next(s for s in self.stops if self.window.endswith(s)))]
+        if grammar.fullmatch(text) is None:
+            message = f"the scripted output {text[:200]!r} does not match the request's grammar"
+            self.fake.errors.append(AssertionError(message))
+            raise _generation(message)
 
     def fail(self, e: _InferError) -> None:
         """TGI's error: one event that ends the stream, or a JSON answer with its status."""
