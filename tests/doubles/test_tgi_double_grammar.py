@@ -63,8 +63,8 @@ def test_an_output_cut_by_the_token_limit_is_not_checked() -> None:
         ({"type": "json", "value": {"type": 5, "properties": {}}}, 422, V + "grammar is not valid: "),
         ({"type": "json", "value": "{not json"}, 422, V + "grammar is not valid: "),
         ({"type": "json", "value": {"properties": {"a": {"not": {}}}}}, 422, V + "cannot compile regex from schema"),
-        ({"type": "yaml", "value": "x"}, 422, "Failed to deserialize the JSON body into the target type: "
-         "parameters.grammar: unknown variant `yaml`"),
+        ({"type": "yaml", "value": "x"}, 422,
+         "Failed to deserialize the JSON body into the target type: parameters.grammar: unknown variant `yaml`"),
         ({"type": "regex"}, 422, "parameters.grammar: missing field `value`"),
         ({"type": "regex", "value": 5}, 422, "parameters.grammar: invalid type: integer `5`, expected a string"),
     ],
