@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import jsonschema
 import pytest
@@ -156,27 +156,35 @@ def test_the_same_request_gets_the_same_grammar_built_or_remembered(version: Ver
 # --------------------------------------------------------------------------------------------------------
 
 PARIS, THREE, OK = '{"city": "Paris"}', '{"n": 3}', '{"ok": true}'
-# Per version: one call, the text branch of auto, the call branch of auto, what follows a call.
+
+
+class Syntax(NamedTuple):
+    """A version's call syntax after the generation prefix, as FORMATS.md writes it."""
+
+    call: str  # one call, "{name}" and "{args}" to fill
+    then: str | None  # between two calls (None: one call per turn)
+    auto_call: str  # what the call branch starts with under auto
+    text: str  # what the text branch starts with under auto
+    eos: str  # the tokenizer's end of sequence, which TGI allows once the grammar is complete
+
+
 SYNTAX = {
-    Version.V1: dict(call="\n<|START_OF_FUNCTION_CALL|>{name}:\n{args}", then=None, auto_call="", text="",
-                     eos="</s>"),
-    Version.V2: dict(call="{name}\n<|content|>{args}", then="\n<|from|>assistant\n<|recipient|>", auto_call="",
-                     text="all\n<|content|>", eos="</s>"),
-    Version.V2_LLAMA3: dict(call="{name}\n{args}", then="<|reserved_special_token_249|>",
-                            auto_call="<|reserved_special_token_249|>", text="", eos="<|eot_id|>"),
-    Version.V3_LLAMA3: dict(call="{name}\n{args}", then=">>>", auto_call="", text="all\n",
-                            eos="<|eot_id|>"),
-    Version.V3_LLAMA31: dict(call="{name}>{args}</function>", then="<function=", auto_call="<function=", text="",
-                             eos="<|eot_id|>"),
+    Version.V1: Syntax("\n<|START_OF_FUNCTION_CALL|>{name}:\n{args}", None, "", "", "</s>"),
+    Version.V2: Syntax("{name}\n<|content|>{args}", "\n<|from|>assistant\n<|recipient|>", "", "all\n<|content|>",
+                       "</s>"),
+    Version.V2_LLAMA3: Syntax("{name}\n{args}", "<|reserved_special_token_249|>", "<|reserved_special_token_249|>",
+                              "", "<|eot_id|>"),
+    Version.V3_LLAMA3: Syntax("{name}\n{args}", ">>>", "", "all\n", "<|eot_id|>"),
+    Version.V3_LLAMA31: Syntax("{name}>{args}</function>", "<function=", "<function=", "", "<|eot_id|>"),
 }  # fmt: skip
 
 
 def call(version: Version, name: str, args: str) -> str:
-    return SYNTAX[version]["call"].format(name=name, args=args)
+    return SYNTAX[version].call.format(name=name, args=args)
 
 
 def calls(version: Version, *pairs: tuple[str, str]) -> str:
-    return SYNTAX[version]["then"].join(call(version, n, a) for n, a in pairs)
+    return SYNTAX[version].then.join(call(version, n, a) for n, a in pairs)
 
 
 def judge(version: Version, case: str, output: str) -> bool:
@@ -192,7 +200,7 @@ def judge(version: Version, case: str, output: str) -> bool:
 def message(version: Version, case: str, output: str) -> tuple[str, list[tuple[str, str]]]:
     """(content, [(name, arguments)]) the parser makes of the prompt's prefix + `output` + EOS."""
     prompt = normalize({"messages": USER, **CASES[case]})
-    events = Template(version).parse(prompt, [(output, False), (SYNTAX[version]["eos"], True)])
+    events = Template(version).parse(prompt, [(output, False), (SYNTAX[version].eos, True)])
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
     found: dict[int, list[str]] = {}
     for e in events:
@@ -219,7 +227,7 @@ def referee(name: str, text: str) -> bool:
 @pytest.mark.parametrize("version", list(Version))
 def test_response_format_accepts_the_schema_and_nothing_else(version: Version) -> None:
     for case in ("json_schema", "auto_json_schema"):
-        lead = SYNTAX[version]["text"] if case == "auto_json_schema" else ""
+        lead = SYNTAX[version].text if case == "auto_json_schema" else ""
         for output, ok in [(OK, True), ('{"ok":false}', True), ('{"ok": "yes"}', False), ('{"no": true}', False),
                            ("Sure! " + OK, False), ("", False)]:  # fmt: skip
             assert judge(version, case, lead + output) is ok, (case, output)
@@ -254,18 +262,18 @@ def test_required_accepts_calls_of_the_list_with_their_arguments(version: Versio
                   "I cannot call tools."):  # fmt: skip
         assert not judge(version, "required", wrong), wrong
     assert not referee("get_weather", '{"city": 7}') and not referee("count", PARIS)
-    if SYNTAX[version]["then"] is None:
+    if SYNTAX[version].then is None:
         return  # v1: one call per turn
-    two = one + SYNTAX[version]["then"] + call(version, "count", THREE)
+    two = one + SYNTAX[version].then + call(version, "count", THREE)
     assert judge(version, "required", two)
     assert not judge(version, "required_one", two)  # parallel_tool_calls: false
     assert message(version, "required", two) == ("", [("get_weather", PARIS), ("count", THREE)])
-    assert not judge(version, "required", one + SYNTAX[version]["then"] + call(version, "count", '{"n": 1.5}'))
+    assert not judge(version, "required", one + SYNTAX[version].then + call(version, "count", '{"n": 1.5}'))
 
 
 @pytest.mark.parametrize("version", list(Version))
 def test_auto_with_response_format_is_the_schema_or_calls(version: Version) -> None:
-    calls_branch = SYNTAX[version]["auto_call"] + call(version, "count", THREE)
+    calls_branch = SYNTAX[version].auto_call + call(version, "count", THREE)
     assert judge(version, "auto_json_schema", calls_branch)
     assert message(version, "auto_json_schema", calls_branch) == ("", [("count", THREE)])
     assert not judge(version, "auto_json_schema", calls_branch.replace("count", "counter"))
