@@ -14,8 +14,9 @@ the schema's order), after three steps of its own (STRUCTURED_OUTPUTS.md §6):
    ``properties``, ``$defs``, ``enum`` and ``const`` are names and data, not keywords.
 2. **Rewrite** what outlines-core would refuse or get wrong although the schema is fine: ``format``
    ``duration``/``hostname``/``ipv4``/``ipv6`` (in OpenAI's strict subset; outlines-core raises) become the
-   equivalent ``pattern``; a node with annotations only (``{"description": …}``: any value) becomes
-   ``{}``; an object with ``additionalProperties: false`` and no ``properties`` becomes
+   equivalent ``pattern``; a node with annotations only (``{"description": …}``) or none (``{}``), any
+   value, becomes the list of every JSON type (outlines-core refuses the first and writes an ungrouped
+   alternation for the second, which breaks the regex around it); an object with ``additionalProperties: false`` and no ``properties`` becomes
    ``"properties": {}`` (only ``{}``); local ``$ref``\\ s are inlined.
 3. **Build** the regex; outlines-core's own ``ValueError`` is a keyword the regex cannot express too.
 
@@ -81,6 +82,10 @@ _FORMAT_PATTERNS = {
 # TGI's router (outlines-core rev ba10c619) knows fewer formats: a schema using another is sent as our regex.
 _TGI_FORMATS = frozenset({"date-time", "date", "time", "uuid"})
 
+# Any JSON value. outlines-core's own "{}" regex is an unparenthesised alternation, which breaks the regex
+# of the object around it (``{"a": {}}`` matches almost nothing): this spelling is grouped.
+_ANY_VALUE: dict[str, Any] = {"type": ["string", "number", "boolean", "null", "object", "array"]}
+
 _CACHE_SIZE = 1024
 
 
@@ -125,7 +130,7 @@ def _walk(node: Any, where: str, state: dict[str, bool]) -> Any:
     if isinstance(node, bool):  # true/false schemas: outlines-core has no dispatch for them
         if node:
             state["changed"] = True
-            return {}
+            return dict(_ANY_VALUE)
         raise Unexpressible("false", where, "a schema that accepts nothing")
     if not isinstance(node, Mapping):
         raise Unexpressible("schema", where, f"expected a schema object, got {type(node).__name__}")
@@ -157,9 +162,10 @@ def _walk(node: Any, where: str, state: dict[str, bool]) -> Any:
                 name: _walk(sub, f"{where}/{key}/{_escape(name)}", state) for name, sub in node[key].items()
             }
     if not any(key in out for key in _DISPATCH):
-        if out:  # annotations only: any value (outlines-core raises "Unsupported JSON Schema structure")
-            state["changed"] = True
-        return {}
+        # {} or annotations only: any value (outlines-core raises "Unsupported JSON Schema structure" for
+        # annotations, and writes a regex for {} that breaks its parent's)
+        state["changed"] = True
+        return dict(_ANY_VALUE)
     if out.get("type") == "object" and "properties" not in out and out.get("additionalProperties") is False:
         out["properties"] = {}  # outlines-core raises on additionalProperties false without properties
         state["changed"] = True
