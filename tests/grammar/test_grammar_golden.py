@@ -60,13 +60,13 @@ GOLDEN: dict[Version, dict[str, tuple[str, dict[str, Any] | None]]] = {
     Version.V1: {
         "json_schema": ("assistant:", {"type": "json", "value": ANSWER}),
         "json_object": ("assistant:", regex(f"(?:{ANY})")),
-        "named": ("assistant:", regex(rf"\n<\|START_OF_FUNCTION_CALL\|>get_weather:\n(?:{W})")),
+        "named": ("assistant:", regex(rf"\n?<\|START_OF_FUNCTION_CALL\|>get_weather:\n(?:{W})")),
         "required": ("assistant:", regex(
-            rf"(?:\n<\|START_OF_FUNCTION_CALL\|>(?:get_weather:\n(?:{W})|count:\n(?:{N})))")),
+            rf"(?:\n?<\|START_OF_FUNCTION_CALL\|>(?:get_weather:\n(?:{W})|count:\n(?:{N})))")),
         "required_one": ("assistant:", regex(
-            rf"(?:\n<\|START_OF_FUNCTION_CALL\|>(?:get_weather:\n(?:{W})|count:\n(?:{N})))")),
+            rf"(?:\n?<\|START_OF_FUNCTION_CALL\|>(?:get_weather:\n(?:{W})|count:\n(?:{N})))")),
         "auto_json_schema": ("assistant:", regex(
-            rf"(?:{K})|(?:\n<\|START_OF_FUNCTION_CALL\|>(?:get_weather:\n(?:{W})|count:\n(?:{N})))")),
+            rf"(?:{K})|(?:\n?<\|START_OF_FUNCTION_CALL\|>(?:get_weather:\n(?:{W})|count:\n(?:{N})))")),
     },
     Version.V2: {
         "json_schema": ("<|recipient|>all\n<|content|>", {"type": "json", "value": ANSWER}),

@@ -95,26 +95,28 @@ class Constraint:
 
 @dataclass(frozen=True, slots=True)
 class _Syntax:
-    """One version's call syntax, as regex-ready literal texts (see the module docstring)."""
+    """One version's call syntax, as literal texts (see the module docstring)."""
 
-    call: str  # one call, "{name}" and "{args}" to fill (literal parts unescaped)
+    call: str  # one call, "{name}" and "{args}" to fill
     between: str | None  # between two calls; None: one call per turn
     required_lead: str  # what the answer starts with under required, after the prefix
     auto_lead: str  # what the call branch starts with under auto
     text_lead: str  # what the text branch starts with under auto (after the auto prefix)
-    named: str  # the answer under a named choice, after the prefix: "{args}" to fill
+    named: (
+        str  # the answer under a named choice, after the prefix: "{args}" to fill, "{call}" for a whole call
+    )
     python: str | None  # the code interpreter's call under auto/required; None: not possible
+    lead_newline_optional: bool = False  # v1: the "\n" after "assistant:" may be left out
 
 
 _SYNTAX: dict[Version, _Syntax] = {
-    Version.V1: _Syntax("{name}:\n{args}", None, _V1_CALL, _V1_CALL, "", _V1_CALL + "{name}:\n{args}", "python:\n"),
+    Version.V1: _Syntax("{name}:\n{args}", None, _V1_CALL, _V1_CALL, "", "{call}", "python:\n", True),
     Version.V2: _Syntax("{name}\n<|content|>{args}", _SEP_V2, "", "", "all\n<|content|>", "{args}", "python\n<|content|>"),
     Version.V2_LLAMA3: _Syntax("{name}\n{args}", _SEP_LLAMA3, "", _SEP_LLAMA3, "", "{args}", "python\n"),
     Version.V3_LLAMA3: _Syntax("{name}\n{args}", ">>>", "", "", "all\n", "{args}", "python\n"),
     Version.V3_LLAMA31: _Syntax("{name}>{args}</function>", "<function=", "", "<function=", "", "{args}</function>",
                                 None),
 }  # fmt: skip
-# Where the named answer is the bare arguments, a schema TGI takes as is is sent as a JSON grammar.
 _NAMED_IS_BARE = {v for v, s in _SYNTAX.items() if s.named == "{args}"}
 
 
@@ -218,7 +220,13 @@ def _decide(prompt: ChatPrompt, version: Version, fmt: _Format | None, parallel:
             function = next(f for f in prompt.functions if f.name == choice.name)
             if version in _NAMED_IS_BARE and (grammar := _json_grammar(function.parameters)) is not None:
                 return Constraint(grammar)
-            return _regex(syntax.named.format(name=function.name, args="\0"), _arguments(function))
+            if syntax.named == "{call}":  # v1: no prefix, the whole call
+                return Constraint({"type": "regex", "value": _lead(syntax, syntax.required_lead)
+                                   + _one_call(syntax, function.name, _arguments(function))})  # fmt: skip
+            literal, _, rest = syntax.named.partition("{args}")
+            return Constraint(
+                {"type": "regex", "value": _literal(literal) + _arguments(function) + _literal(rest)}
+            )
         if choice == "required":
             calls = _calls(prompt, syntax, version, auto=False, parallel=parallel)
             return Constraint({"type": "regex", "value": calls})
@@ -245,11 +253,6 @@ def _literal(text: str) -> str:
 
 class _Unconstrained(Exception):
     """A non-strict schema the grammar cannot express: the request goes without a grammar."""
-
-
-def _regex(template: str, args: str) -> Constraint:
-    literal, _, rest = template.partition("\0")
-    return Constraint({"type": "regex", "value": _literal(literal) + args + _literal(rest)})
 
 
 def _json_grammar(schema: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -306,11 +309,17 @@ def _calls(prompt: ChatPrompt, syntax: _Syntax, version: Version, *, auto: bool,
     if prompt.has_code_interpreter and syntax.python is not None:
         branches.append(_literal(syntax.python) + _CODE)
     call = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
-    calls = f"{_literal(lead)}{call}{_more(syntax, call, parallel)}"
+    calls = f"{_lead(syntax, lead)}{call}{_more(syntax, call, parallel)}"
     if version is Version.V3_LLAMA31 and prompt.has_code_interpreter and auto:
         # Llama 3.1's code interpreter call is not a <function=…> (under required, the prefix is).
         calls += f"|{_literal('<|python_tag|>')}{_CODE}"
     return f"(?:{calls})"
+
+
+def _lead(syntax: _Syntax, lead: str) -> str:
+    if syntax.lead_newline_optional and lead.startswith("\n"):
+        return "\\n?" + _literal(lead[1:])
+    return _literal(lead)
 
 
 def _more(syntax: _Syntax, call: str, parallel: bool) -> str:
