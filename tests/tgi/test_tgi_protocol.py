@@ -422,7 +422,9 @@ MESSAGES = [
 def test_a_tgi_without_grammar_support_is_the_clients_400_naming_the_way_out():
     for status in (422, None):  # /generate's answer, a stream's first event
         error = map_tgi_error("validation", "Input validation error: grammar is not supported", status)
-        assert_error(error, TGIValidationError, 400, "invalid_request_error", "grammar_disabled", "response_format")
+        assert_error(
+            error, TGIValidationError, 400, "invalid_request_error", "grammar_disabled", "response_format"
+        )
         assert error.headers == {"x-should-retry": "false"}
 
 
