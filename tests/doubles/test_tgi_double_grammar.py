@@ -88,3 +88,10 @@ def test_a_tgi_started_with_disable_grammar_support_refuses_every_grammar() -> N
                 assert json.loads(r.text.removeprefix("data: ")) == error
         with httpx.Client(base_url=tgi.url) as c:  # no grammar: served as usual
             assert c.post("/generate", json={"inputs": "x"}).status_code == 200
+
+
+def test_enforce_grammar_off_validates_the_grammar_but_not_the_output() -> None:
+    with FakeTGI(script=tokens("prose", special("<|eot_id|>")), enforce_grammar=False) as tgi:
+        assert post(tgi, {"type": "json", "value": SCHEMA}).json()["generated_text"] == "prose"
+        assert post(tgi, {"type": "json", "value": {"type": "object"}}).status_code == 422
+        assert not tgi.errors

@@ -50,7 +50,8 @@ It serves what the gateway calls, with the bytes, status codes and error bodies 
   'properties' field``) and is turned into a regex by outlines-core. The scripted output is then held to
   the grammar, as TGI's FSM would hold a model: when the generation ends (not on ``length``), the text
   before the EOS token (or the stop sequence) must ``re.fullmatch`` it, else the generation fails and an
-  ``AssertionError`` lands in :attr:`FakeTGI.errors`: a test cannot script what no grammar allows.
+  ``AssertionError`` lands in :attr:`FakeTGI.errors`: a test cannot script what no grammar allows
+  (``config.enforce_grammar = False`` for a fixed script that answers every kind of request).
 * Pacing: the first token at once, each next one ``config.token_delay`` s after the previous one was due.
 * Faults: the script markers ``Pause(seconds)``, ``Gate`` (held until ``gate.open()``, from any thread),
   ``Fail(message)`` (``Request failed during generation: ...``), ``Incomplete`` (``Incomplete generation
@@ -428,6 +429,9 @@ class TGIConfig:
     # govern parameters the double does not model (top_n_tokens, decoder_input_details), so nothing reads them.
     max_top_n_tokens: int = 5
     disable_grammar_support: bool = False  # every grammar refused: "grammar is not supported"
+    # the double's knob: hold the scripted output to the request's grammar (off: a test whose fixed script
+    # answers requests of every kind, e.g. fuzzing, where the grammar is validated but the output is not)
+    enforce_grammar: bool = True
     enable_prefill_logprobs: bool = False
 
 
@@ -1030,7 +1034,7 @@ class _Generation:
     # ---- the ends
     def finish(self, reason: str) -> None:
         record, valid, toks = self.record, self.valid, self.record.tokens
-        if valid.grammar is not None and reason != "length":
+        if valid.grammar is not None and reason != "length" and self.fake.config.enforce_grammar:
             self.check_grammar(valid.grammar, reason)
         n, text = len(toks), "".join(t.text for t in toks if not t.skipped)
         record.finish_reason, record.generated_text = reason, text
