@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import time
 from enum import Enum
 from typing import Any, Literal
 
@@ -15,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from tgi_gateway.errors import InvalidRequestError
 from tgi_gateway.grammar import Constraint, constrain
-from tgi_gateway.grammar.schemas import Unexpressible, prepare, schema_regex
+from tgi_gateway.grammar.schemas import MAX_REGEX_CHARS, Unexpressible, estimated_chars, prepare, schema_regex
 from tgi_gateway.prompting import normalize
 from tgi_gateway.prompting.types import Version
 
@@ -262,3 +263,50 @@ def test_legacy_functions_get_one_call() -> None:
     grammar = constrain(prompt, Version.V3_LLAMA3, {"type": "json_object"}).grammar
     assert grammar is not None
     assert re.fullmatch(grammar["value"], "f\n{}") and not re.fullmatch(grammar["value"], "f\n{}>>>f\n{}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Size: what outlines-core would blow up is refused before it is built; the joined grammar is bounded
+# --------------------------------------------------------------------------------------------------------
+
+
+def optional_objects(k: int, depth: int) -> dict[str, Any]:
+    """Objects of `k` properties, none required, `depth` levels deep: outlines-core squares each level."""
+    if depth == 0:
+        return {"type": "string"}
+    return {"type": "object", "properties": {f"p{i}": optional_objects(k, depth - 1) for i in range(k)}}
+
+
+def test_a_schema_whose_regex_would_explode_is_refused_before_it_is_built() -> None:
+    schema = optional_objects(8, 4)  # 131 KB; outlines-core would write 113 MB in 0.6 s
+    start = time.perf_counter()
+    with pytest.raises(
+        InvalidRequestError, match=r"size \(at #\) cannot be enforced.*about 115,557,560 characters"
+    ):
+        text_constraint(fmt(schema))
+    assert time.perf_counter() - start < 0.5
+    assert "without a grammar" in (text_constraint(fmt(schema, strict=False)).warning or "")
+    small = optional_objects(8, 2)  # 87 KB of regex: fine
+    assert len(schema_regex(small)) <= MAX_REGEX_CHARS
+    assert estimated_chars(prepare(small).schema) == pytest.approx(len(schema_regex(small)), rel=0.3)
+
+
+def test_a_ref_bomb_in_response_format_is_refused_within_its_budget() -> None:
+    defs = {f"d{i}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/d{i + 1}"},
+                                                       "b": {"$ref": f"#/$defs/d{i + 1}"}}} for i in range(30)}  # fmt: skip
+    defs["d30"] = {"type": "string"}
+    schema = {"type": "object", "properties": {"x": {"$ref": "#/$defs/d0"}}, "$defs": defs}
+    with pytest.raises(InvalidRequestError, match=r"too large once its \$refs are expanded"):
+        text_constraint(fmt(schema))
+
+
+def test_too_many_tools_for_one_grammar() -> None:
+    big = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(20)}}  # ~7 KB each
+    tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": big}} for i in range(128)]
+    prompt = normalize({"messages": USER, "tools": tools, "tool_choice": "required"})
+    constraint = constrain(prompt, Version.V3_LLAMA3)
+    assert constraint.grammar is None and "more than 524,288" in (constraint.warning or "")
+    tools[0]["function"]["strict"] = True
+    prompt = normalize({"messages": USER, "tools": tools, "tool_choice": "required"})
+    with pytest.raises(InvalidRequestError, match="send fewer or smaller tools"):
+        constrain(prompt, Version.V3_LLAMA3)

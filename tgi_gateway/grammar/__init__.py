@@ -74,7 +74,7 @@ from ..errors import InvalidRequestError
 from ..prompting.lru import LRUCache
 from ..prompting.types import ChatPrompt, Function, NamedChoice, Version
 from . import schemas
-from .schemas import NO_ARGUMENTS, Unexpressible, any_object_regex, prepare, schema_regex
+from .schemas import MAX_REGEX_CHARS, NO_ARGUMENTS, Unexpressible, any_object_regex, prepare, schema_regex
 
 __all__ = ["Constraint", "Unexpressible", "clear_caches", "constrain"]
 
@@ -228,8 +228,7 @@ def _decide(prompt: ChatPrompt, version: Version, fmt: _Format | None, parallel:
                 {"type": "regex", "value": _literal(literal) + _arguments(function) + _literal(rest)}
             )
         if choice == "required":
-            calls = _calls(prompt, syntax, version, auto=False, parallel=parallel)
-            return Constraint({"type": "regex", "value": calls})
+            return _bounded(_calls(prompt, syntax, version, auto=False, parallel=parallel), prompt, fmt)
         assert fmt is not None  # "auto"/"none" without a format returned earlier
         text = _text(fmt)
         if choice == "none":
@@ -237,9 +236,23 @@ def _decide(prompt: ChatPrompt, version: Version, fmt: _Format | None, parallel:
                 return Constraint(grammar)
             return Constraint({"type": "regex", "value": text})
         calls = _calls(prompt, syntax, version, auto=True, parallel=parallel)
-        return Constraint({"type": "regex", "value": f"{_literal(syntax.text_lead)}{text}|{calls}"})
+        return _bounded(f"{_literal(syntax.text_lead)}{text}|{calls}", prompt, fmt)
     except _Unconstrained as exc:
         return Constraint(None, str(exc))
+
+
+def _bounded(regex: str, prompt: ChatPrompt, fmt: _Format | None) -> Constraint:
+    """The regex grammar joining several schemas, unless it is longer than TGI can take: then a 400 when a
+    schema in it is strict, else no grammar and the reason."""
+    if len(regex) <= MAX_REGEX_CHARS:
+        return Constraint({"type": "regex", "value": regex})
+    message = (
+        f"the grammar of these tools would be {len(regex):,} characters, more than {MAX_REGEX_CHARS:,} (TGI's "
+        "request size and its grammar compilation): send fewer or smaller tools"
+    )
+    if any(f.strict for f in prompt.functions) or (fmt is not None and fmt.strict):
+        raise InvalidRequestError(f"Cannot enforce the tool choice: {message}.", param="tools")
+    raise _Unconstrained(f"tool choice sent without a grammar: {message}")
 
 
 _META = re.compile(r"[\\.^$|?*+()\[\]{}]")

@@ -37,12 +37,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from outlines_core.json_schema import build_regex_from_schema
 
 from ..prompting.lru import LRUCache
-from ..prompting.schema import SchemaError, resolve_refs
+from ..prompting.schema import ExpansionBudget, ExpansionError, SchemaError, resolve
 
-__all__ = ["ANY_OBJECT", "NO_ARGUMENTS", "Unexpressible", "any_object_regex", "prepare", "schema_regex"]
+__all__ = [
+    "ANY_OBJECT", "MAX_REGEX_CHARS", "NO_ARGUMENTS", "Unexpressible", "any_object_regex", "estimated_chars",
+    "prepare", "schema_regex",
+]  # fmt: skip
 
 #: The arguments of a function declared without parameters (functionary prints ``() => any``).
 NO_ARGUMENTS = r"\{[ ]?\}"
@@ -88,6 +92,14 @@ _ANY_VALUE: dict[str, Any] = {"type": ["string", "number", "boolean", "null", "o
 
 _CACHE_SIZE = 1024
 
+MAX_REGEX_CHARS = 512 * 1024
+"""The longest grammar the gateway sends. TGI's router takes request bodies up to 2,000,000 bytes by default
+(``--payload-limit``) and its shard compiles a regex into a token automaton in time that grows with it; an honest
+tool's regex is about a thousand characters (docs/performance.md, "Grammar build"). outlines-core's regex
+grows with the *square* of an object's property count when none is required (each property is written
+once per possible first property), and that factor multiplies through nesting: a 131 KB schema (four levels of
+eight optional properties) makes a 113 MB regex. :func:`estimated_chars` bounds it before it is built."""
+
 
 class Unexpressible(ValueError):
     """A schema the grammar cannot express; ``keyword`` names what (``'not'``, ``format 'x'``), ``where``
@@ -115,13 +127,32 @@ def prepare(schema: Mapping[str, Any]) -> Prepared:
         Unexpressible: the first keyword the regex cannot express.
     """
     try:
-        resolved = resolve_refs(dict(schema))
+        size = len(orjson.dumps(schema))
+    except (orjson.JSONEncodeError, TypeError):
+        raise Unexpressible("schema", "#", "not plain JSON, or nested too deeply") from None
+    budget = ExpansionBudget.for_definitions(size, "the schema")
+    try:
+        resolved = resolve(dict(schema), budget)[0]
+    except ExpansionError:
+        raise Unexpressible(
+            "$ref",
+            "#",
+            f"the schema is too large once its $refs are expanded (more than {budget.limit:,} "
+            f"characters: {budget.basis})",
+        ) from None
     except SchemaError as exc:
         raise Unexpressible("$ref", "#", str(exc)) from None
     except RecursionError:
         raise Unexpressible("nesting", "#", "the schema is nested too deeply") from None
     state = {"changed": resolved != schema, "tgi_formats": True}
     out = _walk(resolved, "#", state)
+    if (chars := estimated_chars(out)) > MAX_REGEX_CHARS:
+        raise Unexpressible(
+            "size",
+            "#",
+            f"its regex would be about {chars:,} characters, more than {MAX_REGEX_CHARS:,} (objects "
+            "whose properties are all optional square the size)",
+        )
     portable = not state["changed"] and state["tgi_formats"] and isinstance(out.get("properties"), Mapping)
     return Prepared(out if not portable else dict(schema), portable)
 
@@ -172,6 +203,38 @@ def _walk(node: Any, where: str, state: dict[str, bool]) -> Any:
     return out
 
 
+def estimated_chars(node: Any) -> int:
+    """About the length of outlines-core's regex for `node` (prepared): an object whose properties are all
+    optional writes each property (k + 1) / 2 times on average (once per possible first property it follows);
+    array items and untyped values twice; alternatives once each. Calibrated on outlines-core 0.2.14 (within
+    ±30 % on nested objects); the built regex is measured as well (:func:`schema_regex`)."""
+    if not isinstance(node, Mapping):
+        return 64
+    props = node.get("properties")
+    if isinstance(props, Mapping):
+        each = sum(len(name) + 18 + estimated_chars(value) for name, value in props.items())
+        return 8 + (each * (len(props) + 1) // 2 if props and not node.get("required") else each)
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        if isinstance(node.get(key), list):
+            return 8 + sum(4 + estimated_chars(sub) for sub in node[key])
+    if "enum" in node or "const" in node:
+        return 8 + 2 * len(orjson.dumps(node.get("enum", node.get("const"))))
+    kinds = node.get("type")
+    total = 0
+    for kind in kinds if isinstance(kinds, list) else [kinds]:
+        if kind in ("array", "object"):
+            sub = node.get("items" if kind == "array" else "additionalProperties")
+            total += 16 + (2 * estimated_chars(sub) if isinstance(sub, Mapping) else _UNTYPED_CONTAINER)
+        else:
+            total += _SCALAR_CHARS.get(kind, 64) + 2 * len(str(node.get("pattern", "")))
+    return total
+
+
+# outlines-core's regexes: a scalar's, and an array or object whose values are not typed (any JSON value).
+_SCALAR_CHARS = {"string": 48, "integer": 28, "number": 64, "boolean": 14, "null": 6}
+_UNTYPED_CONTAINER = 8 * 1024
+
+
 def _escape(name: str) -> str:
     return name.replace("~", "~0").replace("/", "~1")
 
@@ -191,9 +254,14 @@ def schema_regex(schema: Mapping[str, Any]) -> str:
 
 def _build(schema: dict[str, Any]) -> str:
     try:
-        return build_regex_from_schema(json.dumps(schema, ensure_ascii=False))
+        regex = build_regex_from_schema(json.dumps(schema, ensure_ascii=False))
     except ValueError as exc:  # outlines-core's message names what it could not do
         raise Unexpressible("schema", "#", str(exc)) from None
+    if len(regex) > MAX_REGEX_CHARS:  # the estimate is an approximation: the bound holds anyway
+        raise Unexpressible(
+            "size", "#", f"its regex is {len(regex):,} characters, more than {MAX_REGEX_CHARS:,}"
+        )
+    return regex
 
 
 def any_object_regex() -> str:
