@@ -310,3 +310,12 @@ def test_too_many_tools_for_one_grammar() -> None:
     prompt = normalize({"messages": USER, "tools": tools, "tool_choice": "required"})
     with pytest.raises(InvalidRequestError, match="send fewer or smaller tools"):
         constrain(prompt, Version.V3_LLAMA3)
+
+
+def test_a_schema_nested_deeper_than_outlines_core_parses_is_unexpressible_not_a_crash() -> None:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(100):  # 200 levels of JSON: outlines-core's parser stops at 128
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    with pytest.raises(InvalidRequestError, match=r"nesting \(at #\) cannot be enforced.*128 levels"):
+        text_constraint(fmt(schema))
+    assert "128 levels" in (text_constraint(fmt(schema, strict=False)).warning or "")

@@ -102,9 +102,8 @@ class _Syntax:
     required_lead: str  # what the answer starts with under required, after the prefix
     auto_lead: str  # what the call branch starts with under auto
     text_lead: str  # what the text branch starts with under auto (after the auto prefix)
-    named: (
-        str  # the answer under a named choice, after the prefix: "{args}" to fill, "{call}" for a whole call
-    )
+    # the answer under a named choice, after the prefix: "{args}" to fill, "{call}" for a whole call
+    named: str
     python: str | None  # the code interpreter's call under auto/required; None: not possible
     lead_newline_optional: bool = False  # v1: the "\n" after "assistant:" may be left out
 
@@ -190,16 +189,19 @@ def constrain(
     if choice == "none" and fmt is None:
         return Constraint()
     parallel = parallel_tool_calls and not prompt.legacy_functions
-    key = orjson.dumps(
-        [
-            version.value,
-            choice if isinstance(choice, str) else ["named", choice.name],
-            parallel,
-            prompt.has_code_interpreter,
-            [[f.name, f.parameters, f.strict] for f in prompt.functions],
-            None if fmt is None else [fmt.schema, fmt.strict],
-        ]
-    )
+    try:
+        key = orjson.dumps(
+            [
+                version.value,
+                choice if isinstance(choice, str) else ["named", choice.name],
+                parallel,
+                prompt.has_code_interpreter,
+                [[f.name, f.parameters, f.strict] for f in prompt.functions],
+                None if fmt is None else [fmt.schema, fmt.strict, fmt.name],
+            ]
+        )
+    except orjson.JSONEncodeError:  # nested deeper than orjson's 255 levels: decided, not remembered
+        return _decide(prompt, version, fmt, parallel)
     return _DECISIONS.get_or_make(key, lambda: _decide(prompt, version, fmt, parallel))
 
 

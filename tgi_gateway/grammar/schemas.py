@@ -257,6 +257,8 @@ def _build(schema: dict[str, Any]) -> str:
         regex = build_regex_from_schema(json.dumps(schema, ensure_ascii=False))
     except ValueError as exc:  # outlines-core's message names what it could not do
         raise Unexpressible("schema", "#", str(exc)) from None
+    except TypeError:  # its JSON parser stops at 128 levels of nesting ("Expected a valid JSON string.")
+        raise Unexpressible("nesting", "#", "the schema is nested more than 128 levels deep") from None
     if len(regex) > MAX_REGEX_CHARS:  # the estimate is an approximation: the bound holds anyway
         raise Unexpressible(
             "size", "#", f"its regex is {len(regex):,} characters, more than {MAX_REGEX_CHARS:,}"
