@@ -15,6 +15,8 @@ TGI's rules differ from OpenAI's in ways that matter:
 * Stop strings: the template's stop tokens first (they end every answer), then the client's, cut to TGI's
   `max_stop_sequences`. The client's sequences are applied by the gateway too (:mod:`.stop_sequences`),
   so one that does not fit is still honoured.
+* `grammar`: TGI's constraint for what the client asked to be exact (`response_format` JSON, a named or
+  `required` tool choice), decided by :func:`tgi_gateway.grammar.constrain` and passed through here.
 * `details: true` always: the stream's final event then carries `input_length` and `generated_tokens`
   (usage), and `/generate`'s answer its `details.tokens` (the per-token texts, special tokens included).
   No BOS is ever in the text: TGI adds it.
