@@ -50,32 +50,34 @@ def regex(value: str) -> dict[str, str]:
     return {"type": "regex", "value": value}
 
 
-SEP_V2 = r"\n<\|from\|>assistant\n<\|recipient\|>"
+SEP_V2 = r"\n<\|from\|>[ ]?assistant\n<\|recipient\|>[ ]?"
 SEP_L3 = r"<\|reserved_special_token_249\|>"
 # The golden table: version → case → (the prompt's last characters, the grammar).
-CALLS_V2 = rf"(?:get_weather\n<\|content\|>(?:{W})|count\n<\|content\|>(?:{N}))"
+CALLS_V2 = rf"(?:get_weather\n<\|content\|>[ ]?(?:{W})|count\n<\|content\|>[ ]?(?:{N}))"
 CALLS_NL = rf"(?:get_weather\n(?:{W})|count\n(?:{N}))"  # v2.llama3 and v3.llama3: "name\nargs"
 CALLS_V31 = rf"(?:get_weather>(?:{W})</function>|count>(?:{N})</function>)"
 GOLDEN: dict[Version, dict[str, tuple[str, dict[str, Any] | None]]] = {
     Version.V1: {
         "json_schema": ("assistant:", {"type": "json", "value": ANSWER}),
         "json_object": ("assistant:", regex(f"(?:{ANY})")),
-        "named": ("assistant:", regex(rf"\n?<\|START_OF_FUNCTION_CALL\|>get_weather:\n(?:{W})")),
+        "named": ("assistant:", regex(rf"\n?<\|START_OF_FUNCTION_CALL\|>[ ]?get_weather:\n(?:{W})")),
         "required": ("assistant:", regex(
-            rf"(?:\n?<\|START_OF_FUNCTION_CALL\|>(?:get_weather:\n(?:{W})|count:\n(?:{N})))")),
+            rf"(?:\n?<\|START_OF_FUNCTION_CALL\|>[ ]?(?:get_weather:\n(?:{W})|count:\n(?:{N})))")),
         "required_one": ("assistant:", regex(
-            rf"(?:\n?<\|START_OF_FUNCTION_CALL\|>(?:get_weather:\n(?:{W})|count:\n(?:{N})))")),
+            rf"(?:\n?<\|START_OF_FUNCTION_CALL\|>[ ]?(?:get_weather:\n(?:{W})|count:\n(?:{N})))")),
         "auto_json_schema": ("assistant:", regex(
-            rf"(?:{K})|(?:\n?<\|START_OF_FUNCTION_CALL\|>(?:get_weather:\n(?:{W})|count:\n(?:{N})))")),
+            rf"(?:{K})|(?:\n?<\|START_OF_FUNCTION_CALL\|>[ ]?(?:get_weather:\n(?:{W})|count:\n(?:{N})))")),
     },
+    # v2 (SentencePiece): an optional space after each marker, the prompt's last <|recipient|> or <|content|>
+    # included, so even its bare JSON is a regex
     Version.V2: {
-        "json_schema": ("<|recipient|>all\n<|content|>", {"type": "json", "value": ANSWER}),
-        "json_object": ("<|recipient|>all\n<|content|>", regex(f"(?:{ANY})")),
-        "named": ("<|recipient|>get_weather\n<|content|>", {"type": "json", "value": WEATHER}),
-        "required": ("<|recipient|>", regex(rf"(?:{CALLS_V2}(?:{SEP_V2}{CALLS_V2})*)")),
-        "required_one": ("<|recipient|>", regex(rf"(?:{CALLS_V2})")),
+        "json_schema": ("<|recipient|>all\n<|content|>", regex(f"[ ]?(?:{K})")),
+        "json_object": ("<|recipient|>all\n<|content|>", regex(f"[ ]?(?:{ANY})")),
+        "named": ("<|recipient|>get_weather\n<|content|>", regex(f"[ ]?(?:{W})")),
+        "required": ("<|recipient|>", regex(rf"[ ]?(?:{CALLS_V2}(?:{SEP_V2}{CALLS_V2})*)")),
+        "required_one": ("<|recipient|>", regex(rf"[ ]?(?:{CALLS_V2})")),
         "auto_json_schema": ("<|recipient|>", regex(
-            rf"all\n<\|content\|>(?:{K})|(?:{CALLS_V2}(?:{SEP_V2}{CALLS_V2})*)")),
+            rf"[ ]?(?:all\n<\|content\|>[ ]?(?:{K})|(?:{CALLS_V2}(?:{SEP_V2}{CALLS_V2})*))")),
     },
     Version.V2_LLAMA3: {
         "json_schema": ("<|end_header_id|>\n\n", {"type": "json", "value": ANSWER}),
@@ -278,3 +280,17 @@ def test_auto_with_response_format_is_the_schema_or_calls(version: Version) -> N
     assert message(version, "auto_json_schema", calls_branch) == ("", [("count", THREE)])
     assert not judge(version, "auto_json_schema", calls_branch.replace("count", "counter"))
     assert not judge(version, "auto_json_schema", "It is sunny in Paris.")
+
+
+def test_sentencepiece_models_may_write_a_space_after_each_marker() -> None:
+    """v1 (Llama 2) and v2 (Mistral) were trained on text after an added token encoded with a leading "▁",
+    which TGI's grammar sees as a space: the regex allows one, and the parsers strip it."""
+    v2_two = ' get_weather\n<|content|> {"city": "Paris"}\n<|from|> assistant\n<|recipient|> count\n<|content|> {"n": 3}'
+    assert judge(Version.V2, "required", v2_two)
+    assert message(Version.V2, "required", v2_two) == ("", [("get_weather", PARIS), ("count", THREE)])
+    assert judge(Version.V2, "named", " " + PARIS) and judge(Version.V2, "json_schema", " " + OK)
+    assert not judge(Version.V2, "named", "  " + PARIS)  # one space, not any whitespace
+    v1_call = '\n<|START_OF_FUNCTION_CALL|> get_weather:\n{"city": "Paris"}'
+    assert judge(Version.V1, "required", v1_call)
+    assert message(Version.V1, "required", v1_call) == ("", [("get_weather", PARIS)])
+    assert not judge(Version.V3_LLAMA3, "required", " " + call(Version.V3_LLAMA3, "count", THREE))  # BPE: no

@@ -14,12 +14,13 @@ tool choice's generation prefix (``render.generation_prefix``; the text prefix w
 choice, response_format            grammar (after the prompt's prefix)
 =================================  ====================================================================
 auto, none                         none: the model stays free to answer in text or call tools
-none (or no tools), json_schema    the text: the schema (JSON grammar when TGI takes it as is, else regex)
+none (or no tools), json_schema    the text: the schema (JSON grammar when TGI takes it as is, else regex;
+                                   regex in v2, see below)
 none (or no tools), json_object    the text: any JSON object (regex: TGI's JSON grammar needs
                                    ``properties``)
 named                              that call's arguments (JSON grammar where the arguments end the
                                    answer, regex where the call syntax goes on: v3-llama3.1
-                                   ``</function>``, v1's call header)
+                                   ``</function>``, v1's call header; v2's leading space)
 required                           one call, or several in the version's syntax (one when
                                    ``parallel_tool_calls`` is false or the client used ``functions``),
                                    each a name of the list with its arguments (regex)
@@ -41,7 +42,10 @@ v3-llama3.1   ``name>A</function>``      ``<function=``                   the JS
 ============  =========================  ===============================  ===========================
 
 (under required the prefix already holds the first call's start: v2.llama3 the separator, v3-llama3.1
-``<function=``; under auto the call branch starts with it). The code interpreter's call is raw code,
+``<function=``; under auto the call branch starts with it). v1 and v2 are SentencePiece models, trained on text
+after an added token encoded with a leading ``▁``, which TGI's grammar sees as a space: their regexes allow one
+space after each ``<|marker|>``, at the start too in v2 (its prompt ends with ``<|recipient|>`` or
+``<|content|>``), so v2's bare JSON is sent as a regex as well; v1's ``\n`` before its call is optional. The code interpreter's call is raw code,
 ``python`` followed by any text, where the syntax allows it (not under required in v3-llama3.1, whose
 prefix is ``<function=``).
 
@@ -106,17 +110,38 @@ class _Syntax:
     named: str
     python: str | None  # the code interpreter's call under auto/required; None: not possible
     lead_newline_optional: bool = False  # v1: the "\n" after "assistant:" may be left out
+    # SentencePiece models (v1 Llama 2, v2 Mistral): text after an added token was trained with a leading "▁",
+    # which TGI's grammar sees as a space: one optional space after each <|marker|> (and, v2, at the start:
+    # its prompt ends with one)
+    spm: bool = False
+    starts_after_marker: bool = False
+
+    def lit(self, text: str) -> str:
+        """`text` as a regex matching itself (and, for SentencePiece models, a space after each marker)."""
+        if not self.spm:
+            return _literal(text)
+        return "".join(
+            _literal(part) + ("[ ]?" if _MARKER.fullmatch(part) else "") for part in _MARKERS.split(text)
+        )
+
+    @property
+    def start(self) -> str:
+        return "[ ]?" if self.starts_after_marker else ""
 
 
 _SYNTAX: dict[Version, _Syntax] = {
-    Version.V1: _Syntax("{name}:\n{args}", None, _V1_CALL, _V1_CALL, "", "{call}", "python:\n", True),
-    Version.V2: _Syntax("{name}\n<|content|>{args}", _SEP_V2, "", "", "all\n<|content|>", "{args}", "python\n<|content|>"),
+    Version.V1: _Syntax("{name}:\n{args}", None, _V1_CALL, _V1_CALL, "", "{call}", "python:\n", True, spm=True),
+    Version.V2: _Syntax("{name}\n<|content|>{args}", _SEP_V2, "", "", "all\n<|content|>", "{args}", "python\n<|content|>",
+                        spm=True, starts_after_marker=True),
     Version.V2_LLAMA3: _Syntax("{name}\n{args}", _SEP_LLAMA3, "", _SEP_LLAMA3, "", "{args}", "python\n"),
     Version.V3_LLAMA3: _Syntax("{name}\n{args}", ">>>", "", "", "all\n", "{args}", "python\n"),
     Version.V3_LLAMA31: _Syntax("{name}>{args}</function>", "<function=", "", "<function=", "", "{args}</function>",
                                 None),
 }  # fmt: skip
-_NAMED_IS_BARE = {v for v, s in _SYNTAX.items() if s.named == "{args}"}
+# Where the answer is the bare JSON (the named call's arguments; the text), a schema TGI takes as it is
+# is sent as a JSON grammar.
+_BARE_ARGUMENTS = {v for v, s in _SYNTAX.items() if s.named == "{args}" and not s.starts_after_marker}
+_BARE_TEXT = {v for v, s in _SYNTAX.items() if not s.starts_after_marker}
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,25 +245,27 @@ def _decide(prompt: ChatPrompt, version: Version, fmt: _Format | None, parallel:
     try:
         if isinstance(choice, NamedChoice):
             function = next(f for f in prompt.functions if f.name == choice.name)
-            if version in _NAMED_IS_BARE and (grammar := _json_grammar(function.parameters)) is not None:
+            if version in _BARE_ARGUMENTS and (grammar := _json_grammar(function.parameters)) is not None:
                 return Constraint(grammar)
             if syntax.named == "{call}":  # v1: no prefix, the whole call
                 return Constraint({"type": "regex", "value": _lead(syntax, syntax.required_lead)
                                    + _one_call(syntax, function.name, _arguments(function))})  # fmt: skip
             literal, _, rest = syntax.named.partition("{args}")
-            return Constraint(
-                {"type": "regex", "value": _literal(literal) + _arguments(function) + _literal(rest)}
-            )
+            value = syntax.start + syntax.lit(literal) + _arguments(function) + syntax.lit(rest)
+            return Constraint({"type": "regex", "value": value})
         if choice == "required":
-            return _bounded(_calls(prompt, syntax, version, auto=False, parallel=parallel), prompt, fmt)
+            calls = _calls(prompt, syntax, version, auto=False, parallel=parallel)
+            return _bounded(syntax.start + calls, prompt, fmt)
         assert fmt is not None  # "auto"/"none" without a format returned earlier
         text = _text(fmt)
         if choice == "none":
-            if fmt.schema is not None and (grammar := _json_grammar(fmt.schema)) is not None:
+            if version in _BARE_TEXT and fmt.schema is not None and (grammar := _json_grammar(fmt.schema)):
                 return Constraint(grammar)
-            return Constraint({"type": "regex", "value": text})
+            return Constraint({"type": "regex", "value": syntax.start + text})
         calls = _calls(prompt, syntax, version, auto=True, parallel=parallel)
-        return _bounded(f"{_literal(syntax.text_lead)}{text}|{calls}", prompt, fmt)
+        if syntax.start:
+            return _bounded(f"{syntax.start}(?:{syntax.lit(syntax.text_lead)}{text}|{calls})", prompt, fmt)
+        return _bounded(f"{syntax.lit(syntax.text_lead)}{text}|{calls}", prompt, fmt)
     except _Unconstrained as exc:
         return Constraint(None, str(exc))
 
@@ -258,6 +285,8 @@ def _bounded(regex: str, prompt: ChatPrompt, fmt: _Format | None) -> Constraint:
 
 
 _META = re.compile(r"[\\.^$|?*+()\[\]{}]")
+_MARKER = re.compile(r"<\|[a-z_]+\|>", re.IGNORECASE)
+_MARKERS = re.compile(r"(<\|[a-z_]+\|>)", re.IGNORECASE)
 
 
 def _literal(text: str) -> str:
@@ -322,7 +351,7 @@ def _calls(prompt: ChatPrompt, syntax: _Syntax, version: Version, *, auto: bool,
     lead = syntax.auto_lead if auto else syntax.required_lead
     branches = [_one_call(syntax, f.name, _arguments(f)) for f in prompt.functions]
     if prompt.has_code_interpreter and syntax.python is not None:
-        branches.append(_literal(syntax.python) + _CODE)
+        branches.append(syntax.lit(syntax.python) + _CODE)
     call = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
     calls = f"{_lead(syntax, lead)}{call}{_more(syntax, call, parallel)}"
     if version is Version.V3_LLAMA31 and prompt.has_code_interpreter and auto:
@@ -333,16 +362,16 @@ def _calls(prompt: ChatPrompt, syntax: _Syntax, version: Version, *, auto: bool,
 
 def _lead(syntax: _Syntax, lead: str) -> str:
     if syntax.lead_newline_optional and lead.startswith("\n"):
-        return "\\n?" + _literal(lead[1:])
-    return _literal(lead)
+        return "\\n?" + syntax.lit(lead[1:])
+    return syntax.lit(lead)
 
 
 def _more(syntax: _Syntax, call: str, parallel: bool) -> str:
     if not parallel or syntax.between is None:
         return ""
-    return f"(?:{_literal(syntax.between)}{call})*"
+    return f"(?:{syntax.lit(syntax.between)}{call})*"
 
 
 def _one_call(syntax: _Syntax, name: str, args: str) -> str:
     before, _, after = syntax.call.partition("{args}")
-    return _literal(before.format(name=name)) + args + _literal(after)
+    return syntax.lit(before.format(name=name)) + args + syntax.lit(after)
