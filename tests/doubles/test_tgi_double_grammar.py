@@ -69,7 +69,9 @@ def test_an_output_cut_by_the_token_limit_is_not_checked() -> None:
         ({"type": "regex", "value": 5}, 422, "parameters.grammar: invalid type: integer `5`, expected a string"),
     ],
 )  # fmt: skip
-def test_grammars_tgi_refuses_are_refused_with_its_message(grammar: object, status: int, message: str) -> None:
+def test_grammars_tgi_refuses_are_refused_with_its_message(
+    grammar: object, status: int, message: str
+) -> None:
     with FakeTGI() as tgi:
         r = post(tgi, grammar)
         assert r.status_code == status
