@@ -15,9 +15,13 @@ Each tool is a realistic function: five properties (a string with a description,
 array of strings, a nested object with two fields), all required, as ``openai.pydantic_function_tool`` sends
 them (``additionalProperties: false``); tools differ by name and enum values, so no schema repeats.
 
+With ``--tgi-fsm``, also the first step of TGI's own compilation of that regex: its shard (outlines 0.1.x)
+parses it into a character automaton with interegular (0.3.3 in TGI's image) before it maps the automaton
+onto the vocabulary; that step alone is timed here, once per case (it is slow: tens of seconds for 50 tools).
+
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_grammar.py [--runs 20] [--version v3.llama3]
+    .venv/bin/python benchmarks/bench_grammar.py [--runs 20] [--version v3.llama3] [--tgi-fsm]
 """
 
 from __future__ import annotations
@@ -73,11 +77,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--runs", type=int, default=20, help="builds per case (median reported)")
     parser.add_argument("--version", default="v3.llama3", choices=[v.value for v in Version])
+    parser.add_argument(
+        "--tgi-fsm", action="store_true", help="also time interegular's automaton (TGI's shard)"
+    )
     args = parser.parse_args()
     version = Version(args.version)
     messages = [{"role": "user", "content": "hi"}]
     print(f"template {version}, tool_choice required, median of {args.runs} runs")
-    print(f"{'tools':>5}  {'cold ms':>8}  {'cached µs':>9}  {'regex chars':>11}")
+    print(
+        f"{'tools':>5}  {'cold ms':>8}  {'cached µs':>9}  {'regex chars':>11}"
+        + ("  TGI FSM s  states" if args.tgi_fsm else "")
+    )
     for n in SIZES:
         prompt = normalize(
             {"messages": messages, "tools": [tool(i) for i in range(n)], "tool_choice": "required"}
@@ -90,10 +100,17 @@ def main() -> None:
             cached.append(timed(build))
         grammar = constrain(prompt, version).grammar
         assert grammar is not None
-        print(
+        line = (
             f"{n:>5}  {statistics.median(cold) * 1e3:>8.2f}  {statistics.median(cached) * 1e6:>9.1f}  "
             f"{len(grammar['value']):>11,}"
         )
+        if args.tgi_fsm:
+            import interegular  # the test extras
+
+            start = time.perf_counter()
+            fsm = interegular.parse_pattern(grammar["value"]).to_fsm()
+            line += f"  {time.perf_counter() - start:>9.2f}  {len(fsm.states):>6,}"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ Worked example: v3.llama3, ``tool_choice: "required"``, one tool ``get_weather(c
 ends with ``>>>``::
 
     constrain(prompt, Version.V3_LLAMA3, None).grammar == {"type": "regex", "value":
-        'get_weather\\n\\{[ ]?"city"[ ]?:[ ]?"(…string…)*"[ ]?\\}(>>>get_weather\\n\\{…\\})*'}
+        '(?:(?:get_weather\\n(?:\\{[ ]?"city"[ ]?:[ ]?"(…string…)*"[ ]?\\})>>>)*get_weather\\n(?:\\{…\\}))'}
 
 Decisions are remembered per distinct input (a bounded LRU keyed by the tools' JSON), so the same tools send
 the same grammar text (TGI's compiled-grammar cache is keyed by it) for the cost of one lookup.
@@ -353,7 +353,7 @@ def _calls(prompt: ChatPrompt, syntax: _Syntax, version: Version, *, auto: bool,
     if prompt.has_code_interpreter and syntax.python is not None:
         branches.append(syntax.lit(syntax.python) + _CODE)
     call = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
-    calls = f"{_lead(syntax, lead)}{call}{_more(syntax, call, parallel)}"
+    calls = f"{_lead(syntax, lead)}{_repeated(syntax, call, parallel)}"
     if version is Version.V3_LLAMA31 and prompt.has_code_interpreter and auto:
         # Llama 3.1's code interpreter call is not a <function=…> (under required, the prefix is).
         calls += f"|{_literal('<|python_tag|>')}{_CODE}"
@@ -366,10 +366,12 @@ def _lead(syntax: _Syntax, lead: str) -> str:
     return syntax.lit(lead)
 
 
-def _more(syntax: _Syntax, call: str, parallel: bool) -> str:
+def _repeated(syntax: _Syntax, call: str, parallel: bool) -> str:
+    """One call, or several with the separator between them, written ``(call sep)* call``: TGI's shard
+    (interegular) builds the same language from ``call (sep call)*`` with twice the states, 1.4× slower."""
     if not parallel or syntax.between is None:
-        return ""
-    return f"(?:{syntax.lit(syntax.between)}{call})*"
+        return call
+    return f"(?:{call}{syntax.lit(syntax.between)})*{call}"
 
 
 def _one_call(syntax: _Syntax, name: str, args: str) -> str:
