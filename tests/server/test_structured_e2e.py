@@ -241,3 +241,28 @@ def test_no_grammar_tool_choices_rely_on_the_prompt_json_formats_are_refused(no_
             assert health.status_code == 200
     finally:
         stop_gateway(proc)
+
+
+def test_a_schema_the_grammar_cannot_express_is_sent_unconstrained_with_a_warning_unless_strict(
+    tgi, served, client, caplog
+):
+    version, _ = served
+    schema = {"type": "object", "properties": {"n": {"not": {"type": "string"}}}}
+    tgi.script = tokens('{"n": 1}', end(version))
+    loose = {"type": "json_schema", "json_schema": {"name": "Loose", "schema": schema}}
+    with caplog.at_level("WARNING", logger="tgi_gateway"):
+        r = client.chat.completions.create(model=MODEL, messages=ASK, response_format=loose)
+    assert r.choices[0].message.content == '{"n": 1}'
+    assert "grammar" not in tgi.last_generation.parameters
+    assert (
+        "response_format 'Loose' is sent without a grammar (not strict): 'not' (at #/properties/n)"
+        in caplog.text
+    )
+    strict = {"type": "json_schema", "json_schema": {"name": "Strict", "schema": schema, "strict": True}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=ASK, response_format=strict)
+    assert (
+        caught.value.code == "invalid_json_schema"
+        and caught.value.param == "response_format.json_schema.schema"
+    )
+    assert "'not' (at #/properties/n) cannot be enforced by TGI's grammar" in caught.value.message
