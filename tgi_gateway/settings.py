@@ -119,6 +119,12 @@ class Settings(BaseSettings):
         ge=0,
         description="TGI's --max-top-n-tokens, which its /info does not report: a larger top_logprobs is a 400",
     )
+    # The flag is --no-grammar: the description is its help (tgi_gateway/grammar/, docs/operations.md).
+    grammar: Annotated[bool, Flag("--no-grammar", "store_false")] = Field(
+        True,
+        description="never send TGI a grammar (for a TGI started with --disable-grammar-support): tool "
+        "choices rely on the prompt alone, a JSON response_format is refused",
+    )
 
     # Connection limits (tgi_gateway/server/http_protocol.py; docs/operations.md, "Connection limits"). ------
     max_head_bytes: Annotated[int, Flag(metavar="BYTES", group=CONNECTIONS)] = Field(

@@ -323,6 +323,8 @@ def c31(v31) -> Iterator[openai.OpenAI]:
 )
 def test_tool_choice_prefix_reaches_tgi(tgi, c31, choice, prefix):
     tgi.script = tokens("{}", "</function>", EOM) if isinstance(choice, dict) else SCRIPTS[Version.V3_LLAMA31]["text"]
+    if choice == "required":  # the grammar allows nothing but calls
+        tgi.script = tokens("get_time>", "{}", "</function>", EOM)
     r = c31.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice)
     assert tgi.last_generation.inputs.endswith(prefix)
     if choice == "none":

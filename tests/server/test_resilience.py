@@ -28,9 +28,9 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from tests.gateway_process import free_port, start_gateway
 
 from tests.fakes.tgi import EOT, Drop, FakeTGI, Gate, Pause
+from tests.gateway_process import free_port, start_gateway
 
 MODEL = "fn"
 ASK = [{"role": "user", "content": "What is the weather in Hanoi?"}]

@@ -18,11 +18,12 @@ ALLOWED: dict[str, set[str]] = {
     "stop_sequences": {"prompting"},
     "logprobs": {"prompting"},
     "streaming": {"prompting", "stop_sequences", "logprobs"},
+    "grammar": {"errors", "prompting"},
     "settings": {"prompting"},
     "api": {"errors", "prompting", "settings"},
     "tgi": {"errors", "__init__"},
     "container_manager": {"errors"},
-    "server": {"errors", "prompting", "streaming", "api", "tgi", "settings", "__init__"},
+    "server": {"errors", "prompting", "grammar", "streaming", "api", "tgi", "settings", "__init__"},
     "cli": {"errors", "prompting", "settings", "container_manager", "server"},
     "__init__": set(),
 }
