@@ -258,6 +258,10 @@ def test_a_schema_the_grammar_cannot_express_is_sent_unconstrained_with_a_warnin
         "response_format 'Loose' is sent without a grammar (not strict): 'not' (at #/properties/n)"
         in caplog.text
     )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tgi_gateway"):
+        client.chat.completions.create(model=MODEL, messages=ASK, response_format=loose)
+    assert "without a grammar" not in caplog.text, "logged once per distinct reason, not per request"
     strict = {"type": "json_schema", "json_schema": {"name": "Strict", "schema": schema, "strict": True}}
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=MODEL, messages=ASK, response_format=strict)

@@ -71,6 +71,7 @@ from ..errors import (
 )
 from ..grammar import constrain
 from ..prompting import ChatPrompt, Template, normalize
+from ..prompting.lru import LRUCache
 from ..settings import Settings
 from ..streaming import SSE_DONE, Answer, ResponseContext, ScoredAnswer, chat_completion, encode_sse
 from ..tgi.client import Generation, StreamEnd, TGIClient, TGIInfo, Token, TokenStream
@@ -99,6 +100,7 @@ class Gateway:
         self.client = client
         self.created = int(time.time())
         self._info: TGIInfo | None = None
+        self._warned: LRUCache[str, bool] = LRUCache(256)  # the grammar warnings logged
         # One thread: the loop shares the GIL with at most one other busy thread, so it waits at most one
         # switch interval (5 ms) each time it needs the GIL; large requests queue there, in order.
         self._admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tgi-gateway-admission")
@@ -292,8 +294,9 @@ class Gateway:
                 enabled=self.settings.grammar,
             )
         )
-        if constraint.warning:
-            logger.warning("%s", constraint.warning)
+        if constraint.warning and self._warned.get(constraint.warning) is None:
+            self._warned.put(constraint.warning, True)  # once per distinct reason, not per request
+            logger.warning("%s (logged once)", constraint.warning)
         info = await self.info()  # before rendering: a prompt that cannot fit is not rendered in full
         check_token_budget(req, info.max_total_tokens)
         check_top_logprobs(req, self.top_logprobs_limit(info))
