@@ -27,7 +27,7 @@ from pydantic.fields import FieldInfo
 from .container_manager import ContainerManager, LaunchError, LaunchSpec, StartupInterrupted
 from .errors import ConfigurationError
 from .server.telemetry import configure_logging, shared_metrics_dir
-from .settings import ENV_PREFIX, Flag, Settings
+from .settings import ENV_PREFIX, TGI_MAX_TOP_N_TOKENS, Flag, Settings
 
 if TYPE_CHECKING:
     from .prompting import Template
@@ -312,6 +312,8 @@ def launch_spec(settings: Settings) -> LaunchSpec:
         dtype=settings.dtype,
         extra_args=tuple(settings.tgi_args),
         lora_adapters=tuple(settings.lora_adapters),
+        # the gateway refuses a top_logprobs above its own --max-top-n-tokens; TGI's default (5) needs no flag
+        max_top_n_tokens=None if settings.max_top_n_tokens == TGI_MAX_TOP_N_TOKENS else settings.max_top_n_tokens,
         startup_timeout=settings.startup_timeout,
         keep=settings.keep_tgi,
     )

@@ -108,6 +108,7 @@ class LaunchSpec:
     dtype: str | None
     extra_args: tuple[str, ...]
     lora_adapters: tuple[str, ...]  # TGI's LORA_ADAPTERS entries: name[=path][@revision]
+    max_top_n_tokens: int | None  # the most top_logprobs a request may ask for
     startup_timeout: float
     keep: bool
     hf_token: str | None = None
@@ -167,6 +168,7 @@ class LaunchSpec:
             ("--num-shard", self.num_shard),
             ("--quantize", self.quantize),
             ("--dtype", self.dtype),
+            ("--max-top-n-tokens", self.max_top_n_tokens),
         ):
             if value is not None:
                 args += [flag, str(value)]

@@ -65,6 +65,9 @@ DEFAULT_RESPONSE_TTL = 30 * 24 * 3600
 STORE_FILE = "responses.db"
 
 
+TGI_MAX_TOP_N_TOKENS = 5  # text-generation-launcher's default --max-top-n-tokens
+
+
 class Settings(BaseSettings):
     """Every setting of the gateway. Frozen; unknown names are refused; secrets are `SecretStr`."""
 
@@ -121,9 +124,16 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="server processes, one CPU core each")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="largest request body, 413 above")
     max_top_n_tokens: int = Field(
-        5,
+        TGI_MAX_TOP_N_TOKENS,
         ge=0,
-        description="TGI's --max-top-n-tokens, which its /info does not report: a larger top_logprobs is a 400",
+        description="TGI's --max-top-n-tokens, which its /info does not report: a larger top_logprobs is a 400 "
+        "(a TGI the gateway launches is started with it)",
+    )
+    # The flag is --no-grammar: the description is its help (tgi_gateway/grammar/, docs/operations.md).
+    grammar: Annotated[bool, Flag("--no-grammar", "store_false")] = Field(
+        True,
+        description="never send TGI a grammar (for a TGI started with --disable-grammar-support): tool "
+        "choices rely on the prompt alone, a JSON response_format is refused",
     )
 
     # Connection limits (tgi_gateway/server/http_protocol.py; docs/operations.md, "Connection limits"). ------

@@ -288,6 +288,7 @@ class ChunkBuilder:
         "_legacy",
         "_n_calls",
         "_out_index",
+        "_scored",
         "_started",
         "_usage_null",
         "dropped_calls",
@@ -310,6 +311,7 @@ class ChunkBuilder:
         self._n_calls = 0
         self._started = False  # the role has been sent
         self._finished = False
+        self._scored = False  # a chunk carried logprobs entries
         #: Calls dropped by the keep-first rule. Once it is non-zero the first call is complete, and a
         #: server may stop the generation (functionary does, at the second call's header).
         self.dropped_calls = 0
@@ -340,6 +342,7 @@ class ChunkBuilder:
             chunk = self._chunk({"content": text})
             if entries:
                 chunk["choices"][0]["logprobs"] = {"content": entries, "refusal": None}
+                self._scored = True
             out.append(chunk)
         elif self._legacy:
             out.append(self._chunk({"function_call": {"arguments": text}}))
@@ -444,6 +447,8 @@ class ChunkBuilder:
             out.append(self._chunk({"role": "assistant", "content": ""}))
         last = self._chunk({})
         last["choices"][0]["finish_reason"] = finish_reason(tgi_finish_reason, self._n_calls > 0, self._ctx)
+        if self._ctx.logprobs and not self._scored:  # no token listed: as the message, an empty list
+            last["choices"][0]["logprobs"] = {"content": [], "refusal": None}
         out.append(last)
         return out
 

@@ -87,14 +87,15 @@ def test_launch_spec_takes_every_launch_setting(monkeypatch: pytest.MonkeyPatch)
         model="org/m", endpoint="http://127.0.0.1:8081", revision="r", tgi_image="img:1", gpus="1",
         tgi_publish_host="0.0.0.0", hf_cache="~/cache", max_input_tokens=10, max_total_tokens=20, num_shard=2,
         quantize="awq", dtype="bfloat16", tgi_args=["--x"], startup_timeout=5, keep_tgi=True,
-        lora_adapters="a,b=/p",
+        lora_adapters="a,b=/p", max_top_n_tokens=10,
     )  # fmt: skip
     assert launch_spec(settings) == LaunchSpec(
         model="org/m", endpoint="http://127.0.0.1:8081", image="img:1", gpus="1", publish_host="0.0.0.0",
         hf_cache=Path("~/cache").expanduser(), hf_token="hf_x", revision="r", max_input_tokens=10,
         max_total_tokens=20, num_shard=2, quantize="awq", dtype="bfloat16", extra_args=("--x",),
-        lora_adapters=("a", "b=/p"), startup_timeout=5.0, keep=True,
+        lora_adapters=("a", "b=/p"), max_top_n_tokens=10, startup_timeout=5.0, keep=True,
     )  # fmt: skip
+    assert launch_spec(Settings(model="org/m")).max_top_n_tokens is None, "TGI's default needs no flag"
 
 
 def test_bad_request_timeout_exits_2(model_dir: Path) -> None:

@@ -66,6 +66,15 @@ def test_launch_recipe_for_a_local_model_directory(tmp_path: Path) -> None:
     assert spec.port == 9000 and spec.environment() == {}
 
 
+def test_launch_recipe_with_a_top_logprobs_limit_the_launched_tgi_takes_too() -> None:
+    from tests.fakes.docker_engine import _launcher_args
+
+    spec = make_spec(max_top_n_tokens=10)
+    assert spec.command() == ["--model-id", "m", "--max-top-n-tokens", "10"]
+    assert _launcher_args(spec.command())["max_top_n_tokens"] == 10, "the double's TGI takes it as TGI would"
+    assert make_spec().command() == ["--model-id", "m"], "TGI's default (5) needs no flag"
+
+
 def test_launch_recipe_with_lora_adapters(tmp_path: Path) -> None:
     """Hub adapters go to TGI as given; a `name=path` whose path is a directory here is mounted read-only
     on /adapters/<name> and TGI is given that path; any other path is TGI's own (inside the container)."""

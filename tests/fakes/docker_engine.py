@@ -69,8 +69,8 @@ Containers
 
 A started container is a simulated ``text-generation-launcher``. When its port ``80/tcp`` (the image's
 ``PORT``) is published on host port P, it binds a :class:`tests.fakes.tgi.FakeTGI` to ``127.0.0.1:P``
-(``model_id``, ``max_input_tokens``, ``max_total_tokens`` from ``--model-id``, ``--max-input-tokens``,
-``--max-total-tokens``; ``lora_adapters`` from ``--lora-adapters`` or the ``LORA_ADAPTERS`` variable): the
+(``model_id``, ``max_input_tokens``, ``max_total_tokens``, ``max_top_n_tokens`` from ``--model-id``, ``--max-input-tokens``,
+``--max-total-tokens``, ``--max-top-n-tokens``; ``lora_adapters`` from ``--lora-adapters`` or ``LORA_ADAPTERS``): the
 port refuses connections while the model loads and serves after ``Connected`` is logged. The launcher writes TGI 3.3's tracing lines on stdout and its last words
 (``Error: <Variant>``) on stderr; what it does is a :class:`TGIBehavior` chosen at start
 (:meth:`FakeDockerEngine.set_behavior` by ``--model-id``, else the engine's ``behavior``):
@@ -962,7 +962,7 @@ def _launcher_args(cmd: list[str], env: Sequence[str] = ()) -> dict[str, Any]:
         args["model_id"] = flags["--model-id"]
     if adapters := flags.get("--lora-adapters", variables.get("LORA_ADAPTERS")):
         args["lora_adapters"] = tuple(entry.strip() for entry in adapters.split(",") if entry.strip())
-    for flag in ("--max-input-tokens", "--max-total-tokens"):
+    for flag in ("--max-input-tokens", "--max-total-tokens", "--max-top-n-tokens"):
         if flag in flags:
             args[flag[2:].replace("-", "_")] = int(flags[flag])
     if "max_total_tokens" in args:

@@ -51,6 +51,14 @@ It serves what the gateway calls, with the bytes, status codes and error bodies 
   the base model, silently (flash_causal_lm.py, ``ADAPTER_TO_INDEX.get(adapter_id, 0)``).
   :attr:`GenerationRecord.adapter` is the adapter the generation used (None: the base model); the script
   sees ``parameters["adapter_id"]`` as sent.
+* ``grammar`` as TGI validates it: serde's shape (``{"type": json|json_object|json_schema|regex, "value"}``),
+  then ``grammar is not supported`` when ``config.disable_grammar_support``; a JSON schema must pass draft
+  2020-12 meta-validation and have a top-level ``properties`` (``grammar is not valid: Grammar must have a
+  'properties' field``) and is turned into a regex by outlines-core. The scripted output is then held to
+  the grammar, as TGI's FSM would hold a model: when the generation ends (not on ``length``), the text
+  before the EOS token (or the stop sequence) must ``re.fullmatch`` it, else the generation fails and an
+  ``AssertionError`` lands in :attr:`FakeTGI.errors`: a test cannot script what no grammar allows
+  (``config.enforce_grammar = False`` for a fixed script that answers every kind of request).
 * Pacing: the first token at once, each next one ``config.token_delay`` s after the previous one was due.
 * Faults: the script markers ``Pause(seconds)``, ``Gate`` (held until ``gate.open()``, from any thread),
   ``Fail(message)`` (``Request failed during generation: ...``), ``Incomplete`` (``Incomplete generation
@@ -72,7 +80,7 @@ Not modelled (the gateway does not use it)
 * ``top_n_tokens`` (validated as above): each token event then has ``top_tokens``, and ``/generate``'s details
   ``top_tokens`` (one list per token), as TGI sends them; a step's top tokens are :attr:`Token.top` when the
   script gives them, else the token itself then ``n - 1`` made-up alternatives, each less likely by 1.
-* The parameters ``best_of``, ``decoder_input_details``, ``grammar``, ``return_full_text``,
+* The parameters ``best_of``, ``decoder_input_details``, ``return_full_text``,
   ``truncate``, ``typical_p``, ``watermark``: a request that sets one
   (to anything but null/false) is refused with a 501 naming it, and a ``NotImplementedError`` in
   :attr:`FakeTGI.errors`, so that a gateway starting to send one fails loudly instead of passing.
@@ -455,10 +463,14 @@ class TGIConfig:
     load_delay: float = 0.0  # the port refuses connections this long after start()
     # LORA_ADAPTERS, as the launcher got it: the adapters requests may select with `adapter_id`
     lora_adapters: tuple[str, ...] = ()
-    # Launcher flags (tests/fakes/docker_engine.py passes them on). Only max_top_n_tokens is read (it is not in
-    # TGI's /info); grammar and decoder_input_details are not modelled.
+    # Launcher flags (tests/fakes/docker_engine.py passes them on). max_top_n_tokens is read (it is not in
+    # TGI's /info), disable_grammar_support too; enable_prefill_logprobs governs decoder_input_details, which
+    # the double does not model.
     max_top_n_tokens: int = 5
-    disable_grammar_support: bool = False
+    disable_grammar_support: bool = False  # every grammar refused: "grammar is not supported"
+    # the double's knob: hold the scripted output to the request's grammar (off: a test whose fixed script
+    # answers requests of every kind, e.g. fuzzing, where the grammar is validated but the output is not)
+    enforce_grammar: bool = True
     enable_prefill_logprobs: bool = False
 
 
@@ -546,7 +558,7 @@ class _Reply(Exception):
 _KINDS = {"details": "bool", "do_sample": "bool", "frequency_penalty": "?f32", "max_new_tokens": "?u32",
           "repetition_penalty": "?f32", "seed": "?u64", "stop": "seq", "temperature": "?f32", "top_k": "?i32",
           "top_n_tokens": "?u32", "top_p": "?f32", "adapter_id": "?str"}  # fmt: skip
-_UNMODELLED = ("best_of", "decoder_input_details", "grammar", "return_full_text", "truncate",
+_UNMODELLED = ("best_of", "decoder_input_details", "return_full_text", "truncate",
                "typical_p", "watermark")  # fmt: skip
 _EXPECTED = {"bool": "a boolean", "f32": "f32", "u32": "u32", "u64": "u64", "i32": "i32", "seq": "a sequence"}
 _EXPECTED["str"] = "a string"
@@ -635,6 +647,8 @@ def _extract(request: RecordedRequest, body: bytes, payload_limit: int, errors: 
     for name, kind in _KINDS.items():
         if name in params and (err := _type_error(kind, params[name])) is not None:
             raise shape(f"parameters.{name}{'' if err.startswith('[') else ': '}{err}")
+    if params.get("grammar") is not None and (err := _grammar_shape(params["grammar"])) is not None:
+        raise shape(f"parameters.grammar: {err}")
     for name in _UNMODELLED:
         if params.get(name) not in (None, False):
             errors.append(NotImplementedError(f"the TGI double does not model parameters.{name}"))
@@ -657,6 +671,68 @@ class _Valid:
     details: bool
     seed: int | None  # echoed in details: only when sampling
     top_n: int = 0  # top_n_tokens
+    grammar: re.Pattern[str] | None = None  # what the output must match (TGI's FSM would allow nothing else)
+
+
+# lib.rs GrammarType: serde adjacently tagged {"type": ..., "value": ...}; "json_object" is an alias of "json".
+_GRAMMAR_TYPES = ("json", "json_object", "json_schema", "regex")
+
+
+def _grammar_shape(grammar: Any) -> str | None:
+    """serde's complaint about a ``grammar`` that is not a ``GrammarType``, or None."""
+    if not isinstance(grammar, dict):
+        return f"invalid type: {_unexpected(grammar)}, expected adjacently tagged enum GrammarType"
+    kind = grammar.get("type")
+    if kind not in _GRAMMAR_TYPES:
+        if kind is None:
+            return "missing field `type`"
+        return f"unknown variant `{kind}`, expected one of " + ", ".join(f"`{t}`" for t in _GRAMMAR_TYPES)
+    if "value" not in grammar:
+        return "missing field `value`"
+    value = grammar["value"]
+    if kind == "regex" and not isinstance(value, str):
+        return f"invalid type: {_unexpected(value)}, expected a string"
+    if kind == "json_schema" and not (isinstance(value, dict) and "schema" in value):
+        return "missing field `schema`" if isinstance(value, dict) else f"invalid type: {_unexpected(value)}"
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _compile_grammar(regex: str) -> re.Pattern[str]:
+    return re.compile(regex)
+
+
+def _grammar(c: TGIConfig, grammar: dict) -> re.Pattern[str]:
+    """validation.rs: a grammar is refused when TGI runs with --disable-grammar-support; a JSON schema must
+    pass draft 2020-12 meta-validation and have a top-level ``properties``, and is turned into a regex with
+    outlines-core (TGI's router uses the Rust crate of the same project); a regex is taken as is."""
+    if c.disable_grammar_support:
+        raise _validation("grammar is not supported")
+    kind, value = grammar["type"], grammar["value"]
+    if kind == "regex":
+        try:
+            return _compile_grammar(value)
+        except re.error as e:  # TGI's shard would fail to build its FSM
+            raise _generation(f"the grammar regex does not compile: {e}") from None
+    schema = value["schema"] if kind == "json_schema" else value
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise _validation(f"grammar is not valid: {e}") from None
+    import jsonschema  # the test extras: only a grammar needs it
+    from outlines_core.json_schema import build_regex_from_schema
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise _validation(f"grammar is not valid: {e.message}") from None
+    if not isinstance(schema, dict) or "properties" not in schema:
+        raise _validation("grammar is not valid: Grammar must have a 'properties' field")
+    try:
+        return _compile_grammar(build_regex_from_schema(json.dumps(schema)))
+    except ValueError as e:
+        raise _validation(f"cannot compile regex from schema: {e}") from None
 
 
 # TGI's per-parameter rules, in validation.rs's order: (parameter, refused when, message)
@@ -707,7 +783,8 @@ def _validate(c: TGIConfig, inputs: str, params: dict | None) -> _Valid:
         or (top_p is not None and top_p < 1.0)
     )
     seed = (p["seed"] if p.get("seed") is not None else random.getrandbits(64)) if sampling else None
-    return _Valid(input_length, cap, stop, bool(p.get("details")), seed, top_n)
+    grammar = _grammar(c, p["grammar"]) if p.get("grammar") is not None else None
+    return _Valid(input_length, cap, stop, bool(p.get("details")), seed, top_n, grammar)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1052,6 +1129,8 @@ class _Generation:
     # ---- the ends
     def finish(self, reason: str) -> None:
         record, valid, toks = self.record, self.valid, self.record.tokens
+        if valid.grammar is not None and reason != "length" and self.fake.config.enforce_grammar:
+            self.check_grammar(valid.grammar, reason)
         n, text = len(toks), "".join(t.text for t in toks if not t.skipped)
         record.finish_reason, record.generated_text = reason, text
         self.end("completed")
@@ -1081,6 +1160,18 @@ class _Generation:
                    "x-inference-time": int(inference * 1000), "x-time-per-token": int(inference * 1000 / n),
                    "x-prompt-tokens": valid.input_length, "x-generated-tokens": n}  # fmt: skip
         self.conn.respond(200, body + b"}", "application/json", [(k, str(v)) for k, v in headers.items()])
+
+    def check_grammar(self, grammar: re.Pattern[str], reason: str) -> None:
+        """A model under a grammar can only write what it matches, then EOS: a script that does otherwise
+        is a wrong test (an AssertionError in :attr:`FakeTGI.errors`, and the generation fails)."""
+        toks = self.record.tokens
+        text = "".join(t.text for t in (toks[:-1] if reason == "eos_token" else toks))
+        if reason == "stop_sequence":
+            text = text[: -len(next(s for s in self.stops if self.window.endswith(s)))]
+        if grammar.fullmatch(text) is None:
+            message = f"the scripted output {text[:200]!r} does not match the request's grammar"
+            self.fake.errors.append(AssertionError(message))
+            raise _generation(message)
 
     def fail(self, e: _InferError) -> None:
         """TGI's error: one event that ends the stream, or a JSON answer with its status."""

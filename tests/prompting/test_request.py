@@ -25,6 +25,7 @@ WEATHER_FN = Function(
     "get_weather",
     "Get the weather",
     {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    strict=True,  # kept for the grammar, never printed (as_dict)
 )
 
 

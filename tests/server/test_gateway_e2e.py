@@ -323,6 +323,8 @@ def c31(v31) -> Iterator[openai.OpenAI]:
 )
 def test_tool_choice_prefix_reaches_tgi(tgi, c31, choice, prefix):
     tgi.script = tokens("{}", "</function>", EOM) if isinstance(choice, dict) else SCRIPTS[Version.V3_LLAMA31]["text"]
+    if choice == "required":  # the grammar allows nothing but calls
+        tgi.script = tokens("get_time>", "{}", "</function>", EOM)
     r = c31.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice)
     assert tgi.last_generation.inputs.endswith(prefix)
     if choice == "none":
@@ -404,8 +406,9 @@ def test_bad_requests_are_400_and_never_reach_tgi(tgi, c31, v31):
 def test_tgi_validation_errors_are_400_with_tgis_message(tgi, c31):
     tgi.script = SCRIPTS[Version.V3_LLAMA31]["text"]
     with pytest.raises(openai.BadRequestError) as e:
-        # Under TGI's max_total_tokens (8192): the gateway cannot tell; TGI, which counts the prompt, refuses.
-        c31.chat.completions.create(model=MODEL, messages=ASK, max_tokens=8_190)
+        # Room for 6 tokens under TGI's max_total_tokens (8192): more than one message's floor of 5, so the
+        # gateway cannot tell; TGI, which counts the prompt, refuses.
+        c31.chat.completions.create(model=MODEL, messages=ASK, max_tokens=8_186)
     assert e.value.code == "context_length_exceeded"
     assert "max_new_tokens" in e.value.message
 

@@ -205,9 +205,9 @@ def test_stream_lists_each_token_with_its_last_character(case: Case) -> None:
                 assert listed[-1][-1] in c["choices"][0]["delta"]["content"], (c, listed)
     chunks += a.finish("eos_token")
     assert entries_of(chunks) == expected["logprobs"]["content"]
-    _, choice = sdk_rebuild(chunks)  # the SDK's accumulator gathers the same list
-    rebuilt = choice.logprobs.content if choice.logprobs is not None else []
-    assert [t.model_dump() for t in rebuilt] == expected["logprobs"]["content"]
+    _, choice = sdk_rebuild(chunks)  # the SDK's accumulator gathers the same logprobs, [] when none is listed
+    assert choice.logprobs is not None, "the finish chunk says so when no chunk listed a token"
+    assert choice.logprobs.model_dump() == expected["logprobs"]
     assert choice.message.content == expected["message"]["content"]
 
 

@@ -1073,7 +1073,7 @@ async def test_info_waits_no_longer_than_a_first_token_or_a_silence(first_token,
     async def handler(request: Request) -> Reply:
         await asyncio.sleep(math.inf)
 
-    async with mock(handler, first_token_timeout=first_token, read_timeout=read) as (client, tgi):
+    async with mock(handler, first_token_timeout=first_token, read_timeout=read) as (client, _):
         started = time.perf_counter()
         with pytest.raises(TGITimeoutError) as info:
             await client.info()

@@ -412,7 +412,20 @@ MESSAGES = [
     ("something_new", None, "boom", UpstreamError, "TGI error (something_new): boom"),
     (None, 500, "boom", UpstreamError, "TGI answered HTTP 500: boom"),
     (None, None, "boom", UpstreamError, "TGI error: boom"),
+    ("validation", 422, "Input validation error: grammar is not supported", TGIValidationError,
+     ("TGI refuses grammars (it was started with --disable-grammar-support), so response_format and named or "
+     "required tool choices cannot be enforced: start TGI without that flag, or the gateway with --no-grammar. "
+     "TGI said: Input validation error: grammar is not supported")),
 ]  # fmt: skip
+
+
+def test_a_tgi_without_grammar_support_is_the_clients_400_naming_the_way_out():
+    for status in (422, None):  # /generate's answer, a stream's first event
+        error = map_tgi_error("validation", "Input validation error: grammar is not supported", status)
+        assert_error(
+            error, TGIValidationError, 400, "invalid_request_error", "grammar_disabled", "response_format"
+        )
+        assert error.headers == {"x-should-retry": "false"}
 
 
 @pytest.mark.parametrize(

@@ -72,7 +72,12 @@ class StreamOptions(BaseModel):
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    type: str = "text"
+    type: str = Field("text", description='"text", "json_object" or "json_schema".')
+    json_schema: dict[str, Any] | None = Field(
+        None,
+        description='`{"name", "schema", "strict"?, "description"?}`: the answer\'s content is JSON matching '
+        "`schema` (enforced with TGI's grammar).",
+    )
 
 
 class ChatCompletionRequest(BaseModel):

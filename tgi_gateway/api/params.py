@@ -23,6 +23,8 @@ TGI's rules differ from OpenAI's in ways that matter:
 * `n`: one TGI request per choice (TGI has no `n`; `best_of` is refused when streaming), at most
   :data:`MAX_N`; with a `seed`, choice `k` gets `seed + k` (:func:`choice_parameters`) so that the answers
   differ and each is reproducible.
+* `grammar`: TGI's constraint for what the client asked to be exact (`response_format` JSON, a named or
+  `required` tool choice), decided by :func:`tgi_gateway.grammar.constrain` and passed through here.
 * `details: true` always: the stream's final event then carries `input_length` and `generated_tokens`
   (usage), and `/generate`'s answer its `details.tokens` (the per-token texts, special tokens included).
   No BOS is ever in the text: TGI adds it.
@@ -30,7 +32,7 @@ TGI's rules differ from OpenAI's in ways that matter:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import ContextLengthExceededError, InvalidRequestError
@@ -73,12 +75,6 @@ def check_supported(req: ChatCompletionRequest) -> None:
         )
     if req.logit_bias:
         raise InvalidRequestError("logit_bias is not supported by TGI.", param="logit_bias")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise InvalidRequestError(
-            f"response_format {req.response_format.type!r} is not supported; Functionary answers with text "
-            "and tool calls.",
-            param="response_format",
-        )
     stops = req.stop_list
     if len(stops) > MAX_CLIENT_STOPS:
         raise InvalidRequestError(
@@ -135,9 +131,11 @@ def tgi_parameters(
     max_stop_sequences: int,
     *,
     adapter_id: str | None = None,
+    grammar: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The `parameters` object of a TGI generate request for `req` (already checked); `adapter_id`: the
-    LoRA adapter the request names (None: the base model)."""
+    LoRA adapter the request names (None: the base model); `grammar`: TGI's constraint when one
+    constrains the answer (:func:`tgi_gateway.grammar.constrain`)."""
     greedy = req.temperature == 0
     params: dict[str, Any] = {"details": True, "do_sample": not greedy}
     if not greedy:
@@ -161,4 +159,6 @@ def tgi_parameters(
     params["stop"] = stops[: max(0, max_stop_sequences)]
     if adapter_id is not None:
         params["adapter_id"] = adapter_id
+    if grammar is not None:
+        params["grammar"] = grammar
     return params

@@ -232,7 +232,9 @@ def _new_function(raw: Any, param: str, budget: ExpansionBudget) -> Function:
             parameters = resolve(parameters, budget)[0]
         except SchemaError as exc:
             raise _invalid_schema(param, exc) from None
-    function = Function(name=name, description=description, parameters=parameters)
+    function = Function(
+        name=name, description=description, parameters=parameters, strict=raw.get("strict") is True
+    )
     try:  # a schema the TypeScript renderer cannot print is refused here, where we know which one it is
         function_block(function, budget=budget)
     except SchemaError as exc:

@@ -59,13 +59,15 @@ class Message:
 class Function:
     """A function definition, normalised as functionary's pydantic model dumps it.
 
-    Key order of :meth:`as_dict` is always name, description, parameters; unknown keys
-    (`strict`, ...) are dropped; `parameters` has its local `$ref`s resolved.
+    Key order of :meth:`as_dict` is always name, description, parameters; unknown keys are dropped;
+    `parameters` has its local `$ref`s resolved. `strict` (OpenAI's ``strict: true``) is kept for the
+    grammar (a schema it cannot express is then refused) and never printed.
     """
 
     name: str
     description: str = ""
     parameters: dict[str, Any] | None = None
+    strict: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "parameters": self.parameters}

@@ -69,7 +69,9 @@ from ..errors import (
     TGIValidationError,
     UpstreamError,
 )
+from ..grammar import constrain
 from ..prompting import ChatPrompt, Template, normalize
+from ..prompting.lru import LRUCache
 from ..settings import Settings
 from ..streaming import SSE_DONE, Answer, ResponseContext, ScoredAnswer, chat_completion, encode_sse
 from ..tgi.client import Generation, StreamEnd, TGIClient, TGIInfo, Token, TokenStream
@@ -98,6 +100,7 @@ class Gateway:
         self.client = client
         self.created = int(time.time())
         self._info: TGIInfo | None = None
+        self._warned: LRUCache[str, bool] = LRUCache(256)  # the grammar warnings logged
         # One thread: the loop shares the GIL with at most one other busy thread, so it waits at most one
         # switch interval (5 ms) each time it needs the GIL; large requests queue there, in order.
         self._admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tgi-gateway-admission")
@@ -146,7 +149,7 @@ class Gateway:
         rec.model, rec.stream = req.model, bool(req.stream)
         self.check_model(req.model)
         check_supported(req)
-        prompt, inputs = await until_disconnect(request, self._admit(request, req))
+        prompt, inputs, grammar = await until_disconnect(request, self._admit(request, req))
         ctx = ResponseContext.for_prompt(
             prompt,
             req.model,  # the base model's name or an adapter's (checked above)
@@ -155,20 +158,20 @@ class Gateway:
             logprobs=bool(req.logprobs),
         )
         if req.n is not None and req.n > 1:
-            return await self._choices(request, req, rec, prompt, inputs, ctx)
+            return await self._choices(request, req, rec, prompt, inputs, grammar, ctx)
         answer = self._answer(req, prompt, ctx)
         logprobs = bool(req.logprobs)
 
         if req.stream:
             open_stream = partial(self._open_stream, inputs, logprobs=logprobs)
-            stack, tokens, first = await self._upstream(request, req, rec, open_stream)
+            stack, tokens, first = await self._upstream(request, req, rec, open_stream, grammar)
             body = partial(self._stream, tokens=tokens, batch=first, answer=answer, ctx=ctx, rec=rec)
             return EventStreamResponse(
                 body, on_close=partial(_close_upstream, stack, tokens), headers=SSE_HEADERS
             )
 
         generation = await self._upstream(
-            request, req, rec, partial(self.client.generate, inputs, logprobs=logprobs)
+            request, req, rec, partial(self.client.generate, inputs, logprobs=logprobs), grammar
         )
         rec.first_token_at = time.perf_counter()  # telemetry: the whole answer arrived at once
         rec.prompt_tokens, rec.completion_tokens = generation.input_length, generation.generated_tokens
@@ -208,6 +211,7 @@ class Gateway:
         rec: RequestRecord,
         prompt: ChatPrompt,
         inputs: str,
+        grammar: dict[str, Any] | None,
         ctx: ResponseContext,
     ) -> Response:
         """`n` > 1: one TGI request per choice (`choice_parameters`: seed + k), each its own Answer, all
@@ -230,7 +234,7 @@ class Gateway:
                     close=lambda opened: opened[0].aclose(),
                 )
 
-            opened = await self._upstream(request, req, rec, open_all)
+            opened = await self._upstream(request, req, rec, open_all, grammar)
             body = partial(
                 self._stream_choices,
                 tokens=[o[1] for o in opened],
@@ -250,7 +254,7 @@ class Gateway:
             ]
             return await _all(calls, close=None)
 
-        generations = await self._upstream(request, req, rec, generate_all)
+        generations = await self._upstream(request, req, rec, generate_all, grammar)
         rec.first_token_at = time.perf_counter()  # telemetry
         prompt_tokens = generations[0].input_length
         completion_tokens = sum(g.generated_tokens for g in generations)
@@ -258,9 +262,12 @@ class Gateway:
         choices = [_message(answer, g) for answer, g in zip(answers, generations)]
         return json_response(chat_completion(ctx, choices, prompt_tokens or 0, completion_tokens))
 
-    async def _admit(self, request: Request, req: ChatCompletionRequest) -> tuple[ChatPrompt, str]:
-        """The request's prompt and its text: normalised, TGI's limits read, rendered within them. On the
-        event loop for a body up to INLINE_BODY_BYTES, in the admission thread otherwise."""
+    async def _admit(
+        self, request: Request, req: ChatCompletionRequest
+    ) -> tuple[ChatPrompt, str, dict[str, Any] | None]:
+        """The request's prompt, its text and TGI's grammar: normalised, constrained (`grammar.constrain`),
+        TGI's limits read, rendered within them. On the event loop for a body up to INLINE_BODY_BYTES, in
+        the admission thread otherwise."""
         length = request.headers.get("content-length", "")
         inline = length.isdigit() and int(length) <= INLINE_BODY_BYTES
 
@@ -277,11 +284,24 @@ class Gateway:
             "function_call": req.function_call,
         }
         prompt = await run(partial(normalize, body))
+        constraint = await run(
+            partial(
+                constrain,
+                prompt,
+                self.template.version,
+                req.response_format.model_dump() if req.response_format is not None else None,
+                parallel_tool_calls=req.parallel_tool_calls is not False,
+                enabled=self.settings.grammar,
+            )
+        )
+        if constraint.warning and self._warned.get(constraint.warning) is None:
+            self._warned.put(constraint.warning, True)  # once per distinct reason, not per request
+            logger.warning("%s (logged once)", constraint.warning)
         info = await self.info()  # before rendering: a prompt that cannot fit is not rendered in full
         check_token_budget(req, info.max_total_tokens)
         check_top_logprobs(req, self.top_logprobs_limit(info))
         limit = prompt_token_limit(req, info.max_input_tokens, info.max_total_tokens)
-        return prompt, await run(partial(self.template.render, prompt, max_tokens=limit))
+        return prompt, await run(partial(self.template.render, prompt, max_tokens=limit)), constraint.grammar
 
     async def _upstream(
         self,
@@ -289,6 +309,7 @@ class Gateway:
         req: ChatCompletionRequest,
         rec: RequestRecord,
         call_tgi: Callable[[dict[str, Any]], Awaitable[T]],
+        grammar: dict[str, Any] | None = None,
     ) -> T:
         """``call_tgi(parameters)`` with TGI's limits applied, raced against the client's disconnect
         (→ ClientDisconnected, and ``call_tgi`` is cancelled: its TGI request closed).
@@ -309,6 +330,7 @@ class Gateway:
                         self.template.stop_sequences,
                         info.max_stop_sequences,
                         adapter_id=self.adapter_id(req.model),
+                        grammar=grammar,
                     )
                 )
             finally:

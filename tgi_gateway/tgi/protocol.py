@@ -207,11 +207,21 @@ _FIRST_NAME = re.compile(r"`(\w+)`")
 # axum's Json rejection for a parameter of the wrong type: "...: parameters.temperature: invalid type: ..."
 _EXTRACTOR_PARAM = re.compile(r"\bparameters\.(\w+)")
 _GENERATION_PREFIX = "Request failed during generation: "
+# validation.rs, a TGI launched with --disable-grammar-support: "Input validation error: grammar is not supported"
+_GRAMMAR_OFF = "grammar is not supported"
 
 
 def _validation(text: str, status: int | None) -> TGIValidationError:
     if _CONTEXT_LENGTH.search(text):
         return TGIContextLengthError(text, param="messages")
+    if _GRAMMAR_OFF in text:
+        return TGIValidationError(
+            "TGI refuses grammars (it was started with --disable-grammar-support), so response_format and "
+            "named or required tool choices cannot be enforced: start TGI without that flag, or the gateway "
+            f"with --no-grammar. TGI said: {text}",
+            param="response_format",
+            code="grammar_disabled",
+        )
     name = _FIRST_NAME.search(text)
     return TGIValidationError(text, param=_OPENAI_PARAM.get(name[1]) if name else None)
 
