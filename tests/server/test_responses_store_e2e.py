@@ -22,15 +22,22 @@ from openai.types.responses import (
     ResponseInputMessageItem,
 )
 
+from tests.fakes.serve import serve
 from tests.fakes.tgi import FakeTGI
 from tests.gateway_process import run_cli, start_gateway, stop_gateway
+from tests.postgres_server import PostgresServer
+from tgi_gateway.prompting import Template
+from tgi_gateway.prompting.types import Version
+from tgi_gateway.server.app import create_app
 from tgi_gateway.server.auth import key_id
+from tgi_gateway.settings import Settings
 from tgi_gateway.store import StoredResponse, open_store
 from tgi_gateway.store.sql import SCHEMA_VERSION, SQLStore, schema_version
 
 KEY_A = "sk-gw-a-0123456789abcdef0123456789abcdef"
 KEY_B = "sk-gw-b-fedcba9876543210fedcba9876543210"
 OWNER_A = key_id(KEY_A)
+TEMPLATE = Template(Version.V3_LLAMA31)
 
 RESPONSE = {
     "id": "resp_a1", "object": "response", "created_at": 1767225600, "completed_at": 1767225601,
@@ -170,6 +177,29 @@ def test_responses_survive_a_restart_and_are_shared_by_workers(model_dir: Path, 
             a.responses.delete(f"resp_{n}")
             with pytest.raises(openai.NotFoundError):
                 a.responses.retrieve(f"resp_{n}")
+
+
+def test_a_lost_database_is_a_503_until_it_is_back(postgres: PostgresServer) -> None:
+    """Through the app's error handling: 503 `store_unavailable` with Retry-After (the SDK retries it), and
+    answers again as soon as PostgreSQL is back (its connections are checked before use)."""
+    store_url = postgres.new_database()
+    seed(store_url, stored("resp_1", owner=None))
+    with FakeTGI() as tgi:
+        settings = Settings(model="fn", endpoint=tgi.url, response_store=store_url)
+        with serve(create_app(settings, TEMPLATE)) as url, httpx.Client(base_url=url) as http:
+            assert http.get("/v1/responses/resp_1").status_code == 200
+            postgres.stop()
+            try:
+                answer = http.get("/v1/responses/resp_1")
+                assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+                assert answer.json()["error"] == {
+                    "message": "The response store is unavailable; retry shortly.", "type": "server_error",
+                    "param": None, "code": "store_unavailable",
+                }  # fmt: skip
+                assert http.delete("/v1/responses/resp_1").status_code == 503
+            finally:
+                postgres.start_again()
+            assert http.get("/v1/responses/resp_1").json()["id"] == "resp_1"
 
 
 def test_without_keys_responses_have_no_owner(model_dir: Path, tmp_path: Path) -> None:

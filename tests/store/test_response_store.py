@@ -338,8 +338,9 @@ async def test_concurrent_saves_and_reads_on_one_store(store_url: str) -> None:
     ],
 )
 async def test_a_bad_url_is_a_configuration_error(url: str, expected: str) -> None:
-    with pytest.raises(ConfigurationError, match="--response-store: .*" + expected.replace("(", r"\(")[:30]):
+    with pytest.raises(ConfigurationError) as refused:
         await open_store(url, ttl_seconds=None)
+    assert str(refused.value).startswith("--response-store: ") and expected in str(refused.value)
 
 
 async def test_an_unreachable_database_is_reported_without_its_password() -> None:
