@@ -28,8 +28,10 @@ if TYPE_CHECKING:
 
     from ..settings import Settings
 
-NOT_FOUND = "No stored response with this id for this API key (`code: response_not_found`): never stored, " \
-    "deleted, expired (`--response-ttl`), or created with another key."  # fmt: skip
+NOT_FOUND = (
+    "No stored response with this id for this API key (`code: response_not_found`): never stored, deleted, "
+    "expired (`--response-ttl`), or created with another key."
+)
 UNAVAILABLE = "The response store's database failed or cannot be reached (`code: store_unavailable`)."
 
 

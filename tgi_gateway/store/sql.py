@@ -155,6 +155,13 @@ class SQLStore:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.engine = engine
+        # Each call is one statement, atomic by itself: on PostgreSQL it runs without BEGIN/ROLLBACK around it
+        # (two round trips fewer); SQLite keeps its driver's implicit transactions (the same one statement).
+        self._single = (
+            engine.execution_options(isolation_level="AUTOCOMMIT")
+            if engine.dialect.name == "postgresql"
+            else engine
+        )
         self.ttl_seconds = ttl_seconds
         self.sweep_interval = sweep_interval
         self.sweep_batch = sweep_batch
@@ -214,12 +221,12 @@ class SQLStore:
             "context": stored.context,
         }
         with _translated("save"):
-            async with self.engine.begin() as conn:
+            async with self._single.begin() as conn:
                 await conn.execute(insert(responses), row)
 
     async def get(self, response_id: str, owner: str | None) -> StoredResponse | None:
         with _translated("get"):
-            async with self.engine.connect() as conn:
+            async with self._single.connect() as conn:
                 row = (
                     await conn.execute(select(responses).where(*self._visible(response_id, owner)))
                 ).first()
@@ -237,7 +244,7 @@ class SQLStore:
 
     async def delete(self, response_id: str, owner: str | None) -> bool:
         with _translated("delete"):
-            async with self.engine.begin() as conn:
+            async with self._single.begin() as conn:
                 result = await conn.execute(delete(responses).where(*self._visible(response_id, owner)))
         return result.rowcount > 0
 
@@ -263,7 +270,7 @@ class SQLStore:
             )  # PostgreSQL: processes sweeping at once skip each other's rows
         )
         with _translated("sweep"):
-            async with self.engine.begin() as conn:
+            async with self._single.begin() as conn:
                 result = await conn.execute(
                     delete(responses).where(responses.c.id.in_(expired.scalar_subquery()))
                 )
