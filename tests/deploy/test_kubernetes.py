@@ -76,7 +76,11 @@ def render(overlay: str) -> tuple[dict[str, Any], ...]:
     command = renderer()
     assert command is not None, "CI must render the overlays: no kubectl or kustomize on PATH (see .ci/run)"
     done = subprocess.run(
-        [*command, str(KUBERNETES / "overlays" / overlay)], capture_output=True, text=True, timeout=120
+        [*command, str(KUBERNETES / "overlays" / overlay)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, f"{' '.join(command)} {overlay} failed:\n{done.stderr}"
     objects = tuple(o for o in yaml.safe_load_all(done.stdout) if o)
@@ -192,7 +196,9 @@ def service_name_of(host: str) -> str | None:
     """`svc`, `svc.ns`, `svc.ns.svc`, `svc.ns.svc.cluster.local` -> `svc` (in namespace tgi-gateway)."""
     parts = host.split(".")
     if len(parts) == 1 or parts[1:] in (
-        [NAMESPACE], [NAMESPACE, "svc"], [NAMESPACE, "svc", "cluster", "local"]
+        [NAMESPACE],
+        [NAMESPACE, "svc"],
+        [NAMESPACE, "svc", "cluster", "local"],
     ):
         return parts[0]
     return None
@@ -236,8 +242,10 @@ def test_every_object_is_valid_for_kubernetes(overlay: str, version: str) -> Non
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as e:
-            pytest.fail(f"{overlay}: {obj['kind']}/{obj['metadata']['name']} (Kubernetes {version}): {e.message}"
-                        f" at {'/'.join(map(str, e.absolute_path))}")
+            pytest.fail(
+                f"{overlay}: {obj['kind']}/{obj['metadata']['name']} (Kubernetes {version}): {e.message}"
+                f" at {'/'.join(map(str, e.absolute_path))}"
+            )
 
 
 @needs_renderer
@@ -252,7 +260,9 @@ def test_labels_namespace_and_pinned_images(overlay: str) -> None:
             assert meta.get("namespace") == NAMESPACE, f"{where}: namespace {meta.get('namespace')}"
     for w in workloads(objects):
         assert pod_labels(w).get(PART_OF[0]) == PART_OF[1]
-        assert matches(w["spec"]["selector"], pod_labels(w)), f"{w['metadata']['name']}: selector misses its pods"
+        assert matches(w["spec"]["selector"], pod_labels(w)), (
+            f"{w['metadata']['name']}: selector misses its pods"
+        )
         spec = w["spec"]["template"]["spec"]
         for c in spec.get("initContainers", []) + spec["containers"]:
             image = c["image"]
@@ -266,8 +276,10 @@ def test_labels_namespace_and_pinned_images(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_referenced_configmaps_and_secrets_exist(overlay: str) -> None:
     objects = render(overlay)
-    rendered_secrets = {o["metadata"]["name"]: set(o.get("data", {})) | set(o.get("stringData", {}))
-                        for o in of_kind(objects, "Secret")}
+    rendered_secrets = {
+        o["metadata"]["name"]: set(o.get("data", {})) | set(o.get("stringData", {}))
+        for o in of_kind(objects, "Secret")
+    }
     config_maps = {o["metadata"]["name"] for o in of_kind(objects, "ConfigMap")}
     for w in workloads(objects):
         spec = w["spec"]["template"]["spec"]
@@ -275,8 +287,12 @@ def test_referenced_configmaps_and_secrets_exist(overlay: str) -> None:
             if name in rendered_secrets:
                 assert key is None or key in rendered_secrets[name]
             else:
-                assert name in SEPARATE_SECRETS, f"{overlay}: Secret {name} is neither rendered nor documented"
-                assert key is None or key in SEPARATE_SECRETS[name], f"{overlay}: {name}/{key} is not documented"
+                assert name in SEPARATE_SECRETS, (
+                    f"{overlay}: Secret {name} is neither rendered nor documented"
+                )
+                assert key is None or key in SEPARATE_SECRETS[name], (
+                    f"{overlay}: {name}/{key} is not documented"
+                )
         for c in spec["containers"]:
             environment(objects, c)  # asserts every ConfigMap and key it names is rendered
             for var in c.get("env", []):
@@ -350,7 +366,7 @@ def test_gateway_security_context(overlay: str) -> None:
     deployment = gateway(render(overlay))
     pod = deployment["spec"]["template"]["spec"]
     c = container(deployment, "gateway")
-    uid = int(re.search(r"useradd .*--uid (\d+)", DOCKERFILE.read_text(), re.S).group(1))
+    uid = int(re.search(r"useradd .*--uid (\d+)", DOCKERFILE.read_text(), re.DOTALL).group(1))
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == uid, "the image's own user"
     seccomp = c.get("securityContext", {}).get("seccompProfile") or pod["securityContext"]["seccompProfile"]
@@ -390,13 +406,16 @@ def test_hpa_and_pdbs_point_at_the_right_pods(overlay: str) -> None:
         assert len(pods) == 1, f"{overlay}: PDB {pdb['metadata']['name']} selects {pods}"
         covered[pods[0]] = pdb
     assert "tgi-gateway" in covered
-    assert covered["tgi-gateway"]["spec"].get("maxUnavailable") == 1 or covered["tgi-gateway"]["spec"].get(
-        "minAvailable", 0
-    ) < hpa["spec"]["minReplicas"], "the gateway's PDB must allow an eviction"
+    assert (
+        covered["tgi-gateway"]["spec"].get("maxUnavailable") == 1
+        or covered["tgi-gateway"]["spec"].get("minAvailable", 0) < hpa["spec"]["minReplicas"]
+    ), "the gateway's PDB must allow an eviction"
     for sts in of_kind(objects, "StatefulSet"):
         assert sts["metadata"]["name"] in covered, f"{overlay}: no PDB for {sts['metadata']['name']}"
         pdb = covered[sts["metadata"]["name"]]["spec"]
-        assert "maxUnavailable" in pdb or pdb["minAvailable"] < sts["spec"]["replicas"], "node drains would block"
+        assert "maxUnavailable" in pdb or pdb["minAvailable"] < sts["spec"]["replicas"], (
+            "node drains would block"
+        )
 
     for svc in of_kind(objects, "Service"):
         pods = selected(objects, {"matchLabels": svc["spec"]["selector"]})
@@ -420,7 +439,9 @@ def test_tgi_statefulset(overlay: str) -> None:
     shm = volumes[mounts["/dev/shm"]]["emptyDir"]
     assert shm["medium"] == "Memory"
     claims = {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
-    assert mounts["/data"] in claims and mounts["/data"] not in volumes, "the model cache is a claim per replica"
+    assert mounts["/data"] in claims and mounts["/data"] not in volumes, (
+        "the model cache is a claim per replica"
+    )
     probes = {k: c[k] for k in ("startupProbe", "readinessProbe", "livenessProbe")}
     for name, probe in probes.items():
         assert probe["httpGet"]["path"] == "/health", name
@@ -442,7 +463,9 @@ def test_tgi_statefulset(overlay: str) -> None:
         if v["name"] == "TGI_GATEWAY_MODEL"
     ]
     assert model_ref == gateway_ref
-    assert pod["terminationGracePeriodSeconds"] >= 90, "TGI's launcher waits up to 90 s for in-flight requests"
+    assert pod["terminationGracePeriodSeconds"] >= 90, (
+        "TGI's launcher waits up to 90 s for in-flight requests"
+    )
 
 
 @needs_renderer
@@ -466,7 +489,9 @@ def test_the_gateway_endpoint_is_the_headless_service(overlay: str, monkeypatch:
     (tgi_port,) = [p["containerPort"] for p in container(sts, "tgi")["ports"] if p["name"] == "http"]
     assert port == tgi_port
     assert port in [p["port"] for p in svc["spec"]["ports"]]
-    assert not svc["spec"].get("publishNotReadyAddresses"), "a replica that is still loading must not be routed to"
+    assert not svc["spec"].get("publishNotReadyAddresses"), (
+        "a replica that is still loading must not be routed to"
+    )
 
 
 @needs_renderer
