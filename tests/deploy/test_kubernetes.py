@@ -397,6 +397,10 @@ def test_hpa_and_pdbs_point_at_the_right_pods(overlay: str) -> None:
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["apiVersion"], target["kind"], target["name"]) == ("apps/v1", "Deployment", "tgi-gateway")
     assert 2 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    replicas = gateway(objects)["spec"]["replicas"]
+    assert hpa["spec"]["minReplicas"] <= replicas <= hpa["spec"]["maxReplicas"], (
+        "the first apply starts in bounds"
+    )
     assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
     assert "cpu" in container(gateway(objects), "gateway")["resources"]["requests"], "utilisation of what?"
 
@@ -406,6 +410,8 @@ def test_hpa_and_pdbs_point_at_the_right_pods(overlay: str) -> None:
         assert len(pods) == 1, f"{overlay}: PDB {pdb['metadata']['name']} selects {pods}"
         covered[pods[0]] = pdb
     assert "tgi-gateway" in covered
+    # Its pods are unready whenever TGI is down: they must stay evictable then, or node drains block.
+    assert covered["tgi-gateway"]["spec"].get("unhealthyPodEvictionPolicy") == "AlwaysAllow"
     assert (
         covered["tgi-gateway"]["spec"].get("maxUnavailable") == 1
         or covered["tgi-gateway"]["spec"].get("minAvailable", 0) < hpa["spec"]["minReplicas"]
