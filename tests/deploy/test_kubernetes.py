@@ -224,7 +224,7 @@ def test_no_secret_is_shipped() -> None:
 
 def test_the_docs_say_how_to_create_the_separate_secrets() -> None:
     docs = OPERATIONS.read_text()
-    section = docs.split("## Kubernetes", 1)[1].split("\n## ", 1)[0]
+    section = docs.split("\n## Kubernetes\n", 1)[1].split("\n## ", 1)[0]
     for name, keys in SEPARATE_SECRETS.items():
         assert f"create secret generic {name}" in section
         for key in keys:
@@ -240,12 +240,15 @@ def test_the_docs_say_how_to_create_the_separate_secrets() -> None:
 def test_every_object_is_valid_for_kubernetes(overlay: str, version: str) -> None:
     for obj in render(overlay):
         try:
-            kubernetes_validate.validate(obj, version, strict=True)
+            used = kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as e:
             pytest.fail(
                 f"{overlay}: {obj['kind']}/{obj['metadata']['name']} (Kubernetes {version}): {e.message}"
                 f" at {'/'.join(map(str, e.absolute_path))}"
             )
+        assert used == version.rpartition(".")[0], (
+            f"validated with Kubernetes {used}'s schemas, not {version}'s"
+        )
 
 
 @needs_renderer
