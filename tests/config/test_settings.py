@@ -88,8 +88,8 @@ def test_settings_survive_the_worker_environment_with_every_field_set(
         "tgi_args": ["--x", "1"], "startup_timeout": 7.0, "keep_tgi": True,
         "max_head_bytes": 4096, "max_headers": 20, "head_timeout": 2.0, "body_timeout": 3.0,
         "keep_alive_timeout": 4.0, "max_connections": 50, "lora_adapters": ["org/a@v1", "b=/p"],
-        "max_top_n_tokens": 10, "grammar": False, "data_dir": str(tmp_path / "data"),
-        "response_store": "postgresql://u:p@db:5432/gw", "response_ttl": 60.0,
+        "max_top_n_tokens": 10, "grammar": False, "redis_url": "redis://127.0.0.1:6390/1",
+        "data_dir": str(tmp_path / "data"), "response_store": "postgresql://u:p@db:5432/gw", "response_ttl": 60.0,
     }  # fmt: skip
     assert set(values) == set(FIELDS), "every field is set"
     settings = Settings(**values)
