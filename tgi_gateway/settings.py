@@ -193,12 +193,13 @@ class Settings(BaseSettings):
         description="directory of the gateway's own data: the default response store, responses.db "
         "($XDG_DATA_HOME unset: ~/.local/share)",
     )
-    response_store: Annotated[str | None, Flag(metavar="URL", group=STORE, unset="DATA_DIR/responses.db")] = (
-        Field(
-            None,
-            description="database of stored responses: sqlite:///PATH (a file; four slashes for an absolute "
-            "path) or postgresql://USER:PASSWORD@HOST:PORT/DATABASE (shared by several processes or hosts)",
-        )
+    # A secret: a PostgreSQL URL may hold a password.
+    response_store: Annotated[
+        SecretStr | None, Flag(metavar="URL", group=STORE, unset="DATA_DIR/responses.db")
+    ] = Field(
+        None,
+        description="database of stored responses: sqlite:///PATH (a file; four slashes for an absolute path) "
+        "or postgresql://USER:PASSWORD@HOST:PORT/DATABASE (shared by several processes or hosts)",
     )
     response_ttl: Annotated[float, Flag(metavar="SECONDS", group=STORE)] = Field(
         DEFAULT_RESPONSE_TTL,
@@ -290,7 +291,7 @@ class Settings(BaseSettings):
                 raise ValueError("redis_url must be a redis://host:port[/db], rediss:// or unix:// URL")
         return v
 
-    @field_serializer("api_keys", "tgi_api_key", "redis_url", mode="wrap", when_used="json")
+    @field_serializer("api_keys", "tgi_api_key", "redis_url", "response_store", mode="wrap", when_used="json")
     def _reveal_keys(
         self, v: tuple[SecretStr, ...] | SecretStr | None, nxt: Serialize, info: SerializationInfo
     ) -> Any:
@@ -311,8 +312,8 @@ class Settings(BaseSettings):
 
     @field_validator("response_store")
     @classmethod
-    def _store_url(cls, v: str | None) -> str | None:
-        return None if v is None else check_store_url(v)
+    def _store_url(cls, v: SecretStr | None) -> SecretStr | None:
+        return None if v is None else SecretStr(check_store_url(v.get_secret_value()))
 
     @field_validator("log_level")
     @classmethod
@@ -334,7 +335,7 @@ class Settings(BaseSettings):
     def store_url(self) -> str:
         """The response store's URL: ``--response-store``, else the SQLite file in the data directory."""
         if self.response_store is not None:
-            return self.response_store
+            return self.response_store.get_secret_value()
         return "sqlite:///" + str((self.data_dir or default_data_dir()).expanduser().absolute() / STORE_FILE)
 
     @property
