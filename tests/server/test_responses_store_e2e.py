@@ -202,6 +202,48 @@ def test_a_lost_database_is_a_503_until_it_is_back(postgres: PostgresServer) -> 
             assert http.get("/v1/responses/resp_1").json()["id"] == "resp_1"
 
 
+class OneResponse:
+    """A store double holding one response (the seam: a store set as app.state.store before the app starts)."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def save(self, stored: StoredResponse) -> None:
+        raise AssertionError("not called by the retrieval routes")
+
+    async def get(self, response_id: str, owner: str | None) -> StoredResponse | None:
+        return stored("resp_given", owner=None) if response_id == "resp_given" and owner is None else None
+
+    async def delete(self, response_id: str, owner: str | None) -> bool:
+        return False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def test_a_store_set_before_the_app_starts_is_used_as_it_is(data_home: Path) -> None:
+    given = OneResponse()
+    with FakeTGI() as tgi:
+        app = create_app(Settings(model="fn", endpoint=tgi.url, data_dir=data_home / "seam"), TEMPLATE)
+        app.state.store = given
+        with serve(app) as url, httpx.Client(base_url=url) as http:
+            assert http.get("/v1/responses/resp_given").json()["id"] == "resp_given"
+            assert http.get("/v1/responses/resp_other").status_code == 404
+    assert app.state.store is given and not given.closed, "its owner closes it"
+    assert not (data_home / "seam").exists(), "no store of the settings was opened"
+
+
+def test_an_app_opens_and_closes_its_store_each_time_it_is_served(tmp_path: Path) -> None:
+    store_url = f"sqlite:///{tmp_path / 'responses.db'}"
+    seed(store_url, stored("resp_1", owner=None))
+    with FakeTGI() as tgi:
+        app = create_app(Settings(model="fn", endpoint=tgi.url, response_store=store_url), TEMPLATE)
+        for _ in range(2):
+            with serve(app) as url, httpx.Client(base_url=url) as http:
+                assert http.get("/v1/responses/resp_1").status_code == 200
+            assert getattr(app.state, "store", None) is None, "closed and forgotten at exit"
+
+
 def test_without_keys_responses_have_no_owner(model_dir: Path, tmp_path: Path) -> None:
     store_url = f"sqlite:///{tmp_path / 'responses.db'}"
     seed(store_url, stored("resp_open", owner=None), stored("resp_keyed", owner=OWNER_A))

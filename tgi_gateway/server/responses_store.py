@@ -37,12 +37,20 @@ UNAVAILABLE = "The response store's database failed or cannot be reached (`code:
 
 @asynccontextmanager
 async def opened(app: FastAPI, settings: Settings) -> AsyncIterator[ResponseStore]:
-    """The response store of `settings`, as ``app.state.store`` for the app's life, closed at exit."""
+    """The response store of `settings`, as ``app.state.store`` for the app's life, closed at exit.
+
+    A store already set as ``app.state.store`` before the app starts (a test's double, an embedding
+    application's own) is the seam: it is used as it is, and closed by whoever set it.
+    """
+    if (given := getattr(app.state, "store", None)) is not None:
+        yield given
+        return
     store = app.state.store = await open_store(settings.store_url, ttl_seconds=settings.store_ttl)
     try:
         yield store
     finally:
         await store.close()
+        del app.state.store  # a restarted app (tests serve one app more than once) opens the store again
 
 
 def owner_of(request: Request) -> str | None:
