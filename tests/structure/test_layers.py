@@ -23,7 +23,8 @@ ALLOWED: dict[str, set[str]] = {
     "api": {"errors", "prompting", "settings"},
     "tgi": {"errors", "__init__"},
     "container_manager": {"errors"},
-    "server": {"errors", "prompting", "grammar", "streaming", "api", "tgi", "settings", "__init__"},
+    "responses": {"errors", "prompting", "streaming", "api"},
+    "server": {"errors", "prompting", "grammar", "streaming", "api", "responses", "tgi", "settings", "__init__"},
     "cli": {"errors", "prompting", "settings", "container_manager", "server"},
     "__init__": set(),
 }
