@@ -81,13 +81,15 @@ class ResponseShape:
     """One response's constant part: the Response object as ``response.created`` shows it (the echoed
     request fields, ``status: "in_progress"``, ``output: []``), and the options of the mapping.
 
-    `ids(prefix)` makes item ids and `call_ids()` call ids; tests inject deterministic ones.
+    `ids(prefix)` makes item ids, `call_ids()` call ids and `clock()` the time of `completed_at`; tests
+    inject deterministic ones.
     """
 
     response: Mapping[str, Any]
     keep_first_call_only: bool = False
     ids: Callable[[str], str] = new_item_id
     call_ids: Callable[[], str] = new_call_id
+    clock: Callable[[], float] = time.time
 
     @property
     def id(self) -> str:
@@ -283,12 +285,14 @@ class OutputBuilder:
 
     # -- the Response ---------------------------------------------------------------------------
 
-    def response(self, tgi_finish_reason: str | None, input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    def response(
+        self, tgi_finish_reason: str | None, input_tokens: int, output_tokens: int
+    ) -> dict[str, Any]:
         """The final Response: the items, the status, `usage`."""
         incomplete = tgi_finish_reason == "length"
         return self._response(
             status="incomplete" if incomplete else "completed",
-            completed_at=None if incomplete else int(time.time()),
+            completed_at=None if incomplete else int(self._shape.clock()),
             incomplete_details={"reason": "max_output_tokens"} if incomplete else None,
             output=[_copy(item) for item in self.output],
             usage=response_usage(input_tokens, output_tokens),

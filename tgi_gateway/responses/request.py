@@ -75,7 +75,8 @@ class ResponsesRequest(BaseModel):
     )
     instructions: str | None = Field(None, description="A leading system message; not inherited.")
     tools: Annotated[list[dict[str, Any]] | None, SkipValidation] = Field(
-        None, description='Function tools: `{"type": "function", "name", "description"?, "parameters"?, "strict"?}`.'
+        None,
+        description='Function tools: `{"type": "function", "name", "description"?, "parameters"?, "strict"?}`.',
     )
     tool_choice: str | dict[str, Any] | None = Field(
         None, description='"none", "auto", "required", {"type": "function", "name": ...} or allowed_tools.'
@@ -213,7 +214,9 @@ def _item(item: Any, param: str, ids: Callable[[str], str]) -> dict[str, Any]:
                 "'developer' and 'assistant'.",
                 param=f"{param}.role",
             )
-        return _message_item(_item_id(item, param, "msg_", ids), role, _parts(item.get("content"), role, param))
+        return _message_item(
+            _item_id(item, param, "msg_", ids), role, _parts(item.get("content"), role, param)
+        )
     if kind == "function_call":
         return {
             "id": _item_id(item, param, "fc_", ids),
@@ -278,7 +281,11 @@ def _text_of(output: Any, param: str) -> str:
     if isinstance(output, list):
         texts = []
         for k, part in enumerate(output):
-            if not (isinstance(part, Mapping) and part.get("type") in _TEXT_PARTS and isinstance(part.get("text"), str)):
+            if not (
+                isinstance(part, Mapping)
+                and part.get("type") in _TEXT_PARTS
+                and isinstance(part.get("text"), str)
+            ):
                 raise InvalidRequestError(
                     f"Invalid part '{param}[{k}]': Functionary models accept text only (a string, or "
                     "'input_text' parts).",
@@ -289,7 +296,9 @@ def _text_of(output: Any, param: str) -> str:
     raise InvalidRequestError(f"'{param}' must be a string or an array of text parts.", param=param)
 
 
-def _append(messages: list[dict[str, Any]], item: Mapping[str, Any], calls: set[str], param: str | None) -> None:
+def _append(
+    messages: list[dict[str, Any]], item: Mapping[str, Any], calls: set[str], param: str | None
+) -> None:
     """`item` (normalised) as chat messages: a message, a call joined to the assistant message before it,
     a tool result. `param` None: a stored item (checked when it was stored)."""
     kind = item["type"]
@@ -342,7 +351,9 @@ def _tools(raw: Any) -> list[dict[str, Any]]:
             )
         if "name" not in tool:
             raise InvalidRequestError(f"Missing required parameter: '{param}.name'.", param=f"{param}.name")
-        function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
+        function = {
+            k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None
+        }
         tools.append({"type": "function", "function": function})
     return tools
 
@@ -375,13 +386,13 @@ def _tool_choice(raw: Any, tools: list[dict[str, Any]]) -> tuple[Any, list[dict[
         kept = [t for t in tools if t["function"]["name"] in names]
         if len(names) != len(allowed) or len(kept) != len(names):
             raise InvalidRequestError(
-                "'tool_choice.tools' must list function tools of 'tools' ({\"type\": \"function\", \"name\"}).",
+                '\'tool_choice.tools\' must list function tools of \'tools\' ({"type": "function", "name"}).',
                 param="tool_choice.tools",
             )
         return mode, kept
     raise InvalidRequestError(
         f"The tool choice {kind!r:.60} is not supported: {_HOSTED_HINT}. Supported values are 'none', 'auto', "
-        "'required', {\"type\": \"function\", \"name\": ...} and allowed_tools.",
+        '\'required\', {"type": "function", "name": ...} and allowed_tools.',
         param="tool_choice",
     )
 
@@ -422,7 +433,9 @@ def _rename(text: str) -> str:
 
 def responses_error(exc: GatewayError) -> GatewayError:
     """`exc` (raised by the chat code for a converted request) naming the Responses API's fields."""
-    if not isinstance(exc, InvalidRequestError) or (exc.param is None and "response_format" not in exc.message):
+    if not isinstance(exc, InvalidRequestError) or (
+        exc.param is None and "response_format" not in exc.message
+    ):
         return exc
     exc.message = _rename(exc.message)
     exc.args = (exc.message,)

@@ -164,7 +164,9 @@ def _failed(builder: OutputBuilder, exc: GatewayError) -> bytes:
 # ------------------------------------------------------------------------------------------------
 
 
-async def _previous(store: ResponseStore | None, response_id: str | None, owner: str | None) -> list[dict[str, Any]]:
+async def _previous(
+    store: ResponseStore | None, response_id: str | None, owner: str | None
+) -> list[dict[str, Any]]:
     """The conversation `previous_response_id` continues (its stored context); [] without one."""
     if response_id is None:
         return []
