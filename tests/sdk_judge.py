@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import openai
-from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai._models import construct_type
+from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.chat import ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent

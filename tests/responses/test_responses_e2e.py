@@ -280,11 +280,11 @@ def test_tgi_failure_mid_stream_is_response_failed(tgi, c31):
 def test_client_disconnect_closes_the_upstream_request(tgi, v31):
     gate = Gate()
     tgi.script = ["It", " is", gate, " sunny", EOT]
-    with httpx.Client(base_url=v31[0]) as h:
-        with h.stream("POST", "/v1/responses", json={"model": MODEL, "input": ASK, "stream": True}) as r:
-            assert any("output_text.delta" in line for line in r.iter_lines())
-            assert tgi.wait_until(lambda: len(tgi.last_generation.tokens) >= 2, 5)
-            left = time.monotonic()
+    body = {"model": MODEL, "input": ASK, "stream": True}
+    with httpx.Client(base_url=v31[0]) as h, h.stream("POST", "/v1/responses", json=body) as r:
+        assert any("output_text.delta" in line for line in r.iter_lines())
+        assert tgi.wait_until(lambda: len(tgi.last_generation.tokens) >= 2, 5)
+        left = time.monotonic()
     assert tgi.wait_until(lambda: tgi.last_generation.disconnected, 5)
     assert tgi.last_generation.disconnected_at - left < 0.5
     gate.open()
@@ -367,23 +367,27 @@ def test_unknown_v1_routes_are_a_404_naming_them(c31, v31):
 def test_a_stored_response_is_visible_only_to_the_key_that_created_it(tgi):
     store = InMemoryResponseStore()
     tgi.script = SCRIPTS[Version.V3_LLAMA31]["text"]
-    with serve(gateway_app(tgi, Version.V3_LLAMA31, store, api_keys=["sk-a", "sk-b"])) as url:
-        with openai.OpenAI(base_url=url + "/v1", api_key="sk-a", max_retries=0) as a, \
-                openai.OpenAI(base_url=url + "/v1", api_key="sk-b", max_retries=0) as b:  # fmt: skip
-            r = a.responses.create(model=MODEL, input=ASK)
-            assert store.saved[r.id].owner is not None
-            assert a.responses.create(model=MODEL, input="more", previous_response_id=r.id).status == "completed"
-            with pytest.raises(openai.BadRequestError) as e:
-                b.responses.create(model=MODEL, input="more", previous_response_id=r.id)
-            assert e.value.code == "previous_response_not_found"
+    with (
+        serve(gateway_app(tgi, Version.V3_LLAMA31, store, api_keys=["sk-a", "sk-b"])) as url,
+        openai.OpenAI(base_url=url + "/v1", api_key="sk-a", max_retries=0) as a,
+        openai.OpenAI(base_url=url + "/v1", api_key="sk-b", max_retries=0) as b,
+    ):
+        r = a.responses.create(model=MODEL, input=ASK)
+        assert store.saved[r.id].owner is not None
+        assert a.responses.create(model=MODEL, input="more", previous_response_id=r.id).status == "completed"
+        with pytest.raises(openai.BadRequestError) as e:
+            b.responses.create(model=MODEL, input="more", previous_response_id=r.id)
+        assert e.value.code == "previous_response_not_found"
 
 
 def test_without_a_store_every_request_is_store_false(tgi):
     tgi.script = SCRIPTS[Version.V3_LLAMA31]["text"]
-    with serve(gateway_app(tgi, Version.V3_LLAMA31)) as url:
-        with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as c:
-            r = c.responses.create(model=MODEL, input=ASK)
-            assert r.store is False and r.output_text == "It is sunny."
-            with pytest.raises(openai.BadRequestError) as e:
-                c.responses.create(model=MODEL, input="more", previous_response_id=r.id)
-            assert e.value.code == "previous_response_not_found"
+    with (
+        serve(gateway_app(tgi, Version.V3_LLAMA31)) as url,
+        openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as c,
+    ):
+        r = c.responses.create(model=MODEL, input=ASK)
+        assert r.store is False and r.output_text == "It is sunny."
+        with pytest.raises(openai.BadRequestError) as e:
+            c.responses.create(model=MODEL, input="more", previous_response_id=r.id)
+        assert e.value.code == "previous_response_not_found"
