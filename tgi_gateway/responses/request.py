@@ -442,3 +442,83 @@ def responses_error(exc: GatewayError) -> GatewayError:
     if exc.param is not None:
         exc.param = "input" if exc.param == "messages" else _rename(exc.param)
     return exc
+
+
+# ------------------------------------------------------------------------------------------------
+# What the route answers, for the OpenAPI document (the answers are built as dicts by .output)
+# ------------------------------------------------------------------------------------------------
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any]
+    logprobs: list[Any]
+
+
+class MessageItem(BaseModel):
+    id: str = Field(description="`msg_…`")
+    type: Literal["message"]
+    role: Literal["assistant"]
+    status: Literal["in_progress", "completed", "incomplete"]
+    content: list[OutputText]
+
+
+class FunctionCallItem(BaseModel):
+    id: str = Field(description="`fc_…`")
+    type: Literal["function_call"]
+    status: Literal["in_progress", "completed", "incomplete"]
+    call_id: str = Field(description="`call_…`: send it back with the `function_call_output`.")
+    name: str
+    arguments: str = Field(description="JSON text (raw code for `python`).")
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int] = Field(description="`cached_tokens`, `cache_write_tokens`: 0.")
+    output_tokens: int
+    output_tokens_details: dict[str, int] = Field(description="`reasoning_tokens`: 0.")
+    total_tokens: int
+
+
+class ResponseError(BaseModel):
+    code: str
+    message: str
+
+
+class ResponseObject(BaseModel):
+    """The answer to a request without `stream: true` (``application/json``); also the `response` of the
+    stream's lifecycle events. The request's fields are echoed."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(description="`resp_…`: the `previous_response_id` of a later request.")
+    object: Literal["response"]
+    created_at: int
+    completed_at: int | None
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    error: ResponseError | None
+    incomplete_details: dict[str, str] | None = Field(description='`{"reason": "max_output_tokens"}`')
+    model: str
+    output: list[MessageItem | FunctionCallItem]
+    usage: ResponseUsage | None = Field(description="null until the response is complete.")
+    parallel_tool_calls: bool
+    tool_choice: str | dict[str, Any]
+    tools: list[dict[str, Any]]
+    store: bool
+
+
+class ResponseStreamEvent(BaseModel):
+    """One event of the answer to a `stream: true` request (``text/event-stream``): ``event: <type>`` then
+    ``data: <event>``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(
+        description="response.created, response.in_progress, response.output_item.added, "
+        "response.content_part.added, response.output_text.delta, response.output_text.done, "
+        "response.content_part.done, response.function_call_arguments.delta, "
+        "response.function_call_arguments.done, response.output_item.done, then response.completed, "
+        "response.incomplete or response.failed."
+    )
+    sequence_number: int = Field(description="0, 1, 2, … across the whole stream.")

@@ -21,7 +21,7 @@ from ..api.models import ChatCompletionRequest, HealthStatus
 from ..api.validation import invalid_request
 from ..errors import DescriptorsExhaustedError, GatewayError
 from ..prompting import Template
-from ..responses.request import ResponsesRequest
+from ..responses.request import ResponseObject, ResponsesRequest, ResponseStreamEvent
 from ..settings import Settings
 from ..tgi.client import TGIClient
 from . import auth, responses
@@ -104,7 +104,7 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
 
     # The error statuses each route really answers, with OpenAI's envelope; no 422 (tgi_gateway/api/openapi.py).
     guarded = openapi.guarded(settings)
-    openapi.install(app, settings, auth.OPEN_PATHS)
+    openapi.install(app, settings, auth.OPEN_PATHS, {RESPONSES_PATH: RESPONSES_ANSWERS})
 
     @app.post(
         "/v1/chat/completions",
@@ -123,7 +123,7 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
             return Response(status_code=499)
 
     @app.post(
-        "/v1/responses",
+        RESPONSES_PATH,
         response_model=None,
         summary="Create a response (the Responses API)",
         responses=openapi.error_responses(
@@ -192,6 +192,16 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
     instrument(app, settings.model_names)  # GET /metrics, and the outermost middleware: counts, logs
     return app
 
+
+RESPONSES_PATH = "/v1/responses"
+RESPONSES_ANSWERS = openapi.Answers(
+    ResponseObject,
+    ResponseStreamEvent,
+    "The response: one JSON object, or a stream of its events with `stream: true`.",
+    "With `stream: true`: server-sent events, each `event: <type>` and `data: <ResponseStreamEvent as JSON>` "
+    "followed by a blank line, from `response.created` to `response.completed` (or `response.incomplete`; "
+    "`response.failed` when TGI fails after the first event). No `data: [DONE]`.",
+)
 
 # Routes the store adds (tgi_gateway/store, GET/DELETE /v1/responses/{id}, its input_items): named in the 404's
 # list of what is served even before they are registered.
