@@ -6,27 +6,22 @@ then, once the tool's result is in the prompt, the text. Tracing is off (no netw
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from agents import Agent, ModelSettings, RunConfig, Runner, function_tool, set_tracing_disabled
+from agents.models.openai_provider import OpenAIProvider
 
 from tests.fakes.response_store import InMemoryResponseStore
 from tests.fakes.serve import serve
 from tests.fakes.tgi import FakeTGI, special, tokens
 from tests.gateway_process import start_gateway, stop_gateway
-
-os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
-agents = pytest.importorskip("agents")
-from agents import Agent, ModelSettings, RunConfig, Runner, function_tool, set_tracing_disabled  # noqa: E402
-from agents.models.openai_provider import OpenAIProvider  # noqa: E402
-
-from tgi_gateway.prompting import Template, Version  # noqa: E402
-from tgi_gateway.server.app import create_app  # noqa: E402
-from tgi_gateway.settings import Settings  # noqa: E402
+from tgi_gateway.prompting import Template, Version
+from tgi_gateway.server.app import create_app
+from tgi_gateway.settings import Settings
 
 set_tracing_disabled(True)
 
