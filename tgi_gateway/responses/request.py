@@ -382,7 +382,11 @@ def _tool_choice(raw: Any, tools: list[dict[str, Any]]) -> tuple[Any, list[dict[
                 "'tool_choice' of type 'allowed_tools' needs 'mode' ('auto' or 'required') and 'tools'.",
                 param="tool_choice",
             )
-        names = {t.get("name") for t in allowed if isinstance(t, Mapping) and t.get("type") == "function"}
+        names = {
+            t["name"]
+            for t in allowed
+            if isinstance(t, Mapping) and t.get("type") == "function" and isinstance(t.get("name"), str)
+        }
         kept = [t for t in tools if t["function"]["name"] in names]
         if len(names) != len(allowed) or len(kept) != len(names):
             raise InvalidRequestError(
@@ -402,6 +406,10 @@ def _response_format(text: TextConfig | None) -> dict[str, Any] | None:
     if fmt is None:
         return None
     kind = fmt.get("type")
+    if not isinstance(kind, str):
+        raise InvalidRequestError(
+            "'text.format.type' must be 'text', 'json_object' or 'json_schema'.", param="text.format.type"
+        )
     if kind == "text":
         return None
     if kind == "json_schema":
@@ -423,12 +431,14 @@ _RENAMES = (
     ("'messages'", "'input'"),
 )
 _TOOL_FIELD = re.compile(r"tools\[(\d+)\]\.function\b")
+# A message the conversion made from the input (or the stored context): no index to name in `input`.
+_MESSAGE_FIELD = re.compile(r"messages\[\d+\][\w.\[\]]*")
 
 
 def _rename(text: str) -> str:
     for old, new in _RENAMES:
         text = text.replace(old, new)
-    return _TOOL_FIELD.sub(r"tools[\1]", text)
+    return _MESSAGE_FIELD.sub("input", _TOOL_FIELD.sub(r"tools[\1]", text))
 
 
 def responses_error(exc: GatewayError) -> GatewayError:
