@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from agents import Agent, ModelSettings, RunConfig, Runner, function_tool, set_tracing_disabled
+from agents import Agent, RunConfig, Runner, function_tool, set_tracing_disabled
 from agents.models.openai_provider import OpenAIProvider
 
 from tests.fakes.response_store import InMemoryResponseStore
@@ -64,8 +64,7 @@ def agent_and_config(url: str, paths: list[str]) -> tuple[Any, RunConfig, list[s
 
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0,
                                 http_client=httpx.AsyncClient(event_hooks={"request": [note]}))  # fmt: skip
-    agent = Agent(name="weather", instructions="Answer briefly.", tools=[get_weather], model=MODEL,
-                  model_settings=ModelSettings(temperature=0))  # fmt: skip
+    agent = Agent(name="weather", instructions="Answer briefly.", tools=[get_weather], model=MODEL)
     return agent, RunConfig(model_provider=OpenAIProvider(openai_client=client), tracing_disabled=True), called
 
 

@@ -391,3 +391,33 @@ def test_without_a_store_every_request_is_store_false(tgi):
         with pytest.raises(openai.BadRequestError) as e:
             c.responses.create(model=MODEL, input="more", previous_response_id=r.id)
         assert e.value.code == "previous_response_not_found"
+
+
+def test_a_served_response_leaves_no_reference_cycle(tgi):
+    """As on the chat route (tests/server/test_gateway_e2e.py): a response's objects are freed by reference
+    counting when it ends, stored or not, streamed or not, the client leaving mid-stream included."""
+    import gc
+
+    tgi.script = SCRIPTS[Version.V3_LLAMA31]["call"]
+    watched = {"RequestResponseCycle", "DisconnectWatch", "RequestRecord", "EventStreamResponse", "TokenStream",
+               "OutputBuilder", "Answer", "StoredResponse"}  # fmt: skip
+    app = gateway_app(tgi, Version.V3_LLAMA31, InMemoryResponseStore())
+    with serve(app) as url, httpx.Client(base_url=url, timeout=20) as http:
+        payload = {"model": MODEL, "input": ASK, "tools": [WEATHER]}
+        for stream in (True, False):  # warm-up: imports, caches, pools
+            http.post("/v1/responses", json={**payload, "stream": stream}).raise_for_status()
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for stream in (True, False, True, False):
+                answer = http.post("/v1/responses", json={**payload, "stream": stream})
+                assert answer.status_code == 200 and "get_weather" in answer.text
+            with http.stream("POST", "/v1/responses", json={**payload, "stream": True}) as r:
+                next(r.iter_bytes())  # a client that leaves mid-stream
+            time.sleep(0.3)
+            gc.collect()
+            left = sorted(type(o).__name__ for o in gc.garbage if type(o).__name__ in watched)
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert left == []
