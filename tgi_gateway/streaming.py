@@ -502,6 +502,10 @@ class Answer:
     Stream: `feed(text, special)` returns the chunks for one token, `finish(tgi_finish_reason)` the last
     ones. Non-stream: both return nothing and :meth:`message` folds the events. A client stop sequence
     ends the answer with finish reason ``stop`` (the tokens after it are ignored).
+
+    `builder`: another API's sink for the events (:class:`EventSink`), used on both paths in place of the
+    chunks or the collected events (the Responses API: ``tgi_gateway.responses.output.OutputBuilder``, which
+    returns events only when it emits them, and keeps the output items itself).
     """
 
     __slots__ = ("_builder", "_ctx", "_events", "_parser", "_stops")
