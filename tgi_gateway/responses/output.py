@@ -230,6 +230,24 @@ class OutputBuilder:
         """The stream events for `events` (none without ``emit``); consecutive fragments merged."""
         if self._finished:
             raise RuntimeError("OutputBuilder.feed() after finish()")
+        opened = self._open
+        if len(events) == 1 and opened is not None and self._emit:
+            # The per-token case, a fragment for the open item, inlined: the event `_delta` makes.
+            ev = events[0]
+            t = type(ev)
+            if (t is TextDelta and opened.call is None) or (t is ToolCallArgs and opened.call == ev.index):
+                text = ev.text  # type: ignore[union-attr]
+                if not text:
+                    return []
+                opened.parts.append(text)
+                seq = self._seq
+                self._seq = seq + 1
+                if t is TextDelta:
+                    return [{"type": "response.output_text.delta", "sequence_number": seq,
+                             "item_id": opened.item["id"], "output_index": opened.index, "content_index": 0,
+                             "delta": text, "logprobs": []}]  # fmt: skip
+                return [{"type": "response.function_call_arguments.delta", "sequence_number": seq,
+                         "item_id": opened.item["id"], "output_index": opened.index, "delta": text}]  # fmt: skip
         out: list[dict[str, Any]] = []
         pending: list[str] = []  # fragments for the open item
         for ev in events:
