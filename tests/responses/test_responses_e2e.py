@@ -193,6 +193,27 @@ def test_tool_round_trip_with_previous_response_id(tgi, served, client, stream):
     assert replay.output_text == "It is sunny." and tgi.last_generation.inputs == expected
 
 
+class Weather(BaseModel):
+    city: str
+    celsius: int
+
+
+def test_parse_with_text_format(tgi, served, client):
+    """`text.format` json_schema (what `responses.parse(text_format=Model)` sends) is enforced by TGI's grammar
+    (the double holds the scripted answer to it), stream and not, in every version."""
+    version, _, _ = served
+    tgi.errors.clear()
+    tgi.script = tokens('{"city": ', '"Hanoi", ', '"celsius": 30}', EOS if version in (Version.V1, Version.V2) else EOT)
+    r = client.responses.parse(model=MODEL, input=ASK, text_format=Weather)
+    assert r.output_parsed == Weather(city="Hanoi", celsius=30)
+    assert tgi.last_generation.parameters["grammar"]["type"] in ("json", "regex")
+    assert r.text.format.type == "json_schema" and r.text.format.name == "Weather"
+    with client.responses.stream(model=MODEL, input=ASK, text_format=Weather) as s:
+        final = s.get_final_response()
+    assert final.output_parsed == Weather(city="Hanoi", celsius=30)
+    assert not tgi.errors, "the scripted answer matched the grammar the gateway sent"
+
+
 # ------------------------------------------------------------------------------------------------
 # One version in depth (v3-llama3.1)
 # ------------------------------------------------------------------------------------------------
@@ -209,23 +230,6 @@ def v31(tgi) -> Iterator[tuple[str, InMemoryResponseStore]]:
 def c31(v31) -> Iterator[openai.OpenAI]:
     with openai.OpenAI(base_url=v31[0] + "/v1", api_key="unused", max_retries=0, timeout=20) as c:
         yield c
-
-
-class Weather(BaseModel):
-    city: str
-    celsius: int
-
-
-def test_parse_with_text_format(tgi, c31):
-    tgi.script = tokens('{"city": ', '"Hanoi", ', '"celsius": 30}', EOT)
-    r = c31.responses.parse(model=MODEL, input=ASK, text_format=Weather)
-    assert r.output_parsed == Weather(city="Hanoi", celsius=30)
-    grammar = tgi.last_generation.parameters["grammar"]
-    assert grammar["type"] in ("json", "regex"), "the schema is enforced by TGI's grammar"
-    assert r.text.format.type == "json_schema" and r.text.format.name == "Weather"
-    with c31.responses.stream(model=MODEL, input=ASK, text_format=Weather) as s:
-        final = s.get_final_response()
-    assert final.output_parsed == Weather(city="Hanoi", celsius=30)
 
 
 def test_echoed_fields_and_sampling_parameters(tgi, c31):
