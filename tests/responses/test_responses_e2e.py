@@ -425,3 +425,31 @@ def test_a_served_response_leaves_no_reference_cycle(tgi):
             gc.set_debug(0)
             gc.garbage.clear()
     assert left == []
+
+
+def test_a_large_body_or_a_long_stored_conversation_is_admitted_off_the_event_loop(tgi, monkeypatch):
+    import threading
+
+    from tgi_gateway.server import chat
+    from tgi_gateway.server import responses as flow
+
+    threads: list[str] = []
+    normalize = chat.normalize
+
+    def watched(body: dict[str, Any]) -> Any:
+        threads.append(threading.current_thread().name)
+        return normalize(body)
+
+    monkeypatch.setattr(chat, "normalize", watched)
+    monkeypatch.setattr(chat, "INLINE_BODY_BYTES", 1000)
+    monkeypatch.setattr(flow, "INLINE_CONTEXT_ITEMS", 1)
+    tgi.script = SCRIPTS[Version.V3_LLAMA31]["text"]
+    with (
+        serve(gateway_app(tgi, Version.V3_LLAMA31, InMemoryResponseStore())) as url,
+        openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as c,
+    ):
+        first = c.responses.create(model=MODEL, input=ASK)  # small: on the event loop
+        c.responses.create(model=MODEL, input="x" * 1000)  # a large body
+        c.responses.create(model=MODEL, input="And tomorrow?", previous_response_id=first.id)  # 2 stored items
+    assert not threads[0].startswith("tgi-gateway-admission")
+    assert threads[1].startswith("tgi-gateway-admission") and threads[2].startswith("tgi-gateway-admission")

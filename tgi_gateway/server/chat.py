@@ -267,19 +267,27 @@ class Gateway:
         choices = [_message(answer, g) for answer, g in zip(answers, generations)]
         return json_response(chat_completion(ctx, choices, prompt_tokens or 0, completion_tokens))
 
+    def inline(self, request: Request) -> bool:
+        """Whether the request's body is small enough to be admitted on the event loop (INLINE_BODY_BYTES)."""
+        length = request.headers.get("content-length", "")
+        return length.isdigit() and int(length) <= INLINE_BODY_BYTES
+
+    async def run_admission(self, inline: bool, work: Callable[[], T]) -> T:
+        """`work()`: on the event loop when `inline`, else in the admission thread (the loop only waits)."""
+        if inline:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._admission, work)
+
     async def _admit(
-        self, request: Request, req: ChatCompletionRequest
+        self, request: Request, req: ChatCompletionRequest, inline: bool | None = None
     ) -> tuple[ChatPrompt, str, dict[str, Any] | None]:
         """The request's prompt, its text and TGI's grammar: normalised, constrained (`grammar.constrain`),
         TGI's limits read, rendered within them. On the event loop for a body up to INLINE_BODY_BYTES, in
-        the admission thread otherwise."""
-        length = request.headers.get("content-length", "")
-        inline = length.isdigit() and int(length) <= INLINE_BODY_BYTES
-
-        async def run(work: Callable[[], T]) -> T:
-            if inline:
-                return work()
-            return await asyncio.get_running_loop().run_in_executor(self._admission, work)
+        the admission thread otherwise (`inline` decides instead when given: the Responses API's conversation
+        may be longer than its body)."""
+        if inline is None:
+            inline = self.inline(request)
+        run = partial(self.run_admission, inline)
 
         body = {
             "messages": req.messages,

@@ -42,6 +42,10 @@ from .telemetry import RequestRecord, record_of
 
 logger = logging.getLogger("tgi_gateway")
 
+# A stored conversation up to this many items is converted on the event loop (with a small body), like a chat
+# body up to INLINE_BODY_BYTES; a longer one in the admission thread.
+INLINE_CONTEXT_ITEMS = 256
+
 __all__ = ["create_response", "encode_event"]
 
 
@@ -65,10 +69,14 @@ async def create_response(gateway: Gateway, request: Request, body: ResponsesReq
     try:
         gateway.check_model(body.model)
         previous = await _previous(store, body.previous_response_id, owner)
-        conversion = to_chat(body, previous)
+        # A large body, or a long stored conversation, is converted and admitted in the admission thread.
+        inline = gateway.inline(request) and len(previous) <= INLINE_CONTEXT_ITEMS
+        conversion = await until_disconnect(
+            request, gateway.run_admission(inline, partial(to_chat, body, previous))
+        )
         req = conversion.chat
         check_supported(req)
-        prompt, inputs, grammar = await until_disconnect(request, gateway._admit(request, req))
+        prompt, inputs, grammar = await until_disconnect(request, gateway._admit(request, req, inline))
         response_id, created = new_response_id(), int(time.time())
         keep = store is not None and body.store is not False
         shape = ResponseShape(
