@@ -187,3 +187,17 @@ def test_the_chat_codes_errors_name_the_responses_fields() -> None:
     assert (responses_error(error).param, responses_error(error).message) == (
         "text.format.schema", "'text.format.schema' must be a JSON Schema object.")
     assert responses_error(InvalidRequestError("m", param="max_completion_tokens")).param == "max_output_tokens"
+
+
+def test_a_stored_conversation_ending_with_a_call_needs_its_output() -> None:
+    context = [
+        {"id": "msg_1", "type": "message", "role": "user", "status": "completed",
+         "content": [{"type": "input_text", "text": "Weather?"}]},
+        {"id": "fc_1", "type": "function_call", "status": "completed", "call_id": "call_1", "name": "get_weather",
+         "arguments": ARGS},
+    ]  # fmt: skip
+    with pytest.raises(InvalidRequestError) as e:
+        to_chat(ResponsesRequest(model="m", input="never mind"), context, ids=ids())
+    assert (e.value.param, e.value.message) == ("input", "No tool output found for function call call_1.")
+    answer = [{"type": "function_call_output", "call_id": "call_1", "output": "sunny"}]
+    assert to_chat(ResponsesRequest(model="m", input=answer), context, ids=ids()).chat.messages[-1]["role"] == "tool"

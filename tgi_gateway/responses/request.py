@@ -130,6 +130,7 @@ def to_chat(
     calls: set[str] = set()
     for item in context:
         _append(messages, item, calls, None)
+    _check_outputs(context, items)
     for j, item in enumerate(items):
         _append(messages, item, calls, f"input[{j}]")
     tools = _tools(req.tools)
@@ -294,6 +295,17 @@ def _text_of(output: Any, param: str) -> str:
             texts.append(part["text"])
         return "".join(texts)
     raise InvalidRequestError(f"'{param}' must be a string or an array of text parts.", param=param)
+
+
+def _check_outputs(context: Sequence[Mapping[str, Any]], items: Sequence[Mapping[str, Any]]) -> None:
+    """A stored conversation that ends with calls is continued with their outputs, as OpenAI requires (a
+    model shown calls without results would answer as if they were pending)."""
+    answered = {i["call_id"] for i in (*context, *items) if i["type"] == "function_call_output"}
+    for item in context:
+        if item["type"] == "function_call" and item["call_id"] not in answered:
+            raise InvalidRequestError(
+                f"No tool output found for function call {item['call_id']}.", param="input"
+            )
 
 
 def _append(
