@@ -453,3 +453,40 @@ def test_a_large_body_or_a_long_stored_conversation_is_admitted_off_the_event_lo
         c.responses.create(model=MODEL, input="And tomorrow?", previous_response_id=first.id)  # 2 stored items
     assert not threads[0].startswith("tgi-gateway-admission")
     assert threads[1].startswith("tgi-gateway-admission") and threads[2].startswith("tgi-gateway-admission")
+
+
+def test_a_client_leaving_a_non_stream_response_closes_tgis_request(tgi, v31):
+    import asyncio
+
+    gate = Gate()
+    tgi.script = ["It", gate, " sunny", EOT]
+
+    async def leave() -> float:
+        async with httpx.AsyncClient(base_url=v31[0]) as h:
+            task = asyncio.create_task(h.post("/v1/responses", json={"model": MODEL, "input": ASK}))
+            def generating() -> bool:
+                gens = tgi.generations
+                return tgi.generate_open == 1 and bool(gens) and len(gens[-1].tokens) == 1
+
+            assert await tgi.wait_until_async(generating, 5)
+            task.cancel()
+            left = time.monotonic()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return left
+
+    left = asyncio.run(leave())
+    assert tgi.wait_until(lambda: tgi.last_generation.disconnected, 5)
+    assert tgi.last_generation.route == "generate" and tgi.last_generation.disconnected_at - left < 0.5
+    gate.open()
+
+
+def test_tgi_overloaded_is_a_429_with_retry_after(tgi, c31):
+    tgi.script = SCRIPTS[Version.V3_LLAMA31]["text"]
+    tgi.config.max_concurrent_requests = 0
+    try:
+        with pytest.raises(openai.RateLimitError) as e:
+            c31.responses.create(model=MODEL, input=ASK, stream=True)
+    finally:
+        tgi.config.max_concurrent_requests = 128
+    assert e.value.response.headers["retry-after"] == "1"
