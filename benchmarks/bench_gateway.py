@@ -18,7 +18,11 @@ at once, alternately
   gateway sent it (read back from the double's record of a gateway request); tokens = SSE token events;
 * **gateway**: ``POST /v1/chat/completions`` with ``stream: true`` and ``stream_options.include_usage``;
   tokens = the usage chunk's ``completion_tokens`` (checked against the double's record), with the
-  content / tool-call ``arguments`` chunks counted as well.
+  content / tool-call ``arguments`` chunks counted as well;
+* **responses** (``--apis chat responses``): ``POST /v1/responses`` with ``stream: true``, the same
+  conversation (``instructions`` + the user's message, the same tool in the Responses shape: TGI gets the
+  same prompt); tokens = ``response.completed``'s ``usage.output_tokens``, with the ``output_text.delta`` /
+  ``function_call_arguments.delta`` events counted as well.
 
 Per request: TTFT (request written -> first event a client can show: the first token event for
 direct, the first chunk with ``content`` or ``tool_calls`` for the gateway; for the tool-call answer
@@ -44,6 +48,7 @@ minutes; every run is bounded by ``--max-seconds``)::
     .venv/bin/python benchmarks/bench_gateway.py --streams 1 64 256 --delays-ms 20 0 --tokens 128 --repeats 3
     .venv/bin/python benchmarks/bench_gateway.py --streams 64 128 256 --delays-ms 20 --ramp-ms 2560 --rounds 3
     .venv/bin/python benchmarks/bench_gateway.py --direct-only --streams 64 --repeats 1      # no gateway needed
+    .venv/bin/python benchmarks/bench_gateway.py --apis chat responses --streams 64 256 --delays-ms 20 --repeats 3
 
 ``--profile S`` (py-spy, ``.venv/bin/pip install py-spy``) samples the gateway for S seconds while it
 serves the largest stream count at the first delay, and prints the top frames.
@@ -261,6 +266,9 @@ class Counting:
         self.done = False
 
     def event(self, ev: bytes, now: float) -> None:
+        if self.mode == "responses":
+            self.responses_event(ev, now)
+            return
         if not ev.startswith(b"data:"):
             return  # keep-alive comment
         data = ev[5:].strip()
@@ -298,6 +306,25 @@ class Counting:
                     self.r.events += 1
             if shown and math.isnan(self.r.ttft):  # the first showable chunk
                 self.r.ttft = now - self.t0
+
+
+    def responses_event(self, ev: bytes, now: float) -> None:
+        """One Responses API event: ``event: <type>`` then ``data: <json>``."""
+        i = ev.find(b"data:")
+        if i < 0:
+            return
+        obj = orjson.loads(ev[i + 5 :])
+        kind = obj.get("type")
+        if kind in ("response.output_text.delta", "response.function_call_arguments.delta"):
+            self.r.events += 1
+            if math.isnan(self.r.ttft):
+                self.r.ttft = now - self.t0
+        elif kind == "response.completed":
+            self.r.tokens = obj["response"]["usage"]["output_tokens"]
+            self.done = True
+        elif kind in ("response.failed", "response.incomplete", "error"):
+            self.r.error = str(obj)
+            self.done = True
 
 
 class RawCounting(RawClient):
@@ -410,6 +437,15 @@ class Bench:
                 "stream_options": {"include_usage": True},
             }
         )
+        self.responses_body = orjson.dumps(
+            {
+                "model": MODEL,
+                "instructions": "You are a helpful assistant. Answer with care.",
+                "input": "What is the weather like in Paris today, and tomorrow?",
+                "tools": [{"type": "function", **TOOL["function"]}],
+                "stream": True,
+            }
+        )
         self.clients: dict[str, Any] = {}
         self.pids = {"double": double.pid, "load generator": os.getpid()}
         if gateway is not None:
@@ -420,6 +456,10 @@ class Bench:
         key = f"{mode}/{kind}"
         if key not in self.clients:
             url = self.double.url if mode == "direct" else self.gateway.url  # type: ignore[union-attr]
+            key = f"{'direct' if mode == 'direct' else 'gateway'}/{kind}"  # one pool for both APIs
+            if key in self.clients:
+                self.clients[f"{mode}/{kind}"] = self.clients[key]
+                return self.clients[key]
             self.clients[key] = (
                 RawCounting(url) if kind == "raw" else HttpxClient(url, max(self.args.streams))
             )
@@ -454,11 +494,11 @@ class Bench:
 
     async def run(self, mode: str, streams: int, first_visible: int, client: str | None = None) -> Run:
         c = self.client(mode, client)
-        path, body = (
-            ("/generate_stream", self.direct_body)
-            if mode == "direct"
-            else ("/v1/chat/completions", self.gateway_body)
-        )
+        path, body = {
+            "direct": ("/generate_stream", self.direct_body),
+            "gateway": ("/v1/chat/completions", self.gateway_body),
+            "responses": ("/v1/responses", self.responses_body),
+        }[mode]
         self.double.call("reset")
         if self.args.wait_idle > 0:
             await wait_idle(self.args.wait_idle, self.pids)
@@ -534,18 +574,19 @@ def f0(x: float) -> str:
     return "–" if math.isnan(x) else f"{x:,.0f}"
 
 
-def table(rows: list[Row]) -> str:
+def table(rows: list[Row], mode: str = "gateway") -> str:
+    """`mode` (the chat route, "gateway", or "responses") against direct."""
     out = [
         (
-            "| streams | delay | answer | direct tok/s | gateway tok/s | ratio | direct TTFT p50 / p99 (ms) "
-            "| gateway TTFT p50 / p99 (ms) | added TTFT p50 / p99 (ms) |"
+            f"| streams | delay | answer | direct tok/s | {mode} tok/s | ratio | direct TTFT p50 / p99 (ms) "
+            f"| {mode} TTFT p50 / p99 (ms) | added TTFT p50 / p99 (ms) |"
         ),
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        d_tps, g_tps = row.med("direct", lambda r: r.tps), row.med("gateway", lambda r: r.tps)
+        d_tps, g_tps = row.med("direct", lambda r: r.tps), row.med(mode, lambda r: r.tps)
         d50, d99 = row.med("direct", lambda r: r.ttft(50)), row.med("direct", lambda r: r.ttft(99))
-        g50, g99 = row.med("gateway", lambda r: r.ttft(50)), row.med("gateway", lambda r: r.ttft(99))
+        g50, g99 = row.med(mode, lambda r: r.ttft(50)), row.med(mode, lambda r: r.ttft(99))
         ratio = "–" if math.isnan(g_tps) else f"{g_tps / d_tps:.3f}"
         out.append(
             f"| {row.streams} | {row.delay_ms:g} ms | {row.answer} | {f0(d_tps)} | {f0(g_tps)} | {ratio} "
@@ -565,7 +606,7 @@ def cpu_table(rows: list[Row]) -> str:
         "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        for mode in ("direct", "gateway"):
+        for mode in ("direct", "gateway", "responses"):
             if not row.runs.get(mode):
                 continue
 
@@ -587,7 +628,7 @@ def cpu_table(rows: list[Row]) -> str:
             other = row.med(mode, lambda r: r.cpu["other"] / r.wall)
             out.append(
                 f"| {row.streams} | {row.delay_ms:g} ms | {row.answer} | {mode} | {wall:.2f} | {per_k('double')} | "
-                f"{per_k('gateway') if mode == 'gateway' else '(idle)'} | {per_k('load generator')} | {ours:.2f} "
+                f"{per_k('gateway') if mode != 'direct' else '(idle)'} | {per_k('load generator')} | {ours:.2f} "
                 f"| {other:.2f} |"
             )
     return "\n".join(out)
@@ -661,7 +702,8 @@ async def bench_main(args: argparse.Namespace, double: Double, gateway: GatewayP
     bench = Bench(args, double, gateway)
     started = time.monotonic()
     await bench.learn_direct_request()
-    modes = ["direct"] if gateway is None else ["direct", "gateway"]
+    apis = {"chat": "gateway", "responses": "responses"}
+    modes = ["direct"] if gateway is None else ["direct", *(apis[a] for a in args.apis)]
     print(
         f"# direct request: {len(bench.direct_body)} bytes, parameters {json.dumps(bench.direct_params)}",
         flush=True,
@@ -705,18 +747,20 @@ async def bench_main(args: argparse.Namespace, double: Double, gateway: GatewayP
                         row.runs[mode].append(await bench.run(mode, streams, first_visible))
                 rows.append(row)
                 d = row.runs["direct"]
-                g = row.runs.get("gateway") or []
+                g = row.runs.get("gateway") or row.runs.get("responses") or []
                 print(
                     f"# {streams:>3} streams {delay:>4g} ms {answer:<4}: direct "
                     + " ".join(f"{r.tps:,.0f}" for r in d) + " tok/s"
-                    + ("; gateway " + " ".join(f"{r.tps:,.0f}" for r in g) + " tok/s" if g else "")
+                    + "".join(f"; {m} " + " ".join(f"{r.tps:,.0f}" for r in row.runs[m]) + " tok/s"
+                              for m in modes[1:])
                     + f"; other processes {statistics.median(r.cpu['other'] / r.wall for r in d + g):.2f} cores"
                     + (f"; gateway chunks/answer {statistics.median(r.events for r in g[-1].results):.0f}" if g else ""),
                     flush=True,
                 )  # fmt: skip
 
-    print(f"\n## gateway vs direct (median of {args.repeats} runs each)\n")
-    print(table(rows))
+    for mode in modes[1:]:
+        print(f"\n## {mode} vs direct (median of {args.repeats} runs each)\n")
+        print(table(rows, mode))
     print("\n## CPU time per generated token, and cores busy during the run (median of runs)\n")
     print(cpu_table(rows))
 
@@ -759,6 +803,14 @@ def main() -> int:
     )
     p.add_argument("--repeats", type=int, default=3, help="runs per configuration and mode (default 3)")
     p.add_argument("--answers", nargs="+", choices=["text", "tool"], default=["text", "tool"])
+    p.add_argument(
+        "--apis",
+        nargs="+",
+        choices=["chat", "responses"],
+        default=["chat"],
+        help="the gateway routes to measure: chat (/v1/chat/completions, mode 'gateway'), responses "
+        "(/v1/responses); default chat",
+    )
     p.add_argument(
         "--ramp-ms", type=float, default=0, help="spread the N starts over this long (default 0: all at once)"
     )

@@ -55,7 +55,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -67,6 +67,7 @@ __all__ = [
     "SSE_DONE",
     "Answer",
     "ChunkBuilder",
+    "EventSink",
     "ResponseContext",
     "chat_completion",
     "collect",
@@ -74,6 +75,7 @@ __all__ = [
     "finish_reason",
     "new_call_id",
     "new_completion_id",
+    "new_id",
     "usage",
 ]
 
@@ -95,6 +97,11 @@ def _random_alnum(n: int) -> str:
         s = os.urandom(n + n // 4 + 4).translate(_TO_ALNUM, _REJECTED)
         if len(s) >= n:
             return s[:n].decode("ascii")
+
+
+def new_id(prefix: str, n: int) -> str:
+    """`prefix` + `n` characters of [A-Za-z0-9] (the Responses API's ``resp_``, ``msg_``, ``fc_`` ids)."""
+    return prefix + _random_alnum(n)
 
 
 def new_call_id() -> str:
@@ -483,6 +490,15 @@ def encode_sse(obj: dict[str, Any]) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
+class EventSink(Protocol):
+    """What :class:`Answer` feeds the parser's events to: :class:`ChunkBuilder` for Chat Completions streams;
+    another API's mapping (``tgi_gateway.responses.output.OutputBuilder``) for both of its paths."""
+
+    def feed(self, events: Sequence[Event]) -> list[dict[str, Any]]: ...
+
+    def finish(self, tgi_finish_reason: str | None) -> list[dict[str, Any]]: ...
+
+
 class Answer:
     """The whole per-answer pipeline, fed TGI's tokens: the client's stop sequences, the template's
     parser, then chunks (``stream=True``) or the collected events (non-stream). Both paths are this class,
@@ -491,15 +507,28 @@ class Answer:
     Stream: `feed(text, special)` returns the chunks for one token, `finish(tgi_finish_reason)` the last
     ones. Non-stream: both return nothing and :meth:`message` folds the events. A client stop sequence
     ends the answer with finish reason ``stop`` (the tokens after it are ignored).
+
+    `builder`: another API's sink for the events (:class:`EventSink`), used on both paths in place of the
+    chunks or the collected events (the Responses API: ``tgi_gateway.responses.output.OutputBuilder``, which
+    returns events only when it emits them, and keeps the output items itself).
     """
 
     __slots__ = ("_builder", "_ctx", "_events", "_parser", "_stops")
 
-    def __init__(self, parser: Any, ctx: ResponseContext, stops: Sequence[str] = (), *, stream: bool) -> None:
+    def __init__(
+        self,
+        parser: Any,
+        ctx: ResponseContext,
+        stops: Sequence[str] = (),
+        *,
+        stream: bool,
+        builder: EventSink | None = None,
+    ) -> None:
         self._stops = StopFilter(stops)
         self._parser = parser
         self._ctx = ctx
-        self._builder = ChunkBuilder(ctx) if stream else None
+        # Another API's mapping (the Responses API's, stream and non-stream alike) in place of the chunks.
+        self._builder = builder if builder is not None else ChunkBuilder(ctx) if stream else None
         self._events: list[Event] = []
 
     def _out(self, events: list[Event]) -> list[dict[str, Any]]:
@@ -531,8 +560,11 @@ class Answer:
         """`choices[0]` of the non-stream response (after :meth:`finish`)."""
         return collect(self._events, self._reason(tgi_finish_reason), self._ctx)
 
-    def _reason(self, tgi_finish_reason: str | None) -> str | None:
+    def reason(self, tgi_finish_reason: str | None) -> str | None:
+        """TGI's finish reason, or ``stop_sequence`` when a client stop sequence ended the answer."""
         return "stop_sequence" if self._stops.stopped else tgi_finish_reason
+
+    _reason = reason
 
 
 class ScoredAnswer(Answer):

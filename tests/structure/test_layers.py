@@ -24,7 +24,8 @@ ALLOWED: dict[str, set[str]] = {
     "tgi": {"errors", "__init__"},
     "container_manager": {"errors"},
     "store": {"errors", "settings"},
-    "server": {"errors", "prompting", "grammar", "streaming", "api", "tgi", "settings", "store", "__init__"},
+    "responses": {"errors", "prompting", "streaming", "api", "store"},
+    "server": {"errors", "prompting", "grammar", "streaming", "api", "responses", "tgi", "settings", "store", "__init__"},
     "cli": {"errors", "prompting", "settings", "container_manager", "store", "server"},
     "__init__": set(),
 }

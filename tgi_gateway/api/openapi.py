@@ -16,8 +16,11 @@ and neither on ``/health`` unless ``--protect-health``. The chat route's 200 lis
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
 
 from .models import ChatCompletion, ChatCompletionChunk, ErrorResponse
 
@@ -75,9 +78,35 @@ def has_keys(settings: Settings) -> bool:
     return bool(settings.api_keys) or settings.api_key_file is not None
 
 
-def install(app: FastAPI, settings: Settings, open_paths: Iterable[str] = ()) -> None:
+@dataclass(frozen=True, slots=True)
+class Answers:
+    """A route's 200: `json` as ``application/json``, or with `stream: true` `event` items as server-sent
+    events (`events`: how they are framed)."""
+
+    json: type[BaseModel]
+    event: type[BaseModel]
+    description: str
+    events: str
+
+
+CHAT_ANSWERS = Answers(
+    ChatCompletion,
+    ChatCompletionChunk,
+    "The completion: one JSON object, or a stream of chunks with `stream: true`.",
+    EVENT_STREAM,
+)
+
+
+def install(
+    app: FastAPI,
+    settings: Settings,
+    open_paths: Iterable[str] = (),
+    answers: Mapping[str, Answers] | None = None,
+) -> None:
     """Replace ``app.openapi`` with one that drops FastAPI's 422s and, with API keys, declares the bearer
-    scheme on every operation but those of `open_paths`."""
+    scheme on every operation but those of `open_paths`; the 200 of each POST route of `answers` (by path;
+    the chat route's by default) documents its JSON and event-stream answers."""
+    answers = {CHAT_PATH: CHAT_ANSWERS, **(answers or {})}
     build = app.openapi  # FastAPI's own: builds the schema once and caches it in app.openapi_schema
     open_paths = frozenset(() if settings.protect_health else open_paths)
 
@@ -91,7 +120,8 @@ def install(app: FastAPI, settings: Settings, open_paths: Iterable[str] = ()) ->
                         operation["security"] = [{SECURITY_SCHEME: []}]
             components = schema.setdefault("components", {})
             schemas = components.setdefault("schemas", {})
-            _document_chat_answers(schema.get("paths", {}).get(CHAT_PATH, {}).get("post"), schemas)
+            for path, answer in answers.items():
+                _document_answers(schema.get("paths", {}).get(path, {}).get("post"), schemas, answer)
             rest = json.dumps(
                 [{k: v for k, v in schema.items() if k != "components"},
                  {k: v for k, v in schemas.items() if k not in FASTAPI_VALIDATION}]
@@ -108,22 +138,22 @@ def install(app: FastAPI, settings: Settings, open_paths: Iterable[str] = ()) ->
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _document_chat_answers(operation: dict[str, Any] | None, schemas: dict[str, Any]) -> None:
-    """The chat route's 200: a ChatCompletion as JSON, or the chunks as server-sent events."""
+def _document_answers(operation: dict[str, Any] | None, schemas: dict[str, Any], answer: Answers) -> None:
+    """A route's 200: its answer as JSON, or its events as server-sent events."""
     if operation is None:
         return
-    for model in (ChatCompletion, ChatCompletionChunk):
+    for model in (answer.json, answer.event):
         model_schema = model.model_json_schema(ref_template=COMPONENTS + "{model}")
         for name, definition in {**model_schema.pop("$defs", {}), model.__name__: model_schema}.items():
             if schemas.setdefault(name, definition) != definition:
                 raise RuntimeError(f"two OpenAPI components named {name}")
     operation.setdefault("responses", {})["200"] = {
-        "description": "The completion: one JSON object, or a stream of chunks with `stream: true`.",
+        "description": answer.description,
         "content": {
-            "application/json": {"schema": {"$ref": COMPONENTS + "ChatCompletion"}},
+            "application/json": {"schema": {"$ref": COMPONENTS + answer.json.__name__}},
             "text/event-stream": {
-                "schema": {"type": "string", "description": EVENT_STREAM},
-                "x-itemSchema": {"$ref": COMPONENTS + "ChatCompletionChunk"},
+                "schema": {"type": "string", "description": answer.events},
+                "x-itemSchema": {"$ref": COMPONENTS + answer.event.__name__},
             },
         },
     }

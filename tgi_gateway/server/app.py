@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -20,9 +21,10 @@ from ..api.models import ChatCompletionRequest, HealthStatus
 from ..api.validation import invalid_request
 from ..errors import DescriptorsExhaustedError, GatewayError
 from ..prompting import Template
+from ..responses.request import ResponseObject, ResponsesRequest, ResponseStreamEvent
 from ..settings import Settings
 from ..tgi.client import TGIClient
-from . import auth, responses_store
+from . import auth, responses, responses_store
 from .asgi import ClientDisconnected, error_response, json_response
 from .chat import Gateway
 from .descriptors import DescriptorWatch
@@ -92,7 +94,10 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
+        message = str(exc.detail)
+        if exc.status_code == 404 and request.url.path.startswith("/v1/"):  # no route matched
+            message = unknown_route_message(app, request.method, request.url.path)
+        body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
         return json_response(body, exc.status_code, dict(exc.headers or {}) or None)
 
     @app.exception_handler(Exception)
@@ -102,7 +107,7 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
 
     # The error statuses each route really answers, with OpenAI's envelope; no 422 (tgi_gateway/api/openapi.py).
     guarded = openapi.guarded(settings)
-    openapi.install(app, settings, auth.OPEN_PATHS)
+    openapi.install(app, settings, auth.OPEN_PATHS, {RESPONSES_PATH: RESPONSES_ANSWERS})
 
     @app.post(
         "/v1/chat/completions",
@@ -117,6 +122,24 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         try:
             return await request.app.state.gateway.chat(request, body)
+        except ClientDisconnected:
+            return Response(status_code=499)
+
+    @app.post(
+        RESPONSES_PATH,
+        response_model=None,
+        summary="Create a response (the Responses API)",
+        responses=openapi.error_responses(
+            {400, 404, 413, 429, 500, 502, 503, 504} | guarded,
+            s400="Invalid request: a bad body or parameter (`param` names it; a hosted tool type, `background`, "
+            "an unknown `previous_response_id`: `code: previous_response_not_found`), or a value TGI refused.",
+            s429="TGI is overloaded, or this API key has its maximum of requests in flight "
+            "(`Retry-After` says when to retry).",
+        ),
+    )
+    async def create_response(request: Request, body: ResponsesRequest) -> Response:
+        try:
+            return await responses.create_response(request.app.state.gateway, request, body)
         except ClientDisconnected:
             return Response(status_code=499)
 
@@ -173,6 +196,29 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
 
     instrument(app, settings.model_names)  # GET /metrics, and the outermost middleware: counts, logs
     return app
+
+
+RESPONSES_PATH = "/v1/responses"
+RESPONSES_ANSWERS = openapi.Answers(
+    ResponseObject,
+    ResponseStreamEvent,
+    "The response: one JSON object, or a stream of its events with `stream: true`.",
+    "With `stream: true`: server-sent events, each `event: <type>` and `data: <ResponseStreamEvent as JSON>` "
+    "followed by a blank line, from `response.created` to `response.completed` (or `response.incomplete`; "
+    "`response.failed` when TGI fails after the first event). No `data: [DONE]`.",
+)
+
+def unknown_route_message(app: FastAPI, method: str, path: str) -> str:
+    """The 404 of a `/v1/...` route the gateway does not serve: the method and route, and what is served."""
+    served = {
+        (m, route.path)
+        for route in app.routes
+        if isinstance(route, APIRoute) and route.path.startswith("/v1/")
+        for m in route.methods or ()
+        if m != "HEAD"
+    }
+    listed = ", ".join(f"{m} {p.replace(':path}', '}')}" for p, m in sorted((p, m) for m, p in served))
+    return f"Unknown route: {method} {path}. This gateway serves: {listed}."
 
 
 def _model_card(gateway: Gateway, name: str) -> dict[str, Any]:

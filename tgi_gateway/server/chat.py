@@ -91,6 +91,11 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 INLINE_BODY_BYTES = 32 * 1024
 
 
+def _chat_failure(exc: GatewayError) -> bytes:
+    """A chat stream broken after its first chunk: one `data: {"error": {...}}` event (the SDK raises it)."""
+    return encode_sse(exc.to_dict())
+
+
 class Gateway:
     """The request handling: one per app, created in its lifespan."""
 
@@ -165,7 +170,9 @@ class Gateway:
         if req.stream:
             open_stream = partial(self._open_stream, inputs, logprobs=logprobs)
             stack, tokens, first = await self._upstream(request, req, rec, open_stream, grammar)
-            body = partial(self._stream, tokens=tokens, batch=first, answer=answer, ctx=ctx, rec=rec)
+            body = partial(
+                self._stream, tokens=tokens, batch=first, answer=answer, rec=rec, end=partial(_chat_end, answer, ctx)
+            )
             return EventStreamResponse(
                 body, on_close=partial(_close_upstream, stack, tokens), headers=SSE_HEADERS
             )
@@ -262,19 +269,27 @@ class Gateway:
         choices = [_message(answer, g) for answer, g in zip(answers, generations)]
         return json_response(chat_completion(ctx, choices, prompt_tokens or 0, completion_tokens))
 
+    def inline(self, request: Request) -> bool:
+        """Whether the request's body is small enough to be admitted on the event loop (INLINE_BODY_BYTES)."""
+        length = request.headers.get("content-length", "")
+        return length.isdigit() and int(length) <= INLINE_BODY_BYTES
+
+    async def run_admission(self, inline: bool, work: Callable[[], T]) -> T:
+        """`work()`: on the event loop when `inline`, else in the admission thread (the loop only waits)."""
+        if inline:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self._admission, work)
+
     async def _admit(
-        self, request: Request, req: ChatCompletionRequest
+        self, request: Request, req: ChatCompletionRequest, inline: bool | None = None
     ) -> tuple[ChatPrompt, str, dict[str, Any] | None]:
         """The request's prompt, its text and TGI's grammar: normalised, constrained (`grammar.constrain`),
         TGI's limits read, rendered within them. On the event loop for a body up to INLINE_BODY_BYTES, in
-        the admission thread otherwise."""
-        length = request.headers.get("content-length", "")
-        inline = length.isdigit() and int(length) <= INLINE_BODY_BYTES
-
-        async def run(work: Callable[[], T]) -> T:
-            if inline:
-                return work()
-            return await asyncio.get_running_loop().run_in_executor(self._admission, work)
+        the admission thread otherwise (`inline` decides instead when given: the Responses API's conversation
+        may be longer than its body)."""
+        if inline is None:
+            inline = self.inline(request)
+        run = partial(self.run_admission, inline)
 
         body = {
             "messages": req.messages,
@@ -353,11 +368,19 @@ class Gateway:
         tokens: TokenStream,
         batch: Batch,
         answer: Answer,
-        ctx: ResponseContext,
         rec: RequestRecord,
+        end: Callable[[StreamEnd], Awaitable[bytes]],
+        fail: Callable[[GatewayError], bytes] = _chat_failure,
+        encode: Callable[[dict[str, Any]], bytes] = encode_sse,
+        head: bytes = b"",
     ) -> None:
         """The SSE body: every batch of tokens TGI sent meanwhile becomes one write; the last write also
-        ends the response (TGI's response is then read to its end by `_close_upstream`)."""
+        ends the response (TGI's response is then read to its end by `_close_upstream`).
+
+        The API's own parts: `answer` maps the events (chunks, or the Responses API's events), `encode`
+        frames one, `head` is sent first (the Responses API's `response.created`), `end(TGI's final event)`
+        is the rest of the answer, encoded (it calls `answer.finish`), `fail(error)` the event that ends a
+        stream TGI broke."""
         scored = answer if isinstance(answer, ScoredAnswer) else None
         try:
             while True:
@@ -365,12 +388,10 @@ class Gateway:
                 for item in batch:
                     if isinstance(item, StreamEnd):
                         rec.prompt_tokens, rec.completion_tokens = item.input_length, item.generated_tokens
-                        out += answer.finish(item.finish_reason)
+                        tail = await end(item)
                         if rec.first_token_at is None:  # the whole answer was held back until the end
                             rec.first_token_at = time.perf_counter()
-                        if ctx.include_usage:
-                            out.append(answer.usage_chunk(item.input_length or 0, item.generated_tokens))
-                        await send(_last_body(b"".join(map(encode_sse, out)) + SSE_DONE))
+                        await send(_last_body(head + b"".join(map(encode, out)) + tail))
                         return
                     if scored is not None:
                         scored.score(item.text, item.logprob, item.top)
@@ -378,17 +399,21 @@ class Gateway:
                 if out:
                     if rec.first_token_at is None:
                         rec.first_token_at = time.perf_counter()
-                    chunk = b"".join(map(encode_sse, out))
+                    chunk = b"".join(map(encode, out))
+                    if head:
+                        chunk, head = head + chunk, b""
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                elif head:
+                    await send({"type": "http.response.body", "body": head, "more_body": True})
+                    head = b""
                 batch = await _next(tokens, rec)
         except GatewayError as exc:
             rec.upstream_error = error_kind(exc)
             logger.warning("TGI failed mid-stream: %s", exc.message)
-            await send(_last_body(encode_sse(exc.to_dict())))
+            await send(_last_body(head + fail(exc)))
         except Exception:
             logger.exception("unexpected error mid-stream")
-            failure = GatewayError("The gateway failed unexpectedly; see its log.")
-            await send(_last_body(encode_sse(failure.to_dict())))
+            await send(_last_body(head + fail(GatewayError("The gateway failed unexpectedly; see its log."))))
 
     async def _stream_choices(
         self,
@@ -463,13 +488,26 @@ class Gateway:
 
 def _message(answer: Answer, generation: Generation) -> dict[str, Any]:
     """A non-stream choice: TGI's whole answer through the choice's pipeline."""
+    feed_whole(answer, generation)
+    return answer.message(generation.finish_reason)
+
+
+def feed_whole(answer: Answer, generation: Generation) -> None:
+    """TGI's whole non-stream answer through `answer`'s pipeline, finished."""
     if isinstance(answer, ScoredAnswer):
         for token in generation.tokens:
             answer.score(token.text, token.logprob, token.top)
     for text, special in _pieces(generation.tokens):
         answer.feed(text, special)
     answer.finish(generation.finish_reason)
-    return answer.message(generation.finish_reason)
+
+
+async def _chat_end(answer: Answer, ctx: ResponseContext, end: StreamEnd) -> bytes:
+    """The end of a chat stream: the finish chunk, the usage chunk when asked, `[DONE]`."""
+    out = answer.finish(end.finish_reason)
+    if ctx.include_usage:
+        out.append(answer.usage_chunk(end.input_length or 0, end.generated_tokens))
+    return b"".join(map(encode_sse, out)) + SSE_DONE
 
 
 async def _all(

@@ -287,7 +287,7 @@ class TelemetryMiddleware:
             # a bounded time, then the connection goes with the server.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SHUTDOWN_ANSWER_SECONDS):
-                    await _answer_shutdown(send_with_request_id, streaming)
+                    await _answer_shutdown(send_with_request_id, streaming, scope.get("path", ""))
         finally:
             ended = time.perf_counter()
             if streaming:
@@ -322,13 +322,18 @@ def _stop_cancellation() -> bool:
     return task is not None and task.uncancel() == 0
 
 
-async def _answer_shutdown(send: Send, streaming: bool) -> None:
+async def _answer_shutdown(send: Send, streaming: bool, path: str = "") -> None:
     """The end of a request cut by the shutdown: a started stream gets the error as its last event (the
-    OpenAI envelope, as for a TGI failure mid-stream) and the end of its body; a request not answered yet, a
-    503 with ``Connection: close``."""
+    OpenAI envelope, as for a TGI failure mid-stream; on the Responses API its ``error`` event, which its
+    clients read as the end of the stream) and the end of its body; a request not answered yet, a 503 with
+    ``Connection: close``."""
     error = ShuttingDownError()
     if streaming:
-        body = b"data: " + orjson.dumps(error.to_dict()) + b"\n\n"
+        if path == "/v1/responses":
+            event = {"type": "error", "code": "server_error", "message": error.message, "param": None}
+            body = b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
+        else:
+            body = b"data: " + orjson.dumps(error.to_dict()) + b"\n\n"
         await send({"type": "http.response.body", "body": body, "more_body": False})
     else:
         from .asgi import send_error  # (fastapi is imported only to serve: see TYPE_CHECKING above)
