@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 from collections import Counter
 from collections.abc import Iterator
@@ -373,3 +374,22 @@ async def test_requests_with_one_prefix_prefer_one_replica() -> None:
                 await stream(client, key)
             home = client.balancer.owner(key)  # type: ignore[arg-type]
     assert [served(t) for t in tgis if t.url == home.url] == [40]
+
+
+@pytest.mark.parametrize("fault", ["cut", "overloaded"])
+async def test_a_stream_that_fails_before_its_first_event_goes_to_another_replica(fault: str) -> None:
+    events = Recorder()
+    with doubles(2) as (bad, good):
+        if fault == "cut":
+            bad.script = [Drop()]  # the 200 head, then the connection reset before any event
+        else:
+            bad.config.max_concurrent_requests = 0  # "Model is overloaded" as the first event
+        rng = random.Random(4)  # seeded: the bad replica is drawn first several times
+        async with client_to([bad.url, good.url], events=events, eject_base=60, rng=rng) as client:
+            for _ in range(10):
+                assert [i.text for i in (await stream(client))[:-1]] == ["Hel", "lo", "<|eot_id|>"]
+            failovers = client.balancer.live[0].failovers
+            assert failovers == events.failovers[bad.url] >= 1
+            # a cut ejects the replica (tried once only); an overloaded one is not ejected, only avoided
+            assert (failovers == 1) is (fault == "cut")
+    assert served(good) == 10

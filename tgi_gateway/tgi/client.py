@@ -63,6 +63,7 @@ from .. import __version__
 from ..errors import (
     DescriptorsExhaustedError,
     GatewayError,
+    TGIOverloadedError,
     TGIProtocolError,
     TGITimeoutError,
     TGIUnavailableError,
@@ -629,32 +630,60 @@ class TGIClient:
 
         Entering waits for the response head (connection failures retried, on another replica when there
         is one, then :class:`TGIUnavailableError`; a non-200 or non-SSE answer raises its mapped error) and
-        yields the :class:`TokenStream`. Leaving closes the connection at once — that is what stops the
-        generation in TGI — unless the stream was read to its end (it then serves the next request).
+        yields the :class:`TokenStream`. With several replicas it also waits for the first event: a stream
+        cut before it (the replica died) or refused as overloaded goes to another replica within the same
+        attempts; never once a token has arrived. Leaving closes the connection at once — that is what
+        stops the generation in TGI — unless the stream was read to its end (it then serves the next request).
         """
         body = request_body(inputs, parameters)
         timeout = self._first_token_timeout
-        response, replica = await self._open(
-            "POST", "/generate_stream", self._stream_headers, body, self._loop.time() + timeout,
-            f"TGI did not answer within {timeout:g} s (first-token timeout)", key=affinity,
-        )  # fmt: skip
-        stream: TokenStream | None = None
+        late = f"TGI did not answer within {timeout:g} s (first-token timeout)"
+        tried: list[Replica] = []
+        while True:
+            response, replica = await self._open(
+                "POST", "/generate_stream", self._stream_headers, body, self._loop.time() + timeout, late,
+                key=affinity, tried=tried,
+            )  # fmt: skip
+            stream: TokenStream | None = None
+            try:
+                if response.status != 200:
+                    raise await self._error(response, self._loop.time() + self._read_timeout)
+                expect_content_type(
+                    "/generate_stream", response.headers.get("content-type", ""), "text/event-stream"
+                )
+                stream = TokenStream(
+                    response,
+                    first_token_timeout=self._first_token_timeout,
+                    read_timeout=self._read_timeout,
+                    logprobs=logprobs,
+                )
+                if replica is not None and len(tried) + 1 < self._attempts and len(self.balancer.live) > 1:
+                    try:  # the first event read here, so that a replica failing before it can be replaced
+                        stream._items.extend(await stream.batch())
+                    except (TGIProtocolError, TGIOverloadedError) as exc:
+                        if stream._decoder.tokens:
+                            raise
+                        if isinstance(exc, TGIProtocolError):
+                            self._failed(replica)  # cut before any event: the replica is going away
+                        replica.failovers += 1
+                        if self._events is not None:
+                            self._events.failover(replica.url)
+                        tried.append(replica)
+                        stream._leave()
+                        response.close()
+                        self._done(replica)
+                        continue
+            except BaseException:
+                if stream is not None:
+                    stream._leave()
+                response.close()
+                self._done(replica)
+                raise
+            break
         try:
-            if response.status != 200:
-                raise await self._error(response, self._loop.time() + self._read_timeout)
-            expect_content_type(
-                "/generate_stream", response.headers.get("content-type", ""), "text/event-stream"
-            )
-            stream = TokenStream(
-                response,
-                first_token_timeout=self._first_token_timeout,
-                read_timeout=self._read_timeout,
-                logprobs=logprobs,
-            )
             yield stream
         finally:
-            if stream is not None:
-                stream._leave()
+            stream._leave()
             response.close()  # a body read to its end has already given its connection back
             self._done(replica)
 
@@ -736,18 +765,20 @@ class TGIClient:
         *,
         key: int | None = None,
         pinned: Replica | None = None,
+        tried: list[Replica] | None = None,
     ) -> tuple[aiohttp.ClientResponse, Replica | None]:
         """Send the request, up to the response head, which must arrive by ``deadline`` (loop time; else
         :class:`TGITimeoutError` with the message ``late``); retry only failures before any response byte,
         and a 503 while another replica is left. Returns the response and the replica it came from, which
-        counts the request in flight until :meth:`_done` (``pinned``: that replica only, nothing counted)."""
+        counts the request in flight until :meth:`_done` (``pinned``: that replica only, nothing counted;
+        ``tried``: the replicas this request failed on already, each an attempt spent, added to)."""
         balancer, events = self.balancer, self._events
-        tried: list[Replica] = []
+        tried = [] if tried is None else tried
         replica: Replica | None = None
         target = pinned
         try:
             async with asyncio.timeout_at(deadline):
-                for attempt in range(1, self._attempts + 1):
+                for attempt in range(len(tried) + 1, self._attempts + 1):
                     if pinned is None:
                         replica = target or balancer.pick(self._loop.time(), key, tried)
                         balancer.start(replica)
