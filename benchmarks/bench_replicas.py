@@ -313,9 +313,7 @@ async def scenario_affinity(args: argparse.Namespace, doubles: DoubleProcess, po
         draw = random.Random(5)
         chosen = [draw.choices(range(args.prefixes), weights)[0] for _ in range(args.requests)]
 
-        def prefix_of(
-            n: int, chosen: list[int] = chosen, use_key: bool = use_key
-        ) -> tuple[int, int | None]:
+        def prefix_of(n: int, chosen: list[int] = chosen, use_key: bool = use_key) -> tuple[int, int | None]:
             return chosen[n], prefixes[chosen[n]] if use_key else None
 
         async with make_client(port, rng_seed=4) as client:

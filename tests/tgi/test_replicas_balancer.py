@@ -155,18 +155,6 @@ def test_a_retry_avoids_the_tried_replicas_while_others_exist(
     assert chosen == picked
 
 
-def test_ready_while_one_replica_is() -> None:
-    balancer = Balancer(URLS[:2], rng=random.Random(0))
-    a, b = balancer.live
-    assert balancer.ready(0.0)
-    balancer.probed(a, False, 0.0)
-    assert balancer.ready(0.0)
-    balancer.probed(b, False, 0.0)
-    assert not balancer.ready(0.0)
-    balancer.probed(b, True, 0.5)
-    assert balancer.ready(0.5)
-
-
 # ---------------------------------------------------------------------- membership
 
 

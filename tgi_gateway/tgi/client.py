@@ -849,22 +849,28 @@ class TGIClient:
         the replicas updated when an expansion changed. A failed resolution keeps what the name stood for."""
         resolver = self._resolver or aiohttp.ThreadedResolver()
         while True:
-            results = await asyncio.gather(*(self._resolve(resolver, e) for e in named))
-            changed = False
-            for endpoint, urls in zip(named, results):
-                if urls is not None and urls != self._expansion[endpoint]:
-                    self._expansion[endpoint] = urls
-                    changed = True
-            if changed:
-                wanted = [url for e in self.endpoints for url in self._expansion[e]]
-                added, drained = self.balancer.update(wanted)
-                for replica in added:
-                    log.info("TGI replica added: %s", replica.url)
-                for replica in drained:
-                    log.info("TGI replica drained (no longer resolved): %s", replica.url)
-                    if self._events is not None:
-                        self._events.ejected(replica.url, False)
+            try:
+                self._resolved(named, await asyncio.gather(*(self._resolve(resolver, e) for e in named)))
+            except Exception:  # a bug must not end the loop: the replicas stay as they are
+                log.exception("the re-resolution of the TGI endpoints failed")
             await asyncio.sleep(interval)
+
+    def _resolved(self, named: list[str], results: list[list[str] | None]) -> None:
+        """The replicas updated when a name's expansion changed."""
+        changed = False
+        for endpoint, urls in zip(named, results):
+            if urls is not None and urls != self._expansion[endpoint]:
+                self._expansion[endpoint] = urls
+                changed = True
+        if not changed:
+            return
+        added, drained = self.balancer.update([url for e in self.endpoints for url in self._expansion[e]])
+        for replica in added:
+            log.info("TGI replica added: %s", replica.url)
+        for replica in drained:
+            log.info("TGI replica drained (no longer resolved): %s", replica.url)
+            if self._events is not None:
+                self._events.ejected(replica.url, False)
 
     @staticmethod
     async def _resolve(resolver: AbstractResolver, endpoint: str) -> list[str] | None:
@@ -888,7 +894,10 @@ class TGIClient:
         while True:
             live = self.balancer.live
             if len(live) > 1:
-                await asyncio.gather(*(self._probe(r, min(HEALTH_TIMEOUT, interval)) for r in live))
+                try:
+                    await asyncio.gather(*(self._probe(r, min(HEALTH_TIMEOUT, interval)) for r in live))
+                except Exception:  # a bug must not end the loop
+                    log.exception("the /health probes of the TGI replicas failed")
             await asyncio.sleep(interval)
 
     @staticmethod

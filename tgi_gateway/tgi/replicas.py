@@ -255,7 +255,3 @@ class Balancer:
             self.succeeded(replica)
         elif not replica.ejected(now):
             self.failed(replica, now)
-
-    def ready(self, now: float) -> bool:
-        """At least one live replica is not ejected and not known unhealthy."""
-        return any(not r.ejected(now) and r.healthy is not False for r in self.live)
