@@ -43,36 +43,40 @@ def test_two_replicas_behind_the_gateway(model_dir) -> None:
             "--log-level", "warning",
         )  # fmt: skip
         try:
-            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=20)
-            for n in range(12):  # one prefix (tools + system prompt), one at a time: one replica
-                if n % 2:
-                    chunks = list(
-                        client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, stream=True)
-                    )
-                    assert chunks[-1].choices[0].finish_reason == "stop"
-                else:
-                    answer = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS)
-                    assert answer.choices[0].message.content
-            home, other = (a, b) if a.generations else (b, a)
-            assert (len(home.generations), len(other.generations)) == (12, 0)
-            seen = metrics(url)  # whichever worker answers: the sum over both
-            assert seen[("tgi_gateway_replica_requests_total", home.url)] == 12
-            assert seen.get(("tgi_gateway_replica_requests_total", other.url), 0) == 0
-            assert seen[("tgi_gateway_replica_in_flight", home.url)] == 0
+            with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=20) as client:
+                for n in range(12):  # one prefix (tools + system prompt), one at a time: one replica
+                    if n % 2:
+                        chunks = list(
+                            client.chat.completions.create(
+                                model=MODEL, messages=ASK, tools=TOOLS, stream=True
+                            )
+                        )
+                        assert chunks[-1].choices[0].finish_reason == "stop"
+                    else:
+                        answer = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS)
+                        assert answer.choices[0].message.content
+                home, other = (a, b) if a.generations else (b, a)
+                assert (len(home.generations), len(other.generations)) == (12, 0)
+                seen = metrics(url)  # whichever worker answers: the sum over both
+                assert seen[("tgi_gateway_replica_requests_total", home.url)] == 12
+                assert seen.get(("tgi_gateway_replica_requests_total", other.url), 0) == 0
+                assert seen[("tgi_gateway_replica_in_flight", home.url)] == 0
 
-            home.stop()  # the replica that served the prefix goes away (no probe runs meanwhile: 30 s)
-            for _ in range(6):
-                assert client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS).choices
-            assert len(other.generations) == 6
-            seen = metrics(url)
-            assert 1 <= seen[("tgi_gateway_replica_failovers_total", home.url)] <= 2  # once per worker at most
-            assert seen[("tgi_gateway_replica_ejected", home.url)] == 1
-            assert httpx.get(url + "/health").status_code == 200  # one replica is enough
+                home.stop()  # the replica that served the prefix goes away (no probe runs meanwhile: 30 s)
+                for _ in range(6):
+                    assert client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS).choices
+                assert len(other.generations) == 6
+                seen = metrics(url)
+                assert (
+                    1 <= seen[("tgi_gateway_replica_failovers_total", home.url)] <= 2
+                )  # once per worker at most
+                assert seen[("tgi_gateway_replica_ejected", home.url)] == 1
+                assert httpx.get(url + "/health").status_code == 200  # one replica is enough
 
-            other.stop()
-            r = httpx.get(url + "/health")
-            assert r.status_code == 503 and r.json()["status"] == "unavailable"
-            assert a.url in r.json()["error"] and b.url in r.json()["error"]
+                other.stop()
+                r = httpx.get(url + "/health")
+                assert r.status_code == 503 and r.json()["status"] == "unavailable"
+                assert a.url in r.json()["error"] and b.url in r.json()["error"]
         finally:
             output = stop_gateway(proc)
         assert proc.returncode == 0, output
