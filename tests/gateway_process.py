@@ -10,7 +10,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -93,3 +96,16 @@ def stop_gateway(proc: subprocess.Popen[str], timeout: float = 20) -> str:
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.communicate()[0] or ""
+
+
+@contextmanager
+def served_gateway(tgi_url: str, version: str, model: str, **settings: Any) -> Iterator[str]:
+    """The gateway app (`create_app`) for template `version` and `model`, in front of TGI at `tgi_url`,
+    served by uvicorn in this process (`tests/fakes/serve.py`): its base URL while the block runs."""
+    from tests.fakes.serve import serve
+    from tgi_gateway.prompting import Template
+    from tgi_gateway.server.app import create_app
+    from tgi_gateway.settings import Settings
+
+    with serve(create_app(Settings(model=model, endpoint=tgi_url, **settings), Template(version))) as url:
+        yield url

@@ -213,6 +213,11 @@ class Settings(BaseSettings):
     protect_health: Annotated[bool, Flag(action="store_true", group=ACCESS)] = Field(
         False, description="require a key on /health and /metrics too"
     )
+    redis_url: Annotated[SecretStr | None, Flag(metavar="URL", group=ACCESS, unset="none")] = Field(
+        None,
+        description="Redis that holds --max-concurrent-per-key's counts, shared by every worker process and "
+        "gateway replica (redis://, rediss:// or unix://); without it the limit is per process",
+    )
 
     # Launching TGI with Docker (tgi_gateway/container_manager.py). ----------------------------------------
     # The flag is --no-launch: the description is its help.
@@ -289,7 +294,16 @@ class Settings(BaseSettings):
             read_key_file(v)  # a bad file stops the CLI (exit 2) before any worker starts
         return v
 
-    @field_serializer("api_keys", "tgi_api_key", mode="wrap", when_used="json")
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            parts = urlsplit(v.get_secret_value())
+            if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+                raise ValueError("redis_url must be a redis://host:port[/db], rediss:// or unix:// URL")
+        return v
+
+    @field_serializer("api_keys", "tgi_api_key", "redis_url", mode="wrap", when_used="json")
     def _reveal_keys(
         self, v: tuple[SecretStr, ...] | SecretStr | None, nxt: Serialize, info: SerializationInfo
     ) -> Any:

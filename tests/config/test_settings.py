@@ -89,8 +89,9 @@ def test_settings_survive_the_worker_environment_with_every_field_set(
         "tgi_args": ["--x", "1"], "startup_timeout": 7.0, "keep_tgi": True,
         "max_head_bytes": 4096, "max_headers": 20, "head_timeout": 2.0, "body_timeout": 3.0,
         "keep_alive_timeout": 4.0, "max_connections": 50, "lora_adapters": ["org/a@v1", "b=/p"],
-        "max_top_n_tokens": 10, "grammar": False, "health_interval": 0.5, "resolve_interval": 3.0,
-        "eject_seconds": 0.25, "eject_max_seconds": 8.0, "affinity": False, "affinity_load_factor": 1.5,
+        "max_top_n_tokens": 10, "grammar": False, "redis_url": "redis://127.0.0.1:6390/1",
+        "health_interval": 0.5, "resolve_interval": 3.0, "eject_seconds": 0.25, "eject_max_seconds": 8.0,
+        "affinity": False, "affinity_load_factor": 1.5,
     }  # fmt: skip
     assert set(values) == set(FIELDS), "every field is set"
     settings = Settings(**values)

@@ -440,9 +440,9 @@ def test_create_app_adds_the_middleware_only_when_configured(tmp_path: Path) -> 
     path.write_text(KEY_B + "\n")
     [(cls, kwargs)] = middlewares(api_keys=[KEY_A], api_key_file=str(path), max_concurrent_per_key=4)
     assert cls is AccessControl
-    assert kwargs == {"keys": [KEY_A, KEY_B], "max_concurrent": 4, "open_paths": OPEN_PATHS}
+    assert kwargs == {"keys": [KEY_A, KEY_B], "max_concurrent": 4, "in_flight": None, "open_paths": OPEN_PATHS}
     [(_, kwargs)] = middlewares(max_concurrent_per_key=1, protect_health=True)
-    assert kwargs == {"keys": [], "max_concurrent": 1, "open_paths": frozenset()}
+    assert kwargs == {"keys": [], "max_concurrent": 1, "in_flight": None, "open_paths": frozenset()}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import httpx
@@ -20,6 +20,7 @@ import pytest
 
 from tests.fakes.serve import serve
 from tests.fakes.tgi import EOS, EOT, Drop, Fail, FakeTGI, Gate, Token, special, tokens
+from tests.gateway_process import served_gateway
 from tgi_gateway.prompting import Template, Version, normalize
 from tgi_gateway.server.app import create_app
 from tgi_gateway.settings import Settings
@@ -90,11 +91,8 @@ NAMED: dict[Version, list[Any]] = {
 }
 
 
-@contextmanager
-def gateway(tgi: FakeTGI, version: Version, **settings: Any) -> Iterator[str]:
-    app = create_app(Settings(model=MODEL, endpoint=tgi.url, **settings), Template(version))
-    with serve(app) as url:
-        yield url
+def gateway(tgi: FakeTGI, version: Version, **settings: Any) -> AbstractContextManager[str]:
+    return served_gateway(tgi.url, version, MODEL, **settings)
 
 
 @pytest.fixture(scope="module")

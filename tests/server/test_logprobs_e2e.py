@@ -9,17 +9,15 @@ accumulator rebuilds, and lists the content tokens only; TGI is asked `top_n_tok
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import openai
 import pytest
 
-from tests.fakes.serve import serve
 from tests.fakes.tgi import EOS, EOT, FakeTGI, special, tokens
-from tgi_gateway.prompting import Template, Version
-from tgi_gateway.server.app import create_app
-from tgi_gateway.settings import Settings
+from tests.gateway_process import served_gateway
+from tgi_gateway.prompting import Version
 
 MODEL = "functionary-test"
 WEATHER = {
@@ -66,11 +64,8 @@ SCRIPTS: dict[Version, dict[str, tuple[list[Any], list[str]]]] = {
 # fmt: on
 
 
-@contextmanager
-def gateway(tgi: FakeTGI, version: Version, **settings: Any) -> Iterator[str]:
-    app = create_app(Settings(model=MODEL, endpoint=tgi.url, **settings), Template(version))
-    with serve(app) as url:
-        yield url
+def gateway(tgi: FakeTGI, version: Version, **settings: Any) -> AbstractContextManager[str]:
+    return served_gateway(tgi.url, version, MODEL, **settings)
 
 
 @pytest.fixture(scope="module")

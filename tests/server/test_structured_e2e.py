@@ -5,7 +5,7 @@ output to it (a script no grammar allows fails the request, and the test)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +14,9 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from tests.fakes.serve import serve
 from tests.fakes.tgi import EOS, EOT, FakeTGI, special, tokens
-from tests.gateway_process import start_gateway, stop_gateway
-from tgi_gateway.prompting import Template, Version
-from tgi_gateway.server.app import create_app
-from tgi_gateway.settings import Settings
+from tests.gateway_process import served_gateway, start_gateway, stop_gateway
+from tgi_gateway.prompting import Version
 
 MODEL = "functionary-test"
 ASK = [{"role": "user", "content": "Weather in Paris, as JSON?"}]
@@ -73,11 +70,8 @@ def end(version: Version) -> Any:
     return EOS_OF.get(version, EOT)
 
 
-@contextmanager
-def gateway(tgi: FakeTGI, version: Version, **settings: Any) -> Iterator[str]:
-    app = create_app(Settings(model=MODEL, endpoint=tgi.url, **settings), Template(version))
-    with serve(app) as url:
-        yield url
+def gateway(tgi: FakeTGI, version: Version, **settings: Any) -> AbstractContextManager[str]:
+    return served_gateway(tgi.url, version, MODEL, **settings)
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,8 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
                 yield
             finally:
                 app.state.gateway.close()
+                if (shared := getattr(app.state, "shared_in_flight", None)) is not None:
+                    await shared.aclose()  # the slots still held given back, Redis's connections closed
 
     app = FastAPI(
         title="tgi-gateway",

@@ -35,8 +35,8 @@ import hashlib
 import hmac
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -133,15 +133,16 @@ class InFlight:
     def __getitem__(self, kid: str) -> int:
         return self._counts[kid]
 
-    def acquire(self, kid: str) -> Callable[[], None] | None:
-        """Take one of `kid`'s slots: the function that gives it back (any number of calls, one effect),
-        or None when `kid` already has `limit` requests in flight."""
+    async def acquire(self, kid: str) -> Callable[[], Awaitable[None]] | None:
+        """Take one of `kid`'s slots: the coroutine function that gives it back (any number of calls, one
+        effect), or None when `kid` already has `limit` requests in flight. (A coroutine, as the shared
+        limit's, :class:`~.shared_in_flight.SharedInFlight`; it never awaits anything.)"""
         if self._counts[kid] >= self.limit:
             return None
         self._counts[kid] += 1
         held = True
 
-        def release() -> None:
+        async def release() -> None:
             nonlocal held
             if held:
                 held = False
@@ -162,12 +163,16 @@ class AccessControl:
         *,
         keys: Sequence[str] = (),
         max_concurrent: int | None = None,
+        in_flight: Any = None,
         open_paths: frozenset[str] = OPEN_PATHS,
         retry_after: int = 1,
     ) -> None:
         self.app = app
         self.keys = KeyRing(keys) if keys else None
-        self.in_flight = InFlight(max_concurrent) if max_concurrent is not None else None
+        # `in_flight`: a limit shared with other processes (SharedInFlight); else one of this process
+        if in_flight is None and max_concurrent is not None:
+            in_flight = InFlight(max_concurrent)
+        self.in_flight = in_flight
         self.open_paths = open_paths
         self.retry_after = retry_after
 
@@ -190,7 +195,7 @@ class AccessControl:
         if self.in_flight is None:
             await self.app(scope, receive, send)
             return
-        release = self.in_flight.acquire(kid)
+        release = await self.in_flight.acquire(kid)
         if release is None:
             await send_error(send, over_limit(kid, self.in_flight.limit, self.retry_after))
             return
@@ -200,13 +205,13 @@ class AccessControl:
             # (closing TGI's response) may still await while the client, which has its whole answer,
             # already sends its next request, which must not be refused.
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                release()
+                await release()
             await send(message)
 
         try:
             await self.app(scope, receive, send_then_release)
         finally:  # a disconnect, a cancellation or an error ends the request without a last body message
-            release()
+            await release()
 
 
 def over_limit(kid: str, limit: int, retry_after: int) -> ConcurrencyLimitError:
@@ -229,15 +234,22 @@ def install(app: FastAPI, settings: Settings) -> None:
     if not keys and settings.max_concurrent_per_key is None:
         return
     open_paths = frozenset() if settings.protect_health else OPEN_PATHS
+    limit, shared = settings.max_concurrent_per_key, None
+    if limit is not None and settings.redis_url is not None:
+        from .shared_in_flight import SharedInFlight
+
+        shared = SharedInFlight(settings.redis_url.get_secret_value(), limit, InFlight(limit))
+        app.state.shared_in_flight = shared  # closed by the app's lifespan
     app.add_middleware(
-        AccessControl, keys=keys, max_concurrent=settings.max_concurrent_per_key, open_paths=open_paths
+        AccessControl, keys=keys, max_concurrent=limit, in_flight=shared, open_paths=open_paths
     )
     ids = sorted({key_id(key) for key in keys})
     logger.info(
         "access control: %s; %s; open paths: %s",
         f"{len(ids)} API key(s) ({', '.join(ids)})" if keys else "no API key (open)",
-        f"at most {settings.max_concurrent_per_key} requests in flight per key (per process)"
-        if settings.max_concurrent_per_key is not None
+        f"at most {limit} requests in flight per key "
+        + ("(shared through Redis by every process)" if shared is not None else "(per process)")
+        if limit is not None
         else "no per-key limit",
         ", ".join(sorted(open_paths)) or "none",
     )
