@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import httpx
 import openai
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.tgi import FakeTGI
-from tests.gateway_process import start_gateway, stop_gateway
+from tests.gateway_process import served_gateway, start_gateway, stop_gateway
 
 MODEL = "fn"
 ASK = [{"role": "system", "content": "You are a weather bot."}, {"role": "user", "content": "Hi"}]
@@ -83,3 +84,30 @@ def test_two_replicas_behind_the_gateway(model_dir) -> None:
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.parametrize("affinity", [True, False])
+def test_the_chat_flow_gives_the_prefix_key_unless_affinity_is_off(affinity: bool) -> None:
+    """In process (`create_app`), four replicas: one prefix sent one request at a time stays on one replica with
+    affinity, and spreads over them by load alone with `--no-affinity`."""
+    doubles = [FakeTGI(host=f"127.0.0.{i}") for i in (2, 3, 4, 5)]
+    try:
+        port = 0
+        for tgi in doubles:
+            tgi.port = port
+            port = tgi.start().port
+        urls = [tgi.url for tgi in doubles]
+        with (
+            served_gateway(urls, "v3-llama3.1", MODEL, affinity=affinity, health_interval=0) as url,  # type: ignore[arg-type]
+            openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=20) as client,
+        ):
+            for _ in range(24):
+                assert client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS).choices
+        served = sorted(len(tgi.generations) for tgi in doubles)
+        if affinity:
+            assert served == [0, 0, 0, 24]
+        else:
+            assert served[-1] < 24 and sum(1 for n in served if n) >= 3  # ties drawn at random
+    finally:
+        for tgi in doubles:
+            tgi.stop()
