@@ -21,14 +21,18 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/data \
     TGI_GATEWAY_HOST=0.0.0.0 \
     TGI_GATEWAY_PORT=8000 \
-    TGI_GATEWAY_LAUNCH=false
+    TGI_GATEWAY_LAUNCH=false \
+    TGI_GATEWAY_DATA_DIR=/var/lib/tgi-gateway
 # Runtime dependencies only (no [test] extra); every one of them ships manylinux wheels, so no compiler.
 COPY --from=build /wheels /tmp/wheels
 RUN pip install --no-cache-dir /tmp/wheels/*.whl && rm -rf /tmp/wheels
-# A non-root user; /data is the Hugging Face cache (HF_HOME), writable by it when nothing is mounted there.
+# A non-root user; /data is the Hugging Face cache (HF_HOME), writable by it when nothing is mounted there;
+# /var/lib/tgi-gateway (TGI_GATEWAY_DATA_DIR) holds the response store, responses.db: a volume, so stored
+# responses outlive the container (mount a named volume there, or use --response-store postgresql://...).
 RUN useradd --system --uid 10001 --user-group --home-dir /home/gateway --create-home \
         --shell /usr/sbin/nologin gateway \
-    && mkdir -p /data && chown gateway:gateway /data
+    && mkdir -p /data /var/lib/tgi-gateway && chown gateway:gateway /data /var/lib/tgi-gateway
+VOLUME /var/lib/tgi-gateway
 USER gateway
 WORKDIR /home/gateway
 EXPOSE 8000

@@ -9,6 +9,7 @@ one clear line and exit with status 2; nothing is served.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -145,6 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     log.info("%s uses Functionary template %s", settings.model, template.version)
+    try:  # before TGI is launched: a store that cannot be used stops the gateway at once
+        asyncio.run(_check_store(settings))
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     manager = None
     try:
@@ -159,6 +165,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if manager is not None:
             manager.release()
+
+
+async def _check_store(settings: Settings) -> None:
+    """Open the response store once: its schema is created or migrated here, before any worker starts, and a
+    store that cannot be opened (unreachable, unwritable, a newer schema) is reported as one line."""
+    from .store import open_store
+
+    store = await open_store(settings.store_url, ttl_seconds=settings.store_ttl)
+    await store.close()
 
 
 def _start_tgi(manager: ContainerManager) -> int | None:

@@ -10,11 +10,15 @@ envelope ``{"error": {"message", "type", "param", "code"}}``.
     │   └── ContextLengthExceededError (400, code "context_length_exceeded")
     ├── AuthenticationError           (401, "invalid_request_error", code "invalid_api_key")
     ├── ModelNotFoundError            (404, "invalid_request_error", code "model_not_found")
+    ├── ResponseNotFoundError         (404, "invalid_request_error", code "response_not_found")  unknown,
+    │                                 expired or another API key's stored response
     ├── PayloadTooLargeError          (413, "invalid_request_error")  body over the configured limit
     ├── ConcurrencyLimitError         (429, "requests", code "rate_limit_exceeded")  per-key limit; Retry-After
     ├── DescriptorsExhaustedError     (503, "server_error", code "descriptors_exhausted")  the gateway's own
     │                                 RLIMIT_NOFILE reached (EMFILE/ENFILE); Retry-After
     ├── ShuttingDownError             (503, "server_error")  cut at the end of --shutdown-grace
+    ├── StoreUnavailableError         (503, "server_error", code "store_unavailable")  the response store's
+    │                                 database failed or cannot be reached; Retry-After
     └── UpstreamError                 (502, "server_error")  TGI, or the way to it, failed
         ├── TGIValidationError        (400, "invalid_request_error")  TGI refused a value
         │   └── TGIContextLengthError (400, code "context_length_exceeded")
@@ -94,6 +98,18 @@ class ModelNotFoundError(GatewayError):
     code = "model_not_found"
 
 
+class ResponseNotFoundError(GatewayError):
+    """No stored response with this id for this API key: never stored, deleted, expired, or stored by
+    another key (the same 404 in every case, so a key cannot tell another key's ids exist)."""
+
+    status_code = 404
+    type = "invalid_request_error"
+    code = "response_not_found"
+
+    def __init__(self, response_id: str) -> None:
+        super().__init__(f"No response found with id '{response_id}'.", param="response_id")
+
+
 class AuthenticationError(GatewayError):
     """No API key, or not one of the gateway's (``--api-key``). Rendered like OpenAI's own 401."""
 
@@ -145,6 +161,21 @@ class ShuttingDownError(GatewayError):
     def __init__(self, message: str = "The gateway is shutting down: this answer was cut when its shutdown "
                  "grace period ended; retry the request.") -> None:  # fmt: skip
         super().__init__(message)
+
+
+class StoreUnavailableError(GatewayError):
+    """The response store's database failed or cannot be reached (503 with ``Retry-After``); the cause is in
+    the gateway's log, not in the message (it may name hosts)."""
+
+    status_code = 503
+    code = "store_unavailable"
+
+    def __init__(self, message: str = "The response store is unavailable; retry shortly.") -> None:
+        super().__init__(message)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class UpstreamError(GatewayError):

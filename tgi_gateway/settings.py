@@ -14,6 +14,7 @@ This module is a leaf: of the gateway it imports only :mod:`tgi_gateway.promptin
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -58,6 +59,11 @@ ACCESS = "access control (see docs/operations.md)"
 CONNECTIONS = "client connections (see docs/operations.md, Connection limits)"
 LAUNCHING = "launching TGI with Docker (when nothing answers at a local --endpoint)"
 REPLICAS = "several TGI replicas (see docs/operations.md, Several TGI replicas)"
+STORE = "the response store of /v1/responses (see docs/operations.md, Response store)"
+#: What --response-ttl defaults to: OpenAI keeps stored responses for 30 days.
+DEFAULT_RESPONSE_TTL = 30 * 24 * 3600
+#: The SQLite file of the default store, in the data directory.
+STORE_FILE = "responses.db"
 
 
 TGI_MAX_TOP_N_TOKENS = 5  # text-generation-launcher's default --max-top-n-tokens
@@ -219,6 +225,28 @@ class Settings(BaseSettings):
         "gateway replica (redis://, rediss:// or unix://); without it the limit is per process",
     )
 
+    # The response store (tgi_gateway/store/; docs/operations.md, "Response store"). ----------------------
+    data_dir: Annotated[
+        Path | None, Flag(metavar="PATH", group=STORE, unset="$XDG_DATA_HOME/tgi-gateway")
+    ] = Field(
+        None,
+        description="directory of the gateway's own data: the default response store, responses.db "
+        "($XDG_DATA_HOME unset: ~/.local/share)",
+    )
+    # A secret: a PostgreSQL URL may hold a password.
+    response_store: Annotated[
+        SecretStr | None, Flag(metavar="URL", group=STORE, unset="DATA_DIR/responses.db")
+    ] = Field(
+        None,
+        description="database of stored responses: sqlite:///PATH (a file; four slashes for an absolute path) "
+        "or postgresql://USER:PASSWORD@HOST:PORT/DATABASE (shared by several processes or hosts)",
+    )
+    response_ttl: Annotated[float, Flag(metavar="SECONDS", group=STORE)] = Field(
+        DEFAULT_RESPONSE_TTL,
+        ge=0,
+        description="seconds a stored response is kept (30 days, as OpenAI); 0: kept until deleted",
+    )
+
     # Launching TGI with Docker (tgi_gateway/container_manager.py). ----------------------------------------
     # The flag is --no-launch: the description is its help.
     launch: Annotated[bool, Flag("--no-launch", "store_false", group=LAUNCHING)] = Field(
@@ -303,7 +331,7 @@ class Settings(BaseSettings):
                 raise ValueError("redis_url must be a redis://host:port[/db], rediss:// or unix:// URL")
         return v
 
-    @field_serializer("api_keys", "tgi_api_key", "redis_url", mode="wrap", when_used="json")
+    @field_serializer("api_keys", "tgi_api_key", "redis_url", "response_store", mode="wrap", when_used="json")
     def _reveal_keys(
         self, v: tuple[SecretStr, ...] | SecretStr | None, nxt: Serialize, info: SerializationInfo
     ) -> Any:
@@ -332,6 +360,11 @@ class Settings(BaseSettings):
                 )
         return tuple(dict.fromkeys(url.rstrip("/") for url in v))
 
+    @field_validator("response_store")
+    @classmethod
+    def _store_url(cls, v: SecretStr | None) -> SecretStr | None:
+        return None if v is None else SecretStr(check_store_url(v.get_secret_value()))
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, v: str) -> str:
@@ -347,6 +380,18 @@ class Settings(BaseSettings):
             if value is not None:
                 env[ENV_PREFIX + name.upper()] = value if isinstance(value, str) else json.dumps(value)
         return env
+
+    @property
+    def store_url(self) -> str:
+        """The response store's URL: ``--response-store``, else the SQLite file in the data directory."""
+        if self.response_store is not None:
+            return self.response_store.get_secret_value()
+        return "sqlite:///" + str((self.data_dir or default_data_dir()).expanduser().absolute() / STORE_FILE)
+
+    @property
+    def store_ttl(self) -> float | None:
+        """Seconds a stored response is kept; None: until deleted."""
+        return self.response_ttl or None
 
     @property
     def model_name(self) -> str:
@@ -382,6 +427,50 @@ def parse_endpoints(value: str | Iterable[str]) -> list[str]:
     else:
         items = list(value)
     return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+
+
+# The response store's location (opened by tgi_gateway/store/) ---------------------------------------------
+
+#: URL schemes of the response store, and the database each names.
+STORE_SCHEMES = {
+    "sqlite": "sqlite",
+    "sqlite+aiosqlite": "sqlite",
+    "postgresql": "postgresql",
+    "postgres": "postgresql",
+    "postgresql+asyncpg": "postgresql",
+}
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/tgi-gateway``, else ``~/.local/share/tgi-gateway`` (the XDG base directory rule: a
+    per-user place for data that must survive restarts, unlike a cache)."""
+    base = os.environ.get("XDG_DATA_HOME", "").strip()
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "share"
+    return root / "tgi-gateway"
+
+
+def check_store_url(url: str) -> str:
+    """`url` if it names a response store this gateway can open (a ValueError says why not, the password
+    never shown): ``sqlite:///relative/path``, ``sqlite:////absolute/path``, ``postgresql://…`` (or
+    ``postgres://``; the ``+aiosqlite`` / ``+asyncpg`` forms too)."""
+    scheme, sep, rest = url.strip().partition("://")
+    kind = STORE_SCHEMES.get(scheme.lower())
+    if not sep or kind is None:
+        raise ValueError(
+            f"the response store must be a sqlite:///PATH or postgresql://HOST/DATABASE URL, not one starting "
+            f"with {(scheme + sep)[:40]!r}"
+        )
+    if kind == "sqlite":
+        path = rest[1:] if rest.startswith("/") else None
+        if rest and not rest.startswith("/"):
+            raise ValueError("a sqlite URL names a file, not a host: sqlite:///relative/path or "
+                             "sqlite:////absolute/path")  # fmt: skip
+        if not path or path.split("?")[0] in ("", ":memory:"):
+            raise ValueError("a sqlite response store needs a file path (sqlite:///PATH): an in-memory "
+                             "database would be lost at exit and not shared between workers")  # fmt: skip
+    elif not urlsplit("postgresql://" + rest).path.strip("/") and "dbname=" not in rest:
+        raise ValueError("a postgresql response store URL must name its database: postgresql://HOST/DATABASE")
+    return url.strip()
 
 
 # API keys as configured (used by the access control, tgi_gateway/server/auth.py) ------------------------

@@ -92,6 +92,7 @@ def test_settings_survive_the_worker_environment_with_every_field_set(
         "max_top_n_tokens": 10, "grammar": False, "redis_url": "redis://127.0.0.1:6390/1",
         "health_interval": 0.5, "resolve_interval": 3.0, "eject_seconds": 0.25, "eject_max_seconds": 8.0,
         "affinity": False, "affinity_load_factor": 1.5,
+        "data_dir": str(tmp_path / "data"), "response_store": "postgresql://u:p@db:5432/gw", "response_ttl": 60.0,
     }  # fmt: skip
     assert set(values) == set(FIELDS), "every field is set"
     settings = Settings(**values)

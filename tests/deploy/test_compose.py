@@ -288,7 +288,7 @@ def test_gateway_environment_names_are_settings() -> None:
 
 
 def test_gateway_reads_the_same_cache_read_only() -> None:
-    (mount,) = service("gateway")["volumes"]
+    mount, *_ = service("gateway")["volumes"]
     source, target, mode = mount.rsplit(":", 2)
     assert f"{source}:{target}" == service("tgi")["volumes"][0], "the gateway must see TGI's cache"
     assert mode == "ro"
@@ -373,6 +373,20 @@ def test_dockerfile_entrypoint_health_and_environment() -> None:
     assert env["PYTHONUNBUFFERED"] == "1"
     assert env["TGI_GATEWAY_HOST"] == "0.0.0.0"
     assert env["TGI_GATEWAY_LAUNCH"] == "false"
+
+
+def test_dockerfile_keeps_the_response_store_in_a_volume_the_user_owns() -> None:
+    stage = final_stage()
+    data_dir = docker_env(stage)["TGI_GATEWAY_DATA_DIR"]
+    assert [rest for op, rest in stage if op == "VOLUME"] == [data_dir], "stored responses outlive the container"
+    (made,) = [rest for op, rest in stage if op == "RUN" and data_dir in rest]
+    assert re.search(rf"chown gateway:gateway [^&]*{re.escape(data_dir)}", made), made
+
+
+def test_gateway_keeps_its_response_store_in_a_named_volume() -> None:
+    data_dir = docker_env(final_stage())["TGI_GATEWAY_DATA_DIR"]
+    assert service("gateway")["volumes"][1:] == [f"gateway-data:{data_dir}"]
+    assert "gateway-data" in compose()["volumes"]
 
 
 def test_dockerignore_keeps_the_context_to_what_is_copied() -> None:

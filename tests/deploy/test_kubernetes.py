@@ -379,10 +379,12 @@ def test_gateway_security_context(overlay: str) -> None:
     assert pod.get("automountServiceAccountToken") is False
     # What the gateway writes: /tmp (temporary files, the multiprocess metrics directory) and HF_HOME
     # (/data in the image: the tokenizer files), each an emptyDir since the root filesystem is read-only.
+    # And the data directory: the default response store, a SQLite file.
     hf_home = re.search(r"HF_HOME=(\S+)", DOCKERFILE.read_text()).group(1)
+    data_dir = re.search(r"TGI_GATEWAY_DATA_DIR=(\S+)", DOCKERFILE.read_text()).group(1)
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-    for path in ("/tmp", hf_home):
+    for path in ("/tmp", hf_home, data_dir):
         assert path in mounts, f"{overlay}: nothing writable on {path}"
         assert "emptyDir" in volumes[mounts[path]]
     for kind in ("requests", "limits"):

@@ -23,8 +23,9 @@ ALLOWED: dict[str, set[str]] = {
     "api": {"errors", "prompting", "settings"},
     "tgi": {"errors", "__init__"},
     "container_manager": {"errors"},
-    "server": {"errors", "prompting", "grammar", "streaming", "api", "tgi", "settings", "__init__"},
-    "cli": {"errors", "prompting", "settings", "container_manager", "server"},
+    "store": {"errors", "settings"},
+    "server": {"errors", "prompting", "grammar", "streaming", "api", "tgi", "settings", "store", "__init__"},
+    "cli": {"errors", "prompting", "settings", "container_manager", "store", "server"},
     "__init__": set(),
 }
 

@@ -23,6 +23,9 @@ def invalid_request(exc: RequestValidationError) -> InvalidRequestError:
             f"We could not parse the JSON body of your request ({why}). (HINT: This likely means you aren't "
             "using your HTTP library correctly. The OpenAI API expects a JSON payload.)"
         )
+    if first.get("loc", ("body",))[0] in ("query", "path"):  # a URL parameter: its name is the param
+        param = str(first["loc"][-1])
+        return InvalidRequestError(f"Invalid value for '{param}': {first.get('msg')}.", param=param)
     # A union field fails once per member ("stop" as a string, then as an array): the error that got
     # deepest into the body names the field best.
     loc, err = max(((_located(err, exc.body), err) for err in errors), key=lambda pair: len(pair[0]))

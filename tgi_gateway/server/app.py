@@ -22,7 +22,7 @@ from ..errors import DescriptorsExhaustedError, GatewayError
 from ..prompting import Template
 from ..settings import Settings
 from ..tgi.client import TGIClient
-from . import auth
+from . import auth, responses_store
 from .asgi import ClientDisconnected, error_response, json_response
 from .chat import Gateway
 from .descriptors import DescriptorWatch
@@ -62,7 +62,8 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
             if settings.lora_adapters:
                 logger.info("LoRA adapters served as models: %s", ", ".join(settings.model_names[1:]))
             try:
-                yield
+                async with responses_store.opened(app, settings):  # app.state.store, for /v1/responses
+                    yield
             finally:
                 app.state.gateway.close()
                 if (shared := getattr(app.state, "shared_in_flight", None)) is not None:
@@ -124,6 +125,8 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
             return await request.app.state.gateway.chat(request, body)
         except ClientDisconnected:
             return Response(status_code=499)
+
+    responses_store.install(app, settings)  # GET/DELETE /v1/responses/{id}, GET …/input_items
 
     @app.get(
         "/v1/models",
