@@ -96,6 +96,8 @@ def default_text(field: FieldInfo) -> str | None:
         return flag.unset
     if isinstance(value, float) and value.is_integer():
         value = int(value)
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
     return str(value)
 
 
@@ -152,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     manager = None
     try:
-        if settings.launch:
+        if settings.launch and len(settings.endpoint) == 1:  # several replicas are the operator's
             manager = ContainerManager(launch_spec(settings))
             status = _start_tgi(manager)
             if status is not None:
@@ -298,7 +300,7 @@ def launch_spec(settings: Settings) -> LaunchSpec:
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
     return LaunchSpec(
         model=settings.model,
-        endpoint=settings.endpoint,
+        endpoint=settings.endpoint[0],
         image=settings.tgi_image,
         gpus=settings.gpus,
         publish_host=settings.tgi_publish_host,

@@ -58,6 +58,7 @@ ENV_ONLY = Flag(action=None)
 ACCESS = "access control (see docs/operations.md)"
 CONNECTIONS = "client connections (see docs/operations.md, Connection limits)"
 LAUNCHING = "launching TGI with Docker (when nothing answers at a local --endpoint)"
+REPLICAS = "several TGI replicas (see docs/operations.md, Several TGI replicas)"
 STORE = "the response store of /v1/responses (see docs/operations.md, Response store)"
 #: What --response-ttl defaults to: OpenAI keeps stored responses for 30 days.
 DEFAULT_RESPONSE_TTL = 30 * 24 * 3600
@@ -87,7 +88,11 @@ class Settings(BaseSettings):
         description="LoRA adapters TGI serves (its LORA_ADAPTERS), comma-separated or repeated: hub ids "
         "(org/name, org/name@revision) or name=path; each is a model clients can name",
     )
-    endpoint: str = Field("http://127.0.0.1:8080", description="base URL of TGI")
+    endpoint: Annotated[tuple[str, ...], NoDecode, Flag(action="append", metavar="URL")] = Field(
+        ("http://127.0.0.1:8080",),
+        description="base URL of TGI; several replicas: repeated or comma-separated, and a host name with "
+        "several addresses (a Kubernetes headless Service) is one replica per address",
+    )
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for all interfaces)")
     port: int = Field(8000, ge=1, le=65535, description="port to listen on")
     template_version: Annotated[Version | None, Flag(unset="detected")] = Field(
@@ -160,6 +165,41 @@ class Settings(BaseSettings):
         ge=1,
         description="open connections per worker process; at the cap the longest idle one is closed to make "
         "room, or the new one gets 503 (unset: half the descriptor limit, less 64)",
+    )
+
+    # Several TGI replicas (tgi_gateway/tgi/replicas.py; docs/operations.md, "Several TGI replicas"). -------
+    health_interval: Annotated[float, Flag(metavar="SECONDS", group=REPLICAS)] = Field(
+        2.0,
+        ge=0,
+        description="with several replicas, seconds between two /health probes of each (0: no probe): an "
+        "unhealthy one is ejected, a healthy one re-admitted",
+    )
+    resolve_interval: Annotated[float, Flag(metavar="SECONDS", group=REPLICAS)] = Field(
+        10.0,
+        ge=0,
+        description="seconds between two resolutions of an endpoint's host name (0: never): its addresses "
+        "are its replicas, the new ones added, the gone ones drained",
+    )
+    eject_seconds: Annotated[float, Flag(metavar="SECONDS", group=REPLICAS)] = Field(
+        1.0,
+        gt=0,
+        description="a replica that refuses a connection or answers 503 is ejected this long, doubled at "
+        "each failure in a row (at most --eject-max-seconds)",
+    )
+    eject_max_seconds: Annotated[float, Flag(metavar="SECONDS", group=REPLICAS)] = Field(
+        30.0, gt=0, description="the longest ejection"
+    )
+    # The flag is --no-affinity: the description is its help.
+    affinity: Annotated[bool, Flag("--no-affinity", "store_false", group=REPLICAS)] = Field(
+        True,
+        description="route by load only: requests with the same tools and system prompt do not prefer the "
+        "same replica (whose prefix cache holds them)",
+    )
+    affinity_load_factor: Annotated[float, Flag(metavar="C", group=REPLICAS)] = Field(
+        1.25,
+        ge=1.0,
+        description="a prefix's replica takes at most C times the average requests in flight, else the next "
+        "on the ring does",
     )
 
     # Access control (tgi_gateway/server/auth.py). --------------------------------------------------------
@@ -302,13 +342,23 @@ class Settings(BaseSettings):
             return None if v is None else [key.get_secret_value() for key in v]
         return nxt(v)
 
+    @field_validator("endpoint", mode="before")
+    @classmethod
+    def _endpoints(cls, v: Any) -> Any:
+        return tuple(parse_endpoints(v)) if isinstance(v, (str, list, tuple)) else v
+
     @field_validator("endpoint")
     @classmethod
-    def _http_url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"endpoint must be an http(s) URL such as http://127.0.0.1:8080, not {v!r}")
-        return v.rstrip("/")
+    def _http_urls(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("at least one endpoint is needed")
+        for url in v:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"endpoint must be an http(s) URL such as http://127.0.0.1:8080, not {url!r}"
+                )
+        return tuple(dict.fromkeys(url.rstrip("/") for url in v))
 
     @field_validator("response_store")
     @classmethod
@@ -357,6 +407,26 @@ class Settings(BaseSettings):
     def model_names(self) -> tuple[str, ...]:
         """Every name requests may use: the base model's, then each adapter's."""
         return (self.model_name, *(adapter.name for adapter in self.adapters))
+
+
+def parse_endpoints(value: str | Iterable[str]) -> list[str]:
+    """The TGI endpoints given: repeated ``--endpoint`` (each item itself comma-separated), or one string
+    (``TGI_GATEWAY_ENDPOINT``: comma-separated, or a JSON list as ``Settings.as_environment`` writes it).
+    Spaces around URLs and empty items are ignored."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                items = json.loads(text)
+            except ValueError:
+                raise ValueError("a value starting with '[' must be a JSON list of URLs") from None
+            if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+                raise ValueError("a value starting with '[' must be a JSON list of URLs (strings)")
+        else:
+            items = [text]
+    else:
+        items = list(value)
+    return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
 
 
 # The response store's location (opened by tgi_gateway/store/) ---------------------------------------------

@@ -210,3 +210,11 @@ def test_start_up_imports_neither_huggingface_hub_nor_docker_when_not_needed(mod
         assert imported_at_start_up("--model", str(model_dir), "--endpoint", tgi.url) == "0 []"
     # a hub id needs huggingface_hub (offline here: the files are not cached, so it stops with status 2)
     assert imported_at_start_up("--model", "org/not-cached", "--no-launch") == "2 ['huggingface_hub']"
+
+
+def test_with_several_endpoints_the_gateway_never_launches_tgi(model_dir: Path) -> None:
+    """Several replicas are the operator's: nothing answers at two local endpoints, yet no Docker call (docker
+    is not even imported) and the gateway serves; one silent local endpoint is what makes it launch."""
+    dead = "http://127.0.0.1:9"
+    assert imported_at_start_up("--model", str(model_dir), "--endpoint", f"{dead},http://127.0.0.1:10") == "0 []"
+    assert "docker" in imported_at_start_up("--model", str(model_dir), "--endpoint", dead)

@@ -76,7 +76,8 @@ def test_settings_survive_the_worker_environment_with_every_field_set(
     keys = tmp_path / "keys"
     keys.write_text("sk-file\n")
     values = {
-        "model": "org/m", "served_model_name": "fn", "endpoint": "http://10.0.0.1:81", "host": "0.0.0.0",
+        "model": "org/m", "served_model_name": "fn", "endpoint": ["http://10.0.0.1:81,http://tgi.svc:82"],
+        "host": "0.0.0.0",
         "port": 8001, "template_version": Version.V2, "revision": "r1", "tgi_api_key": "tk",
         "connect_timeout": 2.5, "first_token_timeout": 3.0, "read_timeout": 4.0, "request_timeout": 5.0,
         "connect_retries": 4, "log_level": "debug", "log_format": "json", "shutdown_grace": 6.0,
@@ -89,6 +90,8 @@ def test_settings_survive_the_worker_environment_with_every_field_set(
         "max_head_bytes": 4096, "max_headers": 20, "head_timeout": 2.0, "body_timeout": 3.0,
         "keep_alive_timeout": 4.0, "max_connections": 50, "lora_adapters": ["org/a@v1", "b=/p"],
         "max_top_n_tokens": 10, "grammar": False, "redis_url": "redis://127.0.0.1:6390/1",
+        "health_interval": 0.5, "resolve_interval": 3.0, "eject_seconds": 0.25, "eject_max_seconds": 8.0,
+        "affinity": False, "affinity_load_factor": 1.5,
         "data_dir": str(tmp_path / "data"), "response_store": "postgresql://u:p@db:5432/gw", "response_ttl": 60.0,
     }  # fmt: skip
     assert set(values) == set(FIELDS), "every field is set"
@@ -99,6 +102,39 @@ def test_settings_survive_the_worker_environment_with_every_field_set(
     for name, value in settings.as_environment().items():
         monkeypatch.setenv(name, value)
     assert Settings() == settings
+    assert settings.endpoint == ("http://10.0.0.1:81", "http://tgi.svc:82")
+
+
+@pytest.mark.parametrize(
+    "given,endpoints",
+    [
+        ("http://127.0.0.1:8080/", ("http://127.0.0.1:8080",)),  # one URL: as before
+        ("http://a:1, http://b:2,", ("http://a:1", "http://b:2")),  # comma-separated
+        (["http://a:1", "http://b:2,http://c:3"], ("http://a:1", "http://b:2", "http://c:3")),  # repeated
+        (["http://a:1", "http://a:1/"], ("http://a:1",)),  # the same replica once
+    ],
+)
+def test_endpoints_are_repeatable_and_comma_separated_and_survive_the_environment(
+    given: str | list[str], endpoints: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(model="m", endpoint=given)
+    assert settings.endpoint == endpoints
+    for name, value in settings.as_environment().items():
+        monkeypatch.setenv(name, value)
+    assert Settings().endpoint == endpoints
+    monkeypatch.setenv("TGI_GATEWAY_ENDPOINT", ",".join(endpoints))  # as an operator writes it
+    assert Settings().endpoint == endpoints
+
+
+def test_the_endpoint_flag_repeats_and_takes_commas() -> None:
+    args = build_parser().parse_args(["--endpoint", "http://a:1,http://b:2", "--endpoint", "http://c:3"])
+    assert Settings(model="m", endpoint=args.endpoint).endpoint == ("http://a:1", "http://b:2", "http://c:3")
+
+
+@pytest.mark.parametrize("bad", ["", "ftp://a", "http://a:1,ftp://b", "[1]"])
+def test_bad_endpoints_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        Settings(model="m", endpoint=bad)
 
 
 @pytest.mark.parametrize(

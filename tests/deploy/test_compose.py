@@ -267,7 +267,7 @@ def test_gateway_command_is_valid_for_the_cli() -> None:
     command = [str(a) for a in service("gateway")["command"]]
     args = build_parser().parse_args(command)  # exits (SystemExit) on an unknown or malformed flag
     assert re.fullmatch(r"\$\{MODEL_ID:\?.+\}", args.model)
-    assert args.endpoint == "http://tgi:80"
+    assert args.endpoint == ["http://tgi:80"]  # repeatable: one replica here
     assert args.host == "0.0.0.0"
     assert args.port == 8000
     assert args.launch is False, "TGI is a compose service: the gateway must not launch one"

@@ -185,7 +185,8 @@ def secret_refs(node: Any) -> Iterator[tuple[str, str | None, bool]]:
 
 
 def endpoint_host(objects: tuple[dict[str, Any], ...], monkeypatch: pytest.MonkeyPatch) -> tuple[str, int]:
-    url = urlsplit(gateway_settings(objects, monkeypatch).endpoint)
+    (endpoint,) = gateway_settings(objects, monkeypatch).endpoint  # one URL: the gateway expands its addresses
+    url = urlsplit(endpoint)
     return url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
 
 

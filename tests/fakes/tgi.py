@@ -1222,14 +1222,17 @@ class _Generation:
 
 
 class FakeTGI:
-    """The TGI double (see the module docstring). ``FakeTGI(script=None, *, port=0, **config)``: ``config``
-    keywords are :class:`TGIConfig` fields; ``script`` (default :func:`echo_script`) and ``config`` may
-    change at any time."""
+    """The TGI double (see the module docstring). ``FakeTGI(script=None, *, port=0, host="127.0.0.1",
+    **config)``: ``config`` keywords are :class:`TGIConfig` fields; ``script`` (default :func:`echo_script`)
+    and ``config`` may change at any time. ``host``: another loopback address (``127.0.0.2``, … on Linux)
+    gives several doubles on one port, as replicas behind one name."""
 
-    def __init__(self, script: Script | None = None, *, port: int = 0, **config: Any) -> None:
+    def __init__(
+        self, script: Script | None = None, *, port: int = 0, host: str = "127.0.0.1", **config: Any
+    ) -> None:
         self.config = TGIConfig(**config)
         self.script: Script = script if script is not None else echo_script
-        self.host, self.port = "127.0.0.1", port
+        self.host, self.port = host, port
         self.errors: list[BaseException] = []  # raised by scripts, or by the double itself
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []

@@ -124,3 +124,35 @@ def test_the_checker_sees_upward_and_deferred_imports(tmp_path: Path) -> None:
     found = imports_of(probe, "tgi_gateway.prompting.parse")
     assert {"tgi_gateway.prompting.types", "tgi_gateway.server.chat", "tgi_gateway.tgi.client"} <= found
     assert {part_of(t) for t in found} - ALLOWED["prompting"] - {"prompting"} == {"server", "tgi"}
+
+
+# Inside `tgi`: the protocol and the replica balancer are sans-IO (docs/architecture.md, "The tree"); only
+# `tgi/client.py` does I/O, and neither of them imports it.
+SANS_IO = ("tgi_gateway.tgi.protocol", "tgi_gateway.tgi.replicas")
+IO_MODULES = {"aiohttp", "asyncio", "socket", "selectors", "ssl", "threading", "uvloop", "starlette", "fastapi"}
+
+
+def top_level_imports(path: Path, name: str | None = None) -> set[str]:
+    """Every module name ``path`` (the module ``name``) imports: absolute ones by their first component
+    (``aiohttp.abc`` → ``aiohttp``), the package's own by their full name."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found | imports_of(path, name)
+
+
+@pytest.mark.parametrize("name", SANS_IO)
+def test_the_sans_io_modules_of_tgi_do_no_io(name: str) -> None:
+    imported = top_level_imports(MODULES[name])
+    assert not imported & IO_MODULES, f"{name} imports {sorted(imported & IO_MODULES)}"
+    assert "tgi_gateway.tgi.client" not in imported
+
+
+def test_the_sans_io_checker_sees_io(tmp_path: Path) -> None:
+    probe = tmp_path / "replicas.py"
+    probe.write_text("import asyncio\nfrom aiohttp.abc import AbstractResolver\nfrom . import client\n")
+    found = top_level_imports(probe, "tgi_gateway.tgi.replicas")
+    assert {"asyncio", "aiohttp", "tgi_gateway.tgi.client"} <= found

@@ -643,8 +643,8 @@ async def test_a_connection_not_opened_in_time_is_unavailable():
 
 @pytest.mark.parametrize("connect_retries,expected", [(1, 1), (4, 4)])
 async def test_a_first_failure_is_retried_after_the_backoff_as_any(connect_retries, expected):
-    """The first attempt runs outside tenacity (it is the usual case); once it fails, tenacity takes over as
-    if it had made it: the same number of attempts, and the same backoff (~50 ms) before the second."""
+    """One replica: every attempt goes to it again, `connect_retries` attempts in all, and the backoff (~50 ms)
+    comes before the second."""
     times: list[float] = []
 
     def handler(request: Request) -> Reply | None:

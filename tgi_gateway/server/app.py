@@ -48,12 +48,18 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
             request_timeout=settings.request_timeout,
             connect_retries=settings.connect_retries,
             api_key=settings.tgi_api_key.get_secret_value() if settings.tgi_api_key else None,
+            health_interval=settings.health_interval,
+            resolve_interval=settings.resolve_interval,
+            eject_base=settings.eject_seconds,
+            eject_max=settings.eject_max_seconds,
+            load_factor=settings.affinity_load_factor,
+            events=telemetry.replicas,  # per-replica metrics
         ) as client:
             app.state.gateway = Gateway(settings, template, client)
             app.state.draining.install()  # SIGTERM: /health says "draining" for --drain-seconds, then stop
             logger.info(
                 "serving %s (Functionary template %s) from TGI at %s",
-                settings.model_name, template.version, settings.endpoint,
+                settings.model_name, template.version, ", ".join(settings.endpoint),
             )  # fmt: skip
             if settings.lora_adapters:
                 logger.info("LoRA adapters served as models: %s", ", ".join(settings.model_names[1:]))
@@ -190,11 +196,15 @@ def create_app(settings: Settings, template: Template) -> FastAPI:
         if await gateway.client.health():
             return json_response({"status": "ok"})
         return json_response(
-            {"status": "unavailable", "error": f"TGI at {gateway.settings.endpoint} does not answer /health"},
+            {
+                "status": "unavailable",
+                "error": f"TGI at {', '.join(gateway.settings.endpoint)} does not answer /health",
+            },
             503,
         )
 
-    instrument(app, settings.model_names)  # GET /metrics, and the outermost middleware: counts, logs
+    # GET /metrics, and the outermost middleware: counts, logs
+    telemetry = instrument(app, settings.model_names)
     return app
 
 

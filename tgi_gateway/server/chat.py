@@ -75,6 +75,7 @@ from ..prompting.lru import LRUCache
 from ..settings import Settings
 from ..streaming import SSE_DONE, Answer, ResponseContext, ScoredAnswer, chat_completion, encode_sse
 from ..tgi.client import Generation, StreamEnd, TGIClient, TGIInfo, Token, TokenStream
+from ..tgi.replicas import affinity_key
 from .asgi import EventStreamResponse, json_response, until_disconnect
 from .telemetry import RequestRecord, error_kind, record_of
 
@@ -165,10 +166,10 @@ class Gateway:
         if req.n is not None and req.n > 1:
             return await self._choices(request, req, rec, prompt, inputs, grammar, ctx)
         answer = self._answer(req, prompt, ctx)
-        logprobs = bool(req.logprobs)
+        logprobs, affinity = bool(req.logprobs), self.affinity(req)
 
         if req.stream:
-            open_stream = partial(self._open_stream, inputs, logprobs=logprobs)
+            open_stream = partial(self._open_stream, inputs, logprobs=logprobs, affinity=affinity)
             stack, tokens, first = await self._upstream(request, req, rec, open_stream, grammar)
             body = partial(
                 self._stream, tokens=tokens, batch=first, answer=answer, rec=rec, end=partial(_chat_end, answer, ctx)
@@ -178,7 +179,11 @@ class Gateway:
             )
 
         generation = await self._upstream(
-            request, req, rec, partial(self.client.generate, inputs, logprobs=logprobs), grammar
+            request,
+            req,
+            rec,
+            partial(self.client.generate, inputs, logprobs=logprobs, affinity=affinity),
+            grammar,
         )
         rec.first_token_at = time.perf_counter()  # telemetry: the whole answer arrived at once
         rec.prompt_tokens, rec.completion_tokens = generation.input_length, generation.generated_tokens
@@ -187,13 +192,20 @@ class Gateway:
             chat_completion(ctx, message, generation.input_length or 0, generation.generated_tokens)
         )
 
+    def affinity(self, req: ChatCompletionRequest) -> int | None:
+        """The request's prefix key for the replica balancer (its tools and leading system messages), when
+        there are several replicas and affinity is on (docs/architecture.md, "Several replicas")."""
+        if not self.settings.affinity or not self.client.balanced:
+            return None
+        return affinity_key(req.messages, req.tools, req.functions)
+
     async def _open_stream(
-        self, inputs: str, parameters: dict[str, Any], *, logprobs: bool
+        self, inputs: str, parameters: dict[str, Any], *, logprobs: bool, affinity: int | None = None
     ) -> tuple[AsyncExitStack, TokenStream, Batch]:
         """A TGI stream, its first batch read: TGI's request errors arrive there and are still HTTP errors."""
         async with AsyncExitStack() as stack:  # closes the TGI response unless it is returned
             tokens = await stack.enter_async_context(
-                self.client.generate_stream(inputs, parameters, logprobs=logprobs)
+                self.client.generate_stream(inputs, parameters, logprobs=logprobs, affinity=affinity)
             )
             first = await tokens.batch()
             return stack.pop_all(), tokens, first
@@ -225,7 +237,7 @@ class Gateway:
         sent at once; any error before every choice has its first event is the HTTP error (the others are
         closed). Non-stream: the choices in order, usage counting the prompt once. Stream: the choices'
         chunks interleaved as their tokens arrive (`_stream_choices`)."""
-        n, logprobs = req.n or 1, bool(req.logprobs)
+        n, logprobs, affinity = req.n or 1, bool(req.logprobs), self.affinity(req)
         answers = [self._answer(req, prompt, ctx.for_choice(k)) for k in range(n)]
 
         if req.stream:
@@ -234,7 +246,11 @@ class Gateway:
                 return await _all(
                     [
                         partial(
-                            self._open_stream, inputs, choice_parameters(parameters, k), logprobs=logprobs
+                            self._open_stream,
+                            inputs,
+                            choice_parameters(parameters, k),
+                            logprobs=logprobs,
+                            affinity=affinity,
                         )
                         for k in range(n)
                     ],
@@ -256,7 +272,13 @@ class Gateway:
 
         async def generate_all(parameters: dict[str, Any]) -> list[Generation]:
             calls = [
-                partial(self.client.generate, inputs, choice_parameters(parameters, k), logprobs=logprobs)
+                partial(
+                    self.client.generate,
+                    inputs,
+                    choice_parameters(parameters, k),
+                    logprobs=logprobs,
+                    affinity=affinity,
+                )
                 for k in range(n)
             ]
             return await _all(calls, close=None)

@@ -128,6 +128,67 @@ def request_id_of(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
+class ReplicaMetrics:
+    """Per TGI replica (label ``replica``: its URL), fed by the TGI client as things happen
+    (:class:`~tgi_gateway.tgi.client.ReplicaEvents`), so that every worker's values reach the shared files in
+    multiprocess mode: requests in flight, whether it is ejected, attempts sent, failovers away from it."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.in_flight = Gauge(
+            "tgi_gateway_replica_in_flight",
+            "Requests to this TGI replica in flight now.",
+            ["replica"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.ejected_now = Gauge(
+            "tgi_gateway_replica_ejected",
+            "1 while the replica is ejected (it refused a connection, answered 503 or failed its /health) "
+            "and has not answered since.",
+            ["replica"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.requests = Counter(
+            "tgi_gateway_replica_requests",
+            "Attempts sent to this TGI replica (a failover counts one per replica tried).",
+            ["replica"],
+            registry=registry,
+        )
+        self.failovers = Counter(
+            "tgi_gateway_replica_failovers",
+            "Requests that failed on this replica before any response and were sent to another one.",
+            ["replica"],
+            registry=registry,
+        )
+        self._children: dict[str, tuple[Any, Any, Any, Any]] = {}
+
+    def _of(self, url: str) -> tuple[Any, Any, Any, Any]:
+        children = self._children.get(url)
+        if children is None:
+            children = self._children[url] = (
+                self.in_flight.labels(url),
+                self.requests.labels(url),
+                self.failovers.labels(url),
+                self.ejected_now.labels(url),
+            )
+        return children
+
+    def request(self, url: str) -> None:
+        in_flight, requests, _, _ = self._of(url)
+        in_flight.inc()
+        requests.inc()
+
+    def done(self, url: str) -> None:
+        self._of(url)[0].dec()
+
+    def failover(self, url: str) -> None:
+        self._of(url)[2].inc()
+
+    def ejected(self, url: str, ejected: bool) -> None:
+        self._of(url)[3].set(1 if ejected else 0)
+
+
 class Telemetry:
     """The metrics of one app and the observation of a finished request (metrics + access log line)."""
 
@@ -186,6 +247,7 @@ class Telemetry:
             buckets=OVERHEAD_BUCKETS,
             registry=r,
         )
+        self.replicas = ReplicaMetrics(r)
 
     def exposition(self) -> bytes:
         """The text exposition of this app's metrics, or of every worker's in multiprocess mode."""

@@ -44,21 +44,26 @@ import asyncio
 import collections
 import contextlib
 import errno
+import ipaddress
+import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+import random
+import socket
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, Self
+from typing import Any, Literal, Protocol, Self
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 from aiohttp.client_proto import ResponseHandler
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 from yarl import URL
 
 from .. import __version__
 from ..errors import (
     DescriptorsExhaustedError,
     GatewayError,
+    TGIOverloadedError,
     TGIProtocolError,
     TGITimeoutError,
     TGIUnavailableError,
@@ -78,8 +83,20 @@ from .protocol import (
     parse_info,
     request_body,
 )
+from .replicas import LOAD_FACTOR, Balancer, Replica, narrowest
 
-__all__ = ["HEALTH_TIMEOUT", "Generation", "StreamEnd", "TGIClient", "TGIInfo", "Token", "TokenStream"]
+__all__ = [
+    "HEALTH_TIMEOUT",
+    "Generation",
+    "ReplicaEvents",
+    "StreamEnd",
+    "TGIClient",
+    "TGIInfo",
+    "Token",
+    "TokenStream",
+]
+
+log = logging.getLogger("tgi_gateway")
 
 #: /health is a readiness probe: a slow answer counts as "not healthy".
 HEALTH_TIMEOUT = 2.0
@@ -88,9 +105,17 @@ HEALTH_TIMEOUT = 2.0
 _KEEPALIVE_EXPIRY = 30.0
 # aiohttp's StreamReader stops reading the socket above twice this many unread bytes (then resumes below it).
 _READ_BUFSIZE = 128 * 1024
-# Backoff between attempts: 50 ms, 100 ms, then 200 ms at most, plus up to 20 ms of jitter so that
-# many streams failing together do not retry in step. Three attempts wait about 0.15-0.19 s in all.
-_BACKOFF = wait_exponential(multiplier=0.05, max=0.2) + wait_random(0, 0.02)
+
+
+# Backoff between two attempts on the same replica: 50 ms, 100 ms, then 200 ms at most, plus up to 20 ms of
+# jitter so that many streams failing together do not retry in step. Three attempts wait about 0.15-0.19 s
+# in all. An attempt on another replica (failover) goes at once.
+def _backoff(retry: int) -> float:
+    return min(0.2, 0.05 * 2 ** (retry - 1)) + random.uniform(0, 0.02)
+
+
+# A name is resolved within this long (each round of the re-resolution); past it the replicas stay as they are.
+_RESOLVE_TIMEOUT = 2.0
 # An error body is short (TGI's JSON, axum's one-line text, a proxy's small page); read no more.
 _MAX_ERROR_BODY = 8192
 # Body pieces read after the final event while reading to the end of the body (which lets the
@@ -376,29 +401,61 @@ class TokenStream:
 # --------------------------------------------------------------------------------------------
 
 
+class ReplicaEvents(Protocol):
+    """What the client reports per replica (the server's metrics implement it); ``url`` is the replica's."""
+
+    def request(self, url: str) -> None: ...  # an attempt sent to it (in flight until `done`)
+
+    def done(self, url: str) -> None: ...
+
+    def failover(self, url: str) -> None: ...  # an attempt that failed there went to another replica
+
+    def ejected(self, url: str, ejected: bool) -> None: ...
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 class TGIClient:
-    """One pooled async client to one TGI router. Create it once, in a running event loop (the app's
-    lifespan), share it, ``aclose`` it.
+    """One pooled async client to one or several TGI routers (replicas). Create it once, in a running event
+    loop (the app's lifespan), share it, ``aclose`` it.
+
+    ``base_url``: one URL, or several (replicas of the same model). A URL whose host is a name (http only)
+    is resolved every ``resolve_interval`` seconds (in the background, bounded, never on a request's way):
+    when the name has several addresses (a Kubernetes headless Service) it stands for one replica per
+    address, else for itself as given. With several replicas, every ``health_interval`` seconds each one's
+    ``/health`` is probed. Which replica serves a request is :class:`~tgi_gateway.tgi.replicas.Balancer`'s
+    decision (least outstanding requests with two random choices; with an ``affinity`` key, consistent
+    hashing with bounded loads); a replica that refuses a connection or answers 503 is ejected with
+    exponential back-off, and the request goes to another one.
 
     ``connect_retries`` is the number of *attempts* for a request whose connection fails before any
-    response (at least one). Timeouts: ``connect_timeout`` to open a connection,
-    ``first_token_timeout`` for TGI's first event (requests queue in TGI while the batch is full),
-    ``read_timeout`` between two events (TGI sends a keep-alive after 15 s of silence, so only a hung
-    TGI reaches it) and for ``/info``, ``request_timeout`` for a whole ``/generate`` answer (no token
-    arrives before the end there, so the other two cannot apply). ``api_key`` is sent as
-    ``Authorization: Bearer`` on every route, for a TGI started with ``--api-key``.
+    response (at least one), each on a replica not tried yet while there is one (the same one after a short
+    backoff otherwise); a 503 is also tried elsewhere while another replica is left. Timeouts:
+    ``connect_timeout`` to open a connection, ``first_token_timeout`` for TGI's first event (requests queue
+    in TGI while the batch is full), ``read_timeout`` between two events (TGI sends a keep-alive after 15 s
+    of silence, so only a hung TGI reaches it) and for ``/info``, ``request_timeout`` for a whole
+    ``/generate`` answer (no token arrives before the end there, so the other two cannot apply).
+    ``api_key`` is sent as ``Authorization: Bearer`` on every route, for a TGI started with ``--api-key``.
 
     The connections: one aiohttp ``ClientSession`` over a keep-alive ``TCPConnector`` (:class:`_Connector`)
     without a limit (TGI's own ``max_concurrent_requests`` answers 429), idle connections closed after 30 s; no proxies
     from the environment, no cookies, no redirects, no compression asked for or decoded. ``connector``
-    replaces the ``TCPConnector`` (the tests' in-process TGI); the session owns and closes it. aiohttp
+    replaces the ``TCPConnector`` (the tests' in-process TGI); the session owns and closes it. ``resolver``
+    (aiohttp's interface) resolves the names, for the connector too (tests use their own). aiohttp
     itself sends a ``GET`` (``/health``, ``/info``) once more when its connection closes before any
-    response (RFC 9112 §9.3.1); a ``POST`` is only retried here.
+    response (RFC 9112 §9.3.1); a ``POST`` is only retried here. ``events`` hears of each replica's
+    requests, failovers and ejections.
     """
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         *,
         connect_timeout: float,
         first_token_timeout: float,
@@ -407,20 +464,34 @@ class TGIClient:
         connect_retries: int,
         api_key: str | None = None,
         connector: aiohttp.BaseConnector | None = None,
+        resolver: AbstractResolver | None = None,
+        health_interval: float = 2.0,
+        resolve_interval: float = 10.0,
+        eject_base: float = 1.0,
+        eject_max: float = 30.0,
+        load_factor: float = LOAD_FACTOR,
+        rng: random.Random | None = None,
+        events: ReplicaEvents | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        url = URL(self.base_url)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        endpoints = [base_url] if isinstance(base_url, str) else list(base_url)
+        if not endpoints:
+            raise ValueError("no TGI endpoint")
+        self.endpoints = [url.rstrip("/") for url in endpoints]
+        for endpoint in self.endpoints:
+            url = URL(endpoint)
+            if url.scheme not in ("http", "https") or not url.host:
+                raise ValueError(f"not an http(s) URL: {endpoint!r}")
+        self.base_url = self.endpoints[0]
         self._attempts = max(1, connect_retries)
         self._connect_timeout = connect_timeout
         self._first_token_timeout = first_token_timeout
         self._read_timeout = read_timeout
         self._request_timeout = request_timeout
-        self._urls = {
-            route: URL(self.base_url + route)
-            for route in ("/generate_stream", "/generate", "/info", "/health")
-        }
+        self._routes: dict[str, dict[str, URL]] = {}  # per replica URL: the URL of each route
+        self._events = events
+        self.balancer = Balancer(
+            self.endpoints, rng=rng, load_factor=load_factor, eject_base=eject_base, eject_max=eject_max
+        )
         # Accept-Encoding named, rather than left out with skip_auto_headers (which costs aiohttp a header
         # copy per request): no compression asked for, none to decode.
         headers = {"User-Agent": f"tgi-gateway/{__version__}", "Accept-Encoding": "identity"}
@@ -429,8 +500,12 @@ class TGIClient:
         self._stream_headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         self._generate_headers = {"Content-Type": "application/json", "Accept": "application/json"}
         self._loop = asyncio.get_running_loop()
+        self._resolver = resolver
+        if connector is None:
+            options: dict[str, Any] = {"resolver": resolver} if resolver is not None else {}
+            connector = _Connector(limit=0, keepalive_timeout=_KEEPALIVE_EXPIRY, **options)
         self._session = aiohttp.ClientSession(
-            connector=connector or _Connector(limit=0, keepalive_timeout=_KEEPALIVE_EXPIRY),
+            connector=connector,
             timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout),
             headers=headers,
             auto_decompress=False,
@@ -438,8 +513,21 @@ class TGIClient:
             cookie_jar=aiohttp.DummyCookieJar(),
             read_bufsize=_READ_BUFSIZE,
         )
+        # Each endpoint → the replica URLs it stands for (itself until a name resolves to several addresses).
+        self._expansion: dict[str, list[str]] = {endpoint: [endpoint] for endpoint in self.endpoints}
+        named = [e for e in self.endpoints if URL(e).scheme == "http" and not _is_address(URL(e).host or "")]
+        self._tasks: list[asyncio.Task[None]] = []
+        if named and resolve_interval > 0:
+            self._tasks.append(asyncio.ensure_future(self._resolve_loop(named, resolve_interval)))
+        if (len(self.endpoints) > 1 or named) and health_interval > 0:
+            self._tasks.append(asyncio.ensure_future(self._probe_loop(health_interval)))
 
     async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self._session.close()
 
     async def __aenter__(self) -> Self:
@@ -448,28 +536,67 @@ class TGIClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    @property
+    def balanced(self) -> bool:
+        """More than one replica: an affinity key is worth computing."""
+        return len(self.balancer.live) > 1
+
     # ---------------------------------------------------------------- routes
 
     async def health(self, *, timeout: float = HEALTH_TIMEOUT) -> bool:
-        """``GET /health``: True on 200; False on anything else, including no answer within ``timeout``."""
+        """``GET /health`` of every replica at once: True when at least one answers 200 within ``timeout``.
+        The answers are the balancer's probes (a failing replica is ejected, a healthy one re-admitted)."""
+        live = self.balancer.live
+        if len(live) == 1:
+            return await self._probe(live[0], timeout)
+        return any(await asyncio.gather(*(self._probe(replica, timeout) for replica in live)))
+
+    async def _probe(self, replica: Replica, timeout: float) -> bool:
         try:
             async with asyncio.timeout(timeout):
-                request = self._session.get(self._urls["/health"], allow_redirects=False)
+                request = self._session.get(self._url(replica, "/health"), allow_redirects=False)
                 async with request as response:
                     await _read_at_most(response.content, _MAX_ERROR_BODY)
-                    return response.status == 200
+                    ok = response.status == 200
         except _FOREIGN:
-            return False
+            ok = False
+        was_ejected = bool(replica.failures or replica.ejected_until)
+        self.balancer.probed(replica, ok, self._loop.time())
+        is_ejected = bool(replica.failures or replica.ejected_until)
+        if self._events is not None and was_ejected != is_ejected:
+            self._events.ejected(replica.url, is_ejected)
+        return ok
 
     async def info(self) -> TGIInfo:
-        """``GET /info``, within ``read_timeout`` and ``first_token_timeout`` (it is read on a request's way to
-        TGI: a TGI that accepts connections and never answers costs a request no more than its first token
-        could). Raises :class:`TGIUnavailableError` when TGI cannot be reached, :class:`TGITimeoutError`
-        (504) when it does not answer in time."""
+        """``GET /info`` of every replica not ejected, at once: the narrowest of their limits
+        (:func:`~tgi_gateway.tgi.replicas.narrowest`: the prompt is rendered before a replica is picked).
+        Each within ``read_timeout`` and ``first_token_timeout`` (it is read on a request's way to TGI: a
+        TGI that accepts connections and never answers costs a request no more than its first token could).
+        Raises (the first replica's error) only when no replica answers: :class:`TGIUnavailableError` when
+        TGI cannot be reached, :class:`TGITimeoutError` (504) when it does not answer in time."""
+        live = self.balancer.live
+        if len(live) == 1:
+            live[0].info = await self._info(live[0])
+            return live[0].info
+        now = self._loop.time()
+        asked = [r for r in live if not r.ejected(now)] or live
+        answers = await asyncio.gather(*(self._info(r) for r in asked), return_exceptions=True)
+        infos = []
+        for replica, answer in zip(asked, answers):
+            if isinstance(answer, TGIInfo):
+                replica.info = answer
+                infos.append(answer)
+            elif not isinstance(answer, UpstreamError):
+                raise answer
+        if not infos:
+            raise next(a for a in answers if isinstance(a, BaseException))
+        return narrowest(infos)
+
+    async def _info(self, replica: Replica) -> TGIInfo:
         timeout = min(self._read_timeout, self._first_token_timeout)
         late = f"TGI did not answer /info within {timeout:g} s"
         deadline = self._loop.time() + timeout
-        response = await self._open("GET", "/info", None, None, deadline, late)
+        response, _ = await self._open("GET", "/info", None, None, deadline, late, pinned=replica)
         try:
             if response.status != 200:
                 raise await self._error(response, deadline)
@@ -490,60 +617,103 @@ class TGIClient:
 
     @contextlib.asynccontextmanager
     async def generate_stream(
-        self, inputs: str, parameters: Mapping[str, Any], *, logprobs: bool = False
+        self,
+        inputs: str,
+        parameters: Mapping[str, Any],
+        *,
+        logprobs: bool = False,
+        affinity: int | None = None,
     ) -> AsyncIterator[TokenStream]:
         """``POST /generate_stream`` with ``{"inputs", "parameters"}`` (``parameters`` as given); with
-        ``logprobs`` the tokens carry TGI's ``logprob`` and ``top_tokens``.
+        ``logprobs`` the tokens carry TGI's ``logprob`` and ``top_tokens``; ``affinity``: the request's
+        prefix key (:func:`~tgi_gateway.tgi.replicas.affinity_key`).
 
-        Entering waits for the response head (connection failures retried, then
-        :class:`TGIUnavailableError`; a non-200 or non-SSE answer raises its mapped error) and yields
-        the :class:`TokenStream`. Leaving closes the connection at once — that is what stops the
-        generation in TGI — unless the stream was read to its end (it then serves the next request).
+        Entering waits for the response head (connection failures retried, on another replica when there
+        is one, then :class:`TGIUnavailableError`; a non-200 or non-SSE answer raises its mapped error) and
+        yields the :class:`TokenStream`. With several replicas it also waits for the first event: a stream
+        cut before it (the replica died) or refused as overloaded goes to another replica within the same
+        attempts; never once a token has arrived. Leaving closes the connection at once — that is what
+        stops the generation in TGI — unless the stream was read to its end (it then serves the next request).
         """
         body = request_body(inputs, parameters)
         timeout = self._first_token_timeout
-        response = await self._open(
-            "POST", "/generate_stream", self._stream_headers, body, self._loop.time() + timeout,
-            f"TGI did not answer within {timeout:g} s (first-token timeout)",
-        )  # fmt: skip
-        stream: TokenStream | None = None
+        late = f"TGI did not answer within {timeout:g} s (first-token timeout)"
+        tried: list[Replica] = []
+        while True:
+            response, replica = await self._open(
+                "POST", "/generate_stream", self._stream_headers, body, self._loop.time() + timeout, late,
+                key=affinity, tried=tried,
+            )  # fmt: skip
+            stream: TokenStream | None = None
+            try:
+                if response.status != 200:
+                    raise await self._error(response, self._loop.time() + self._read_timeout)
+                expect_content_type(
+                    "/generate_stream", response.headers.get("content-type", ""), "text/event-stream"
+                )
+                stream = TokenStream(
+                    response,
+                    first_token_timeout=self._first_token_timeout,
+                    read_timeout=self._read_timeout,
+                    logprobs=logprobs,
+                )
+                if replica is not None and len(tried) + 1 < self._attempts and len(self.balancer.live) > 1:
+                    try:  # the first event read here, so that a replica failing before it can be replaced
+                        stream._items.extend(await stream.batch())
+                    except (TGIProtocolError, TGIOverloadedError) as exc:
+                        if stream._decoder.tokens:
+                            raise
+                        if isinstance(exc, TGIProtocolError):
+                            self._failed(replica)  # cut before any event: the replica is going away
+                        replica.failovers += 1
+                        if self._events is not None:
+                            self._events.failover(replica.url)
+                        tried.append(replica)
+                        stream._leave()
+                        response.close()
+                        self._done(replica)
+                        continue
+            except BaseException:
+                if stream is not None:
+                    stream._leave()
+                response.close()
+                self._done(replica)
+                raise
+            break
         try:
-            if response.status != 200:
-                raise await self._error(response, self._loop.time() + self._read_timeout)
-            expect_content_type(
-                "/generate_stream", response.headers.get("content-type", ""), "text/event-stream"
-            )
-            stream = TokenStream(
-                response,
-                first_token_timeout=self._first_token_timeout,
-                read_timeout=self._read_timeout,
-                logprobs=logprobs,
-            )
             yield stream
         finally:
-            if stream is not None:
-                stream._leave()
+            stream._leave()
             response.close()  # a body read to its end has already given its connection back
+            self._done(replica)
 
     async def generate(
-        self, inputs: str, parameters: Mapping[str, Any], *, logprobs: bool = False
+        self,
+        inputs: str,
+        parameters: Mapping[str, Any],
+        *,
+        logprobs: bool = False,
+        affinity: int | None = None,
     ) -> Generation:
         """``POST /generate`` with ``{"inputs", "parameters"}`` (``parameters`` as given: the caller asks
         for ``details: true``, without which TGI sends no tokens) → the whole :class:`Generation` (with
-        ``logprobs``, its tokens carry TGI's ``logprob`` and ``top_tokens``).
+        ``logprobs``, its tokens carry TGI's ``logprob`` and ``top_tokens``); ``affinity`` as for
+        :meth:`generate_stream`.
 
-        Connection failures before any response byte are retried, then :class:`TGIUnavailableError`; a
-        non-200 answer raises its mapped error; a body that is not TGI's answer (not JSON, no details,
-        over 64 MiB) a :class:`TGIProtocolError`. The whole exchange, retries and TGI's queue included,
-        must end within ``request_timeout`` seconds, else :class:`TGITimeoutError` (504). Cancelled, it
-        closes the connection at once, which makes TGI drop the request; once the answer is read whole
-        the connection serves the next request.
+        Connection failures before any response byte are retried (on another replica when there is one),
+        then :class:`TGIUnavailableError`; a non-200 answer raises its mapped error; a body that is not
+        TGI's answer (not JSON, no details, over 64 MiB) a :class:`TGIProtocolError`. The whole exchange,
+        retries and TGI's queue included, must end within ``request_timeout`` seconds, else
+        :class:`TGITimeoutError` (504). Cancelled, it closes the connection at once, which makes TGI drop
+        the request; once the answer is read whole the connection serves the next request.
         """
         body = request_body(inputs, parameters)
         timeout = self._request_timeout
         deadline = self._loop.time() + timeout
         late = f"TGI did not finish the generation within {timeout:g} s (--request-timeout)"
-        response = await self._open("POST", "/generate", self._generate_headers, body, deadline, late)
+        response, replica = await self._open(
+            "POST", "/generate", self._generate_headers, body, deadline, late, key=affinity
+        )
         try:
             if response.status != 200:
                 raise await self._error(response, min(deadline, self._loop.time() + self._read_timeout))
@@ -561,8 +731,28 @@ class TGIClient:
             return parse_generation(content, response.headers.get("x-prompt-tokens"), logprobs=logprobs)
         finally:
             response.close()
+            self._done(replica)
 
     # ---------------------------------------------------------------- transport
+
+    def _url(self, replica: Replica, route: str) -> URL:
+        routes = self._routes.get(replica.url)
+        if routes is None:
+            routes = self._routes[replica.url] = {
+                r: URL(replica.url + r) for r in ("/generate_stream", "/generate", "/info", "/health")
+            }
+        return routes[route]
+
+    def _done(self, replica: Replica | None) -> None:
+        if replica is not None:
+            self.balancer.finish(replica)
+            if self._events is not None:
+                self._events.done(replica.url)
+
+    def _failed(self, replica: Replica) -> None:
+        self.balancer.failed(replica, self._loop.time())
+        if self._events is not None:
+            self._events.ejected(replica.url, True)
 
     async def _open(
         self,
@@ -572,42 +762,143 @@ class TGIClient:
         body: bytes | None,
         deadline: float,
         late: str,
-    ) -> aiohttp.ClientResponse:
+        *,
+        key: int | None = None,
+        pinned: Replica | None = None,
+        tried: list[Replica] | None = None,
+    ) -> tuple[aiohttp.ClientResponse, Replica | None]:
         """Send the request, up to the response head, which must arrive by ``deadline`` (loop time; else
-        :class:`TGITimeoutError` with the message ``late``); retry only failures before any response byte."""
-        send = partial(
-            self._session.request,
-            method,
-            self._urls[route],
-            headers=headers,
-            data=body,
-            allow_redirects=False,
-        )
-        failed: list[BaseException] = []
-
-        async def attempt() -> aiohttp.ClientResponse:  # tenacity's first attempt: the one that failed below
-            if failed:
-                raise failed.pop()
-            return await send()
-
+        :class:`TGITimeoutError` with the message ``late``); retry only failures before any response byte,
+        and a 503 while another replica is left. Returns the response and the replica it came from, which
+        counts the request in flight until :meth:`_done` (``pinned``: that replica only, nothing counted;
+        ``tried``: the replicas this request failed on already, each an attempt spent, added to)."""
+        balancer, events = self.balancer, self._events
+        tried = [] if tried is None else tried
+        replica: Replica | None = None
+        target = pinned
         try:
             async with asyncio.timeout_at(deadline):
-                try:  # the usual case, without tenacity's machinery (~30 µs a call)
-                    return await send()
-                except _FOREIGN as exc:
-                    if self._attempts == 1 or not _retriable(exc):
-                        raise
-                    failed.append(exc)
-                retrying = AsyncRetrying(
-                    stop=stop_after_attempt(self._attempts),
-                    wait=_BACKOFF,
-                    retry=retry_if_exception(_retriable),
-                    reraise=True,
-                )
-                return await retrying(attempt)
+                for attempt in range(len(tried) + 1, self._attempts + 1):
+                    if pinned is None:
+                        replica = target or balancer.pick(self._loop.time(), key, tried)
+                        balancer.start(replica)
+                        if events is not None:
+                            events.request(replica.url)
+                    url = self._url(target or replica, route)  # type: ignore[arg-type]
+                    try:
+                        response = await self._session.request(
+                            method, url, headers=headers, data=body, allow_redirects=False
+                        )
+                    except _FOREIGN as exc:
+                        if pinned is None:
+                            assert replica is not None
+                            if _retriable(exc):
+                                self._failed(replica)
+                            if attempt == self._attempts or not _retriable(exc):
+                                raise
+                        elif attempt == self._attempts or not _retriable(exc):
+                            raise
+                    else:
+                        if pinned is not None:
+                            return response, None
+                        assert replica is not None
+                        if response.status != 503:
+                            if replica.failures or replica.ejected_until:
+                                balancer.succeeded(replica)
+                                if events is not None:
+                                    events.ejected(replica.url, False)
+                            return response, replica
+                        if len(balancer.live) == 1 or attempt == self._attempts:
+                            if len(balancer.live) > 1:
+                                self._failed(replica)
+                            return response, replica
+                        response.close()  # overloaded or restarting: another replica is tried
+                        self._failed(replica)
+                    # the next attempt
+                    if pinned is None:
+                        assert replica is not None
+                        tried.append(replica)
+                        self._done(replica)
+                        failed, replica = replica, None
+                        target = balancer.pick(self._loop.time(), key, tried)
+                        if target is not failed:
+                            failed.failovers += 1
+                            if events is not None:
+                                events.failover(failed.url)
+                            continue
+                    await asyncio.sleep(_backoff(attempt))
+                raise AssertionError("unreachable: the last attempt returns or raises")
         except _FOREIGN as exc:
-            context = {"url": self.base_url, "connect_timeout": self._connect_timeout, "late": late}
+            context = {
+                "url": (replica or pinned or tried[-1]).url
+                if (replica or pinned or tried)
+                else self.base_url,
+                "connect_timeout": self._connect_timeout,
+                "late": late,
+            }
+            self._done(replica)
             raise _translate(exc, _OPENING, **context) from exc
+        except BaseException:
+            self._done(replica)
+            raise
+
+    # ---------------------------------------------------------------- replicas
+
+    async def _resolve_loop(self, named: list[str], interval: float) -> None:
+        """Every ``interval`` s: each named endpoint resolved (at once, each within ``_RESOLVE_TIMEOUT``);
+        the replicas updated when an expansion changed. A failed resolution keeps what the name stood for."""
+        resolver = self._resolver or aiohttp.ThreadedResolver()
+        while True:
+            try:
+                self._resolved(named, await asyncio.gather(*(self._resolve(resolver, e) for e in named)))
+            except Exception:  # a bug must not end the loop: the replicas stay as they are
+                log.exception("the re-resolution of the TGI endpoints failed")
+            await asyncio.sleep(interval)
+
+    def _resolved(self, named: list[str], results: list[list[str] | None]) -> None:
+        """The replicas updated when a name's expansion changed."""
+        changed = False
+        for endpoint, urls in zip(named, results):
+            if urls is not None and urls != self._expansion[endpoint]:
+                self._expansion[endpoint] = urls
+                changed = True
+        if not changed:
+            return
+        added, drained = self.balancer.update([url for e in self.endpoints for url in self._expansion[e]])
+        for replica in added:
+            log.info("TGI replica added: %s", replica.url)
+        for replica in drained:
+            log.info("TGI replica drained (no longer resolved): %s", replica.url)
+            if self._events is not None:
+                self._events.ejected(replica.url, False)
+
+    @staticmethod
+    async def _resolve(resolver: AbstractResolver, endpoint: str) -> list[str] | None:
+        url = URL(endpoint)
+        host, port = url.host or "", url.port or 80
+        try:
+            async with asyncio.timeout(_RESOLVE_TIMEOUT):
+                found = await resolver.resolve(host, port, family=socket.AF_INET)
+        except (OSError, TimeoutError) as exc:
+            log.warning("cannot resolve %s (%s): its replicas are kept", host, exc)
+            return None
+        addresses = sorted({item["host"] for item in found}, key=ipaddress.ip_address)
+        if len(addresses) < 2:
+            return [endpoint]  # one address: the URL as given (aiohttp resolves it, as for any URL)
+        path = url.path.rstrip("/")
+        return [f"{url.scheme}://{address}:{port}{path}" for address in addresses]
+
+    async def _probe_loop(self, interval: float) -> None:
+        """Every ``interval`` s, with several replicas: each one's ``/health`` probed at once (bounded by
+        ``HEALTH_TIMEOUT``) -- an unhealthy one is ejected, a healthy one re-admitted."""
+        while True:
+            live = self.balancer.live
+            if len(live) > 1:
+                try:
+                    await asyncio.gather(*(self._probe(r, min(HEALTH_TIMEOUT, interval)) for r in live))
+                except Exception:  # a bug must not end the loop
+                    log.exception("the /health probes of the TGI replicas failed")
+            await asyncio.sleep(interval)
 
     @staticmethod
     async def _error(response: aiohttp.ClientResponse, deadline: float) -> UpstreamError:
