@@ -407,6 +407,26 @@ def test_the_default_store_keeps_a_conversation_across_a_restart(tgi, tmp_path):
         assert [i.type for i in c.responses.input_items.list(second.id)] == ["message"]
 
 
+def test_a_conversation_longer_than_a_request_may_be_is_not_continued(tgi):
+    """A stored conversation grows with every turn; one longer than the request size limit (which a client
+    could not send in one request either) is kept as its size only, and continuing it is a 400 that says so."""
+    tgi.script = SCRIPTS[Version.V3_LLAMA31]["text"]
+    store = InMemoryResponseStore()
+    with (
+        serve(gateway_app(tgi, Version.V3_LLAMA31, store, max_body_bytes=3000)) as url,
+        openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as c,
+    ):
+        short = c.responses.create(model=MODEL, input=ASK)
+        longer = c.responses.create(model=MODEL, input="x" * 2700, previous_response_id=short.id)
+        assert longer.output_text == "It is sunny."  # answered: the request itself was within the limit
+        assert len(store.saved[longer.id].context) == 1, "kept as its size, not its items"
+        with pytest.raises(openai.BadRequestError) as e:
+            c.responses.create(model=MODEL, input="and then?", previous_response_id=longer.id)
+        assert e.value.code == "context_length_exceeded" and e.value.param == "previous_response_id"
+        assert "more than this gateway continues (3,000 bytes" in e.value.message
+        assert c.responses.create(model=MODEL, input="and then?", previous_response_id=short.id).output_text
+
+
 def test_a_served_response_leaves_no_reference_cycle(tgi):
     """As on the chat route (tests/server/test_gateway_e2e.py): a response's objects are freed by reference
     counting when it ends, stored or not, streamed or not, the client leaving mid-stream included."""

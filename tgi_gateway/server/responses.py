@@ -42,6 +42,9 @@ from .telemetry import RequestRecord, record_of
 
 logger = logging.getLogger("tgi_gateway")
 
+# What a stored conversation too long to continue is kept as (one item; never shown: input_items lists the input).
+TOO_LONG = "tgi_gateway.conversation_too_long"
+
 # A stored conversation up to this many items is converted on the event loop (with a small body), like a chat
 # body up to INLINE_BODY_BYTES; a longer one in the admission thread.
 INLINE_CONTEXT_ITEMS = 256
@@ -85,7 +88,10 @@ async def create_response(gateway: Gateway, request: Request, body: ResponsesReq
         builder = OutputBuilder(shape, emit=bool(body.stream))
         ctx = ResponseContext(id=response_id, created=created, model=body.model)
         answer = Answer(gateway.template.parser(prompt), ctx, stream=bool(body.stream), builder=builder)
-        save = partial(_save, store if keep else None, owner, conversion, previous, body.previous_response_id)
+        save = partial(
+            _save, store if keep else None, owner, conversion, previous, body.previous_response_id,
+            max_context_bytes=gateway.settings.max_body_bytes,
+        )  # fmt: skip
 
         if body.stream:
             open_stream = partial(gateway._open_stream, inputs, logprobs=False)
@@ -185,6 +191,15 @@ async def _previous(
             param="previous_response_id",
             code="previous_response_not_found",
         )
+    if stored.context and stored.context[0].get("type") == TOO_LONG:
+        size, limit = stored.context[0]["bytes"], stored.context[0]["limit"]
+        raise InvalidRequestError(
+            f"The conversation of response '{response_id}' is {size:,} bytes, more than this gateway continues "
+            f"({limit:,} bytes, its request size limit): send the conversation again, shortened, or start a "
+            "new one.",
+            param="previous_response_id",
+            code="context_length_exceeded",
+        )
     return list(stored.context)
 
 
@@ -195,18 +210,31 @@ async def _save(
     previous: list[dict[str, Any]],
     previous_response_id: str | None,
     response: dict[str, Any],
+    *,
+    max_context_bytes: int,
 ) -> None:
     """Keep a complete response (`store` None: `store: false`, or no store). A store that fails is logged;
-    the client still gets its answer (a later `previous_response_id` to it is then a 400)."""
+    the client still gets its answer (a later `previous_response_id` to it is then a 400).
+
+    A conversation longer, as JSON, than `max_context_bytes` (the request size limit: no client could send it
+    in one request either) is kept as a marker of its size instead: continuing it is a 400 that says so,
+    without the store ever decoding a conversation that grew turn after turn on the event loop."""
     if store is None:
         return
+    context = context_of(previous, conversion.items, response["output"])
+    try:
+        size = len(orjson.dumps(context))
+    except orjson.JSONEncodeError:  # (not JSON the store could keep either: its save fails, logged below)
+        size = 0
+    if size > max_context_bytes:
+        context = [{"type": TOO_LONG, "bytes": size, "limit": max_context_bytes}]
     stored = StoredResponse(
         id=response["id"],
         owner=owner,
         created_at=response["created_at"],
         response=response,
         input_items=conversion.items,
-        context=context_of(previous, conversion.items, response["output"]),
+        context=context,
         previous_response_id=previous_response_id,
     )
     try:
