@@ -315,6 +315,10 @@ class TelemetryMiddleware:
         request_id = (b"x-request-id", record.request_id.encode("latin-1"))
         status = 0
         streaming = complete = False
+        # A Responses stream's events are numbered (sequence_number from 0): counted as they are sent (each
+        # write holds whole events; JSON has no raw newline, so "\nevent: " only starts one), so that an answer
+        # to the shutdown can carry the next number.
+        responses_events: int | None = 0 if scope.get("path") == "/v1/responses" else None
 
         async def receive_noting_disconnect() -> Message:
             message = await receive()
@@ -323,7 +327,7 @@ class TelemetryMiddleware:
             return message
 
         def send_with_request_id(message: Message) -> Awaitable[None]:  # no coroutine of its own: cheaper
-            nonlocal status, streaming, complete
+            nonlocal status, streaming, complete, responses_events
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = [*message.get("headers", ()), request_id]
@@ -332,8 +336,12 @@ class TelemetryMiddleware:
                     if name.lower() == b"content-type" and value.startswith(b"text/event-stream"):
                         streaming = True
                         self.telemetry.streams_in_flight.inc()
-            elif not message.get("more_body", False):
-                complete = True
+            else:
+                if responses_events is not None and streaming:
+                    body = message.get("body", b"")
+                    responses_events += body.startswith(b"event: ") + body.count(b"\nevent: ")
+                if not message.get("more_body", False):
+                    complete = True
             return send(message)
 
         try:
@@ -349,7 +357,7 @@ class TelemetryMiddleware:
             # a bounded time, then the connection goes with the server.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SHUTDOWN_ANSWER_SECONDS):
-                    await _answer_shutdown(send_with_request_id, streaming, scope.get("path", ""))
+                    await _answer_shutdown(send_with_request_id, streaming, responses_events)
         finally:
             ended = time.perf_counter()
             if streaming:
@@ -384,15 +392,17 @@ def _stop_cancellation() -> bool:
     return task is not None and task.uncancel() == 0
 
 
-async def _answer_shutdown(send: Send, streaming: bool, path: str = "") -> None:
+async def _answer_shutdown(send: Send, streaming: bool, responses_events: int | None = None) -> None:
     """The end of a request cut by the shutdown: a started stream gets the error as its last event (the
-    OpenAI envelope, as for a TGI failure mid-stream; on the Responses API its ``error`` event, which its
-    clients read as the end of the stream) and the end of its body; a request not answered yet, a 503 with
+    OpenAI envelope, as for a TGI failure mid-stream; on the Responses API, whose stream has sent
+    `responses_events` events, its ``error`` event with the next ``sequence_number``, which its clients read
+    as the end of the stream) and the end of its body; a request not answered yet, a 503 with
     ``Connection: close``."""
     error = ShuttingDownError()
     if streaming:
-        if path == "/v1/responses":
-            event = {"type": "error", "code": "server_error", "message": error.message, "param": None}
+        if responses_events is not None:
+            event = {"type": "error", "sequence_number": responses_events, "code": "server_error",
+                     "message": error.message, "param": None}  # fmt: skip
             body = b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
         else:
             body = b"data: " + orjson.dumps(error.to_dict()) + b"\n\n"
