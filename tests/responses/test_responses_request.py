@@ -152,6 +152,11 @@ REFUSED = [
     ({"tools": [{"type": "mcp", "server_label": "x"}]}, "tools[0].type", "'mcp'"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools[0].name",
      "Missing required parameter: 'tools[0].name'."),
+    # found by the fuzz test: a null name with an allowed_tools choice was a 500
+    ({"tools": [{"type": "function", "name": None}],
+      "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}}, "tools[0].name",
+     "Missing required parameter: 'tools[0].name'."),
+    ({"tools": [{"type": "function", "name": 5}]}, "tools[0].name", "expected a string, but got int"),
     ({"tools": [WEATHER], "tool_choice": {"type": "web_search_preview"}}, "tool_choice", "web_search_preview"),
     ({"background": True}, "background", "background"),
     ({"conversation": "conv_1"}, "conversation", "previous_response_id"),

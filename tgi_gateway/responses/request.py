@@ -361,8 +361,14 @@ def _tools(raw: Any) -> list[dict[str, Any]]:
                 '{"type": "function", "name", "parameters"} tools.',
                 param=f"{param}.type",
             )
-        if "name" not in tool:
+        name = tool.get("name")
+        if name is None:
             raise InvalidRequestError(f"Missing required parameter: '{param}.name'.", param=f"{param}.name")
+        if not isinstance(name, str):
+            raise InvalidRequestError(
+                f"Invalid type for '{param}.name': expected a string, but got {type(name).__name__} instead.",
+                param=f"{param}.name",
+            )
         function = {
             k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None
         }
@@ -399,7 +405,7 @@ def _tool_choice(raw: Any, tools: list[dict[str, Any]]) -> tuple[Any, list[dict[
             for t in allowed
             if isinstance(t, Mapping) and t.get("type") == "function" and isinstance(t.get("name"), str)
         }
-        kept = [t for t in tools if t["function"]["name"] in names]
+        kept = [t for t in tools if t["function"].get("name") in names]
         if len(names) != len(allowed) or len(kept) != len(names):
             raise InvalidRequestError(
                 '\'tool_choice.tools\' must list function tools of \'tools\' ({"type": "function", "name"}).',
