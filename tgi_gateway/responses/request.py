@@ -364,7 +364,7 @@ def _tools(raw: Any) -> list[dict[str, Any]]:
         name = tool.get("name")
         if name is None:
             raise InvalidRequestError(f"Missing required parameter: '{param}.name'.", param=f"{param}.name")
-        if not isinstance(name, str):
+        if not isinstance(name, str):  # here, not only in normalize: allowed_tools compares names before it
             raise InvalidRequestError(
                 f"Invalid type for '{param}.name': expected a string, but got {type(name).__name__} instead.",
                 param=f"{param}.name",
