@@ -1,65 +1,52 @@
-"""A Responses stream cut at the end of the shutdown grace ends with the Responses API's `error` event (the
-chat route's `data: {"error": …}` would make the SDK raise a chat error), then the end of its body."""
+"""A Responses stream cut at the end of the shutdown grace ends as a failed response (``response.failed``,
+the route's own end of a broken stream, with the next ``sequence_number``), then the end of its body — not the
+chat route's ``data: {"error": …}``, which the SDK would raise as a chat error. A real gateway process,
+SIGTERM, the TGI double generating slowly behind it, the official SDK reading the stream."""
 
 from __future__ import annotations
 
-import asyncio
-import json
+import signal
+import threading
+from pathlib import Path
+from typing import Any
 
-from openai.types.responses import ResponseErrorEvent
-from starlette.types import Message, Receive, Scope, Send
+import openai
 
-from tgi_gateway.server.telemetry import Telemetry, TelemetryMiddleware
+from tests.fakes.tgi import EOT, FakeTGI, Pause
+from tests.gateway_process import start_gateway
 
-
-def cut_stream(path: str, bodies: tuple[bytes, ...] = ()) -> bytes:
-    async def stream_forever(scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
-        for body in bodies:
-            await send({"type": "http.response.body", "body": body, "more_body": True})
-        await asyncio.Event().wait()  # the server cancels it at shutdown
-
-    sent: list[Message] = []
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    async def receive() -> Message:
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    async def main() -> None:
-        middleware = TelemetryMiddleware(stream_forever, Telemetry(["m"]), [])
-        task = asyncio.create_task(middleware({"type": "http", "method": "POST", "path": path, "headers": []},
-                                              receive, send))  # fmt: skip
-        while len(sent) < 1 + len(bodies):
-            await asyncio.sleep(0.01)
-        task.cancel()  # what uvicorn does when --shutdown-grace is over
-        await asyncio.wait_for(task, 5)
-
-    asyncio.run(main())
-    assert sent[-1]["type"] == "http.response.body" and sent[-1].get("more_body") is False
-    return sent[-1]["body"]
+SLOW = [item for i in range(100) for item in (f" w{i}", Pause(0.1))]  # 10 s: outlasts the grace
+MESSAGE = "The gateway is shutting down: this answer was cut when its shutdown grace period ended; retry the request."
 
 
-def test_a_responses_stream_cut_by_the_shutdown_ends_with_an_error_event() -> None:
-    event, data = cut_stream("/v1/responses").decode().rstrip("\n").split("\n")
-    assert event == "event: error"
-    payload = json.loads(data.removeprefix("data: "))
-    assert "error" not in payload, "a top-level error key: the SDK would raise it as a chat error"
-    error = ResponseErrorEvent.model_validate(payload)  # strictly: sequence_number included
-    assert error.type == "error" and "shutting down" in error.message and error.code == "server_error"
-    assert error.sequence_number == 0, "nothing was sent before: the first event"
+def test_a_responses_stream_cut_by_the_shutdown_ends_as_a_failed_response(model_dir: Path) -> None:
+    events: list[Any] = []
+    failure: list[BaseException] = []
 
+    def read(url: str) -> None:
+        try:
+            with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=20) as client:
+                events.extend(client.responses.create(model="fn", input="slow", stream=True))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failure.append(exc)
 
-def test_the_shutdown_event_takes_the_next_sequence_number() -> None:
-    """Events already sent are counted (several per write, as the gateway writes them): the error is next."""
-    created = b'event: response.created\ndata: {"type":"response.created","sequence_number":0}\n\n'
-    in_progress = b'event: response.in_progress\ndata: {"type":"response.in_progress","sequence_number":1}\n\n'
-    delta = (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":2,'
-             b'"delta":"a text that says event: twice, event: "}\n\n')  # fmt: skip
-    last = cut_stream("/v1/responses", (created + in_progress, delta))
-    payload = json.loads(last.decode().rstrip("\n").split("\n")[1].removeprefix("data: "))
-    assert ResponseErrorEvent.model_validate(payload).sequence_number == 3
-    chat = json.loads(cut_stream("/v1/chat/completions").decode().removeprefix("data: "))
-    assert "shutting down" in chat["error"]["message"], "the chat route's answer is unchanged"
+    with FakeTGI(script=lambda inputs, parameters: [*SLOW, EOT]) as tgi:
+        proc, url = start_gateway("--model", str(model_dir), "--served-model-name", "fn", "--endpoint", tgi.url,
+                                  "--shutdown-grace", "1")  # fmt: skip
+        try:
+            reader = threading.Thread(target=read, args=(url,), daemon=True)
+            reader.start()
+            assert tgi.wait_until(lambda: tgi.streams_open == 1 and len(tgi.generations[0].tokens) >= 3, 10)
+            proc.send_signal(signal.SIGTERM)
+            reader.join(15)
+            out, _ = proc.communicate(timeout=10)
+        finally:
+            proc.kill()
+    assert not failure, failure
+    assert [e.sequence_number for e in events] == list(range(len(events))), "numbered without a gap"
+    assert any(e.type == "response.output_text.delta" for e in events)
+    last = events[-1]
+    assert last.type == "response.failed", [e.type for e in events[-3:]]
+    assert last.response.status == "failed" and last.response.error.message == MESSAGE
+    assert events[-2].type == "response.output_item.done" and events[-2].item.status == "incomplete"
+    assert proc.returncode == 0 and "Traceback" not in out, out

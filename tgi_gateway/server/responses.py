@@ -38,7 +38,7 @@ from ..tgi.client import StreamEnd
 from .asgi import EventStreamResponse, json_response, until_disconnect
 from .auth import KEY_ID_SCOPE
 from .chat import SSE_HEADERS, Gateway, _close_upstream, feed_whole
-from .telemetry import RequestRecord, record_of
+from .telemetry import STREAM_CUT_KEY, RequestRecord, record_of
 
 logger = logging.getLogger("tgi_gateway")
 
@@ -107,6 +107,7 @@ async def create_response(gateway: Gateway, request: Request, body: ResponsesReq
                 encode=encode_event,
                 head=b"".join(map(encode_event, builder.start())),
             )
+            request.scope[STREAM_CUT_KEY] = partial(_failed, builder)  # the shutdown's cut: response.failed
             return EventStreamResponse(
                 stream, on_close=partial(_close_upstream, stack, tokens), headers=SSE_HEADERS
             )

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Collection, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -56,7 +56,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import ShuttingDownError, TGIOverloadedError, UpstreamError
+from ..errors import GatewayError, ShuttingDownError, TGIOverloadedError, UpstreamError
 from .auth import KEY_ID_SCOPE
 
 if TYPE_CHECKING:  # fastapi itself is not imported: the CLI imports this module for its logging set-up
@@ -315,10 +315,6 @@ class TelemetryMiddleware:
         request_id = (b"x-request-id", record.request_id.encode("latin-1"))
         status = 0
         streaming = complete = False
-        # A Responses stream's events are numbered (sequence_number from 0): counted as they are sent (each
-        # write holds whole events; JSON has no raw newline, so "\nevent: " only starts one), so that an answer
-        # to the shutdown can carry the next number.
-        responses_events: int | None = 0 if scope.get("path") == "/v1/responses" else None
 
         async def receive_noting_disconnect() -> Message:
             message = await receive()
@@ -327,7 +323,7 @@ class TelemetryMiddleware:
             return message
 
         def send_with_request_id(message: Message) -> Awaitable[None]:  # no coroutine of its own: cheaper
-            nonlocal status, streaming, complete, responses_events
+            nonlocal status, streaming, complete
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = [*message.get("headers", ()), request_id]
@@ -336,12 +332,8 @@ class TelemetryMiddleware:
                     if name.lower() == b"content-type" and value.startswith(b"text/event-stream"):
                         streaming = True
                         self.telemetry.streams_in_flight.inc()
-            else:
-                if responses_events is not None and streaming:
-                    body = message.get("body", b"")
-                    responses_events += body.startswith(b"event: ") + body.count(b"\nevent: ")
-                if not message.get("more_body", False):
-                    complete = True
+            elif not message.get("more_body", False):
+                complete = True
             return send(message)
 
         try:
@@ -357,7 +349,7 @@ class TelemetryMiddleware:
             # a bounded time, then the connection goes with the server.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SHUTDOWN_ANSWER_SECONDS):
-                    await _answer_shutdown(send_with_request_id, streaming, responses_events)
+                    await _answer_shutdown(send_with_request_id, streaming, scope.get(STREAM_CUT_KEY))
         finally:
             ended = time.perf_counter()
             if streaming:
@@ -381,6 +373,10 @@ class TelemetryMiddleware:
         return UNMATCHED if partial is None else _template(partial)
 
 
+#: The scope entry of a route whose streams end otherwise than the chat route's: called with the error, it
+#: returns the last bytes of its stream when the shutdown cuts it (the Responses API: ``response.failed``).
+STREAM_CUT_KEY = "tgi_gateway.stream_cut"
+
 #: How long the answer to a request cut by the shutdown may take to be written.
 SHUTDOWN_ANSWER_SECONDS = 1.0
 
@@ -392,20 +388,17 @@ def _stop_cancellation() -> bool:
     return task is not None and task.uncancel() == 0
 
 
-async def _answer_shutdown(send: Send, streaming: bool, responses_events: int | None = None) -> None:
-    """The end of a request cut by the shutdown: a started stream gets the error as its last event (the
-    OpenAI envelope, as for a TGI failure mid-stream; on the Responses API, whose stream has sent
-    `responses_events` events, its ``error`` event with the next ``sequence_number``, which its clients read
-    as the end of the stream) and the end of its body; a request not answered yet, a 503 with
+async def _answer_shutdown(
+    send: Send, streaming: bool, cut: Callable[[GatewayError], bytes] | None = None
+) -> None:
+    """The end of a request cut by the shutdown: a started stream gets the error as its last event and the
+    end of its body — the route's own end of a failed stream when it put one in the scope
+    (:data:`STREAM_CUT_KEY`: the Responses API's ``response.failed``), else the OpenAI envelope as one
+    ``data:`` event, as for a TGI failure mid-stream; a request not answered yet, a 503 with
     ``Connection: close``."""
     error = ShuttingDownError()
     if streaming:
-        if responses_events is not None:
-            event = {"type": "error", "sequence_number": responses_events, "code": "server_error",
-                     "message": error.message, "param": None}  # fmt: skip
-            body = b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
-        else:
-            body = b"data: " + orjson.dumps(error.to_dict()) + b"\n\n"
+        body = cut(error) if cut is not None else b"data: " + orjson.dumps(error.to_dict()) + b"\n\n"
         await send({"type": "http.response.body", "body": body, "more_body": False})
     else:
         from .asgi import send_error  # (fastapi is imported only to serve: see TYPE_CHECKING above)
